@@ -1,0 +1,97 @@
+"""One settings object, read from ``VLOOP_*`` environment variables.
+
+Every setting is a field of :class:`Settings` with its variable name, default and meaning in the
+field's metadata; ``vloop config`` prints the effective values (secrets masked) and README.md
+lists them. Code asks :func:`load_settings` instead of reading the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value vloop cannot use."""
+
+
+def _setting(env: str, doc: str, default=None, secret: bool = False):
+    return field(default=default, metadata={"env": env, "doc": doc, "secret": secret})
+
+
+def default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "vloop"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = _setting("VLOOP_HOME", "working directory for vloop's local state "
+                          "(default lake, spool, models)", default_home())
+    lake_url: str = _setting("VLOOP_LAKE_URL", "the lake: file:///abs/dir or s3://bucket/prefix "
+                             "(default: file://$VLOOP_HOME/lake)")
+    s3_endpoint: str | None = _setting("VLOOP_S3_ENDPOINT", "S3/MinIO endpoint, host:port or "
+                                       "http(s)://host:port (http:// means no TLS)")
+    s3_access_key: str | None = _setting("VLOOP_S3_ACCESS_KEY", "S3/MinIO access key", secret=True)
+    s3_secret_key: str | None = _setting("VLOOP_S3_SECRET_KEY", "S3/MinIO secret key", secret=True)
+    s3_region: str = _setting("VLOOP_S3_REGION", "S3 region (MinIO ignores it)", "us-east-1")
+    lake_public_url: str | None = _setting("VLOOP_LAKE_PUBLIC_URL", "for a local lake: base URL under "
+                                           "which a browser can fetch lake keys (e.g. Label Studio "
+                                           "local-files serving); unset gives file:// URLs")
+    spool_dir: Path | None = _setting("VLOOP_SPOOL_DIR", "serving's durable spool "
+                                      "(default: $VLOOP_HOME/spool)")
+    base_model: str | None = _setting("VLOOP_BASE_MODEL", "base model directory or hub id")
+    admin_token: str | None = _setting("VLOOP_ADMIN_TOKEN", "bearer token for serving's admin routes",
+                                       secret=True)
+    user_key_secret: str | None = _setting("VLOOP_USER_KEY_SECRET", "HMAC key that turns user ids "
+                                           "into user_key", secret=True)
+    max_image_bytes: int = _setting("VLOOP_MAX_IMAGE_BYTES", "largest accepted image file", 10 * 2**20)
+    max_image_pixels: int = _setting("VLOOP_MAX_IMAGE_PIXELS", "largest accepted image, width x height",
+                                     4096 * 4096)
+
+    def __post_init__(self):
+        # Derived defaults: one home, everything else under it unless set explicitly.
+        if self.lake_url is None:
+            object.__setattr__(self, "lake_url", (Path(self.home) / "lake").resolve().as_uri())
+        if self.spool_dir is None:
+            object.__setattr__(self, "spool_dir", Path(self.home) / "spool")
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value with secrets masked, meaning) for every setting."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = "(unset)" if value is None else ("****" if f.metadata["secret"] else str(value))
+            out.append((f.metadata["env"], shown, f.metadata["doc"]))
+        return out
+
+    def __repr__(self) -> str:  # never print secrets by accident
+        return "Settings(" + ", ".join(f"{k}={v}" for k, v, _ in self.describe()) + ")"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``); empty variables count as unset."""
+    environ = os.environ if environ is None else environ
+    kwargs = {}
+    for f in fields(Settings):
+        raw = environ.get(f.metadata["env"], "").strip()
+        if not raw:
+            continue
+        kwargs[f.name] = _parse(f.metadata["env"], f.type, raw)
+    return Settings(**kwargs)
+
+
+def _parse(env: str, type_name: str, raw: str):
+    if type_name.startswith("int"):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{env}={raw!r} is not an integer") from None
+        if value <= 0:
+            raise ConfigError(f"{env}={raw!r} must be positive")
+        return value
+    if type_name.startswith("Path"):
+        return Path(raw).expanduser()
+    return raw

@@ -1,0 +1,596 @@
+"""The lake: one interface over a local directory (the embedded default) and MinIO/S3.
+
+Keys are relative, ``/``-separated paths (DESIGN.md, "Lake layout"). A backend only has to
+provide a handful of byte-level primitives; Parquet partitions, date-range reads and
+content-addressed images are built once on top of them in :class:`Lake`.
+
+Atomicity: a local write goes to a hidden temporary file in the target directory, is fsynced and
+then renamed over the key; an S3 write is a single PUT (or a multipart upload, which S3 also
+publishes atomically on completion). Either way a reader sees the old object or the new one,
+never half of one, and a failed write leaves nothing behind.
+
+Open one with :func:`open_lake` (from ``VLOOP_*`` settings or explicit arguments) or
+:func:`lake_from_connection` (from an Airflow connection).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import re
+import tempfile
+import urllib.parse
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vloop.config import Settings, load_settings
+from vloop.images import image_key, normalise_image
+from vloop.schema import RECORDS
+
+PARTITION_FILE = "part-00000.parquet"  # the one file a replaced partition holds
+WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
+
+
+class LakeError(Exception):
+    """Something went wrong talking to the lake."""
+
+
+class LakeConfigError(LakeError, ValueError):
+    """The lake URL or its credentials are unusable."""
+
+
+class LakeKeyNotFound(LakeError, KeyError):
+    """No object under that key."""
+
+    def __str__(self) -> str:  # KeyError's repr-quoting makes messages ugly
+        return str(self.args[0])
+
+
+class LakeBucketMissing(LakeKeyNotFound):
+    """The S3 bucket does not exist (yet), so no key does either."""
+
+
+class LakeUnavailable(LakeError):
+    """The backend could not be reached (network, server down)."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str
+    sha256: str
+    width: int
+    height: int
+    size: int  # bytes as stored
+    created: bool  # False when the same image was already in the lake
+
+
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_=\-][A-Za-z0-9_.=\-@+]*$")
+
+
+def check_key(key: str, *, prefix: bool = False) -> str:
+    """Return ``key`` if it is a safe lake key, else raise ``ValueError`` saying why.
+
+    Segments start with a letter, digit, ``_``, ``-`` or ``=`` (a leading dot is reserved for
+    temporary files) and contain no ``..``; a prefix may be empty or end with ``/``.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"lake key must be a string, got {type(key).__name__}")
+    body = key[:-1] if prefix and key.endswith("/") else key
+    if prefix and body == "":
+        return key
+    if not body or body.startswith("/"):
+        raise ValueError(f"lake key {key!r} must be a non-empty relative path")
+    for seg in body.split("/"):
+        if not _KEY_SEGMENT.match(seg) or ".." in seg:
+            raise ValueError(f"lake key {key!r} has an invalid segment {seg!r}")
+    return key
+
+
+def partition_prefix(dataset: str, day: dt.date | str, hour: int | None = None) -> str:
+    """``dataset/dt=YYYY-MM-DD/`` or ``dataset/dt=YYYY-MM-DD/hour=HH/``."""
+    day = _as_date(day)
+    p = f"{dataset.strip('/')}/dt={day.isoformat()}/"
+    if hour is not None:
+        if not 0 <= hour <= 23:
+            raise ValueError(f"hour must be 0..23, got {hour}")
+        p += f"hour={hour:02d}/"
+    return check_key(p, prefix=True)
+
+
+def _as_date(day: dt.date | str) -> dt.date:
+    if isinstance(day, dt.datetime):
+        return day.date()
+    if isinstance(day, dt.date):
+        return day
+    try:
+        return dt.date.fromisoformat(str(day))
+    except ValueError:
+        raise ValueError(f"{day!r} is not a date (YYYY-MM-DD)") from None
+
+
+class Lake(ABC):
+    """Object storage for vloop's data. Subclasses implement the byte-level primitives."""
+
+    url: str
+
+    def __init__(self, *, max_image_bytes: int, max_image_pixels: int):
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+
+    # -- primitives -------------------------------------------------------------------------
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Store ``data`` under ``key`` atomically, replacing what was there."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; :class:`LakeKeyNotFound` if there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; missing is fine."""
+
+    @abstractmethod
+    def browser_url(self, key: str, expires: dt.timedelta = dt.timedelta(hours=24)) -> str:
+        """A URL from which a person's browser can fetch ``key`` (presigned on S3)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for k in keys:
+            self.delete(k)
+        return len(keys)
+
+    # -- JSON -------------------------------------------------------------------------------
+    def put_json(self, key: str, obj) -> None:
+        self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(),
+                       "application/json")
+
+    def get_json(self, key: str):
+        return json.loads(self.get_bytes(key))
+
+    # -- Parquet ----------------------------------------------------------------------------
+    def write_parquet(self, key: str, table: pa.Table) -> None:
+        """One Parquet object, written atomically."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **parquet_options(table))
+        self.put_bytes(key, buf.getvalue(), "application/vnd.apache.parquet")
+
+    def read_parquet(self, key: str, columns: Sequence[str] | None = None) -> pa.Table:
+        data = self.get_bytes(key)
+        return _read_table(pa.BufferReader(data), key, columns)
+
+    def write_partition(self, dataset: str, table: pa.Table, day: dt.date | str,
+                        hour: int | None = None) -> str:
+        """Write ``table`` as the whole content of one partition and return its file's key.
+
+        Re-writing a partition replaces it: the new file goes in atomically, then any other file
+        a previous write left in the partition is removed, so a re-run never duplicates rows.
+        """
+        key = self._write_partition_file(dataset, table, day, hour)
+        for stale in self.list(partition_prefix(dataset, day, hour)):
+            if stale != key:
+                self.delete(stale)
+        return key
+
+    def write_hourly(self, dataset: str, table: pa.Table, day: dt.date | str,
+                     ts_column: str = "ts") -> list[str]:
+        """Write one day's rows as hourly partitions (by ``ts_column``, UTC), replacing the day.
+
+        Every row must fall on ``day``; otherwise nothing is written. Hours are written
+        concurrently; afterwards any file of that day not written now is removed, so a re-run of
+        the day with fewer hours leaves no stale hour behind.
+        """
+        import pyarrow.compute as pc
+
+        day = _as_date(day)
+        if table.num_rows:
+            ts = table.column(ts_column)
+            days = pc.unique(pc.cast(pc.cast(ts, pa.timestamp("us", tz="UTC")), pa.date32()))
+            wrong = [d for d in days.to_pylist() if d != day]
+            if wrong:
+                raise ValueError(f"rows dated {wrong[0]} cannot go into the partition of {day}")
+        hours = pc.hour(table.column(ts_column)).to_numpy(zero_copy_only=False) if table.num_rows else []
+        by_hour = []
+        for h in sorted(set(int(x) for x in hours)):
+            by_hour.append((h, table.filter(pa.array(hours == h))))
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:
+            keys = list(pool.map(lambda hp: self._write_partition_file(dataset, hp[1], day, hp[0]), by_hour))
+        for stale in self.list(partition_prefix(dataset, day)):
+            if stale not in keys:
+                self.delete(stale)
+        return keys
+
+    def _write_partition_file(self, dataset, table, day, hour) -> str:
+        key = partition_prefix(dataset, day, hour) + PARTITION_FILE
+        self.write_parquet(key, table)
+        return key
+
+    def partition_keys(self, dataset: str, start: dt.date | str, end: dt.date | str) -> list[str]:
+        """The Parquet files of every ``dt=`` partition from ``start`` to ``end`` inclusive."""
+        start, end = _as_date(start), _as_date(end)
+        if end < start:
+            raise ValueError(f"date range is empty: {start} > {end}")
+        keys = []
+        day = start
+        while day <= end:
+            keys += [k for k in self.list(partition_prefix(dataset, day)) if k.endswith(".parquet")]
+            day += dt.timedelta(days=1)
+        return keys
+
+    def read_partitions(self, dataset: str, start: dt.date | str, end: dt.date | str | None = None,
+                        columns: Sequence[str] | None = None,
+                        schema: pa.Schema | None = None) -> pa.Table:
+        """Rows of the partitions from ``start`` to ``end`` (inclusive) as one Arrow table.
+
+        Only ``columns`` are read when given. With ``schema`` the result is cast to it (its
+        columns, or the subset asked for), so an empty range still has the right columns.
+        """
+        keys = self.partition_keys(dataset, start, end if end is not None else start)
+        if schema is not None and columns is not None:
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise ValueError(f"columns not in the schema: {missing}")
+        target = None
+        if schema is not None:
+            target = pa.schema([schema.field(c) for c in (columns or schema.names)])
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:
+            tables = list(pool.map(lambda k: self.read_parquet(k, columns), keys))
+        if target is not None:
+            tables = [t.select(target.names).cast(target) for t in tables]
+            if not tables:
+                return target.empty_table()
+        if not tables:
+            return pa.table({c: pa.array([], pa.null()) for c in (columns or [])})
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- images -----------------------------------------------------------------------------
+    def put_image(self, data: bytes) -> StoredImage:
+        """Store an image content-addressed (sha256 of the re-encoded, EXIF-free bytes).
+
+        Raises :class:`vloop.images.ImageError` (or ``ImageTooLarge``) before anything is written.
+        Storing the same picture twice writes it once.
+        """
+        img = normalise_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        key = image_key(img.sha256, img.ext)
+        created = not self.exists(key)
+        if created:
+            self.put_bytes(key, img.data, img.content_type)
+        return StoredImage(key, img.sha256, img.width, img.height, len(img.data), created)
+
+
+def parquet_options(table: pa.Table) -> dict:
+    """Write options for a table that carries a vloop record schema (see ``RecordSchema``)."""
+    record = (table.schema.metadata or {}).get(b"vloop.record", b"").decode()
+    return RECORDS[record].parquet_options() if record in RECORDS else {}
+
+
+def _read_table(source, key: str, columns: Sequence[str] | None) -> pa.Table:
+    try:
+        return pq.read_table(source, columns=list(columns) if columns is not None else None)
+    except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError) as e:
+        raise LakeError(f"cannot read Parquet object {key!r}: {e}") from e
+
+
+class LocalLake(Lake):
+    """A directory on a local or mounted file system."""
+
+    def __init__(self, root: str | os.PathLike, *, public_url: str | None = None, **limits):
+        super().__init__(**limits)
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.public_url = public_url
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put_bytes(self, key, data, content_type="application/octet-stream"):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def write_parquet(self, key, table):
+        # Stream straight to the temporary file: no second copy of a large table in memory.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp, **parquet_options(table))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def get_bytes(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise LakeKeyNotFound(f"no object {key!r} in {self.url}") from None
+
+    def read_parquet(self, key, columns=None):
+        path = self._path(key)
+        if not path.is_file():
+            raise LakeKeyNotFound(f"no object {key!r} in {self.url}")
+        return _read_table(pa.memory_map(str(path)), key, columns)
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def list(self, prefix=""):
+        check_key(prefix, prefix=True)
+        # Walk only the deepest directory the prefix names; match the rest as a string prefix.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):  # temporary files of writes in flight
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    out.append(key)
+        return sorted(out)
+
+    def delete(self, key):
+        path = self._path(key)
+        _unlink_quietly(path)
+        # Tidy empty directories up to the root so listings stay cheap.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def browser_url(self, key, expires=dt.timedelta(hours=24)):
+        check_key(key)
+        if self.public_url:
+            return self.public_url + urllib.parse.quote(key)
+        return self._path(key).as_uri()
+
+    def __repr__(self):
+        return f"LocalLake({self.url})"
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class S3Lake(Lake):
+    """A bucket (and optional prefix) on MinIO or any S3-protocol server, via the ``minio`` client."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint: str, access_key: str | None,
+                 secret_key: str | None, secure: bool | None = None, region: str = "us-east-1",
+                 create_bucket: bool = True, **limits):
+        super().__init__(**limits)
+        from minio import Minio  # imported here: a local lake never needs it
+        import urllib3
+
+        host, secure = _parse_endpoint(endpoint, secure)
+        _check_bucket(bucket)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        check_key(self.prefix, prefix=True)
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.endpoint = host
+        # Bounded retries with backoff, and timeouts, so an unreachable lake fails in seconds.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60), maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.2,
+                                  status_forcelist=[500, 502, 503, 504]))
+        self.client = Minio(host, access_key=access_key, secret_key=secret_key, secure=secure,
+                            region=region, http_client=http)
+        self._create_bucket = create_bucket
+        self._bucket_ready = False
+
+    def _name(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from minio.error import S3Error
+        import urllib3
+
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject"):
+                raise LakeKeyNotFound(f"no object {what!r} in {self.url}") from None
+            if e.code == "NoSuchBucket":
+                raise LakeBucketMissing(f"bucket {self.bucket!r} does not exist on {self.endpoint} "
+                                        f"(asked for {what!r})") from None
+            if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise LakeConfigError(f"{self.endpoint} refused the credentials ({e.code}) for {what!r}") from None
+            raise LakeError(f"S3 error on {what!r}: {e.code}: {e.message}") from e
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise LakeUnavailable(f"cannot reach the lake at {self.endpoint}: {e}") from e
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        if not self._call(self.bucket, self.client.bucket_exists, self.bucket):
+            if not self._create_bucket:
+                raise LakeError(f"bucket {self.bucket!r} does not exist on {self.endpoint}")
+            from minio.error import S3Error
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as e:  # someone else created it in between
+                if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        self._bucket_ready = True
+
+    def put_bytes(self, key, data, content_type="application/octet-stream"):
+        name = self._name(key)
+        self._ensure_bucket()
+        self._call(key, self.client.put_object, self.bucket, name, io.BytesIO(data), len(data),
+                   content_type=content_type)
+
+    def get_bytes(self, key):
+        name = self._name(key)
+
+        def fetch():
+            resp = self.client.get_object(self.bucket, name)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(key, fetch)
+
+    def exists(self, key):
+        try:
+            self._call(key, self.client.stat_object, self.bucket, self._name(key))
+            return True
+        except (LakeKeyNotFound, LakeBucketMissing):
+            return False
+
+    def list(self, prefix=""):
+        check_key(prefix, prefix=True)
+        full = self.prefix + prefix
+        try:
+            objs = self._call(prefix or "/", lambda: list(
+                self.client.list_objects(self.bucket, prefix=full, recursive=True)))
+        except LakeBucketMissing:
+            if not self._create_bucket:
+                raise
+            objs = []  # a lake nobody has written to yet is empty
+        n = len(self.prefix)
+        return sorted(o.object_name[n:] for o in objs if not o.is_dir)
+
+    def delete(self, key):
+        self._call(key, self.client.remove_object, self.bucket, self._name(key))
+
+    def delete_prefix(self, prefix):
+        from minio.deleteobjects import DeleteObject
+
+        keys = self.list(prefix)
+        if keys:
+            errors = self._call(prefix, lambda: list(self.client.remove_objects(
+                self.bucket, [DeleteObject(self.prefix + k) for k in keys])))
+            if errors:
+                raise LakeError(f"could not delete {len(errors)} objects under {prefix!r}: {errors[0]}")
+        return len(keys)
+
+    def browser_url(self, key, expires=dt.timedelta(hours=24)):
+        return self._call(key, self.client.presigned_get_object, self.bucket, self._name(key),
+                          expires=expires)
+
+    def __repr__(self):
+        return f"S3Lake({self.url} at {self.endpoint})"
+
+
+def _parse_endpoint(endpoint: str | None, secure: bool | None) -> tuple[str, bool]:
+    if not endpoint:
+        raise LakeConfigError("an s3:// lake needs an endpoint (VLOOP_S3_ENDPOINT or the connection's host)")
+    if "://" in endpoint:
+        u = urllib.parse.urlsplit(endpoint)
+        if u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/"):
+            raise LakeConfigError(f"S3 endpoint {endpoint!r} must be host:port or http(s)://host:port")
+        return u.netloc, (u.scheme == "https") if secure is None else secure
+    if "/" in endpoint:
+        raise LakeConfigError(f"S3 endpoint {endpoint!r} must be host:port or http(s)://host:port")
+    return endpoint, True if secure is None else secure
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def _check_bucket(bucket: str) -> None:
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise LakeConfigError(f"{bucket!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')")
+
+
+def open_lake(url: str | None = None, *, settings: Settings | None = None,
+              endpoint: str | None = None, access_key: str | None = None,
+              secret_key: str | None = None, secure: bool | None = None,
+              region: str | None = None) -> Lake:
+    """The lake named by ``url`` (default: ``VLOOP_LAKE_URL``), credentials from arguments or settings.
+
+    ``file:///abs/dir`` gives a :class:`LocalLake`, ``s3://bucket/prefix`` an :class:`S3Lake`;
+    anything else raises :class:`LakeConfigError` saying what is accepted.
+    """
+    s = settings or load_settings()
+    url = url or s.lake_url
+    limits = dict(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels)
+    u = urllib.parse.urlsplit(url)
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
+            raise LakeConfigError(f"lake URL {url!r}: a file lake needs an absolute path, file:///abs/dir")
+        return LocalLake(urllib.parse.unquote(u.path), public_url=s.lake_public_url, **limits)
+    if u.scheme == "s3":
+        if not u.netloc:
+            raise LakeConfigError(f"lake URL {url!r}: an S3 lake needs a bucket, s3://bucket/prefix")
+        return S3Lake(u.netloc, u.path, endpoint=endpoint or s.s3_endpoint,
+                      access_key=access_key or s.s3_access_key,
+                      secret_key=secret_key or s.s3_secret_key, secure=secure,
+                      region=region or s.s3_region, **limits)
+    raise LakeConfigError(f"lake URL {url!r} is not supported: use file:///abs/dir or s3://bucket/prefix")
+
+
+def lake_from_connection(conn, settings: Settings | None = None) -> Lake:
+    """A lake from an Airflow connection (or anything with the same attributes).
+
+    The connection's extra carries ``lake_url``; for S3 its host/port (or extra ``endpoint_url``)
+    is the endpoint, login/password are the keys, extra ``secure`` forces TLS on or off.
+    """
+    extra = getattr(conn, "extra_dejson", None) or {}
+    url = extra.get("lake_url")
+    if not url:
+        raise LakeConfigError(f"connection {getattr(conn, 'conn_id', '?')!r} has no 'lake_url' in its extra")
+    endpoint = extra.get("endpoint_url")
+    if not endpoint and conn.host:
+        endpoint = conn.host if not conn.port else f"{conn.host}:{conn.port}"
+    secure = extra.get("secure")
+    if isinstance(secure, str):
+        secure = secure.lower() in ("1", "true", "yes")
+    return open_lake(url, settings=settings, endpoint=endpoint, access_key=conn.login or None,
+                     secret_key=conn.password or None, secure=secure, region=extra.get("region"))
+
+
+def copy_prefix(src: Lake, dst: Lake, prefix: str = "") -> int:
+    """Copy every object under ``prefix`` from one lake to another (e.g. local → MinIO)."""
+    keys = src.list(prefix)
+    for k in keys:
+        dst.put_bytes(k, src.get_bytes(k))
+    return len(keys)
+
+
+__all__ = [
+    "Lake", "LocalLake", "S3Lake", "StoredImage", "LakeError", "LakeConfigError", "LakeKeyNotFound",
+    "LakeUnavailable", "open_lake", "lake_from_connection", "partition_prefix", "check_key",
+    "copy_prefix", "PARTITION_FILE",
+]

@@ -1,0 +1,53 @@
+"""The project layout and packaging that everything else relies on (DESIGN.md, "Layout")."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layout_exists():
+    for p in ("dags", "plugins", "include/vloop", "training", "serving", "tests", "bench",
+              "airflow_settings.yaml", "requirements.txt", "Dockerfile", "serving/Dockerfile",
+              "training/Dockerfile", "pyproject.toml", ".ci/run", "Makefile"):
+        assert (ROOT / p).exists(), p
+
+
+def test_packages_import_from_the_installed_project():
+    r = subprocess.run([sys.executable, "-c", "import vloop, training, serving; print(vloop.__file__)"],
+                       capture_output=True, text=True, cwd="/", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(ROOT / "include" / "vloop" / "__init__.py")
+
+
+def test_requirements_are_exact_pins():
+    for f in ("requirements.txt", "requirements/torch.txt", "requirements/dev.txt",
+              "requirements/constraints.txt", "requirements/labelstudio.txt"):
+        for line in (ROOT / f).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[A-Za-z0-9_.+\-]+", line), f"{f}: {line}"
+    assert "torch==2.13.0" in (ROOT / "requirements/torch.txt").read_text()
+    assert "label-studio==1.23.2" in (ROOT / "requirements/labelstudio.txt").read_text()
+
+
+def test_pip_check_is_clean():
+    r = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_sys_path_edits_in_code():
+    for p in list((ROOT / "include").rglob("*.py")) + list((ROOT / "dags").rglob("*.py")) + \
+            list((ROOT / "training").rglob("*.py")) + list((ROOT / "serving").rglob("*.py")):
+        assert "sys.path" not in p.read_text(), p
+
+
+def test_readme_keeps_exactly_two_setup_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Set up and run \(fresh machine\)\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [l.split("#")[0].strip() for l in block.splitlines() if l.split("#")[0].strip()]
+    assert commands == ["make demo", "make test"]
