@@ -64,3 +64,21 @@ def lake(request):
 @pytest.fixture
 def settings():
     return load_settings({})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny Qwen3-VL, built once per session (a few seconds)."""
+    from vloop.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model pretrained into the mediocre champion (about 2 minutes on 2 cores)."""
+    from vloop.pretrain import pretrain_base
+
+    out = tmp_path_factory.mktemp("base") / "model"
+    pretrain_base(tiny_model_dir, out, log=lambda line: None)
+    return out

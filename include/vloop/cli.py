@@ -49,6 +49,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_tiny_model(args) -> int:
+    from vloop.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out, seed=args.seed)
+    print(f"tiny Qwen3-VL written to {out}")
+    return 0
+
+
+def _cmd_pretrain_base(args) -> int:
+    from vloop.pretrain import PretrainConfig, pretrain_base
+
+    cfg = PretrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    pretrain_base(args.model, args.out, cfg)
+    print(f"base model written to {args.out} (eval.json beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vloop", description="Close the feedback loop around a deployed "
                                 "vision-language model.")
@@ -67,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (ls, chk):
         q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
 
+    t = sub.add_parser("tiny-model", help="build the tiny Qwen3-VL (random init, local tokenizer)")
+    t.add_argument("--out", required=True, help="directory to write the model to")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_tiny_model)
+
+    pb = sub.add_parser("pretrain-base", help="train the tiny model into a mediocre champion (CPU, ~2 min)")
+    pb.add_argument("--model", required=True, help="the tiny model directory (vloop tiny-model)")
+    pb.add_argument("--out", required=True, help="directory for the trained base and eval.json")
+    pb.add_argument("--steps", type=int, help="optimizer steps (default from PretrainConfig)")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.set_defaults(fn=_cmd_pretrain_base)
+
     d = sub.add_parser("demo", help="the main job on embedded defaults (what `make demo` runs)")
     d.add_argument("--lake", help="lake URL (default: VLOOP_LAKE_URL)")
     d.add_argument("--day", type=dt.date.fromisoformat, default=dt.date.today(), help="YYYY-MM-DD")
@@ -84,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, LakeError, ImageError, ValueError) as e:
+    except (ConfigError, LakeError, ImageError, ValueError) as e:  # model and input errors are ValueErrors
         print(f"vloop {args.command}: error: {e}", file=sys.stderr)
         return 2
 

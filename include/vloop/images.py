@@ -38,11 +38,11 @@ class NormalisedImage:
         return "image/jpeg" if self.ext == "jpg" else "image/png"
 
 
-def normalise_image(data: bytes, *, max_bytes: int, max_pixels: int) -> NormalisedImage:
-    """Validate ``data`` and return the image re-encoded without metadata.
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode ``data`` within the limits, with the EXIF orientation applied; ``ImageError`` if not.
 
-    JPEG stays JPEG (quality 95); everything else becomes PNG. The EXIF orientation is applied
-    before the EXIF is dropped, so the stored pixels look the way the user saw them.
+    The returned image's ``format`` attribute is cleared by the transpose, so the source
+    format is kept in ``info["source_format"]``.
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
@@ -67,7 +67,18 @@ def normalise_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Normalis
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image data is corrupt or truncated: {e}") from None
+    img.info["source_format"] = source_format
+    return img
 
+
+def normalise_image(data: bytes, *, max_bytes: int, max_pixels: int) -> NormalisedImage:
+    """Validate ``data`` and return the image re-encoded without metadata.
+
+    JPEG stays JPEG (quality 95); everything else becomes PNG. The EXIF orientation is applied
+    before the EXIF is dropped, so the stored pixels look the way the user saw them.
+    """
+    img = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    source_format = img.info["source_format"]
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     clean = img.convert("RGBA" if has_alpha else "RGB")
     # A fresh image from raw pixels carries no info dict: no EXIF, XMP, ICC or comments.
