@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import subprocess
 import sys
@@ -53,8 +54,8 @@ def test_lake_check_and_ls(tmp_path, s3_endpoint):
     assert vloop("lake", "ls", env=env).stdout == ""  # the probe was removed
 
 
-def test_demo_end_to_end_is_idempotent(tmp_path):
-    env = {"VLOOP_HOME": str(tmp_path)}
+def test_demo_end_to_end_is_idempotent(tmp_path, base_model_dir):
+    env = {"VLOOP_HOME": str(tmp_path), "VLOOP_BASE_MODEL": str(base_model_dir)}
 
     def lake_files():
         return sorted(p.relative_to(tmp_path) for p in (tmp_path / "lake").rglob("*") if p.is_file())
@@ -65,18 +66,28 @@ def test_demo_end_to_end_is_idempotent(tmp_path):
     assert len(files) > 60  # 60 images + partitions
     second = vloop("demo", "--day", "2026-11-03", "--n", "60", env=env).stdout
     assert lake_files() == files  # re-running the day replaced it, nothing added
-    figures = [l for l in first.splitlines() if l.startswith(("arms:", "feedback:", "distinct"))]
-    assert figures and figures == [l for l in second.splitlines() if l.startswith(("arms:", "feedback:", "distinct"))]
+    figures = [l for l in first.splitlines() if l.startswith(("arms:", "feedback:", "categories:", "acceptance"))]
+    assert len(figures) == 4
+    assert figures == [l for l in second.splitlines() if l.startswith(("arms:", "feedback:", "categories:", "acceptance"))]
 
 
-def test_demo_figures_come_from_the_lake(local_lake):
+def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
     day = dt.date(2026, 11, 4)
-    figures = run_demo(local_lake, day, n=40, seed=3, out=lambda line: None)
+    figures = run_demo(local_lake, day, n=40, seed=3, base_model=str(base_model_dir), out=lambda line: None)
     table = local_lake.read_partitions(INTERACTIONS, day, schema=INTERACTION.arrow)
     assert figures["interactions"] == table.num_rows == 40
     assert sum(figures["arms"].values()) == 40
     assert figures["files"] == len(local_lake.list(partition_prefix(INTERACTIONS, day)))
-    assert figures["feedback"] == local_lake.read_partitions(FEEDBACK_DATASET, day).num_rows
+    fb = local_lake.read_partitions(FEEDBACK_DATASET, day)
+    assert figures["feedback"] == fb.num_rows
+    accepted = set(r for r, t in zip(fb.column("request_id").to_pylist(), fb.column("type").to_pylist())
+                   if t in ("accept", "dwell"))
+    assert figures["acceptance"] == pytest.approx(len(accepted) / 40)
+    # The answers are the model's own: their logprobs are stored and confidence follows from them.
+    t = local_lake.read_partitions(INTERACTIONS, day, columns=["token_logprobs", "confidence"])
+    for lps, c in zip(t.column("token_logprobs").to_pylist(), t.column("confidence").to_pylist()):
+        assert lps and all(lp <= 0 for lp in lps)
+        assert c == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-5)
     ids = table.column("request_id").to_pylist()
     # Lose an hour's partition: the read-back check must say so, not report success.
     local_lake.delete(local_lake.list(partition_prefix(INTERACTIONS, day))[0])

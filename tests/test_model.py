@@ -107,6 +107,7 @@ def test_generation_logprobs_come_from_raw_logits(tiny):
             assert lp <= 0 and len(tops) == 3
             assert lp == pytest.approx(tops[0][1], abs=1e-5)  # greedy: the chosen token is the top one
         assert 0 < g.confidence.geo_mean_prob <= 1
+        assert g.confidence.geo_mean_prob == pytest.approx(math.exp(sum(g.token_logprobs) / len(g.token_logprobs)))
     # Sampling at a high temperature changes the tokens drawn, not the reported probabilities:
     # the first step sees the same prompt, so its log-probabilities equal the greedy run's.
     torch.manual_seed(0)
@@ -122,7 +123,8 @@ def test_teacher_forced_scores_match_generation_and_single_scoring(base):
     batch_scores = score_answers(base, [s.image for s in ss], [s.question for s in ss], [g.text for g in gens],
                                  batch_size=5)
     for g, sc in zip(gens, batch_scores):
-        assert sc.token_logprobs[:len(g.token_logprobs)] == pytest.approx(g.token_logprobs, abs=1e-3)
+        assert sc.token_logprobs == pytest.approx(g.token_logprobs, abs=1e-3)
+        assert sc.confidence.geo_mean_prob == pytest.approx(g.confidence.geo_mean_prob, rel=1e-3)
     # Batched scoring (padded, mixed lengths) equals scoring one at a time.
     answers = [s.answer + (" really" * (i % 3)) for i, s in enumerate(ss)]
     batched = score_answers(base, [s.image for s in ss], [s.question for s in ss], answers, batch_size=12)

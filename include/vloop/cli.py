@@ -45,7 +45,7 @@ def _cmd_demo(args) -> int:
     from vloop.demo import run_demo
     from vloop.lake import open_lake
 
-    run_demo(open_lake(args.lake), args.day, n=args.n, seed=args.seed)
+    run_demo(open_lake(args.lake), args.day, n=args.n, seed=args.seed, base_model=args.model)
     return 0
 
 
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lake", help="lake URL (default: VLOOP_LAKE_URL)")
     d.add_argument("--day", type=dt.date.fromisoformat, default=dt.date.today(), help="YYYY-MM-DD")
     d.add_argument("--n", type=int, default=300, help="synthetic interactions to write")
+    d.add_argument("--model", help="base model directory (default: VLOOP_BASE_MODEL, else the tiny "
+                   "base built under $VLOOP_HOME/models on first use)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
     return p

@@ -1,24 +1,33 @@
 """The main job on embedded defaults: what `make demo` runs.
 
-Today it exercises the foundation end to end on the configured lake (a local directory by
-default): it writes one synthetic day of interactions (hourly partitions), feedback events and
-content-addressed product images, reads the day back with a column subset, and checks that what
-came back is what went in. Later stages of the loop (serving, the daily and biweekly DAGs) plug
-in here as they land. Nothing is faked: every figure printed is read back from the lake.
+Today it runs the parts of the loop that exist, for real, on the configured lake (a local
+directory by default):
+
+1. the model: the base named by ``VLOOP_BASE_MODEL``, or else the tiny Qwen3-VL built and
+   pretrained into a mediocre champion under ``$VLOOP_HOME/models`` (once, about 2 minutes);
+2. a day of traffic: synthetic users from :mod:`vloop.synth` ask about product photos (some of
+   them degraded), the model answers with per-token log-probabilities and a confidence, and the
+   users react as their ground truth dictates (accept a right answer; edit, regenerate or skip a
+   wrong one);
+3. the lake: interactions in hourly Parquet partitions, feedback events, content-addressed images;
+4. the read-back: the day is read from the lake with a column subset and checked against what was
+   written, and the figures printed (accuracy, acceptance, how well confidence predicts it) are
+   computed from what came back.
+
+Serving, the daily and the biweekly DAGs plug in here as they land. Nothing is faked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import random
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from vloop.lake import Lake, partition_prefix
 from vloop.schema import ARMS, FEEDBACK, INTERACTION
@@ -26,70 +35,71 @@ from vloop.schema import ARMS, FEEDBACK, INTERACTION
 INTERACTIONS = "raw/interactions"
 FEEDBACK_DATASET = "raw/feedback"
 
-_PRODUCTS = {  # category -> (question, answer template)
-    "shoes": ("What colour are these shoes?", "These shoes are {colour}."),
-    "bags": ("What colour is this bag?", "The bag is {colour}."),
-    "hats": ("这顶帽子是什么颜色?", "这顶帽子是{colour}。"),
-}
-_COLOURS = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 160, 60), "black": (20, 20, 20)}
-_FEEDBACK_MIX = [("accept", 0.5), ("edit", 0.15), ("regenerate", 0.1), ("skip", 0.1),
-                 ("dwell", 0.1), ("rating", 0.05)]
+
+def ensure_base_model(home: Path, log=print) -> Path:
+    """The tiny pretrained base under ``home/models/base``, built on first use."""
+    from vloop.pretrain import pretrain_base
+    from vloop.tiny import build_tiny_model
+
+    base = Path(home) / "models" / "base"
+    if (base / "eval.json").is_file():
+        return base
+    tiny = Path(home) / "models" / "tiny"
+    log(f"building the tiny Qwen3-VL in {tiny} ...")
+    build_tiny_model(tiny, seed=0)
+    log("pretraining it into the base model (about 2 minutes on 2 cores) ...")
+    pretrain_base(tiny, base, log=lambda line: log("  " + line))
+    return base
 
 
-def _product_image(category: str, colour: str, rng: random.Random) -> bytes:
-    img = Image.new("RGB", (64, 64), tuple(rng.randint(200, 255) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    x, y = rng.randint(2, 20), rng.randint(2, 20)
-    rgb = _COLOURS[colour]
-    if category == "shoes":
-        d.polygon([(x, y + 30), (x + 38, y + 30), (x + 38, y + 20), (x + 12, y + 8), (x, y + 10)], fill=rgb)
-    elif category == "bags":
-        d.rectangle([x, y + 10, x + 34, y + 38], fill=rgb)
-        d.arc([x + 8, y, x + 26, y + 20], 180, 360, fill=rgb, width=3)
-    else:
-        d.ellipse([x, y + 10, x + 36, y + 30], fill=rgb)
-        d.rectangle([x + 8, y, x + 28, y + 20], fill=rgb)
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+def _reaction(sample, right: bool, rng: random.Random) -> tuple[str, str | None]:
+    """How a user reacts to an answer, given whether it was right."""
+    if right:
+        return rng.choices(["accept", "dwell", "close"], weights=[80, 15, 5])[0], None
+    kind = rng.choices(["edit", "regenerate", "skip", "close"], weights=[50, 20, 20, 10])[0]
+    return kind, (sample.answer if kind == "edit" else None)
 
 
-def synthetic_day(lake: Lake, day: dt.date, n: int = 300, seed: int = 0) -> dict:
-    """Write ``n`` interactions with feedback for ``day`` into ``lake``; returns what was written."""
+def synthetic_day(lake: Lake, lm, day: dt.date, n: int = 300, seed: int = 0, batch_size: int = 32,
+                  log=print) -> dict:
+    """``n`` users ask ``lm`` about product photos on ``day``; interactions, feedback and images go
+    to ``lake``. Returns what was written."""
+    from vloop.model import generate, normalise_answer
+    from vloop.synth import World
+
     rng = random.Random(seed * 1_000_003 + day.toordinal())
-    np_rng = np.random.default_rng(rng.getrandbits(32))
-    rows = []
-    events = []
-    for i in range(n):
-        category = rng.choice(list(_PRODUCTS))
-        colour = rng.choice(list(_COLOURS))
-        stored = lake.put_image(_product_image(category, colour, rng))
-        ts = dt.datetime.combine(day, dt.time(rng.randrange(24), rng.randrange(60), rng.randrange(60)),
-                                 dt.timezone.utc)
-        question, template = _PRODUCTS[category]
-        right = rng.random() < 0.7
-        answer = template.format(colour=colour if right else rng.choice(list(_COLOURS)))
-        logprobs = (-np_rng.exponential(0.05 if right else 0.6, size=6)).round(4).tolist()
-        request_id = str(uuid.UUID(int=rng.getrandbits(128)))
-        rows.append({
-            "request_id": request_id, "ts": ts,
-            "user_key": hashlib.sha256(f"user{rng.randrange(50)}".encode()).hexdigest()[:32],
-            "session_id": f"s{rng.randrange(120)}", "category": category,
-            "image_sha256": stored.sha256, "image_key": stored.key,
-            "image_w": stored.width, "image_h": stored.height,
-            "question": question, "answer": answer, "token_logprobs": logprobs,
-            "confidence": float(np.exp(np.mean(logprobs))), "latency_ms": rng.uniform(80, 400),
-            "base_model": "tiny-qwen3-vl", "adapter": None,
-            "arm": rng.choices(ARMS, weights=[85, 10, 5])[0], "status": "ok", "redactions": 0,
-        })
-        kind = rng.choices([k for k, _ in _FEEDBACK_MIX], weights=[w for _, w in _FEEDBACK_MIX])[0]
-        events.append({
-            "event_id": str(uuid.UUID(int=rng.getrandbits(128))), "request_id": request_id,
-            "ts": ts + dt.timedelta(seconds=rng.randint(2, 90)), "type": kind,
-            "edited_text": template.format(colour=colour) if kind == "edit" else None,
-            "dwell_ms": rng.randint(500, 20000) if kind == "dwell" else None,
-            "rating": rng.randint(1, 5) if kind == "rating" else None,
-        })
+    samples = World(seed + day.toordinal()).samples(n, degraded=0.15)
+    rows, events = [], []
+    t0 = time.perf_counter()
+    for s in range(0, n, batch_size):
+        chunk = samples[s:s + batch_size]
+        started = time.perf_counter()
+        gens = generate(lm, [x.image for x in chunk], [x.question for x in chunk], max_new_tokens=8)
+        latency_ms = (time.perf_counter() - started) * 1000 / len(chunk)
+        for x, g in zip(chunk, gens):
+            stored = lake.put_image(x.image_bytes())
+            ts = dt.datetime.combine(day, dt.time(rng.randrange(24), rng.randrange(60), rng.randrange(60)),
+                                     dt.timezone.utc)
+            request_id = str(uuid.UUID(int=rng.getrandbits(128)))
+            rows.append({
+                "request_id": request_id, "ts": ts,
+                "user_key": hashlib.sha256(f"user{rng.randrange(80)}".encode()).hexdigest()[:32],
+                "session_id": f"s{rng.randrange(200)}", "category": x.category,
+                "image_sha256": stored.sha256, "image_key": stored.key,
+                "image_w": stored.width, "image_h": stored.height,
+                "question": x.question, "answer": g.text, "token_logprobs": g.token_logprobs,
+                "confidence": g.confidence.geo_mean_prob, "latency_ms": latency_ms,
+                "base_model": lm.name, "adapter": None, "arm": "champion", "status": "ok", "redactions": 0,
+            })
+            kind, edited = _reaction(x, normalise_answer(g.text) == normalise_answer(x.answer), rng)
+            events.append({
+                "event_id": str(uuid.UUID(int=rng.getrandbits(128))), "request_id": request_id,
+                "ts": ts + dt.timedelta(seconds=rng.randint(2, 90)), "type": kind, "edited_text": edited,
+                "dwell_ms": rng.randint(3000, 30000) if kind == "dwell" else None, "rating": None,
+            })
+        done = min(s + batch_size, n)
+        el = time.perf_counter() - t0
+        log(f"  answered {done}/{n} ({done / el:.0f}/s, eta {(n - done) * el / done:.0f}s)")
     # Hourly partitions as the gateway's shipper lays them out; re-running the day replaces it.
     hour_keys = lake.write_hourly(INTERACTIONS, INTERACTION.to_table(rows), day)
     lake.write_partition(FEEDBACK_DATASET, FEEDBACK.to_table(events), day)
@@ -97,18 +107,29 @@ def synthetic_day(lake: Lake, day: dt.date, n: int = 300, seed: int = 0) -> dict
             "request_ids": sorted(r["request_id"] for r in rows)}
 
 
-def run_demo(lake: Lake, day: dt.date, n: int = 300, seed: int = 0, out=print) -> dict:
-    """Write a synthetic day, read it back and check it. Returns the figures it printed."""
+def run_demo(lake: Lake, day: dt.date, n: int = 300, seed: int = 0, base_model: str | None = None,
+             home: Path | None = None, out=print) -> dict:
+    """Answer a synthetic day with the base model, store it, read it back, check it, report it."""
+    from vloop.config import load_settings
+    from vloop.model import load_model
+
+    settings = load_settings()
     out(f"lake: {lake.url}")
+    model_path = base_model or settings.base_model or ensure_base_model(home or settings.home, log=out)
+    lm = load_model(model_path)
+    out(f"model: {model_path} ({lm.model.num_parameters():,} parameters, {lm.device})")
     t0 = time.perf_counter()
-    written = synthetic_day(lake, day, n=n, seed=seed)
+    written = synthetic_day(lake, lm, day, n=n, seed=seed, log=out)
     out(f"wrote {written['interactions']} interactions in {written['hours']} hourly partitions "
-        f"and {written['feedback']} feedback events for {day} in {time.perf_counter() - t0:.2f}s")
+        f"and {written['feedback']} feedback events for {day} in {time.perf_counter() - t0:.1f}s")
     return verify_day(lake, day, written["request_ids"], out=out)
 
 
 def verify_day(lake: Lake, day: dt.date, expected_ids: list[str], out=print) -> dict:
-    """Read ``day`` back from the lake and check it holds exactly ``expected_ids`` and their images."""
+    """Read ``day`` back from the lake, check it holds exactly ``expected_ids`` and their images,
+    and report what the users made of the answers."""
+    from vloop.model import auroc
+
     t0 = time.perf_counter()
     inter = lake.read_partitions(INTERACTIONS, day, day,
                                  columns=["request_id", "arm", "category", "confidence", "image_key"],
@@ -122,17 +143,27 @@ def verify_day(lake: Lake, day: dt.date, expected_ids: list[str], out=print) -> 
     missing = [k for k in images if not lake.exists(k)]
     if missing:
         raise RuntimeError(f"{len(missing)} image objects are missing, e.g. {missing[0]}")
-    arms = Counter(inter.column("arm").to_pylist())
-    types = Counter(fb.column("type").to_pylist())
-    conf = np.asarray(inter.column("confidence").to_pylist(), dtype=float)
     out(f"read back {inter.num_rows} interactions ({len(inter.column_names)} of "
         f"{len(INTERACTION.names)} columns) and {fb.num_rows} feedback events in {t_read:.2f}s; "
-        f"all request ids match")
+        f"all request ids match, all {len(images)} images present")
+
+    arms = Counter(inter.column("arm").to_pylist())
+    types = Counter(fb.column("type").to_pylist())
+    conf = dict(zip(inter.column("request_id").to_pylist(), inter.column("confidence").to_pylist()))
+    accepted = {r for r, t in zip(fb.column("request_id").to_pylist(), fb.column("type").to_pylist())
+                if t in ("accept", "dwell")}
+    ids = list(conf)
+    acceptance = sum(r in accepted for r in ids) / max(1, len(ids))
+    sep = auroc([conf[r] for r in ids], [r in accepted for r in ids])
+    cats = Counter(inter.column("category").to_pylist())
     out("arms: " + ", ".join(f"{a}={arms.get(a, 0)}" for a in ARMS))
     out("feedback: " + ", ".join(f"{t}={c}" for t, c in types.most_common()))
-    out(f"distinct images: {len(images)} (content-addressed, all present); "
-        f"confidence mean {conf.mean():.3f}, below 0.6: {(conf < 0.6).mean():.1%}")
+    out("categories: " + ", ".join(f"{c}={k}" for c, k in sorted(cats.items())))
+    c = np.asarray(list(conf.values()), dtype=float)
+    out(f"acceptance {acceptance:.1%}; confidence mean {c.mean():.3f}, below 0.6: {(c < 0.6).mean():.1%}; "
+        f"confidence predicts acceptance with AUROC {sep:.3f}")
     files = lake.list(partition_prefix(INTERACTIONS, day))
     out(f"partition files for {day}: {len(files)}")
     return {"interactions": inter.num_rows, "feedback": fb.num_rows, "images": len(images),
-            "arms": dict(arms), "feedback_types": dict(types), "files": len(files)}
+            "arms": dict(arms), "feedback_types": dict(types), "files": len(files),
+            "acceptance": acceptance, "confidence_auroc": sep}

@@ -12,7 +12,9 @@ Qwen/Qwen3-VL-8B-Instruct in production:
   per batch, loss masked to the answer tokens, mixed lengths padded.
 * :func:`encode` — the chat-format batch (prompt, optional answer, labels) that training uses too.
 
-Confidence is the geometric-mean probability of the answer tokens, ``exp(mean log p)``, in [0, 1].
+Confidence is the geometric-mean probability of the answer's tokens, ``exp(mean log p)``, in
+[0, 1], over exactly the tokens whose log-probabilities are logged (the closing ``<|im_end|>`` is
+not one of them), so it can be recomputed from a record's ``token_logprobs``.
 """
 
 from __future__ import annotations
@@ -302,19 +304,20 @@ def generate(lm: LoadedModel, images: Sequence, questions: Sequence[str], *, max
                 tops.append([(tok.decode([j]), float(x)) for j, x in zip(ix.tolist(), v.tolist())])
             if token_id == tok.eos_token_id:
                 break
-        # The closing <|im_end|> belongs to the answer's probability, not to its text.
+        # The closing <|im_end|> is not part of the answer: not in its text, its logprobs or its
+        # confidence, so confidence can always be recomputed from the logged token_logprobs.
         text_ids = [j for j in ids if j != tok.eos_token_id]
+        n = len(text_ids)
         results.append(Generation(
             text=tok.decode(text_ids, skip_special_tokens=True).strip(),
             tokens=[tok.decode([j]) for j in text_ids], token_ids=text_ids,
-            token_logprobs=lps[:len(text_ids)], top_logprobs=tops[:len(text_ids)],
-            confidence=Confidence.from_logprobs(lps)))
+            token_logprobs=lps[:n], top_logprobs=tops[:n], confidence=Confidence.from_logprobs(lps[:n])))
     return results
 
 
 @dataclass
 class AnswerScore:
-    token_logprobs: list[float]  # answer tokens and the closing <|im_end|>
+    token_logprobs: list[float]  # the answer's tokens (the closing <|im_end|> is trained on, not scored)
     confidence: Confidence
 
 
@@ -339,7 +342,7 @@ def score_answers(lm: LoadedModel, images: Sequence, questions: Sequence[str], a
         mask = target != -100
         token_lp = lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for i in range(token_lp.shape[0]):
-            lps = token_lp[i][mask[i]].tolist()
+            lps = token_lp[i][mask[i]].tolist()[:-1]  # drop the closing <|im_end|>
             scores.append(AnswerScore(lps, Confidence.from_logprobs(lps)))
     return scores
 
