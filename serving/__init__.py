@@ -1,4 +1,2 @@
-"""The serving container: a vLLM-compatible model server plus the feedback gateway
-(``python -m serving``). The server itself lands with the serving issue; until then this package
-only reserves the import path.
-"""
+"""The serving container: a vLLM-compatible multi-LoRA model server plus the feedback gateway
+(``python -m serving`` or ``vloop serve``). See serving/app.py for the HTTP API."""

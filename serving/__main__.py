@@ -1,3 +1,5 @@
 import sys
 
-sys.exit("python -m serving: the model server is not built yet (see the serving issue)")
+from serving.cli import main
+
+sys.exit(main())

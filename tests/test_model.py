@@ -171,5 +171,4 @@ def test_pretrained_base_is_a_mediocre_champion_with_useful_confidence(base_mode
     assert held["confidence_auroc"] >= 0.8
     assert held["mean_confidence_right"] > held["mean_confidence_wrong"]
     assert report["other_intents"]["exact_match"] <= 0.3  # never taught to count or judge suitability
-    assert report["train_seconds"] < 240
     assert set(held["by_intent"]) == {"colour"} and len(held["by_category"]) == 5

@@ -66,6 +66,12 @@ def _cmd_pretrain_base(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from serving.cli import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vloop", description="Close the feedback loop around a deployed "
                                 "vision-language model.")
@@ -95,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--steps", type=int, help="optimizer steps (default from PretrainConfig)")
     pb.add_argument("--seed", type=int, default=0)
     pb.set_defaults(fn=_cmd_pretrain_base)
+
+    from serving.cli import add_arguments
+
+    sv = add_arguments(sub.add_parser("serve", help="the model server + feedback gateway (python -m serving)"))
+    sv.set_defaults(fn=_cmd_serve)
 
     d = sub.add_parser("demo", help="the main job on embedded defaults (what `make demo` runs)")
     d.add_argument("--lake", help="lake URL (default: VLOOP_LAKE_URL)")

@@ -1,0 +1,407 @@
+"""The serving HTTP API: vLLM's OpenAI-compatible subset plus the feedback gateway.
+
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``POST /v1/load_lora_adapter``,
+``POST /v1/unload_lora_adapter`` (admin), ``POST /v1/feedback``, ``GET/PUT /admin/routes``,
+``POST /admin/opt-out`` (admin), ``GET /healthz``, ``GET /metrics``.
+
+A chat request picks its model with ``model``: the routed alias (``vloop``, or the base model's
+id) lets the gateway choose the arm by the user's sticky bucket; an adapter's name asks for it
+directly. The caller's user id comes from the OpenAI ``user`` field (or ``X-User-Id``); it is
+stored only as an HMAC. Every answered request is spooled as an interaction record (PII
+redacted) before the response goes out, unless the user opted out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hmac
+import io
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image
+
+from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
+from serving.metrics import Metrics
+from serving.routing import Routes, RouteStore
+from vloop.images import ImageError, ImageTooLarge, normalise_image
+from vloop.netguard import FetchError, FetchPolicy, fetch_url
+from vloop.privacy import redact, user_key as hmac_user_key
+from vloop.schema import FEEDBACK, INTERACTION, RecordError
+from vloop.spool import Shipper, Spool
+
+log = logging.getLogger(__name__)
+ROUTED_ALIAS = "vloop"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None
+    lake_url: str | None
+    state_dir: Path
+    spool_dir: Path
+    upstream: str | None = None
+    admin_token: str | None = None
+    user_key_secret: str | None = None
+    max_request_bytes: int = 20 * 2**20
+    max_image_bytes: int = 10 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_tokens_limit: int = 512
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    ship_interval_s: float = 1.0
+    max_batch: int = 16
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error"):
+        self.status, self.message, self.type = status, message, type_
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
+
+
+class Gateway:
+    """Owns the engine, routes, opt-outs, spool and shipper of one serving process."""
+
+    def __init__(self, cfg: ServeConfig):
+        from vloop.lake import open_lake
+
+        if not cfg.user_key_secret:
+            raise ValueError("VLOOP_USER_KEY_SECRET must be set: user ids are stored only as HMACs")
+        self.cfg = cfg
+        self.metrics = Metrics()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.routes = RouteStore(cfg.state_dir / "routes.json")
+        self.opt_out_path = cfg.state_dir / "opt_out.json"
+        self.opted_out: set[str] = set(json.loads(self.opt_out_path.read_text())) if self.opt_out_path.is_file() else set()
+        self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
+        if cfg.upstream:
+            self.engine = UpstreamEngine(cfg.upstream)
+            self.local = None
+            self.base_name = cfg.model or "upstream"
+        else:
+            self.engine = self.local = LocalEngine(cfg.model, adapter_cache=cfg.state_dir / "adapters",
+                                                   lake=self.lake, max_batch=cfg.max_batch)
+            self.base_name = self.local.base_name
+        self.spool = Spool(cfg.spool_dir)
+        self.shipper = None
+        if self.lake is not None:
+            self.shipper = Shipper(self.spool, self.lake, interval_s=cfg.ship_interval_s,
+                                   on_failure=lambda e: self.metrics.inc("vloop_ship_failures_total",
+                                                                         "failed attempts to ship the spool"),
+                                   on_shipped=lambda s, n: self.metrics.inc(
+                                       "vloop_records_shipped_total", "records moved to the lake", n, stream=s)).start()
+        self.metrics.gauge("vloop_spool_segments", "spool segments not yet shipped", self.spool.depth)
+        self.metrics.gauge("vloop_adapters_loaded", "LoRA adapters loaded",
+                           lambda: len(self.local.adapters) if self.local else 0)
+
+    def close(self) -> None:
+        if self.shipper:
+            self.shipper.stop(drain=True)
+        else:
+            self.spool.close()
+        self.engine.close()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def check_admin(self, request: Request) -> None:
+        if not self.cfg.admin_token:
+            raise ApiError(503, "admin routes are disabled: set VLOOP_ADMIN_TOKEN", "server_error")
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.cfg.admin_token.encode()):
+            raise ApiError(401, "admin route: missing or wrong bearer token", "authentication_error")
+
+    def user_key(self, body: dict, request: Request) -> str:
+        uid = body.get("user") or request.headers.get("x-user-id") or "anonymous"
+        if not isinstance(uid, str):
+            raise ApiError(400, "'user' must be a string")
+        return hmac_user_key(uid, self.cfg.user_key_secret)
+
+    def loaded_adapters(self) -> set[str] | None:
+        return set(self.local.adapters) if self.local else None
+
+    def image_bytes(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            if ";base64" not in header:
+                raise ApiError(400, "image data URLs must be base64-encoded")
+            if len(payload) * 3 // 4 > self.cfg.max_image_bytes:
+                raise ApiError(413, f"image is over the limit of {self.cfg.max_image_bytes:,} bytes")
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "image data URL is not valid base64") from None
+        try:
+            return fetch_url(url, self.cfg.fetch)
+        except FetchError as e:
+            raise ApiError(400, f"image_url refused: {e}") from None
+
+
+def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
+    """(question text, image URLs, sampling params) of the last user message, validated."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list")
+    users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ApiError(400, "'messages' has no user message")
+    content = users[-1].get("content")
+    texts, images = [], []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                raise ApiError(400, "message content parts must be objects")
+            if part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif part.get("type") == "image_url":
+                iu = part.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if not isinstance(url, str):
+                    raise ApiError(400, "image_url part needs a url")
+                images.append(url)
+            else:
+                raise ApiError(400, f"unsupported content part type {part.get('type')!r}")
+    else:
+        raise ApiError(400, "message content must be a string or a list of parts")
+    if len(images) > 1:
+        raise ApiError(400, "at most one image per request is supported")
+    question = " ".join(t for t in texts if t).strip()
+    if not question:
+        raise ApiError(400, "the user message has no text")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
+    temperature = body.get("temperature", 0.0)
+    top = body.get("top_logprobs", 0) or 0
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
+        raise ApiError(400, f"max_tokens must be an integer between 1 and {limit}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise ApiError(400, "temperature must be between 0 and 2")
+    if not isinstance(top, int) or not 0 <= top <= 20:
+        raise ApiError(400, "top_logprobs must be an integer between 0 and 20")
+    if top and not body.get("logprobs"):
+        raise ApiError(400, "top_logprobs requires logprobs: true")
+    return question, images, {"max_tokens": max_tokens, "temperature": float(temperature),
+                              "logprobs": bool(body.get("logprobs")), "top_logprobs": top}
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    gw = Gateway(cfg)
+    app = FastAPI(title="vloop serving", version="0.1.0")
+    app.state.gateway = gw
+    m = gw.metrics
+
+    @app.on_event("shutdown")
+    def _shutdown():
+        gw.close()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return _error(e.status, e.message, e.type)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request, e: EngineError):
+        return _error(e.status, e.message, "invalid_request_error" if e.status < 500 else "server_error")
+
+    async def read_json(request: Request) -> dict:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > cfg.max_request_bytes:
+            raise ApiError(413, f"request body is over the limit of {cfg.max_request_bytes:,} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cfg.max_request_bytes:
+                raise ApiError(413, f"request body is over the limit of {cfg.max_request_bytes:,} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "base_model": gw.base_name, "spool_segments": gw.spool.depth(),
+                "routes": gw.routes.routes.__dict__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        data = await asyncio.to_thread(gw.engine.models)
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        gw.check_admin(request)
+        body = await read_json(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise ApiError(400, "need 'lora_name' and 'lora_path' strings")
+        t0 = time.perf_counter()
+        await asyncio.to_thread(gw.engine.load_adapter, name, path)
+        m.inc("vloop_adapter_loads_total", "adapter loads")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully "
+                                 f"({(time.perf_counter() - t0) * 1000:.0f} ms).")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        gw.check_admin(request)
+        body = await read_json(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "need a 'lora_name' string")
+        r = gw.routes.routes
+        if name in (r.champion, r.canary):
+            raise ApiError(409, f"adapter {name!r} is routed to ({'champion' if name == r.champion else 'canary'}); "
+                                "change the routes first")
+        await asyncio.to_thread(gw.engine.unload_adapter, name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.get("/admin/routes")
+    async def get_routes(request: Request):
+        gw.check_admin(request)
+        return gw.routes.routes.__dict__
+
+    @app.put("/admin/routes")
+    async def put_routes(request: Request):
+        gw.check_admin(request)
+        body = await read_json(request)
+        try:
+            routes = Routes(**body).validate(gw.loaded_adapters())
+        except TypeError as e:
+            raise ApiError(400, f"unknown route field: {e}") from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        gw.routes.set(routes)
+        log.info("routes changed to %s", routes)
+        return routes.__dict__
+
+    @app.post("/admin/opt-out")
+    async def opt_out(request: Request):
+        gw.check_admin(request)
+        body = await read_json(request)
+        key = gw.user_key(body, request)
+        gw.opted_out.add(key)
+        gw.opt_out_path.write_text(json.dumps(sorted(gw.opted_out)))
+        return {"user_key": key, "opted_out": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        t0 = time.perf_counter()
+        body = await read_json(request)
+        if body.get("stream"):
+            raise ApiError(400, "streaming is not supported")
+        question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
+        ukey = gw.user_key(body, request)
+        opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
+        routes = gw.routes.routes
+        model = body.get("model") or ROUTED_ALIAS
+        if model == ROUTED_ALIAS:  # the gateway picks the arm by the user's sticky bucket
+            arm, adapter = routes.arm_for(ukey)
+        else:  # an explicit model: the base, or an adapter by name
+            adapter = None if model == gw.base_name else model
+            arm = routes.arm_of_model(adapter)
+
+        image = stored = None
+        if image_urls:
+            data = await asyncio.to_thread(gw.image_bytes, image_urls[0])
+            try:
+                stored = normalise_image(data, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+            except ImageTooLarge as e:
+                raise ApiError(413, str(e)) from None
+            except ImageError as e:
+                raise ApiError(400, f"image: {e}") from None
+            image = Image.open(io.BytesIO(stored.data)).convert("RGB")
+
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if gw.local is not None:
+            fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
+                                             params["temperature"], params["top_logprobs"]))
+            result = await asyncio.wrap_future(fut)
+            text, lps, tops, conf = result.text, result.token_logprobs, result.top_logprobs, result.confidence
+            tokens, n_completion = result.tokens, result.completion_tokens
+        else:
+            upstream_body = {**body, "model": adapter or gw.base_name, "logprobs": True,
+                             "top_logprobs": params["top_logprobs"] or None}
+            resp = await asyncio.to_thread(gw.engine.chat, upstream_body)
+            choice = resp["choices"][0]
+            text = choice["message"]["content"] or ""
+            content = (choice.get("logprobs") or {}).get("content") or []
+            tokens = [c["token"] for c in content]
+            lps = [c["logprob"] for c in content]
+            tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]
+            conf = math.exp(sum(lps) / len(lps)) if lps else None
+            n_completion = resp.get("usage", {}).get("completion_tokens", len(lps))
+        latency_ms = (time.perf_counter() - t0) * 1000
+
+        if not opted_out:
+            q_clean, n_q = redact(question)
+            a_clean, n_a = redact(text)
+            record = {
+                "request_id": request_id, "ts": dt.datetime.now(dt.timezone.utc), "user_key": ukey,
+                "session_id": (body.get("metadata") or {}).get("session_id"),
+                "category": (body.get("metadata") or {}).get("category"),
+                "image_sha256": stored.sha256 if stored else None,
+                "image_key": f"raw/images/{stored.sha256[:2]}/{stored.sha256}.{stored.ext}" if stored else None,
+                "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
+                "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
+                "latency_ms": latency_ms, "base_model": gw.base_name, "adapter": adapter, "arm": arm,
+                "status": "ok", "redactions": n_q + n_a,
+            }
+            row = INTERACTION.to_row(record)
+            if stored:
+                gw.spool.put_image(record["image_key"], stored.data)
+            gw.spool.append("interactions", row)
+        m.inc("vloop_requests_total", "answered chat requests", arm=arm, logged=str(not opted_out).lower())
+        m.observe_latency(latency_ms / 1000, arm=arm)
+
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+        if params["logprobs"]:
+            choice["logprobs"] = {"content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())} for tt, tl in top]}
+                for t, lp, top in zip(tokens, lps, tops or [[] for _ in tokens])]}
+        out = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+               "model": adapter or gw.base_name, "choices": [choice],
+               "usage": {"prompt_tokens": 0, "completion_tokens": n_completion, "total_tokens": n_completion},
+               "vloop": {"arm": arm, "confidence": conf, "logged": not opted_out}}
+        return JSONResponse(out, headers={"X-Request-Id": request_id})
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        body = await read_json(request)
+        allowed = {"request_id", "type", "edited_text", "dwell_ms", "rating"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        edited, n = redact(body.get("edited_text"))
+        event = {"event_id": uuid.uuid4().hex, "ts": dt.datetime.now(dt.timezone.utc), **body,
+                 "edited_text": edited}
+        try:
+            row = FEEDBACK.to_row(event)
+        except RecordError as e:
+            raise ApiError(400, str(e)) from None
+        logged = request.headers.get("x-vloop-opt-out") != "1"
+        if logged:
+            gw.spool.append("feedback", row)
+        m.inc("vloop_feedback_total", "feedback events received", type=row["type"])
+        return JSONResponse({"event_id": row["event_id"], "status": "accepted", "logged": logged},
+                            status_code=202)
+
+    return app

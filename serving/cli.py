@@ -1,0 +1,46 @@
+"""``vloop serve`` / ``python -m serving``: start the model server and feedback gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", help="base model directory or hub id (default: VLOOP_BASE_MODEL)")
+    p.add_argument("--lake", help="lake URL records are shipped to (default: VLOOP_LAKE_URL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--upstream", help="an OpenAI-compatible server (e.g. vLLM) to front instead of the local model")
+    p.add_argument("--state-dir", help="routes, opt-outs, adapter cache (default: $VLOOP_HOME/serving)")
+    p.add_argument("--ship-interval", type=float, default=1.0, help="seconds between shipper runs")
+    return p
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from serving.app import ServeConfig, create_app
+    from vloop.config import load_settings
+    from vloop.netguard import FetchPolicy
+
+    s = load_settings()
+    model = args.model or s.base_model
+    if not model and not args.upstream:
+        raise ValueError("no model: pass --model DIR or set VLOOP_BASE_MODEL")
+    cfg = ServeConfig(
+        model=model, lake_url=args.lake or s.lake_url, upstream=args.upstream,
+        state_dir=Path(args.state_dir) if args.state_dir else Path(s.home) / "serving",
+        spool_dir=Path(s.spool_dir), admin_token=s.admin_token, user_key_secret=s.user_key_secret,
+        max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+        fetch=FetchPolicy.from_env(s.fetch_allowlist, max_bytes=s.max_image_bytes),
+        ship_interval_s=args.ship_interval)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = add_arguments(argparse.ArgumentParser(prog="python -m serving", description=__doc__))
+    return serve(p.parse_args(argv))

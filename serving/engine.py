@@ -1,0 +1,275 @@
+"""The local model backend: one base Qwen3-VL, any number of LoRA adapters, one worker thread.
+
+:class:`LocalEngine` owns the model and its adapter state (like vLLM's ``serving_models``): every
+generation and every adapter load/unload runs on its single worker thread, so switching adapters
+can never race a generation. Requests that arrive together are batched, grouped by adapter and
+sampling settings, so concurrent requests for different adapters are each answered by their own.
+
+:class:`UpstreamEngine` forwards to any OpenAI-compatible server instead (e.g. vLLM started with
+``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """An error with an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class GenRequest:
+    image: object  # PIL image or None
+    question: str
+    adapter: str | None  # None: the bare base model
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_logprobs: int = 0
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class GenResult:
+    text: str
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[list[tuple[str, float]]]
+    confidence: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LocalEngine:
+    def __init__(self, model_path: str, *, max_batch: int = 16, batch_wait_s: float = 0.005,
+                 adapter_cache: Path | None = None, lake=None):
+        from vloop.model import load_model
+
+        self.lm = load_model(model_path)
+        self.base_name = Path(model_path).name if Path(model_path).is_dir() else model_path
+        self.base_path = str(model_path)
+        self.adapters: dict[str, str] = {}  # name -> source path or lake key
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.adapter_cache = Path(adapter_cache) if adapter_cache else None
+        self.lake = lake
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._worker.start()
+
+    # -- public API (any thread) ----------------------------------------------------------
+    def submit(self, req: GenRequest) -> Future:
+        if req.adapter is not None and req.adapter not in self.adapters:
+            raise EngineError(404, f"model {req.adapter!r} does not exist; see GET /v1/models")
+        self._queue.put(("gen", req))
+        return req.future
+
+    def load_adapter(self, name: str, path: str) -> None:
+        return self._control("load", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        return self._control("unload", name, None)
+
+    def models(self) -> list[dict]:
+        now = int(time.time())
+        out = [{"id": self.base_name, "object": "model", "created": now, "owned_by": "vloop",
+                "root": self.base_path, "parent": None}]
+        out += [{"id": n, "object": "model", "created": now, "owned_by": "vloop", "root": p,
+                 "parent": self.base_name} for n, p in sorted(self.adapters.items())]
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(("stop", None))
+        self._worker.join(timeout=10)
+
+    # -- worker -----------------------------------------------------------------------------
+    def _control(self, op, name, path):
+        fut: Future = Future()
+        self._queue.put((op, (name, path, fut)))
+        return fut.result()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            kind, item = self._queue.get()
+            if kind == "stop":
+                return
+            if kind in ("load", "unload"):
+                name, path, fut = item
+                try:
+                    fut.set_result(self._do_load(name, path) if kind == "load" else self._do_unload(name))
+                except Exception as e:
+                    fut.set_exception(e)
+                continue
+            batch = [item]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch:  # gather what arrives together
+                try:
+                    kind2, item2 = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if kind2 != "gen":
+                    self._queue.put((kind2, item2))  # controls run after this batch
+                    break
+                batch.append(item2)
+            self._generate(batch)
+
+    def _generate(self, batch: list[GenRequest]) -> None:
+        from vloop.model import generate
+
+        groups: dict[tuple, list[GenRequest]] = {}
+        for r in batch:
+            groups.setdefault((r.adapter, r.max_tokens, r.temperature, r.top_logprobs), []).append(r)
+        for (adapter, max_tokens, temperature, top_k), reqs in groups.items():
+            reqs = [r for r in reqs if r.future.set_running_or_notify_cancel()]
+            if not reqs:
+                continue
+            try:
+                if adapter is not None and adapter not in self.adapters:
+                    raise EngineError(404, f"model {adapter!r} was unloaded")
+                with self._adapter(adapter):
+                    gens = generate(self.lm, [r.image for r in reqs], [r.question for r in reqs],
+                                    max_new_tokens=max_tokens, top_logprobs=top_k, temperature=temperature)
+                for r, g in zip(reqs, gens):
+                    r.future.set_result(GenResult(
+                        g.text, g.tokens, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
+                        prompt_tokens=0, completion_tokens=len(g.token_ids)))
+            except Exception as e:
+                for r in reqs:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    def _adapter(self, name: str | None):
+        """Context: the model answers with adapter ``name`` (None: adapters disabled)."""
+        import contextlib
+
+        model = self.lm.model
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if name is None:
+            return model.disable_adapter()
+        model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def _resolve(self, name: str, path: str) -> Path:
+        local = Path(path)
+        if local.is_dir():
+            return local
+        if self.lake is not None and not path.startswith("/"):
+            keys = self.lake.list(path.rstrip("/") + "/")
+            if keys and self.adapter_cache is not None:
+                dest = self.adapter_cache / name
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir(parents=True)
+                for k in keys:
+                    (dest / k.rsplit("/", 1)[-1]).write_bytes(self.lake.get_bytes(k))
+                return dest
+        raise EngineError(400, f"lora_path {path!r} is neither a local directory nor an adapter in the lake")
+
+    def _check(self, name: str, path: Path) -> None:
+        from peft import LoraConfig
+
+        if not (path / "adapter_config.json").is_file():
+            raise EngineError(400, f"{path} has no adapter_config.json: not a PEFT adapter")
+        if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise EngineError(400, f"{path} has no adapter weights (adapter_model.safetensors)")
+        try:
+            cfg = LoraConfig.from_pretrained(str(path))
+        except Exception as e:
+            raise EngineError(400, f"adapter_config.json does not parse as a LoRA config: {e}") from None
+        base = cfg.base_model_name_or_path
+        if base and Path(base).name != Path(self.base_path).name and base != self.base_path:
+            raise EngineError(400, f"adapter {name!r} was trained on {base!r}, but this server serves "
+                                   f"{self.base_path!r}")
+
+    def _do_load(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if not name or name == self.base_name:
+            raise EngineError(400, f"invalid lora_name {name!r}")
+        if name in self.adapters:
+            raise EngineError(400, f"adapter {name!r} is already loaded; unload it first")
+        src = self._resolve(name, path)
+        self._check(name, src)
+        model = self.lm.model
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(src), adapter_name=name)
+            else:
+                self.lm.model = PeftModel.from_pretrained(model, str(src), adapter_name=name)
+            self.lm.model.eval()
+        except Exception as e:
+            # Leave every previously loaded adapter serving: drop whatever half-loaded.
+            if isinstance(self.lm.model, PeftModel) and name in self.lm.model.peft_config:
+                self.lm.model.delete_adapter(name)
+            raise EngineError(400, f"adapter {name!r} does not fit the base model: {e}") from None
+        self.adapters[name] = path
+        log.info("loaded adapter %s from %s", name, path)
+
+    def _do_unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise EngineError(404, f"adapter {name!r} is not loaded")
+        model = self.lm.model
+        if len(self.adapters) == 1:
+            self.lm.model = model.unload()  # back to the plain base model
+        else:
+            model.delete_adapter(name)
+        del self.adapters[name]
+        log.info("unloaded adapter %s", name)
+
+
+class UpstreamEngine:
+    """Forwards chat and adapter calls to an OpenAI-compatible server (vLLM in production)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self.base_name = None
+
+    def models(self) -> list[dict]:
+        return self._call("GET", "/v1/models")["data"]
+
+    def chat(self, body: dict) -> dict:
+        return self._call("POST", "/v1/chat/completions", json=body)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, raw=True)
+
+    def unload_adapter(self, name: str) -> None:
+        self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, raw=True)
+
+    def _call(self, method, path, raw=False, **kw):
+        import httpx
+
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise EngineError(502, f"upstream {self.url} unreachable: {e}") from None
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("error", {}).get("message") or r.text
+            except (json.JSONDecodeError, AttributeError):
+                msg = r.text
+            raise EngineError(r.status_code if r.status_code < 500 else 502, f"upstream: {msg}")
+        return r.text if raw else r.json()
+
+    def close(self) -> None:
+        self.client.close()
