@@ -51,6 +51,7 @@ class ServeConfig:
     state_dir: Path
     spool_dir: Path
     upstream: str | None = None
+    upstream_api_key: str | None = None
     admin_token: str | None = None
     user_key_secret: str | None = None
     max_request_bytes: int = 20 * 2**20
@@ -87,7 +88,7 @@ class Gateway:
         self.opted_out: set[str] = set(json.loads(self.opt_out_path.read_text())) if self.opt_out_path.is_file() else set()
         self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
         if cfg.upstream:
-            self.engine = UpstreamEngine(cfg.upstream)
+            self.engine = UpstreamEngine(cfg.upstream, api_key=cfg.upstream_api_key)
             self.local = None
             self.base_name = cfg.model or "upstream"
         else:
@@ -242,7 +243,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        data = await asyncio.to_thread(gw.engine.models)
+        data = gw.local.models() if gw.local else await gw.engine.models()
         return {"object": "list", "data": data}
 
     @app.post("/v1/load_lora_adapter")
@@ -253,7 +254,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             raise ApiError(400, "need 'lora_name' and 'lora_path' strings")
         t0 = time.perf_counter()
-        await asyncio.to_thread(gw.engine.load_adapter, name, path)
+        if gw.local:
+            await asyncio.to_thread(gw.local.load_adapter, name, path)
+        else:
+            await gw.engine.load_adapter(name, path)
         m.inc("vloop_adapter_loads_total", "adapter loads")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully "
                                  f"({(time.perf_counter() - t0) * 1000:.0f} ms).")
@@ -269,7 +273,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if name in (r.champion, r.canary):
             raise ApiError(409, f"adapter {name!r} is routed to ({'champion' if name == r.champion else 'canary'}); "
                                 "change the routes first")
-        await asyncio.to_thread(gw.engine.unload_adapter, name)
+        if gw.local:
+            await asyncio.to_thread(gw.local.unload_adapter, name)
+        else:
+            await gw.engine.unload_adapter(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/admin/routes")
@@ -338,7 +345,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         else:
             upstream_body = {**body, "model": adapter or gw.base_name, "logprobs": True,
                              "top_logprobs": params["top_logprobs"] or None}
-            resp = await asyncio.to_thread(gw.engine.chat, upstream_body)
+            resp = await gw.engine.chat(upstream_body)
             choice = resp["choices"][0]
             text = choice["message"]["content"] or ""
             content = (choice.get("logprobs") or {}).get("content") or []

@@ -30,7 +30,7 @@ def serve(args) -> int:
     if not model and not args.upstream:
         raise ValueError("no model: pass --model DIR or set VLOOP_BASE_MODEL")
     cfg = ServeConfig(
-        model=model, lake_url=args.lake or s.lake_url, upstream=args.upstream,
+        model=model, lake_url=args.lake or s.lake_url, upstream=args.upstream, upstream_api_key=s.upstream_api_key,
         state_dir=Path(args.state_dir) if args.state_dir else Path(s.home) / "serving",
         spool_dir=Path(s.spool_dir), admin_token=s.admin_token, user_key_secret=s.user_key_secret,
         max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,

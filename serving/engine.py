@@ -234,35 +234,38 @@ class LocalEngine:
 
 
 class UpstreamEngine:
-    """Forwards chat and adapter calls to an OpenAI-compatible server (vLLM in production)."""
+    """Forwards chat and adapter calls to an OpenAI-compatible server (vLLM in production).
+
+    Async end to end (one pooled keep-alive client), so forwarding costs no thread hop."""
 
     def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, headers=headers,
+                                        limits=httpx.Limits(max_keepalive_connections=64, max_connections=256))
         self.base_name = None
 
-    def models(self) -> list[dict]:
-        return self._call("GET", "/v1/models")["data"]
+    async def models(self) -> list[dict]:
+        return (await self._call("GET", "/v1/models"))["data"]
 
-    def chat(self, body: dict) -> dict:
-        return self._call("POST", "/v1/chat/completions", json=body)
+    async def chat(self, body: dict) -> dict:
+        return await self._call("POST", "/v1/chat/completions", json=body)
 
-    def load_adapter(self, name: str, path: str) -> None:
-        self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, raw=True)
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, raw=True)
 
-    def unload_adapter(self, name: str) -> None:
-        self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, raw=True)
+    async def unload_adapter(self, name: str) -> None:
+        await self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, raw=True)
 
-    def _call(self, method, path, raw=False, **kw):
+    async def _call(self, method, path, raw=False, **kw):
         import httpx
 
         try:
-            r = self.client.request(method, path, **kw)
+            r = await self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise EngineError(502, f"upstream {self.url} unreachable: {e}") from None
+            raise EngineError(502, f"upstream {self.url} unreachable: {e!r}") from None
         if r.status_code >= 400:
             try:
                 msg = r.json().get("error", {}).get("message") or r.text
@@ -272,4 +275,4 @@ class UpstreamEngine:
         return r.text if raw else r.json()
 
     def close(self) -> None:
-        self.client.close()
+        pass  # the pooled client closes with the process

@@ -47,6 +47,8 @@ class Settings:
                                        secret=True)
     user_key_secret: str | None = _setting("VLOOP_USER_KEY_SECRET", "HMAC key that turns user ids "
                                            "into user_key", secret=True)
+    upstream_api_key: str | None = _setting("VLOOP_UPSTREAM_API_KEY", "bearer token for the upstream "
+                                            "OpenAI-compatible server (vLLM --api-key)", secret=True)
     fetch_allowlist: str | None = _setting("VLOOP_FETCH_ALLOWLIST", "comma-separated hosts or CIDRs that "
                                            "image URLs may reach although private/loopback")
     max_image_bytes: int = _setting("VLOOP_MAX_IMAGE_BYTES", "largest accepted image file", 10 * 2**20)
