@@ -9,8 +9,6 @@ progress logged with loss and tokens/s. The output is a standard PEFT adapter di
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,50 +39,23 @@ def train_lora(base_dir: str | Path, samples: Sequence, out_dir: str | Path,
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from vloop.model import encode, load_model
+    from vloop.model import load_model
+    from vloop.sft import run_sft
 
     cfg = cfg or LoraTrainConfig()
-    if not samples:
-        raise ValueError("no training samples")
     torch.manual_seed(cfg.seed)
     lm = load_model(base_dir)
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(lm.model, peft_cfg)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * p))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    t0, tokens, losses = time.perf_counter(), 0, []
-    for step in range(cfg.steps):
-        idx = [order[(step * cfg.batch_size + i) % len(order)] for i in range(cfg.batch_size)]
-        batch = encode(lm.processor, [samples[i].image for i in idx], [samples[i].question for i in idx],
-                       [samples[i].answer for i in idx])
-        tokens += int(batch["attention_mask"].sum())
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            el = time.perf_counter() - t0
-            log(f"step {step + 1}/{cfg.steps} loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.3f} "
-                f"{tokens / el:.0f} tokens/s eta {(cfg.steps - step - 1) * el / (step + 1):.0f}s")
+    result = run_sft(model, lm.processor, samples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                     warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every, log=log)
+    losses, tokens = result.losses, result.tokens
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     summary = {"base_model": str(base_dir), "samples": len(samples), "config": asdict(cfg),
-               "seconds": round(time.perf_counter() - t0, 2), "tokens": tokens,
+               "seconds": round(result.seconds, 2), "tokens": tokens,
                "final_loss": losses[-1], "losses": losses}
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

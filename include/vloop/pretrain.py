@@ -13,8 +13,6 @@ and how well confidence separates right from wrong answers (AUROC), and saves it
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,7 +90,8 @@ def pretrain_base(model_dir: str | Path, out_dir: str | Path, cfg: PretrainConfi
     """Fully fine-tune the model in ``model_dir`` on the partial slice; save it with its eval to ``out_dir``."""
     import torch
 
-    from vloop.model import encode, load_model
+    from vloop.model import load_model
+    from vloop.sft import run_sft
 
     cfg = cfg or PretrainConfig()
     torch.manual_seed(cfg.seed)
@@ -109,40 +108,10 @@ def pretrain_base(model_dir: str | Path, out_dir: str | Path, cfg: PretrainConfi
         f"{', '.join(cfg.categories)} "
         f"for {cfg.steps} steps of {cfg.batch_size}")
 
-    model = lm.model
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-
-    def lr_at(step):  # linear warm-up, cosine decay
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * p))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    t0 = time.perf_counter()
-    losses = []
-    for step in range(cfg.steps):
-        idx = [order[(step * cfg.batch_size + i) % len(order)] for i in range(cfg.batch_size)]
-        batch = encode(lm.processor, [train[i].image for i in idx], [train[i].question for i in idx],
-                       [train[i].answer for i in idx])
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            el = time.perf_counter() - t0
-            rate = (step + 1) * cfg.batch_size / el
-            eta = (cfg.steps - step - 1) * cfg.batch_size / rate
-            recent = losses[-cfg.log_every:]
-            log(f"step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.3f} "
-                f"{rate:.0f} samples/s eta {eta:.0f}s")
-    train_s = time.perf_counter() - t0
-    model.eval()
+    result = run_sft(lm.model, lm.processor, train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                     warmup_steps=cfg.warmup_steps, seed=cfg.seed, weight_decay=0.01,
+                     log_every=cfg.log_every, log=log)
+    losses, train_s = result.losses, result.seconds
 
     def seen(x):
         return x.category in cfg.categories and x.intent in cfg.intents and x.colour in cfg.colours
@@ -151,7 +120,7 @@ def pretrain_base(model_dir: str | Path, out_dir: str | Path, cfg: PretrainConfi
     other_report = evaluate(lm, other, seen=seen) if other else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    lm.model.save_pretrained(out)
     lm.processor.save_pretrained(out)
     (out / "eval.json").write_text(json.dumps({
         "config": asdict(cfg), "train_seconds": round(train_s, 1), "final_loss": losses[-1],
