@@ -365,3 +365,35 @@ def test_gateway_fronts_an_upstream_openai_server(server, base_model_dir, adapte
         gw.stop()
     rows = lake_table(open_lake((tmp_path / "lake").as_uri()), "raw/interactions", INTERACTION.arrow).to_pylist()
     assert len(rows) == 1 and rows[0]["adapter"] == "count" and rows[0]["token_logprobs"]
+
+
+def test_adapter_loads_from_a_lake_prefix(server, adapters):
+    """lora_path may name an adapter stored in the lake (adapters/<name>/<version>/)."""
+    lake = open_lake((server.home / "lake").as_uri())
+    for f in adapters["count"].iterdir():
+        lake.put_bytes(f"adapters/count/7/{f.name}", f.read_bytes())
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "count@7", "lora_path": "adapters/count/7"}, token=TOKEN)
+    assert r.status_code == 200, r.text
+    s = World(4).sample(0, intents=("count",))
+    from_lake = server.post("/v1/chat/completions", chat_body(s, model="count@7")).json()
+    server.post("/v1/load_lora_adapter", {"lora_name": "count", "lora_path": str(adapters["count"])}, token=TOKEN)
+    from_disk = server.post("/v1/chat/completions", chat_body(s, model="count")).json()
+    assert from_lake["choices"][0]["message"]["content"] == from_disk["choices"][0]["message"]["content"]
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "adapters/none/1"}, token=TOKEN)
+    assert r.status_code == 400
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "count@7"}, token=TOKEN).ok
+
+
+def test_routes_persist_across_restarts(tmp_path):
+    from serving.routing import Routes, RouteStore
+
+    store = RouteStore(tmp_path / "routes.json")
+    assert store.routes == Routes()
+    store.set(Routes(champion="a@1", canary="a@2", canary_share=0.1, holdout_share=0.05))
+    again = RouteStore(tmp_path / "routes.json")
+    assert again.routes == Routes(champion="a@1", canary="a@2", canary_share=0.1, holdout_share=0.05)
+    with pytest.raises(ValueError, match="exceed 1"):
+        store.set(Routes(canary="b", canary_share=0.8, holdout_share=0.3))
+    with pytest.raises(ValueError, match="needs a canary adapter"):
+        store.set(Routes(canary_share=0.1))
+    assert RouteStore(tmp_path / "routes.json").routes.canary == "a@2"  # a refused change is not saved
