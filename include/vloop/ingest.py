@@ -1,0 +1,43 @@
+"""Ingest one day: the interactions of the data interval and every feedback event about them
+that has arrived by the run time (late events count), exact duplicates dropped."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pandas as pd
+
+from vloop.lake import Lake
+from vloop.schema import FEEDBACK, INTERACTION
+
+INTERACTIONS = "raw/interactions"
+FEEDBACK_DATASET = "raw/feedback"
+
+
+@dataclass
+class DayBatch:
+    interactions: pd.DataFrame
+    feedback: pd.DataFrame
+    duplicates_dropped: int
+
+
+def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Drop rows identical in every column (lists compared by value)."""
+    if not len(df):
+        return df, 0
+    key = df.map(lambda v: tuple(v) if hasattr(v, "__len__") and not isinstance(v, str) else v)
+    keep = ~key.duplicated()
+    return df[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def ingest_day(lake: Lake, day: dt.date, run_time: dt.datetime) -> DayBatch:
+    """Interactions of ``day`` (UTC) and feedback about them from ``day`` up to ``run_time``."""
+    inter = lake.read_partitions(INTERACTIONS, day, day, schema=INTERACTION.arrow).to_pandas()
+    last = max(day, run_time.astimezone(dt.timezone.utc).date())
+    fb = lake.read_partitions(FEEDBACK_DATASET, day, last, schema=FEEDBACK.arrow).to_pandas()
+    if len(fb):
+        fb = fb[(fb["ts"] <= pd.Timestamp(run_time)) & fb["request_id"].isin(set(inter["request_id"]))]
+    inter, d1 = _dedupe(inter)
+    fb, d2 = _dedupe(fb.reset_index(drop=True))
+    return DayBatch(inter, fb, d1 + d2)

@@ -1,0 +1,122 @@
+"""Data quality of a day's interactions: a Great Expectations suite, per-row quarantine.
+
+The suite is code (versioned with the project, ``SUITE_NAME``), built over the columns of the
+interaction record plus a few derived ones (``question_len``, ``max_logprob``, ``image_present``).
+:func:`validate_interactions` runs it on a pandas batch and splits the rows: every row that
+breaks an expectation goes to quarantine with the reasons it broke, nothing is dropped silently,
+and the run fails when the bad fraction is over the threshold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pandas as pd
+
+from vloop.schema import ARMS, STATUSES
+
+SUITE_NAME = "vloop_interactions_v1"
+
+
+class QualityGateError(RuntimeError):
+    """Too large a share of the batch failed validation; nothing downstream should run."""
+
+
+@dataclass
+class QualityConfig:
+    max_bad_fraction: float = 0.05
+    max_question_chars: int = 2000
+    max_answer_chars: int = 4000
+    max_latency_ms: float = 600_000
+
+
+@dataclass
+class ValidationOutcome:
+    good: pd.DataFrame
+    quarantined: pd.DataFrame  # the bad rows plus a "quarantine_reason" column
+    bad_fraction: float
+    result: dict  # the Great Expectations validation result, JSON-ready
+
+
+def expectations(cfg: QualityConfig, start: dt.datetime, end: dt.datetime):
+    """The suite: (expectation, human-readable reason) pairs."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        (E.ExpectColumnValuesToNotBeNull(column="request_id"), "request_id missing"),
+        (E.ExpectColumnValuesToBeUnique(column="request_id"), "request_id not unique"),
+        (E.ExpectColumnValuesToNotBeNull(column="user_key"), "user_key missing"),
+        (E.ExpectColumnValuesToNotBeNull(column="question"), "question missing"),
+        (E.ExpectColumnValuesToBeBetween(column="question_len", min_value=1, max_value=cfg.max_question_chars),
+         "question empty or too long"),
+        (E.ExpectColumnValuesToBeBetween(column="answer_len", min_value=0, max_value=cfg.max_answer_chars),
+         "answer too long"),
+        (E.ExpectColumnValuesToBeBetween(column="ts_epoch_s", min_value=start.timestamp(),
+                                         max_value=end.timestamp() - 1e-6), "timestamp outside the interval"),
+        (E.ExpectColumnValuesToBeBetween(column="latency_ms", min_value=0, max_value=cfg.max_latency_ms),
+         "latency out of range"),
+        (E.ExpectColumnValuesToBeBetween(column="confidence", min_value=0, max_value=1), "confidence out of [0, 1]"),
+        (E.ExpectColumnValuesToBeBetween(column="max_logprob", max_value=0), "a token logprob above 0"),
+        (E.ExpectColumnValuesToBeInSet(column="arm", value_set=list(ARMS)), "unknown arm"),
+        (E.ExpectColumnValuesToBeInSet(column="status", value_set=list(STATUSES)), "unknown status"),
+        (E.ExpectColumnValuesToBeInSet(column="image_present", value_set=[True]), "image object missing"),
+    ]
+
+
+def derived_columns(df: pd.DataFrame, lake=None) -> pd.DataFrame:
+    """Columns the suite checks that are not stored as such."""
+    out = df.copy()
+    out["question_len"] = out["question"].fillna("").str.len()
+    out["answer_len"] = out["answer"].fillna("").str.len()
+    out["ts_epoch_s"] = (pd.to_datetime(out["ts"], utc=True).dt.as_unit("us").astype("int64") / 1e6
+                         if len(out) else pd.Series(dtype=float))
+    out["max_logprob"] = [max(v) if v is not None and len(v) else None for v in out["token_logprobs"]]
+    if lake is not None:
+        keys = out["image_key"].dropna().unique().tolist()
+        present = {k: lake.exists(k) for k in keys}
+        out["image_present"] = [True if k is None or pd.isna(k) else present[k] for k in out["image_key"]]
+    else:
+        out["image_present"] = True
+    return out
+
+
+def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime, *, lake=None,
+                          cfg: QualityConfig | None = None) -> ValidationOutcome:
+    """Run the suite on ``df`` (interaction rows of the interval [start, end)) and split it."""
+    import great_expectations as gx
+
+    cfg = cfg or QualityConfig()
+    batch = derived_columns(df.reset_index(drop=True), lake)
+    ctx = gx.get_context(mode="ephemeral")
+    asset = ctx.data_sources.add_pandas("vloop").add_dataframe_asset("interactions")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
+    reasons_by_type = {}
+    for exp, reason in expectations(cfg, start, end):
+        suite.add_expectation(exp)
+        reasons_by_type[(exp.expectation_type, exp.column)] = reason
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(
+        name=SUITE_NAME, data=asset.add_batch_definition_whole_dataframe("day"), suite=suite))
+    res = vd.run(batch_parameters={"dataframe": batch}, result_format={"result_format": "COMPLETE"})
+
+    reasons: dict[int, list[str]] = {}
+    for r in res.results:
+        if r.success:
+            continue
+        reason = reasons_by_type[(r.expectation_config.type, r.expectation_config.kwargs.get("column"))]
+        for i in r.result.get("unexpected_index_list") or []:
+            reasons.setdefault(int(i), []).append(reason)
+    bad_idx = sorted(reasons)
+    quarantined = df.reset_index(drop=True).iloc[bad_idx].copy()
+    quarantined["quarantine_reason"] = ["; ".join(reasons[i]) for i in bad_idx]
+    good = df.reset_index(drop=True).drop(index=bad_idx)
+    bad_fraction = len(bad_idx) / len(df) if len(df) else 0.0
+    return ValidationOutcome(good, quarantined, bad_fraction, res.to_json_dict())
+
+
+def check_gate(outcome: ValidationOutcome, cfg: QualityConfig | None = None) -> None:
+    cfg = cfg or QualityConfig()
+    if outcome.bad_fraction > cfg.max_bad_fraction:
+        raise QualityGateError(f"{outcome.bad_fraction:.1%} of the rows failed validation, over the "
+                               f"threshold of {cfg.max_bad_fraction:.1%}; see quarantine/")
