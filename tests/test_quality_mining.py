@@ -113,3 +113,31 @@ def test_ingest_joins_late_feedback_and_drops_exact_duplicates(lake):
     # r0's duplicate dropped; r1's late event counts; r2's arrives after the run; unknown ids ignored.
     assert sorted(batch.feedback["event_id"]) == ["e1", "e3"]
     assert batch.duplicates_dropped == 2
+
+
+def test_selection_prioritises_explains_and_excludes():
+    from vloop.selection import SelectionConfig, select
+
+    rows = [row(i, confidence=0.9, category="shoes", image_sha256=f"{i:064x}", image_key=f"raw/images/{i}.png")
+            for i in range(10)]
+    rows[1]["confidence"] = 0.2  # low confidence
+    rows[2]["confidence"] = 0.3
+    rows[3].update(question=rows[2]["question"].upper() + "!", image_sha256=rows[2]["image_sha256"],
+                   image_key=rows[2]["image_key"], confidence=0.35)  # near-duplicate of r2
+    rows[4]["user_key"] = "opted-out"
+    rows[4]["confidence"] = 0.1
+    rows[5]["confidence"] = 0.1  # already labelled
+    rows[6]["confidence"] = 0.1
+    rows[6]["image_key"] = "raw/images/blurry.png"
+    cands = pd.DataFrame(rows)
+    mined = pd.DataFrame([{"request_id": r["request_id"], "weak_label": "unknown", "weight": 0.0} for r in rows])
+    mined.loc[mined["request_id"] == "r7", ["weak_label", "weight"]] = ["negative", 1.0]
+    chosen = select(cands, mined, cfg=SelectionConfig(budget=3), opted_out_users={"opted-out"},
+                    already_labelled={"r5"}, poor_images={"raw/images/blurry.png"})
+    assert list(chosen["request_id"]) == ["r7", "r1", "r2"]  # budget 3, highest priority first
+    why = dict(zip(chosen["request_id"], chosen["why"]))
+    assert "negative feedback" in why["r7"] and "low confidence 0.20" in why["r1"]
+    assert "category shoes error rate" in why["r1"]
+    everything = select(cands, mined, opted_out_users={"opted-out"}, already_labelled={"r5"},
+                        poor_images={"raw/images/blurry.png"})
+    assert {"r3", "r4", "r5", "r6"}.isdisjoint(everything["request_id"])  # duplicate, opt-out, labelled, poor

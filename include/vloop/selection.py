@@ -1,0 +1,68 @@
+"""Pick the interactions most worth an annotator's time, under a daily budget.
+
+Priority adds up three signals (weights in :class:`SelectionConfig`):
+
+* low confidence — ``(threshold - confidence) / threshold`` when below ``low_confidence``;
+* negative implicit feedback — the mined weight of a ``negative``/``weak_negative`` label;
+* the category's recent error rate (share of negative labels in the category).
+
+Excluded: opted-out users, already-labelled requests, poor images, and near-duplicates — the same
+image (by content hash) with the same normalised question keeps only its highest-priority copy.
+Each chosen row says why it was chosen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass
+class SelectionConfig:
+    budget: int = 200
+    low_confidence: float = 0.6
+    w_confidence: float = 1.0
+    w_feedback: float = 1.0
+    w_category: float = 0.5
+
+
+def normalise_question(q: str) -> str:
+    return re.sub(r"[\s\W_]+", " ", (q or "").lower()).strip()
+
+
+def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfig | None = None,
+           poor_images: set[str] = frozenset(), opted_out_users: set[str] = frozenset(),
+           already_labelled: set[str] = frozenset(), category_error_rate: dict[str, float] | None = None
+           ) -> pd.DataFrame:
+    """The chosen rows of ``candidates`` (interaction columns), highest priority first, with
+    ``priority`` and ``why`` columns."""
+    cfg = cfg or SelectionConfig()
+    df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
+    df = df[~df["user_key"].isin(opted_out_users) & ~df["request_id"].isin(already_labelled)]
+    df = df[~df["image_key"].isin(poor_images) | df["image_key"].isna()]
+    if category_error_rate is None:  # from today's labels when no history is given
+        neg = df.assign(bad=df["weak_label"].isin(["negative", "weak_negative"]))
+        category_error_rate = neg.groupby("category")["bad"].mean().to_dict() if len(neg) else {}
+    priorities, whys = [], []
+    for r in df.itertuples(index=False):
+        p, why = 0.0, []
+        conf = r.confidence
+        if conf is not None and not pd.isna(conf) and conf < cfg.low_confidence:
+            p += cfg.w_confidence * (cfg.low_confidence - conf) / cfg.low_confidence
+            why.append(f"low confidence {conf:.2f}")
+        if r.weak_label in ("negative", "weak_negative"):
+            p += cfg.w_feedback * (r.weight or 0)
+            why.append(f"{r.weak_label.replace('_', ' ')} feedback")
+        err = category_error_rate.get(r.category, 0.0) if r.category else 0.0
+        if err:
+            p += cfg.w_category * err
+            why.append(f"category {r.category} error rate {err:.0%}")
+        priorities.append(p)
+        whys.append("; ".join(why))
+    df = df.assign(priority=priorities, why=whys)
+    df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
+    dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
+    df = df[~dup_key.duplicated()]
+    return df.head(cfg.budget).drop(columns=["weak_label", "weight"]).reset_index(drop=True)
