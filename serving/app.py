@@ -219,13 +219,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > cfg.max_request_bytes:
             raise ApiError(413, f"request body is over the limit of {cfg.max_request_bytes:,} bytes")
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > cfg.max_request_bytes:
                 raise ApiError(413, f"request body is over the limit of {cfg.max_request_bytes:,} bytes")
         try:
-            body = json.loads(raw)
+            body = json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
