@@ -101,3 +101,16 @@ def test_background_fsync_and_age_sealing(tmp_path):
     assert len(spool.streams["feedback"].sealed()) == 1
     spool.close()
     assert not any(p.suffix == ".open" for p in (tmp_path / "spool" / "feedback").iterdir())
+
+
+def test_a_bad_record_is_quarantined_not_blocking(lake, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.append("interactions", record(1))
+    spool.append("interactions", {**record(2), "arm": "purple"})  # slipped past the gateway somehow
+    spool.close()
+    assert Shipper(spool, lake).ship_once() == 1
+    assert ids_in_lake(lake) == ["r1"]
+    [key] = lake.list("quarantine/spool/interactions/")
+    [bad] = lake.get_json(key)
+    assert bad["record"]["request_id"] == "r2" and "'arm'" in bad["reason"]
+    assert spool.streams["interactions"].sealed() == []

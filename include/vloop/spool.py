@@ -11,7 +11,9 @@ partition it touches, named after the segment (``raw/interactions/dt=â€¦/hour=â€
 and only then deletes it. Shipping the same segment twice rewrites the same objects, so after a
 crash mid-ship nothing is lost or stored twice. Images wait in the spool as content-addressed
 files and are uploaded before the segments that reference them. When the lake is unreachable,
-serving goes on, the spool grows and the shipper retries with exponential backoff.
+serving goes on, the spool grows and the shipper retries with exponential backoff. A record that
+does not fit its schema goes to ``quarantine/spool/`` in the lake with the reason, never blocking
+the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 from vloop.lake import Lake, partition_prefix
-from vloop.schema import RECORDS
+from vloop.schema import RECORDS, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,15 @@ class Shipper:
         for name, paths in segments.items():
             schema, dataset, hourly = STREAMS[name]
             for path in paths:
-                rows = [schema.to_row(r) for r in read_segment(path)]
+                rows, bad = [], []
+                for r in read_segment(path):
+                    try:
+                        rows.append(schema.to_row(r))
+                    except RecordError as e:  # never block the spool on one bad record
+                        bad.append({"record": r, "reason": str(e)})
+                if bad:
+                    self.lake.put_json(f"quarantine/spool/{name}/{path.stem}.json", bad)
+                    log.warning("%d bad records of %s quarantined", len(bad), path.name)
                 groups: dict[tuple, list] = {}
                 for r in rows:
                     ts = r["ts"]
