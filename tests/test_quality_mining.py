@@ -141,3 +141,30 @@ def test_selection_prioritises_explains_and_excludes():
     everything = select(cands, mined, opted_out_users={"opted-out"}, already_labelled={"r5"},
                         poor_images={"raw/images/blurry.png"})
     assert {"r3", "r4", "r5", "r6"}.isdisjoint(everything["request_id"])  # duplicate, opt-out, labelled, poor
+
+
+def test_daily_metrics_per_arm_and_calibration():
+    from vloop.report import daily_metrics, expected_calibration_error, top_error_categories
+
+    assert expected_calibration_error([0.9, 0.9], [True, True]) == pytest.approx(0.1)
+    assert expected_calibration_error([0.95, 0.15], [True, False]) == pytest.approx(0.1)
+    inter = pd.DataFrame([row(i, arm="canary" if i >= 6 else "champion", adapter="a@2" if i >= 6 else None,
+                              category="bags" if i % 2 else "shoes", latency_ms=float(100 + i),
+                              confidence=0.9 if i % 3 else 0.2) for i in range(10)])
+    fb = pd.DataFrame([{"request_id": f"r{i}", "ts": DAY0, "type": t, "edited_text": "x" if t == "edit" else None,
+                        "dwell_ms": None, "rating": None}
+                       for i, t in [(0, "accept"), (1, "edit"), (2, "accept"), (3, "regenerate"), (6, "accept"),
+                                    (7, "accept"), (8, "edit")]])
+    mined = mine(inter, fb)
+    verdicts = pd.DataFrame({"request_id": ["r0", "r1", "r6", "r8"], "verdict": ["correct", "wrong", "correct", "correct"]})
+    m = daily_metrics(inter, fb, mined, verdicts).set_index("arm")
+    assert m.loc["champion", "requests"] == 6 and m.loc["canary", "requests"] == 4
+    assert m.loc["champion", "acceptance_rate"] == pytest.approx(2 / 6)
+    assert m.loc["champion", "edit_rate"] == pytest.approx(1 / 6)
+    assert m.loc["champion", "repeat_rate"] == pytest.approx(1 / 6)
+    assert m.loc["canary", "adapter"] == "a@2" and m.loc["champion", "adapter"] == "(base)"
+    assert m.loc["champion", "implicit_agreement"] == 1.0  # r0 accepted & correct, r1 edited & wrong
+    assert m.loc["canary", "implicit_agreement"] == 0.5  # r8 edited but judged correct
+    assert m.loc["champion", "latency_p50_ms"] == pytest.approx(102.5)
+    top = top_error_categories(inter, mined)
+    assert list(top["category"]) == ["bags", "shoes"] and list(top["errors"]) == [2, 1]
