@@ -153,7 +153,7 @@ def main() -> None:
         print(f"  through gateway  p50 {p(via, 50):.2f} ms  p99 {p(via, 99):.2f} ms")
         print(f"  added            p50 {added50:.2f} ms  p99 {added99:.2f} ms (goal <= 1 ms at p50)")
 
-        from vloop.lake import open_lake
+        from vloop.lake import INTERACTIONS_DATASET, open_lake
         from vloop.schema import INTERACTION
         import datetime as dt
 
@@ -173,7 +173,7 @@ def main() -> None:
         today = dt.datetime.now(dt.timezone.utc).date()
         deadline = time.time() + 120
         while time.time() < deadline:
-            got = lake.read_partitions("raw/interactions", today - dt.timedelta(days=1), today,
+            got = lake.read_partitions(INTERACTIONS_DATASET, today - dt.timedelta(days=1), today,
                                        columns=["request_id"], schema=INTERACTION.arrow)
             if got.num_rows >= expected:
                 break

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vloop.lake import LocalLake, S3Lake
+from vloop.lake import INTERACTIONS_DATASET, LocalLake, S3Lake
 from vloop.schema import INTERACTION
 
 DAY = dt.date(2026, 11, 3)
@@ -72,10 +72,10 @@ def make_table(n: int, seed: int = 0) -> pa.Table:
 
 def time_lake(lake, table) -> tuple[float, float]:
     t0 = time.perf_counter()
-    lake.write_hourly("raw/interactions", table, DAY)
+    lake.write_hourly(INTERACTIONS_DATASET, table, DAY)
     t_write = time.perf_counter() - t0
     t0 = time.perf_counter()
-    back = lake.read_partitions("raw/interactions", DAY)
+    back = lake.read_partitions(INTERACTIONS_DATASET, DAY)
     t_read = time.perf_counter() - t0
     assert back.num_rows == table.num_rows, (back.num_rows, table.num_rows)
     return t_write, t_read

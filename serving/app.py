@@ -21,7 +21,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +33,9 @@ from PIL import Image
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
 from serving.metrics import Metrics
 from serving.routing import Routes, RouteStore
-from vloop.images import ImageError, ImageTooLarge, normalise_image
+from vloop.config import Settings
+from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image
+from vloop.model import Confidence
 from vloop.netguard import FetchError, FetchPolicy, fetch_url
 from vloop.privacy import redact, user_key as hmac_user_key
 from vloop.schema import FEEDBACK, INTERACTION, RecordError
@@ -55,8 +56,8 @@ class ServeConfig:
     admin_token: str | None = None
     user_key_secret: str | None = None
     max_request_bytes: int = 20 * 2**20
-    max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 4096 * 4096
+    max_image_bytes: int = Settings.max_image_bytes
+    max_image_pixels: int = Settings.max_image_pixels
     max_tokens_limit: int = 512
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     ship_interval_s: float = 1.0
@@ -333,6 +334,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 raise ApiError(413, str(e)) from None
             except ImageError as e:
                 raise ApiError(400, f"image: {e}") from None
+            # The model sees exactly the pixels that are logged (the re-encoded image), so a later
+            # re-scoring from the lake scores what was served.
             image = Image.open(io.BytesIO(stored.data)).convert("RGB")
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -352,7 +355,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             tokens = [c["token"] for c in content]
             lps = [c["logprob"] for c in content]
             tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]
-            conf = math.exp(sum(lps) / len(lps)) if lps else None
+            conf = Confidence.from_logprobs(lps).geo_mean_prob if lps else None
             n_completion = resp.get("usage", {}).get("completion_tokens", len(lps))
         latency_ms = (time.perf_counter() - t0) * 1000
 
@@ -364,7 +367,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 "session_id": (body.get("metadata") or {}).get("session_id"),
                 "category": (body.get("metadata") or {}).get("category"),
                 "image_sha256": stored.sha256 if stored else None,
-                "image_key": f"raw/images/{stored.sha256[:2]}/{stored.sha256}.{stored.ext}" if stored else None,
+                "image_key": image_key(stored.sha256, stored.ext) if stored else None,
                 "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
                 "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
                 "latency_ms": latency_ms, "base_model": gw.base_name, "adapter": adapter, "arm": arm,

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vloop.lake import Lake, partition_prefix
+from vloop.lake import FEEDBACK_DATASET, Lake, partition_prefix
+from vloop.lake import INTERACTIONS_DATASET as INTERACTIONS
 from vloop.schema import ARMS, FEEDBACK, INTERACTION
-
-INTERACTIONS = "raw/interactions"
-FEEDBACK_DATASET = "raw/feedback"
 
 
 def ensure_base_model(home: Path, log=print) -> Path:

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from vloop.lake import Lake
+from vloop.lake import FEEDBACK_DATASET, Lake
+from vloop.lake import INTERACTIONS_DATASET as INTERACTIONS
 from vloop.schema import FEEDBACK, INTERACTION
-
-INTERACTIONS = "raw/interactions"
-FEEDBACK_DATASET = "raw/feedback"
 
 
 @dataclass

@@ -35,6 +35,9 @@ from vloop.config import Settings, load_settings
 from vloop.images import image_key, normalise_image
 from vloop.schema import RECORDS
 
+# Where the raw records live (DESIGN.md, "Lake layout"); images go under raw/images/ (vloop.images).
+INTERACTIONS_DATASET = "raw/interactions"
+FEEDBACK_DATASET = "raw/feedback"
 PARTITION_FILE = "part-00000.parquet"  # the one file a replaced partition holds
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
 
@@ -592,5 +595,5 @@ def copy_prefix(src: Lake, dst: Lake, prefix: str = "") -> int:
 __all__ = [
     "Lake", "LocalLake", "S3Lake", "StoredImage", "LakeError", "LakeConfigError", "LakeKeyNotFound",
     "LakeUnavailable", "open_lake", "lake_from_connection", "partition_prefix", "check_key",
-    "copy_prefix", "PARTITION_FILE",
+    "copy_prefix", "PARTITION_FILE", "INTERACTIONS_DATASET", "FEEDBACK_DATASET",
 ]

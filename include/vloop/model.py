@@ -19,7 +19,6 @@ not one of them), so it can be recomputed from a record's ``token_logprobs``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -30,11 +29,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from vloop.config import Settings
 from vloop.images import ImageError, open_image
 
 MAX_QUESTION_CHARS = 2000
-DEFAULT_MAX_IMAGE_BYTES = 10 * 2**20
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class ModelLoadError(ValueError):
@@ -163,8 +161,8 @@ def check_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
     return q
 
 
-def as_image(image, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | None:
+def as_image(image, *, max_bytes: int = Settings.max_image_bytes,
+             max_pixels: int = Settings.max_image_pixels) -> Image.Image | None:
     """A PIL image in RGB from bytes, a path or a PIL image; None stays None (a text-only question)."""
     if image is None:
         return None
@@ -374,9 +372,3 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
         i = j + 1
     r_pos = ranks[:len(pos)].sum()
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def image_bytes(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()

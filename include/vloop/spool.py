@@ -26,14 +26,14 @@ import threading
 import time
 from pathlib import Path
 
-from vloop.lake import Lake, partition_prefix
+from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, Lake, partition_prefix
 from vloop.schema import RECORDS, RecordError
 
 log = logging.getLogger(__name__)
 
 # stream name -> (record schema, lake dataset, partitioned by hour?)
-STREAMS = {"interactions": (RECORDS["interaction"], "raw/interactions", True),
-           "feedback": (RECORDS["feedback"], "raw/feedback", False)}
+STREAMS = {"interactions": (RECORDS["interaction"], INTERACTIONS_DATASET, True),
+           "feedback": (RECORDS["feedback"], FEEDBACK_DATASET, False)}
 
 
 def _json_default(v):
