@@ -306,6 +306,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         key = gw.user_key(body, request)
         gw.opted_out.add(key)
         gw.opt_out_path.write_text(json.dumps(sorted(gw.opted_out)))
+        if gw.lake is not None:  # the daily DAG and the dataset builder exclude these users
+            from vloop.privacy import record_opt_out
+
+            await asyncio.to_thread(record_opt_out, gw.lake, key)
         return {"user_key": key, "opted_out": True}
 
     @app.post("/v1/chat/completions")

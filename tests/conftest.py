@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Airflow keeps its home (config, SQLite DB) under var/, never in the user's ~/airflow.
 os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
 from vloop.config import load_settings  # noqa: E402
 from vloop.lake import LocalLake, S3Lake  # noqa: E402
@@ -82,3 +83,75 @@ def base_model_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "model"
     pretrain_base(tiny_model_dir, out, log=lambda line: None)
     return out
+
+
+LABEL_STUDIO_TOKEN = "vloop-test-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio server (its own venv, made by `make setup`) on loopback, with a fresh
+    data dir and local-files serving rooted at a temporary directory. Yields
+    ``(url, token, document_root)``; stopped (its process group) at the end of the session."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    exe = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
+    if not exe.exists():
+        pytest.fail(f"{exe} is missing: run `make setup` (it builds Label Studio's own venv)")
+    base = tmp_path_factory.mktemp("label-studio")
+    docroot = base / "files"
+    docroot.mkdir()
+    port = free_port()
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
+           "LABEL_STUDIO_USERNAME": "admin@vloop.test", "LABEL_STUDIO_PASSWORD": "vloop-test-password",
+           "LABEL_STUDIO_USER_TOKEN": LABEL_STUDIO_TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+           "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(docroot),
+           "LABEL_STUDIO_LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+           "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": ""}
+    log = open(base / "label-studio.log", "wb")
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Label Studio did not start; see {base / 'label-studio.log'}")
+            time.sleep(1)
+        yield url, LABEL_STUDIO_TOKEN, docroot
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's SQLite metadata database under AIRFLOW_HOME, migrated (idempotent, ~7 s)."""
+    import subprocess
+    import sys
+
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=300)
+    return os.environ["AIRFLOW_HOME"]
+
+
+def load_dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id]

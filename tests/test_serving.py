@@ -293,6 +293,9 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
     inter = lake_table(lake, "raw/interactions", INTERACTION.arrow).to_pylist()
     fb = lake_table(lake, "raw/feedback", FEEDBACK.arrow).to_pylist()
     assert [x["request_id"] for x in inter] == [logged["id"]]  # opted-out requests are not there
+    from vloop.privacy import read_opt_outs
+
+    assert len(read_opt_outs(lake)) == 1  # dave's key, for the daily DAG and the dataset builder
     rec = inter[0]
     assert "[EMAIL]" in rec["question"] and "[PHONE]" in rec["question"] and "[CN_ID]" in rec["question"]
     assert rec["redactions"] >= 3

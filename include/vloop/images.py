@@ -16,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
+IMAGES_PREFIX = "raw/images"  # content-addressed product photos in the lake
+
 
 class ImageError(ValueError):
     """The bytes are not an image vloop accepts (corrupt, unsupported, empty)."""
@@ -96,4 +98,4 @@ def normalise_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Normalis
 
 def image_key(sha256: str, ext: str) -> str:
     """The lake key of a content-addressed image (DESIGN.md: raw/images/<sha256[:2]>/<sha256>.<ext>)."""
-    return f"raw/images/{sha256[:2]}/{sha256}.{ext}"
+    return f"{IMAGES_PREFIX}/{sha256[:2]}/{sha256}.{ext}"

@@ -410,6 +410,9 @@ class S3Lake(Lake):
         check_key(self.prefix, prefix=True)
         self.url = f"s3://{bucket}/{self.prefix}"
         self.endpoint = host
+        self.endpoint_url = f"{'https' if secure else 'http'}://{host}"
+        # Kept so an import storage in Label Studio can be registered on the same bucket.
+        self.access_key, self.secret_key, self.region = access_key, secret_key, region
         # Bounded retries with backoff, and timeouts, so an unreachable lake fails in seconds.
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5, read=60), maxsize=16,

@@ -84,3 +84,18 @@ def redact(text: str | None) -> tuple[str | None, int]:
     sub(_PHONE, PLACEHOLDERS["phone"])
     sub(_CARD, PLACEHOLDERS["bank_card"], lambda s: _luhn(re.sub(r"\D", "", s)))
     return text, count
+
+
+OPT_OUTS_KEY = "privacy/opt_outs.json"  # lake key: user_keys whose records must never be labelled or trained on
+
+
+def read_opt_outs(lake) -> set[str]:
+    """The user keys that opted out, as recorded in the lake (empty when none did)."""
+    return set(lake.get_json(OPT_OUTS_KEY)) if lake.exists(OPT_OUTS_KEY) else set()
+
+
+def record_opt_out(lake, user_key: str) -> set[str]:
+    """Add ``user_key`` to the lake's opt-out list (read-modify-write of one small JSON object)."""
+    keys = read_opt_outs(lake) | {user_key}
+    lake.put_json(OPT_OUTS_KEY, sorted(keys))
+    return keys

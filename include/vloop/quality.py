@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from vloop.schema import ARMS, STATUSES
+from vloop.schema import ARMS, FEEDBACK_TYPES, STATUSES
 
 SUITE_NAME = "vloop_interactions_v1"
+FEEDBACK_SUITE_NAME = "vloop_feedback_v1"
 
 
 class QualityGateError(RuntimeError):
@@ -82,22 +83,36 @@ def derived_columns(df: pd.DataFrame, lake=None) -> pd.DataFrame:
     return out
 
 
-def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime, *, lake=None,
-                          cfg: QualityConfig | None = None) -> ValidationOutcome:
-    """Run the suite on ``df`` (interaction rows of the interval [start, end)) and split it."""
+def feedback_expectations(cfg: QualityConfig):
+    """The feedback-event suite: (expectation, reason) pairs."""
     import great_expectations as gx
 
-    cfg = cfg or QualityConfig()
-    batch = derived_columns(df.reset_index(drop=True), lake)
+    E = gx.expectations
+    return [
+        (E.ExpectColumnValuesToNotBeNull(column="event_id"), "event_id missing"),
+        (E.ExpectColumnValuesToBeUnique(column="event_id"), "event_id not unique"),
+        (E.ExpectColumnValuesToNotBeNull(column="request_id"), "request_id missing"),
+        (E.ExpectColumnValuesToBeInSet(column="type", value_set=list(FEEDBACK_TYPES)), "unknown feedback type"),
+        (E.ExpectColumnValuesToBeBetween(column="edited_len", min_value=0, max_value=cfg.max_answer_chars),
+         "edited text too long"),
+        (E.ExpectColumnValuesToBeBetween(column="dwell_ms", min_value=0), "negative dwell"),
+        (E.ExpectColumnValuesToBeBetween(column="rating", min_value=1, max_value=5), "rating outside 1-5"),
+    ]
+
+
+def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, suite) -> ValidationOutcome:
+    """Validate ``batch`` (``df`` plus derived columns, same index) and split ``df`` by the result."""
+    import great_expectations as gx
+
     ctx = gx.get_context(mode="ephemeral")
-    asset = ctx.data_sources.add_pandas("vloop").add_dataframe_asset("interactions")
-    suite = ctx.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
+    asset = ctx.data_sources.add_pandas("vloop").add_dataframe_asset(suite_name)
+    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name))
     reasons_by_type = {}
-    for exp, reason in expectations(cfg, start, end):
-        suite.add_expectation(exp)
+    for exp, reason in suite:
+        gx_suite.add_expectation(exp)
         reasons_by_type[(exp.expectation_type, exp.column)] = reason
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(
-        name=SUITE_NAME, data=asset.add_batch_definition_whole_dataframe("day"), suite=suite))
+        name=suite_name, data=asset.add_batch_definition_whole_dataframe("day"), suite=gx_suite))
     res = vd.run(batch_parameters={"dataframe": batch}, result_format={"result_format": "COMPLETE"})
 
     reasons: dict[int, list[str]] = {}
@@ -108,11 +123,27 @@ def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime
         for i in r.result.get("unexpected_index_list") or []:
             reasons.setdefault(int(i), []).append(reason)
     bad_idx = sorted(reasons)
-    quarantined = df.reset_index(drop=True).iloc[bad_idx].copy()
+    quarantined = df.iloc[bad_idx].copy()
     quarantined["quarantine_reason"] = ["; ".join(reasons[i]) for i in bad_idx]
-    good = df.reset_index(drop=True).drop(index=bad_idx)
+    good = df.drop(index=bad_idx).reset_index(drop=True)
     bad_fraction = len(bad_idx) / len(df) if len(df) else 0.0
-    return ValidationOutcome(good, quarantined, bad_fraction, res.to_json_dict())
+    return ValidationOutcome(good, quarantined.reset_index(drop=True), bad_fraction, res.to_json_dict())
+
+
+def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime, *, lake=None,
+                          cfg: QualityConfig | None = None) -> ValidationOutcome:
+    """Run the suite on ``df`` (interaction rows of the interval [start, end)) and split it."""
+    cfg = cfg or QualityConfig()
+    df = df.reset_index(drop=True)
+    return _run_suite(df, derived_columns(df, lake), SUITE_NAME, expectations(cfg, start, end))
+
+
+def validate_feedback(df: pd.DataFrame, cfg: QualityConfig | None = None) -> ValidationOutcome:
+    """Run the feedback suite on ``df`` (events already joined to the day's interactions)."""
+    cfg = cfg or QualityConfig()
+    df = df.reset_index(drop=True)
+    batch = df.assign(edited_len=df["edited_text"].fillna("").str.len())
+    return _run_suite(df, batch, FEEDBACK_SUITE_NAME, feedback_expectations(cfg))
 
 
 def check_gate(outcome: ValidationOutcome, cfg: QualityConfig | None = None) -> None:

@@ -28,38 +28,74 @@ def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
     return float(ece)
 
 
-def daily_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
-                  verdicts: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (base_model, adapter, arm). ``verdicts``: request_id, verdict (correct/wrong/unclear)."""
+GROUP = ["base_model", "adapter", "arm"]
+
+
+def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """One row per (base_model, adapter, arm): what the users did with the day's answers."""
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
     types = feedback.groupby("request_id")["type"].agg(set) if len(feedback) else pd.Series(dtype=object)
     df["types"] = df["request_id"].map(types).apply(lambda t: t if isinstance(t, set) else set())
-    if verdicts is not None and len(verdicts):
-        df = df.merge(verdicts[["request_id", "verdict"]], on="request_id", how="left")
-    else:
-        df["verdict"] = None
     df["adapter"] = df["adapter"].fillna("(base)")
+    df["accepted"] = df["types"].apply(lambda t: "accept" in t)
+    df["edited"] = df["types"].apply(lambda t: "edit" in t)
+    df["repeated"] = df["reason"].isin(["regenerated", "question repeated in the session"])
     rows = []
-    for (base, adapter, arm), g in df.groupby(["base_model", "adapter", "arm"], dropna=False):
-        judged = g[g["verdict"].isin(["correct", "wrong"])]
-        implicit = judged[judged["weak_label"].isin(["positive", "negative", "weak_negative"])]
-        agree = ((implicit["weak_label"] == "positive") == (implicit["verdict"] == "correct")).mean() \
-            if len(implicit) else float("nan")
+    for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):
         lat = g["latency_ms"].dropna()
         rows.append({
             "base_model": base, "adapter": adapter, "arm": arm, "requests": len(g),
-            "acceptance_rate": g["types"].apply(lambda t: "accept" in t).mean(),
-            "edit_rate": g["types"].apply(lambda t: "edit" in t).mean(),
+            "acceptance_rate": g["accepted"].mean(), "edit_rate": g["edited"].mean(),
             "mean_edit_ratio": g["edit_ratio"].dropna().mean() if g["edit_ratio"].notna().any() else float("nan"),
-            "repeat_rate": g["reason"].isin(["regenerated", "question repeated in the session"]).mean(),
+            "repeat_rate": g["repeated"].mean(),
             "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-            "judged": len(judged),
-            "ece": expected_calibration_error(judged["confidence"], judged["verdict"] == "correct")
-            if len(judged) else float("nan"),
-            "implicit_agreement": agree,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=GROUP + ["requests", "acceptance_rate", "edit_rate", "mean_edit_ratio",
+                                                "repeat_rate", "latency_p50_ms", "latency_p95_ms"])
+
+
+def judged_metrics(labels: pd.DataFrame) -> pd.DataFrame:
+    """One row per (base_model, adapter, arm) of human-judged answers: how many, the expected
+    calibration error of confidence against the verdicts, and how often the implicit label agreed.
+
+    ``labels``: base_model, adapter, arm, confidence, weak_label, verdict (correct/wrong/unclear)."""
+    cols = GROUP + ["judged", "human_accuracy", "ece", "implicit_agreement"]
+    if labels is None or not len(labels):
+        return pd.DataFrame(columns=cols)
+    df = labels[labels["verdict"].isin(["correct", "wrong"])].copy()
+    df["adapter"] = df["adapter"].fillna("(base)")
+    rows = []
+    for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):
+        implicit = g[g["weak_label"].isin(["positive", "negative", "weak_negative"])]
+        conf = g["confidence"].dropna()
+        rows.append({
+            "base_model": base, "adapter": adapter, "arm": arm, "judged": len(g),
+            "human_accuracy": (g["verdict"] == "correct").mean(),
+            "ece": expected_calibration_error(conf, g.loc[conf.index, "verdict"] == "correct")
+            if len(conf) else float("nan"),
+            "implicit_agreement": ((implicit["weak_label"] == "positive") == (implicit["verdict"] == "correct")).mean()
+            if len(implicit) else float("nan"),
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def daily_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+                  labels: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Traffic metrics joined with judged metrics per (base_model, adapter, arm).
+
+    ``labels`` either carries its own group columns and confidence (labels pulled today, about
+    any day's answers) or only request_id + verdict about ``interactions``."""
+    if labels is not None and len(labels) and "confidence" not in labels.columns:
+        labels = labels[["request_id", "verdict"]].merge(
+            interactions[["request_id", "confidence", *GROUP]], on="request_id").merge(
+            mined[["request_id", "weak_label"]], on="request_id", how="left")
+    traffic = traffic_metrics(interactions, feedback, mined)
+    judged = judged_metrics(labels)
+    out = traffic.merge(judged, on=GROUP, how="outer")
+    out["requests"] = out["requests"].fillna(0).astype(int)
+    out["judged"] = out["judged"].fillna(0).astype(int)
+    return out
 
 
 def top_error_categories(interactions: pd.DataFrame, mined: pd.DataFrame, k: int = 5) -> pd.DataFrame:
@@ -68,3 +104,76 @@ def top_error_categories(interactions: pd.DataFrame, mined: pd.DataFrame, k: int
     g = df.groupby("category").agg(requests=("request_id", "size"), errors=("bad", "sum"))
     g["error_rate"] = g["errors"] / g["requests"]
     return g.sort_values(["errors", "error_rate"], ascending=False).head(k).reset_index()
+
+
+def _png(fig) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | None) -> dict[str, str]:
+    """PNG data URLs: rates per arm over the recent days; today's confidence distribution; the
+    reliability diagram of the answers annotators judged today."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    if len(history):
+        for arm, g in history.groupby("arm"):
+            g = g.groupby("dt")[["acceptance_rate", "edit_rate"]].mean().sort_index()
+            axes[0].plot(pd.to_datetime(g.index), g["acceptance_rate"], marker="o", label=arm)
+            axes[1].plot(pd.to_datetime(g.index), g["edit_rate"], marker="o", label=arm)
+    for ax, title in zip(axes, ["acceptance rate", "edit rate"]):
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="best", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    out["history"] = _png(fig)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    axes[0].hist(confidence.dropna(), bins=20, range=(0, 1), color="#4a7")
+    axes[0].set_title("confidence of today's answers")
+    axes[1].plot([0, 1], [0, 1], "--", color="grey")
+    judged = labels[labels["verdict"].isin(["correct", "wrong"])].dropna(subset=["confidence"]) \
+        if labels is not None and len(labels) else pd.DataFrame()
+    if len(judged):
+        bins = np.minimum((judged["confidence"].to_numpy() * 10).astype(int), 9)
+        acc = judged.assign(b=bins, ok=judged["verdict"] == "correct").groupby("b").agg(
+            conf=("confidence", "mean"), acc=("ok", "mean"), n=("ok", "size"))
+        axes[1].scatter(acc["conf"], acc["acc"], s=20 + 5 * acc["n"])
+    axes[1].set_title(f"reliability: {len(judged)} answers judged today")
+    axes[1].set_xlabel("confidence")
+    axes[1].set_ylabel("share judged correct")
+    out["calibration"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summary: dict,
+                images: dict[str, str]) -> str:
+    """The daily report as one self-contained HTML page (plots embedded)."""
+    import html
+
+    def table(df: pd.DataFrame) -> str:
+        return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", border=0,
+                          classes="t") if len(df) else "<p>none</p>"
+
+    facts = "".join(f"<li>{html.escape(str(k))}: <b>{html.escape(str(v))}</b></li>" for k, v in summary.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>vloop daily report {day}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} .t td,.t th{{padding:3px 8px;text-align:right}}
+.t tr:nth-child(even){{background:#f4f4f4}} img{{max-width:100%}}</style></head><body>
+<h1>vloop daily report — {day}</h1>
+<h2>Run</h2><ul>{facts}</ul>
+<h2>Per model version and arm</h2>{table(metrics)}
+<h2>Trends</h2><img alt="acceptance and edit rate per arm over time" src="{images['history']}">
+<h2>Confidence and calibration</h2><img alt="confidence histogram and reliability diagram" src="{images['calibration']}">
+<h2>Top error categories</h2>{table(top_errors)}
+</body></html>"""

@@ -1,0 +1,305 @@
+"""The daily feedback pipeline, one function per step of the ``feedback_daily`` DAG.
+
+Each step reads what the previous one left in the lake and writes its own output there, whole
+objects at a time (atomic: a failed step leaves its previous output or nothing, never half of one).
+Every output of day D lives under ``…/dt=D/``, and a step re-run for D replaces it, so re-running a
+day changes nothing. Each returns a small JSON-able summary (the DAG's XCom and log line).
+
+| step | reads | writes |
+|---|---|---|
+| :func:`ingest` | ``raw/interactions``, ``raw/feedback`` | ``curated/dt=D/ingested_*.parquet`` |
+| :func:`validate` | ingested | ``curated/dt=D/{interactions,feedback}.parquet``, ``quarantine/dt=D/`` (rows + reasons, validation result) |
+| :func:`mine_feedback` | curated | ``curated/dt=D/mined.parquet`` |
+| :func:`score_confidence` | curated (+ the model, only for rows without logprobs) | ``curated/dt=D/confidence.parquet`` |
+| :func:`check_images` | curated, ``raw/images`` | ``curated/dt=D/image_quality.parquet`` |
+| :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/opt_outs.json`` | ``labeling/dt=D/selected.parquet`` |
+| :func:`push_to_label_studio` | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
+| :func:`pull_annotations` | Label Studio | ``labeled/dt=D/annotations.parquet`` |
+| :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors}.parquet``, ``reports/dt=D/index.html`` |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import time
+from typing import Callable
+
+import pandas as pd
+import pyarrow as pa
+
+from vloop.ingest import ingest_day
+from vloop.lake import Lake, LakeKeyNotFound, partition_prefix
+from vloop.schema import FEEDBACK, INTERACTION
+
+log = logging.getLogger(__name__)
+
+CURATED, QUARANTINE, LABELING, LABELED, REPORTS = "curated", "quarantine", "labeling", "labeled", "reports"
+LABELED_FILE = "annotations.parquet"
+HISTORY_DAYS = 30  # how far back the report's trend plots and the category error rates look
+
+
+def key(dataset: str, day: dt.date | str, name: str) -> str:
+    return partition_prefix(dataset, day) + name
+
+
+def put_frame(lake: Lake, k: str, df: pd.DataFrame, schema: pa.Schema | None = None) -> None:
+    if schema is not None:
+        extra = [c for c in df.columns if c not in schema.names]
+        for c in extra:  # e.g. quarantine_reason, priority: appended after the record's fields
+            schema = schema.append(pa.field(c, pa.Table.from_pandas(df[[c]], preserve_index=False).schema.field(c).type))
+        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    lake.write_parquet(k, table)
+
+
+def get_frame(lake: Lake, k: str) -> pd.DataFrame:
+    return lake.read_parquet(k).to_pandas()
+
+
+def _days_back(day: dt.date, n: int) -> list[dt.date]:
+    return [day - dt.timedelta(days=i) for i in range(n)]
+
+
+def _partitions(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date | None = None) -> pd.DataFrame:
+    """Concatenate ``dataset/dt=*/name`` over ``days`` (or every day present), except ``exclude``."""
+    if days is None:
+        keys = [k for k in lake.list(dataset + "/") if k.endswith("/" + name)]
+    else:
+        keys = [key(dataset, d, name) for d in days]
+    frames = []
+    for k in keys:
+        if exclude is not None and f"/dt={exclude.isoformat()}/" in k:
+            continue
+        try:
+            frames.append(get_frame(lake, k).assign(dt=k.split("dt=")[1].split("/")[0]))
+        except LakeKeyNotFound:
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# -- 1. ingest ------------------------------------------------------------------------------------
+def ingest(lake: Lake, day: dt.date, run_time: dt.datetime) -> dict:
+    batch = ingest_day(lake, day, run_time)
+    put_frame(lake, key(CURATED, day, "ingested_interactions.parquet"), batch.interactions, INTERACTION.arrow)
+    put_frame(lake, key(CURATED, day, "ingested_feedback.parquet"), batch.feedback, FEEDBACK.arrow)
+    return {"day": day.isoformat(), "interactions": len(batch.interactions), "feedback": len(batch.feedback),
+            "duplicates_dropped": batch.duplicates_dropped, "events_until": run_time.isoformat()}
+
+
+# -- 2. validate ----------------------------------------------------------------------------------
+def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dict:
+    """Run both suites; bad rows (with reasons) and the validation result go to ``quarantine/``.
+    Over the threshold, raise :class:`~vloop.quality.QualityGateError` before anything reaches
+    ``curated/``, so nothing downstream runs on the day."""
+    from vloop.quality import QualityConfig, QualityGateError, validate_feedback, validate_interactions
+
+    cfg = QualityConfig(max_bad_fraction=max_bad_fraction)
+    start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+    inter = get_frame(lake, key(CURATED, day, "ingested_interactions.parquet"))
+    fb = get_frame(lake, key(CURATED, day, "ingested_feedback.parquet"))
+    vi = validate_interactions(inter, start, start + dt.timedelta(days=1), lake=lake, cfg=cfg)
+    vf = validate_feedback(fb, cfg=cfg)
+    put_frame(lake, key(QUARANTINE, day, "interactions.parquet"), vi.quarantined, INTERACTION.arrow)
+    put_frame(lake, key(QUARANTINE, day, "feedback.parquet"), vf.quarantined, FEEDBACK.arrow)
+    reasons = pd.concat([vi.quarantined.get("quarantine_reason", pd.Series(dtype=str)),
+                         vf.quarantined.get("quarantine_reason", pd.Series(dtype=str))])
+    summary = {
+        "day": day.isoformat(), "interactions": len(inter), "feedback": len(fb),
+        "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
+        "bad_fraction_interactions": round(vi.bad_fraction, 6), "bad_fraction_feedback": round(vf.bad_fraction, 6),
+        "max_bad_fraction": max_bad_fraction,
+        "reasons": reasons.str.split("; ").explode().value_counts().to_dict() if len(reasons) else {},
+    }
+    summary["passed"] = max(vi.bad_fraction, vf.bad_fraction) <= max_bad_fraction
+    lake.put_json(key(QUARANTINE, day, "validation.json"),
+                  {**summary, "interactions_result": vi.result, "feedback_result": vf.result})
+    if not summary["passed"]:
+        raise QualityGateError(
+            f"{day}: {vi.bad_fraction:.1%} of interactions and {vf.bad_fraction:.1%} of feedback events failed "
+            f"validation, over the threshold of {max_bad_fraction:.1%}; the rows and reasons are in "
+            f"{partition_prefix(QUARANTINE, day)}")
+    # Events about a quarantined interaction stay with it: they are not mined.
+    good_fb = vf.good[vf.good["request_id"].isin(set(vi.good["request_id"]))]
+    put_frame(lake, key(CURATED, day, "interactions.parquet"), vi.good, INTERACTION.arrow)
+    put_frame(lake, key(CURATED, day, "feedback.parquet"), good_fb, FEEDBACK.arrow)
+    return summary
+
+
+def curated(lake: Lake, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (get_frame(lake, key(CURATED, day, "interactions.parquet")),
+            get_frame(lake, key(CURATED, day, "feedback.parquet")))
+
+
+# -- 3. mine --------------------------------------------------------------------------------------
+def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
+    from vloop.mining import mine
+
+    inter, fb = curated(lake, day)
+    mined = mine(inter, fb, rules).merge(inter[["request_id", "category"]], on="request_id", how="left")
+    put_frame(lake, key(CURATED, day, "mined.parquet"), mined)
+    return {"day": day.isoformat(), **mined["weak_label"].value_counts().to_dict()}
+
+
+# -- 4. confidence --------------------------------------------------------------------------------
+def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
+                     batch_size: int = 32) -> dict:
+    """Confidence per interaction: as logged; else from the logged token logprobs; else the model
+    re-scores the logged answer (teacher-forced, in batches). ``load_model`` is called only if
+    some row needs re-scoring."""
+    from vloop.model import Confidence, score_answers
+
+    inter, _ = curated(lake, day)
+    conf = inter["confidence"].astype("float64")
+    source = pd.Series("logged", index=inter.index, dtype=object)
+    source[conf.isna()] = "logprobs"
+    has_lp = inter["token_logprobs"].map(lambda v: v is not None and len(v) > 0)
+    from_lp = conf.isna() & has_lp
+    conf[from_lp] = [Confidence.from_logprobs(v).geo_mean_prob for v in inter.loc[from_lp, "token_logprobs"]]
+    todo = inter[conf.isna() & inter["image_key"].notna() & inter["answer"].notna()]
+    if len(todo):
+        if load_model is None:
+            raise RuntimeError(f"{len(todo)} interactions have neither confidence nor logprobs, and no model "
+                               "was given to re-score them (set VLOOP_BASE_MODEL)")
+        lm = load_model()
+        t0 = time.perf_counter()
+        for s in range(0, len(todo), batch_size):
+            chunk = todo.iloc[s:s + batch_size]
+            images = [lake.get_bytes(k) for k in chunk["image_key"]]
+            scores = score_answers(lm, images, chunk["question"].tolist(), chunk["answer"].tolist(),
+                                   batch_size=batch_size)
+            conf[chunk.index] = [x.confidence.geo_mean_prob for x in scores]
+            done = s + len(chunk)
+            rate = done / (time.perf_counter() - t0)
+            log.info("re-scored %d/%d (%.0f/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
+        source[todo.index] = "rescored"
+    source[conf.isna()] = "missing"
+    out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf, "confidence_source": source})
+    put_frame(lake, key(CURATED, day, "confidence.parquet"), out)
+    return {"day": day.isoformat(), **out["confidence_source"].value_counts().to_dict()}
+
+
+# -- 5. image quality -----------------------------------------------------------------------------
+def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
+    from PIL import Image
+
+    from vloop.imagequality import assess
+
+    inter, _ = curated(lake, day)
+    rows = []
+    for k in inter["image_key"].dropna().unique():
+        with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
+            q = assess(img, thresholds)
+        rows.append({"image_key": k, "poor": q.poor, "flags": ",".join(q.flags), "sharpness": q.sharpness,
+                     "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height})
+    out = pd.DataFrame(rows, columns=["image_key", "poor", "flags", "sharpness", "brightness", "blown_out",
+                                      "width", "height"])
+    put_frame(lake, key(CURATED, day, "image_quality.parquet"), out)
+    return {"day": day.isoformat(), "images": len(out), "poor": int(out["poor"].sum())}
+
+
+# -- 6. select ------------------------------------------------------------------------------------
+def labelled_request_ids(lake: Lake, exclude: dt.date | None = None) -> set[str]:
+    """Request ids already chosen for labelling (any day but ``exclude``) or labelled."""
+    done = _partitions(lake, LABELING, "selected.parquet", exclude=exclude)
+    back = _partitions(lake, LABELED, LABELED_FILE, exclude=exclude)
+    return set(done.get("request_id", [])) | set(back.get("request_id", []))
+
+
+def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
+    from vloop.privacy import read_opt_outs
+    from vloop.selection import select
+
+    inter, _ = curated(lake, day)
+    mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
+    conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
+    iq = get_frame(lake, key(CURATED, day, "image_quality.parquet"))
+    cands = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    history = _partitions(lake, CURATED, "mined.parquet", days=_days_back(day, HISTORY_DAYS))
+    history["bad"] = history["weak_label"].isin(["negative", "weak_negative"])
+    err = history.dropna(subset=["category"]).groupby("category")["bad"].mean().to_dict()
+    chosen = select(cands, mined, cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
+                    opted_out_users=read_opt_outs(lake), already_labelled=labelled_request_ids(lake, exclude=day),
+                    category_error_rate=err)
+    chosen = chosen.merge(mined[["request_id", "weak_label"]], on="request_id", how="left")
+    chosen["selected_on"] = day.isoformat()
+    put_frame(lake, key(LABELING, day, "selected.parquet"), chosen)
+    return {"day": day.isoformat(), "candidates": len(cands), "selected": len(chosen)}
+
+
+# -- 7. push --------------------------------------------------------------------------------------
+def model_version(row) -> str:
+    adapter = row.get("adapter")
+    return adapter if isinstance(adapter, str) and adapter else str(row.get("base_model"))
+
+
+def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
+                         document_root: str | None = None) -> dict:
+    """Tasks for the day's selection, with the model's answer as a prediction; request ids the
+    project already holds are skipped, so a re-run never duplicates a task."""
+    from vloop.labelstudio import image_reference, task_payload
+
+    chosen = get_frame(lake, key(LABELING, day, "selected.parquet"))
+    iq = get_frame(lake, key(CURATED, day, "image_quality.parquet")).set_index("image_key")["poor"].to_dict()
+    project = ls.ensure_project(project_title)
+    ls.ensure_storage(project, lake, document_root)
+    tasks = [task_payload(r, image_reference(lake, r["image_key"], document_root), model_version(r),
+                          poor_image=bool(iq.get(r["image_key"], False)))
+             for r in chosen.to_dict("records")]
+    t0 = time.perf_counter()
+    res = ls.import_tasks(project, tasks)
+    summary = {"day": day.isoformat(), "project": project, "selected": len(chosen), "sent": res.sent,
+               "already_in_label_studio": res.already_there, "seconds": round(time.perf_counter() - t0, 2)}
+    lake.put_json(key(LABELING, day, "pushed.json"), summary)
+    return summary
+
+
+# -- 8. pull --------------------------------------------------------------------------------------
+def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dict:
+    """Every finished annotation not already pulled on another day goes to ``labeled/dt=D/``."""
+    from vloop.labelstudio import LABELED_COLUMNS
+
+    project = ls.ensure_project(project_title)
+    finished = ls.finished_annotations(project)
+    earlier = _partitions(lake, LABELED, LABELED_FILE, exclude=day)
+    new = finished[~finished["request_id"].isin(set(earlier.get("request_id", [])))]
+    put_frame(lake, key(LABELED, day, LABELED_FILE), new[LABELED_COLUMNS].reset_index(drop=True))
+    return {"day": day.isoformat(), "finished_in_label_studio": len(finished), "new": len(new),
+            **{f"verdict_{k}": int(v) for k, v in new["verdict"].value_counts().items()}}
+
+
+# -- 9. report ------------------------------------------------------------------------------------
+def report(lake: Lake, day: dt.date) -> dict:
+    from vloop.report import daily_metrics, plots, render_html, top_error_categories
+
+    inter, fb = curated(lake, day)
+    mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
+    conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
+    inter = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    try:
+        labels = get_frame(lake, key(LABELED, day, LABELED_FILE))
+    except LakeKeyNotFound:  # the pull did not run (no Label Studio configured)
+        labels = pd.DataFrame()
+    metrics = daily_metrics(inter, fb, mined, labels if len(labels) else None)
+    metrics.insert(0, "dt", day.isoformat())
+    top = top_error_categories(inter, mined)
+    put_frame(lake, key(REPORTS, day, "metrics.parquet"), metrics)
+    put_frame(lake, key(REPORTS, day, "top_errors.parquet"), top)
+    history = _partitions(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
+    validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
+    summary = {
+        "day": day.isoformat(), "interactions": len(inter), "feedback events": len(fb),
+        "quarantined": validation["quarantined_interactions"] + validation["quarantined_feedback"],
+        "labels pulled": len(labels),
+    }
+    for name in ("selected.parquet", "pushed.json"):
+        k = key(LABELING, day, name)
+        if lake.exists(k):
+            pushed = lake.get_json(k) if name.endswith(".json") else None
+            summary[name.split(".")[0]] = (len(get_frame(lake, k)) if pushed is None
+                                           else pushed["sent"] + pushed["already_in_label_studio"])
+    page = render_html(day.isoformat(), metrics, top, summary, plots(history, inter["confidence"], labels))
+    lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")
+    return summary

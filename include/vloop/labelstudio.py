@@ -1,0 +1,278 @@
+"""Label Studio: the review project, pushing chosen interactions as tasks, pulling annotations back.
+
+:class:`LabelStudio` is a small client over Label Studio's REST API (token auth, ``Authorization:
+Token …``), with only the calls the daily loop needs:
+
+* :meth:`LabelStudio.ensure_project` — the VQA review project (:data:`LABEL_CONFIG`), created once
+  and found by title afterwards;
+* :meth:`LabelStudio.ensure_storage` — makes the lake's images reachable from the annotator's
+  browser: a local-files storage for a local lake (served by Label Studio itself under
+  ``/data/local-files/``), an S3 import storage (presigned URLs) for MinIO/S3;
+* :meth:`LabelStudio.import_tasks` — bulk import with the model's answer as a prediction carrying
+  the model version and confidence; tasks whose ``request_id`` the project already holds are not
+  sent again, so re-running a day never duplicates a task;
+* :meth:`LabelStudio.finished_annotations` — every task with a submitted (not skipped) annotation,
+  read through the export API (webhooks to Airflow are not an option: Label Studio's SSRF guard
+  refuses loopback targets).
+
+:func:`task_payload` and :func:`normalise_annotations` turn rows into tasks and tasks back into
+rows of the ``labeled/`` table; they are plain functions, tested without a server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import urllib.parse
+from pathlib import Path
+from dataclasses import dataclass
+
+import httpx
+import pandas as pd
+
+from vloop.images import IMAGES_PREFIX
+from vloop.lake import Lake, LocalLake, S3Lake
+
+PROJECT_TITLE = "vloop VQA review"
+VERDICTS = ("correct", "wrong", "unclear")
+IMAGE_QUALITY = ("good", "poor")
+
+# What an annotator sees: the photo, the question, the model's answer; what they give back: an
+# editable corrected answer (pre-filled with the model's), a verdict and an image-quality flag.
+LABEL_CONFIG = f"""<View>
+  <Image name="image" value="$image" zoom="true" maxWidth="480px"/>
+  <Header value="Question"/>
+  <Text name="question" value="$question"/>
+  <Header value="Model answer (confidence $confidence)"/>
+  <Text name="model_answer" value="$model_answer"/>
+  <Header value="Corrected answer: edit it if the model was wrong"/>
+  <TextArea name="corrected_answer" toName="image" editable="true" maxSubmissions="1" rows="2"/>
+  <Header value="Verdict on the model's answer"/>
+  <Choices name="verdict" toName="image" choice="single" required="true">
+{''.join(f'    <Choice value="{v}"/>{chr(10)}' for v in VERDICTS)}  </Choices>
+  <Header value="Image quality"/>
+  <Choices name="image_quality" toName="image" choice="single">
+{''.join(f'    <Choice value="{v}"/>{chr(10)}' for v in IMAGE_QUALITY)}  </Choices>
+</View>"""
+
+LABELED_COLUMNS = ["request_id", "task_id", "annotation_id", "image_key", "question", "model_answer",
+                   "corrected_answer", "verdict", "image_quality", "annotator", "lead_time_s",
+                   "created_at", "updated_at", "category", "model_version", "base_model", "adapter", "arm",
+                   "confidence", "weak_label", "selected_on"]
+# Interaction fields a task carries so that a label is self-contained (calibration per arm needs them).
+CARRIED = ("category", "base_model", "adapter", "arm", "weak_label", "selected_on")
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio answered with an error, or could not be reached."""
+
+
+@dataclass
+class ImportResult:
+    sent: int          # tasks imported by this call
+    already_there: int  # request ids the project already held (not sent again)
+
+
+def local_files_url(lake: LocalLake, key: str, document_root: str) -> str:
+    """The URL under which Label Studio's local-files serving returns lake object ``key``."""
+    rel = (Path(lake.root) / key).resolve().relative_to(Path(document_root).resolve())
+    return "/data/local-files/?d=" + urllib.parse.quote(str(rel))
+
+
+def image_reference(lake: Lake, key: str, document_root: str | None = None) -> str:
+    """How a task points at its image: ``s3://bucket/key`` on S3 (Label Studio presigns it through
+    the project's S3 storage), a local-files URL on a local lake served by Label Studio, or the
+    lake's own browser URL otherwise."""
+    if isinstance(lake, S3Lake):
+        return f"s3://{lake.bucket}/{lake._name(key)}"
+    if isinstance(lake, LocalLake) and document_root:
+        return local_files_url(lake, key, document_root)
+    return lake.browser_url(key)
+
+
+def _plain(v):
+    return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
+
+
+def task_payload(row, image_ref: str, model_version: str, poor_image: bool = False) -> dict:
+    """One Label Studio task for an interaction row, with the model's answer as a prediction."""
+    conf = None if row.get("confidence") is None or pd.isna(row.get("confidence")) else float(row["confidence"])
+    result = [{"from_name": "corrected_answer", "to_name": "image", "type": "textarea",
+               "value": {"text": [row.get("answer") or ""]}}]
+    if poor_image:  # the automatic image check's opinion, for the annotator to confirm
+        result.append({"from_name": "image_quality", "to_name": "image", "type": "choices",
+                       "value": {"choices": ["poor"]}})
+    return {
+        "data": {
+            "request_id": row["request_id"], "image": image_ref, "image_key": row.get("image_key"),
+            "question": row.get("question") or "", "model_answer": row.get("answer") or "",
+            "confidence": "n/a" if conf is None else f"{conf:.2f}", "score": conf,
+            "why": row.get("why") or "", "model_version": model_version,
+            **{k: _plain(row.get(k)) for k in CARRIED},
+        },
+        "predictions": [{"model_version": model_version, "score": conf, "result": result}],
+    }
+
+
+def _choice(result: list[dict], name: str) -> str | None:
+    for r in result:
+        if r.get("from_name") == name and r.get("value", {}).get("choices"):
+            return r["value"]["choices"][0]
+    return None
+
+
+def _text(result: list[dict], name: str) -> str | None:
+    for r in result:
+        if r.get("from_name") == name and r.get("value", {}).get("text"):
+            return "\n".join(r["value"]["text"]).strip()
+    return None
+
+
+def normalise_annotations(tasks: list[dict]) -> pd.DataFrame:
+    """Exported tasks → one row per task (its latest submitted annotation) in ``labeled/`` form.
+
+    A "correct" verdict without a typed answer keeps the model's answer as the corrected one."""
+    rows = []
+    for t in tasks:
+        anns = [a for a in t.get("annotations") or [] if not a.get("was_cancelled")]
+        if not anns:
+            continue
+        a = max(anns, key=lambda a: (a.get("updated_at") or "", a["id"]))
+        data, result = t["data"], a.get("result") or []
+        verdict = _choice(result, "verdict")
+        corrected = _text(result, "corrected_answer")
+        if corrected is None and verdict == "correct":
+            corrected = data.get("model_answer")
+        who = a.get("completed_by")
+        rows.append({
+            "request_id": data.get("request_id"), "task_id": t["id"], "annotation_id": a["id"],
+            "image_key": data.get("image_key"), "question": data.get("question"),
+            "model_answer": data.get("model_answer"), "corrected_answer": corrected, "verdict": verdict,
+            "image_quality": _choice(result, "image_quality"),
+            "annotator": str(who.get("email") or who.get("id")) if isinstance(who, dict) else str(who),
+            "lead_time_s": a.get("lead_time"),
+            "created_at": pd.Timestamp(a["created_at"]) if a.get("created_at") else pd.NaT,
+            "updated_at": pd.Timestamp(a["updated_at"]) if a.get("updated_at") else pd.NaT,
+            "model_version": data.get("model_version"), "confidence": data.get("score"),
+            **{k: data.get(k) for k in CARRIED},
+        })
+    return pd.DataFrame(rows, columns=LABELED_COLUMNS)
+
+
+class LabelStudio:
+    """A Label Studio server at ``url`` reached with the API token ``token``."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 60.0, retries: int = 3):
+        if not token:
+            raise LabelStudioError("no Label Studio API token (connection password / LABEL_STUDIO_API_KEY)")
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+                                 headers={"Authorization": f"Token {token}"})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, path: str, **kw):
+        """One API call; connection errors and 5xx are retried with backoff, 4xx are not."""
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                if attempt == self.retries:
+                    raise LabelStudioError(f"Label Studio at {self.url} unreachable: {e}") from e
+            else:
+                if r.status_code < 500 or attempt == self.retries:
+                    break
+            time.sleep(0.5 * 2 ** attempt)
+        if r.status_code >= 400:
+            raise LabelStudioError(f"{method} {path} → {r.status_code}: {r.text[:500]}")
+        return r.json() if r.content else None
+
+    # -- project and storage -------------------------------------------------------------------
+    def find_project(self, title: str) -> dict | None:
+        page = 1
+        while True:
+            res = self._call("GET", "/api/projects", params={"page": page, "page_size": 100, "title": title})
+            items = res["results"] if isinstance(res, dict) else res
+            for p in items:
+                if p["title"] == title:
+                    return p
+            if not isinstance(res, dict) or not res.get("next"):
+                return None
+            page += 1
+
+    def ensure_project(self, title: str = PROJECT_TITLE) -> int:
+        """The id of the review project called ``title``, created with :data:`LABEL_CONFIG` if new
+        (and its labelling config brought up to date if it differs)."""
+        p = self.find_project(title)
+        if p is None:
+            p = self._call("POST", "/api/projects", json={
+                "title": title, "label_config": LABEL_CONFIG,
+                "description": "Answers of the served model picked by vloop's daily selection. Fix the "
+                               "answer if it is wrong, give a verdict, flag poor photos.",
+                "show_collab_predictions": True, "maximum_annotations": 1})
+        elif p.get("label_config") != LABEL_CONFIG:
+            self._call("PATCH", f"/api/projects/{p['id']}", json={"label_config": LABEL_CONFIG})
+        return int(p["id"])
+
+    def ensure_storage(self, project: int, lake: Lake, document_root: str | None = None) -> dict | None:
+        """Register the lake as an import storage of ``project`` (once), so task image references
+        resolve in the annotator's browser."""
+        if isinstance(lake, S3Lake):
+            kind, body = "s3", {
+                "bucket": lake.bucket, "prefix": lake.prefix, "s3_endpoint": lake.endpoint_url,
+                "aws_access_key_id": lake.access_key, "aws_secret_access_key": lake.secret_key,
+                "region_name": lake.region, "presign": True, "use_blob_urls": False,
+                "title": "vloop lake"}
+        elif isinstance(lake, LocalLake) and document_root:
+            # Only the images directory is exposed (Label Studio also refuses the document root
+            # itself), and it must exist before Label Studio accepts it.
+            images = Path(lake.root) / IMAGES_PREFIX
+            images.mkdir(parents=True, exist_ok=True)
+            kind, body = "localfiles", {"path": str(images), "use_blob_urls": False, "title": "vloop lake"}
+        else:
+            return None
+        existing = self._call("GET", f"/api/storages/{kind}", params={"project": project})
+        for s in existing or []:
+            if s.get("title") == body["title"]:
+                return s
+        return self._call("POST", f"/api/storages/{kind}", json={"project": project, **body})
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def export(self, project: int, all_tasks: bool) -> list[dict]:
+        """Every task of ``project`` (``all_tasks``) or only those with annotations, as JSON."""
+        return self._call("GET", f"/api/projects/{project}/export",
+                          params={"exportType": "JSON", "download_all_tasks": str(all_tasks).lower()})
+
+    def request_ids(self, project: int) -> set[str]:
+        return {t["data"].get("request_id") for t in self.export(project, all_tasks=True)}
+
+    def import_tasks(self, project: int, tasks: list[dict], chunk: int = 1000) -> ImportResult:
+        """Bulk-import ``tasks``, skipping request ids the project already holds."""
+        have = self.request_ids(project)
+        new, seen = [], set()
+        for t in tasks:
+            rid = t["data"]["request_id"]
+            if rid not in have and rid not in seen:
+                new.append(t)
+                seen.add(rid)
+        for i in range(0, len(new), chunk):
+            self._call("POST", f"/api/projects/{project}/import", json=new[i:i + chunk],
+                       params={"commit_to_project": "true", "return_task_ids": "true"})
+        return ImportResult(sent=len(new), already_there=len(tasks) - len(new))
+
+    def finished_annotations(self, project: int) -> pd.DataFrame:
+        """The latest submitted annotation of every annotated task, normalised (see
+        :func:`normalise_annotations`)."""
+        return normalise_annotations(self.export(project, all_tasks=False))
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

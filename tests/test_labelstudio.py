@@ -1,0 +1,97 @@
+"""The Label Studio client against a real Label Studio server (fixture `label_studio`), and its
+payload/normalisation functions on their own."""
+
+from __future__ import annotations
+
+import httpx
+import pandas as pd
+import pytest
+
+from vloop.labelstudio import (LABEL_CONFIG, LabelStudio, LabelStudioError, image_reference,
+                               normalise_annotations, task_payload)
+from vloop.lake import LocalLake
+from vloop.synth import World
+
+
+def interaction(i: int, lake, **kw) -> dict:
+    s = World(3).sample(i)
+    img = lake.put_image(s.image_bytes())
+    return {"request_id": f"req-{i}", "image_key": img.key, "question": s.question, "answer": "red",
+            "confidence": 0.31, "category": s.category, "why": "low confidence 0.31", "base_model": "base",
+            "adapter": None, "arm": "champion", "weak_label": "negative", "selected_on": "2026-11-20", **kw}
+
+
+def annotate(ls: LabelStudio, task_id: int, verdict: str, text: str | None = None, quality: str | None = None):
+    result = [{"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": [verdict]}}]
+    if text is not None:
+        result.append({"from_name": "corrected_answer", "to_name": "image", "type": "textarea",
+                       "value": {"text": [text]}})
+    if quality:
+        result.append({"from_name": "image_quality", "to_name": "image", "type": "choices",
+                       "value": {"choices": [quality]}})
+    return ls._call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result, "lead_time": 7.5})
+
+
+def test_task_payload_and_normalise_roundtrip():
+    row = {"request_id": "r1", "image_key": "raw/images/ab/x.png", "question": "colour?", "answer": "red",
+           "confidence": float("nan"), "category": "shoes", "arm": "canary", "adapter": "a@3"}
+    t = task_payload(row, "/data/local-files/?d=raw/images/ab/x.png", "a@3", poor_image=True)
+    assert t["predictions"][0]["model_version"] == "a@3" and t["predictions"][0]["score"] is None
+    assert {r["from_name"] for r in t["predictions"][0]["result"]} == {"corrected_answer", "image_quality"}
+    exported = [{"id": 7, "data": t["data"], "annotations": [
+        {"id": 1, "was_cancelled": True, "result": [], "completed_by": 1, "updated_at": "2026-11-21T10:00:00Z"},
+        {"id": 2, "result": [{"from_name": "verdict", "value": {"choices": ["correct"]}}], "completed_by": 4,
+         "lead_time": 3.0, "created_at": "2026-11-21T09:00:00Z", "updated_at": "2026-11-21T09:00:00Z"}]},
+        {"id": 8, "data": {**t["data"], "request_id": "r2"}, "annotations": []}]
+    df = normalise_annotations(exported)
+    assert len(df) == 1  # the task without annotations is not finished
+    r = df.iloc[0]
+    # a skipped (cancelled) annotation is ignored; "correct" without typed text keeps the model's answer
+    assert (r.annotation_id, r.verdict, r.corrected_answer, r.annotator) == (2, "correct", "red", "4")
+    assert (r.arm, r.adapter, r.category) == ("canary", "a@3", "shoes")
+
+
+def test_bad_token_and_unreachable_server_fail_clearly(label_studio):
+    url, _, _ = label_studio
+    with pytest.raises(LabelStudioError, match="401"):
+        LabelStudio(url, "not-the-token").ensure_project("x")
+    with pytest.raises(LabelStudioError, match="no Label Studio API token"):
+        LabelStudio(url, "")
+    with pytest.raises(LabelStudioError, match="unreachable"):
+        LabelStudio("http://127.0.0.1:9", "t", retries=1).find_project("x")
+
+
+def test_project_storage_import_without_duplicates_and_pull(label_studio):
+    url, token, docroot = label_studio
+    lake = LocalLake(docroot / "lake-client", max_image_bytes=2**20, max_image_pixels=2**20)
+    with LabelStudio(url, token) as ls:
+        pid = ls.ensure_project("client test")
+        assert ls.ensure_project("client test") == pid  # found again, not created twice
+        project = ls._call("GET", f"/api/projects/{pid}")
+        assert project["label_config"] == LABEL_CONFIG
+        storage = ls.ensure_storage(pid, lake, str(docroot))
+        assert ls.ensure_storage(pid, lake, str(docroot))["id"] == storage["id"]
+
+        rows = [interaction(i, lake) for i in range(5)]
+        tasks = [task_payload(r, image_reference(lake, r["image_key"], str(docroot)), "base") for r in rows]
+        first = ls.import_tasks(pid, tasks[:3])
+        again = ls.import_tasks(pid, tasks)  # three already there, two new
+        assert (first.sent, again.sent, again.already_there) == (3, 2, 3)
+        exported = ls.export(pid, all_tasks=True)
+        assert sorted(t["data"]["request_id"] for t in exported) == [f"req-{i}" for i in range(5)]
+        assert all(t["total_predictions"] == 1 for t in exported)
+
+        # The annotator's browser gets the image through Label Studio's local-files serving.
+        img = httpx.get(url + exported[0]["data"]["image"], headers={"Authorization": f"Token {token}"})
+        assert img.status_code == 200 and img.headers["content-type"].startswith("image/")
+        assert img.content == lake.get_bytes(exported[0]["data"]["image_key"])
+
+        by_rid = {t["data"]["request_id"]: t["id"] for t in exported}
+        annotate(ls, by_rid["req-0"], "wrong", "blue", "good")
+        annotate(ls, by_rid["req-1"], "correct")
+        ls._call("POST", f"/api/tasks/{by_rid['req-2']}/annotations", json={"result": [], "was_cancelled": True})
+        got = ls.finished_annotations(pid).set_index("request_id")
+        assert sorted(got.index) == ["req-0", "req-1"]
+        assert got.loc["req-0", ["corrected_answer", "verdict", "image_quality"]].tolist() == ["blue", "wrong", "good"]
+        assert got.loc["req-1", "corrected_answer"] == "red" and got.loc["req-0", "lead_time_s"] == 7.5
+        assert pd.notna(got.loc["req-0", "updated_at"])
