@@ -55,7 +55,7 @@ def _lake():
 
 def _label_studio():
     """The hook for Label Studio, or a skip when no connection is configured."""
-    from airflow.exceptions import AirflowNotFoundException, AirflowSkipException
+    from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
     from vloop_hooks import LabelStudioHook
 
     try:

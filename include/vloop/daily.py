@@ -250,10 +250,13 @@ def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
              for r in chosen.to_dict("records")]
     t0 = time.perf_counter()
     res = ls.import_tasks(project, tasks)
-    summary = {"day": day.isoformat(), "project": project, "selected": len(chosen), "sent": res.sent,
-               "already_in_label_studio": res.already_there, "seconds": round(time.perf_counter() - t0, 2)}
-    lake.put_json(key(LABELING, day, "pushed.json"), summary)
-    return summary
+    # What the lake keeps is the state (these request ids are tasks of that project), the same on
+    # every re-run; how many this call sent goes to the task log.
+    lake.put_json(key(LABELING, day, "pushed.json"), {
+        "day": day.isoformat(), "label_studio": ls.url, "project": project,
+        "request_ids": sorted(chosen["request_id"])})
+    return {"day": day.isoformat(), "project": project, "selected": len(chosen), "sent": res.sent,
+            "already_in_label_studio": res.already_there, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # -- 8. pull --------------------------------------------------------------------------------------
@@ -297,9 +300,8 @@ def report(lake: Lake, day: dt.date) -> dict:
     for name in ("selected.parquet", "pushed.json"):
         k = key(LABELING, day, name)
         if lake.exists(k):
-            pushed = lake.get_json(k) if name.endswith(".json") else None
-            summary[name.split(".")[0]] = (len(get_frame(lake, k)) if pushed is None
-                                           else pushed["sent"] + pushed["already_in_label_studio"])
+            summary[name.split(".")[0]] = (len(get_frame(lake, k)) if name.endswith(".parquet")
+                                           else len(lake.get_json(k)["request_ids"]))
     page = render_html(day.isoformat(), metrics, top, summary, plots(history, inter["confidence"], labels))
     lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")
     return summary

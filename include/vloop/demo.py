@@ -109,11 +109,12 @@ def synthetic_day(lake: Lake, lm, day: dt.date, n: int = 300, seed: int = 0, bat
 
 def simulated_day(lake: Lake, day: dt.date, n: int = 1000, *, seed: int = 0, pool: int = 200,
                   accuracy: float = 0.6, missing_logprobs: float = 0.0, base_model: str = "sim-base",
-                  adapter: str | None = None, canary_share: float = 0.0) -> dict:
+                  adapter: str | None = None, canary_share: float = 0.0, corrupt: int = 0) -> dict:
     """A day of traffic without a model: ``n`` questions about ``pool`` product photos, answered
     right with probability ``accuracy`` (confidence drawn higher for right answers), with the user
     reactions of :func:`synthetic_day`. Fast enough for a million rows (benchmarks, DAG tests).
-    ``missing_logprobs`` of the rows carry neither confidence nor logprobs (they need re-scoring)."""
+    ``missing_logprobs`` of the rows carry neither confidence nor logprobs (they need re-scoring);
+    the first ``corrupt`` rows are broken (confidence 1.5, negative latency) for quality tests."""
     from vloop.synth import World
 
     samples = World(seed).samples(pool, degraded=0.15)
@@ -144,6 +145,8 @@ def simulated_day(lake: Lake, day: dt.date, n: int = 1000, *, seed: int = 0, poo
         "base_model": [base_model] * n, "adapter": [adapter if c else None for c in canary],
         "arm": np.where(canary, "canary", "champion"), "status": ["ok"] * n, "redactions": [0] * n,
     }
+    for i in range(min(corrupt, n)):
+        inter["confidence"][i], inter["latency_ms"][i] = 1.5, -1.0
     kinds = np.where(right, rng.choice(["accept", "dwell", "close"], n, p=[0.8, 0.15, 0.05]),
                      rng.choice(["edit", "regenerate", "skip", "close"], n, p=[0.5, 0.2, 0.2, 0.1]))
     fb = {

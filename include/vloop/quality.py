@@ -127,7 +127,20 @@ def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, suite) ->
     quarantined["quarantine_reason"] = ["; ".join(reasons[i]) for i in bad_idx]
     good = df.drop(index=bad_idx).reset_index(drop=True)
     bad_fraction = len(bad_idx) / len(df) if len(df) else 0.0
-    return ValidationOutcome(good, quarantined.reset_index(drop=True), bad_fraction, res.to_json_dict())
+    return ValidationOutcome(good, quarantined.reset_index(drop=True), bad_fraction, _stable(res.to_json_dict()))
+
+
+def _stable(result: dict) -> dict:
+    """The validation result without its per-run ids and clock readings, so validating the same
+    batch twice stores the same JSON (re-running a day changes nothing)."""
+    result.pop("id", None)
+    meta = result.get("meta", {})
+    for k in ("run_id", "validation_id", "validation_time"):
+        meta.pop(k, None)
+    meta.get("batch_markers", {}).pop("ge_load_time", None)
+    for r in result.get("results", []):
+        r.get("expectation_config", {}).pop("id", None)
+    return result
 
 
 def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime, *, lake=None,
