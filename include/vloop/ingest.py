@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from vloop.lake import FEEDBACK_DATASET, Lake
@@ -20,12 +21,23 @@ class DayBatch:
     duplicates_dropped: int
 
 
-def _dedupe(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Drop rows identical in every column (lists compared by value)."""
+def _dedupe(df: pd.DataFrame, id_column: str) -> tuple[pd.DataFrame, int]:
+    """Drop rows identical in every column (lists compared by value). Exact duplicates share
+    their id, so only rows whose id repeats are compared in full."""
     if not len(df):
         return df, 0
-    key = df.map(lambda v: tuple(v) if hasattr(v, "__len__") and not isinstance(v, str) else v)
-    keep = ~key.duplicated()
+    repeated = df[id_column].duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return df, 0
+    sub = df[repeated]
+    key = sub.copy()
+    for c in key.columns[key.dtypes == object]:  # list cells (token_logprobs) compared as tuples
+        first = key[c].dropna().head(1).tolist()
+        if first and not isinstance(first[0], str):
+            key[c] = key[c].map(lambda v: tuple(v) if v is not None and not isinstance(v, str) else v)
+    drop = key.duplicated().to_numpy()
+    keep = np.ones(len(df), dtype=bool)
+    keep[np.flatnonzero(repeated)[drop]] = False
     return df[keep].reset_index(drop=True), int((~keep).sum())
 
 
@@ -36,6 +48,6 @@ def ingest_day(lake: Lake, day: dt.date, run_time: dt.datetime) -> DayBatch:
     fb = lake.read_partitions(FEEDBACK_DATASET, day, last, schema=FEEDBACK.arrow).to_pandas()
     if len(fb):
         fb = fb[(fb["ts"] <= pd.Timestamp(run_time)) & fb["request_id"].isin(set(inter["request_id"]))]
-    inter, d1 = _dedupe(inter)
-    fb, d2 = _dedupe(fb.reset_index(drop=True))
+    inter, d1 = _dedupe(inter, "request_id")
+    fb, d2 = _dedupe(fb.reset_index(drop=True), "event_id")
     return DayBatch(inter, fb, d1 + d2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 
@@ -35,62 +36,85 @@ class MiningRules:
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (characters), O(len(a) * len(b)) with two rows."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance in characters."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(a, b)
+
+
+MINED_COLUMNS = ["request_id", "weak_label", "weight", "reason", "edit_distance", "edit_ratio"]
+
+
+def repeated_requests(interactions: pd.DataFrame, window_s: float) -> pd.Series:
+    """True for a request whose question the same session asked again within ``window_s``."""
+    df = interactions[["session_id", "question", "ts"]].copy()
+    df["ts"] = pd.to_datetime(df["ts"], utc=True)
+    df = df.dropna(subset=["session_id"]).sort_values(["session_id", "question", "ts"])
+    nxt = df.shift(-1)
+    rep = ((nxt["session_id"] == df["session_id"]) & (nxt["question"] == df["question"])
+           & ((nxt["ts"] - df["ts"]).dt.total_seconds() <= window_s))
+    return rep.reindex(interactions.index, fill_value=False)
 
 
 def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules | None = None) -> pd.DataFrame:
-    """One row per interaction: request_id, weak_label, weight, reason, edit_distance, edit_ratio."""
+    """One row per interaction: request_id, weak_label, weight, reason, edit_distance, edit_ratio.
+
+    Vectorised over the whole day (a million interactions take seconds): per-request facts from
+    the events first, then the rules applied in order with the first match winning."""
     rules = rules or MiningRules()
-    by_req = {rid: g.sort_values("ts") for rid, g in feedback.groupby("request_id")} if len(feedback) else {}
-    # Repeats: the same question again in the same session shortly after.
-    repeated = set()
-    if len(interactions):
-        srt = interactions.dropna(subset=["session_id"]).sort_values("ts")
-        for _, g in srt.groupby(["session_id", "question"]):
-            ts = g["ts"].tolist()
-            ids = g["request_id"].tolist()
-            for k in range(len(ts) - 1):
-                if (ts[k + 1] - ts[k]).total_seconds() <= rules.repeat_window_s:
-                    repeated.add(ids[k])
-    rows = []
-    for r in interactions.itertuples(index=False):
-        ev = by_req.get(r.request_id)
-        types = set(ev["type"]) if ev is not None else set()
-        label, weight, reason, dist, ratio = "unknown", 0.0, "no reaction", None, None
-        if "edit" in types:
-            edited = ev[ev["type"] == "edit"].iloc[-1]["edited_text"] or ""
-            answer = r.answer or ""
-            dist = edit_distance(answer, edited)
-            ratio = dist / max(1, len(answer), len(edited))
-            label, weight, reason = "negative", rules.edit_weight, "edited"
-        elif "regenerate" in types or r.request_id in repeated:
-            label, weight = "negative", rules.regenerate_weight
-            reason = "regenerated" if "regenerate" in types else "question repeated in the session"
-        elif "rating" in types and ev[ev["type"] == "rating"]["rating"].notna().any():
-            rating = int(ev[ev["type"] == "rating"]["rating"].dropna().iloc[-1])
-            if rating <= rules.bad_rating:
-                label, weight, reason = "negative", rules.rating_weight, f"rated {rating}"
-            elif rating >= rules.good_rating:
-                label, weight, reason = "positive", rules.rating_weight, f"rated {rating}"
-        elif "accept" in types:
-            label, weight, reason = "positive", rules.accept_weight, "accepted"
-        elif "close" in types:
-            first_close = ev[ev["type"] == "close"]["ts"].iloc[0]
-            if (first_close - r.ts).total_seconds() <= rules.quick_close_s:
-                label, weight, reason = "weak_negative", rules.quick_close_weight, "closed quickly"
-        elif "dwell" in types:
-            dwell = ev[ev["type"] == "dwell"]["dwell_ms"].max()
-            if dwell >= rules.long_dwell_ms:
-                reason = "long dwell, no action"
-        rows.append({"request_id": r.request_id, "weak_label": label, "weight": weight, "reason": reason,
-                     "edit_distance": dist, "edit_ratio": ratio})
-    return pd.DataFrame(rows, columns=["request_id", "weak_label", "weight", "reason", "edit_distance", "edit_ratio"])
+    inter = interactions.reset_index(drop=True)
+    rid = inter["request_id"]
+    fb = feedback.sort_values("ts", kind="stable") if len(feedback) else feedback
+
+    def per_request(kind: str, column: str, how: str) -> pd.Series:
+        ev = fb[fb["type"] == kind] if len(fb) else fb
+        if kind == "rating" and len(ev):
+            ev = ev[ev["rating"].notna()]
+        if not len(ev):
+            return pd.Series([None] * len(inter), dtype=object)
+        return rid.map(getattr(ev.groupby("request_id")[column], how)())
+
+    edited = per_request("edit", "edited_text", "last")
+    has = {k: rid.isin(set(fb.loc[fb["type"] == k, "request_id"])) if len(fb) else pd.Series(False, index=inter.index)
+           for k in ("edit", "regenerate", "accept", "close", "dwell")}
+    rating = pd.to_numeric(per_request("rating", "rating", "last"), errors="coerce")
+    first_close = pd.to_datetime(per_request("close", "ts", "min"), utc=True)
+    dwell = pd.to_numeric(per_request("dwell", "dwell_ms", "max"), errors="coerce")
+    repeated = repeated_requests(inter, rules.repeat_window_s) if len(inter) else has["edit"]
+    quick_close = (first_close - pd.to_datetime(inter["ts"], utc=True)).dt.total_seconds() <= rules.quick_close_s
+
+    conditions = [
+        (has["edit"], "negative", rules.edit_weight, "edited"),
+        (has["regenerate"], "negative", rules.regenerate_weight, "regenerated"),
+        (repeated, "negative", rules.regenerate_weight, "question repeated in the session"),
+        (rating <= rules.bad_rating, "negative", rules.rating_weight, None),
+        (rating >= rules.good_rating, "positive", rules.rating_weight, None),
+        (has["accept"], "positive", rules.accept_weight, "accepted"),
+        (has["close"] & quick_close, "weak_negative", rules.quick_close_weight, "closed quickly"),
+        (has["close"], "unknown", 0.0, "no reaction"),  # a slow close says nothing
+        (has["dwell"] & (dwell >= rules.long_dwell_ms), "unknown", 0.0, "long dwell, no action"),
+    ]
+    label = np.full(len(inter), "unknown", dtype=object)
+    weight = np.zeros(len(inter))
+    reason = np.full(len(inter), "no reaction", dtype=object)
+    decided = np.zeros(len(inter), dtype=bool)
+    rating_text = "rated " + rating.fillna(0).astype(int).astype(str)
+    for cond, lab, w, why in conditions:
+        m = cond.fillna(False).to_numpy(dtype=bool) & ~decided
+        label[m], weight[m] = lab, w
+        reason[m] = rating_text[m] if why is None else why
+        decided |= m
+    dist = np.full(len(inter), np.nan)
+    ratio = np.full(len(inter), np.nan)
+    e = has["edit"].to_numpy()
+    if e.any():
+        from rapidfuzz.distance import Levenshtein
+
+        answers = inter.loc[e, "answer"].fillna("").tolist()
+        fixes = edited[e].fillna("").tolist()
+        d = np.array([Levenshtein.distance(a, b) for a, b in zip(answers, fixes)], dtype=float)
+        dist[e] = d
+        ratio[e] = d / np.maximum.reduce([np.ones(len(d)), [len(a) for a in answers], [len(b) for b in fixes]])
+    return pd.DataFrame({"request_id": rid, "weak_label": label, "weight": weight, "reason": reason,
+                         "edit_distance": pd.array(np.where(np.isnan(dist), None, dist), dtype="Int64"),
+                         "edit_ratio": ratio}, columns=MINED_COLUMNS)

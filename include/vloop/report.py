@@ -34,11 +34,10 @@ GROUP = ["base_model", "adapter", "arm"]
 def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
     """One row per (base_model, adapter, arm): what the users did with the day's answers."""
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
-    types = feedback.groupby("request_id")["type"].agg(set) if len(feedback) else pd.Series(dtype=object)
-    df["types"] = df["request_id"].map(types).apply(lambda t: t if isinstance(t, set) else set())
     df["adapter"] = df["adapter"].fillna("(base)")
-    df["accepted"] = df["types"].apply(lambda t: "accept" in t)
-    df["edited"] = df["types"].apply(lambda t: "edit" in t)
+    for col, kind in (("accepted", "accept"), ("edited", "edit")):
+        ids = set(feedback.loc[feedback["type"] == kind, "request_id"]) if len(feedback) else set()
+        df[col] = df["request_id"].isin(ids)
     df["repeated"] = df["reason"].isin(["regenerated", "question repeated in the session"])
     rows = []
     for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):

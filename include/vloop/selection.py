@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 
@@ -45,24 +46,29 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     if category_error_rate is None:  # from today's labels when no history is given
         neg = df.assign(bad=df["weak_label"].isin(["negative", "weak_negative"]))
         category_error_rate = neg.groupby("category")["bad"].mean().to_dict() if len(neg) else {}
-    priorities, whys = [], []
-    for r in df.itertuples(index=False):
-        p, why = 0.0, []
-        conf = r.confidence
-        if conf is not None and not pd.isna(conf) and conf < cfg.low_confidence:
-            p += cfg.w_confidence * (cfg.low_confidence - conf) / cfg.low_confidence
-            why.append(f"low confidence {conf:.2f}")
-        if r.weak_label in ("negative", "weak_negative"):
-            p += cfg.w_feedback * (r.weight or 0)
-            why.append(f"{r.weak_label.replace('_', ' ')} feedback")
-        err = category_error_rate.get(r.category, 0.0) if r.category else 0.0
-        if err:
-            p += cfg.w_category * err
-            why.append(f"category {r.category} error rate {err:.0%}")
-        priorities.append(p)
-        whys.append("; ".join(why))
-    df = df.assign(priority=priorities, why=whys)
+    neg = df["weak_label"].isin(["negative", "weak_negative"]).to_numpy()
+    conf = pd.to_numeric(df["confidence"], errors="coerce").to_numpy(dtype=float)
+    low = np.nan_to_num(conf, nan=np.inf) < cfg.low_confidence
+    err = df["category"].map(category_error_rate).fillna(0.0).to_numpy(dtype=float)
+    priority = (np.where(low, cfg.w_confidence * (cfg.low_confidence - np.nan_to_num(conf)) / cfg.low_confidence, 0)
+                + np.where(neg, cfg.w_feedback * df["weight"].fillna(0).to_numpy(dtype=float), 0)
+                + cfg.w_category * err)
+    df = df.assign(priority=priority)
     df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
     dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
-    df = df[~dup_key.duplicated()]
-    return df.head(cfg.budget).drop(columns=["weak_label", "weight"]).reset_index(drop=True)
+    df = df[~dup_key.duplicated()].head(cfg.budget)
+    df["why"] = [_why(r, cfg, category_error_rate) for r in df.itertuples(index=False)]
+    return df.drop(columns=["weak_label", "weight"]).reset_index(drop=True)
+
+
+def _why(r, cfg: SelectionConfig, category_error_rate: dict) -> str:
+    """Why a chosen row was chosen, in words (only built for the few rows chosen)."""
+    why = []
+    if r.confidence is not None and not pd.isna(r.confidence) and r.confidence < cfg.low_confidence:
+        why.append(f"low confidence {r.confidence:.2f}")
+    if r.weak_label in ("negative", "weak_negative"):
+        why.append(f"{r.weak_label.replace('_', ' ')} feedback")
+    err = category_error_rate.get(r.category, 0.0) if r.category else 0.0
+    if err:
+        why.append(f"category {r.category} error rate {err:.0%}")
+    return "; ".join(why)

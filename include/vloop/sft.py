@@ -8,8 +8,10 @@ and a progress line every ``log_every`` steps with loss, tokens/s and ETA.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -30,10 +32,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return at
 
 
+def _save_checkpoint(path: Path, model, opt, sched, step: int, losses: list[float], tokens: int) -> None:
+    """Trainable weights + optimizer + scheduler + progress, written then renamed (atomic)."""
+    import torch
+
+    state = {"step": step, "losses": losses, "tokens": tokens, "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(),
+             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def run_sft(model, processor, samples: Sequence, *, steps: int, batch_size: int, lr: float,
             warmup_steps: int, seed: int, weight_decay: float = 0.0, log_every: int = 10,
-            log: Callable[[str], None] = print) -> SFTResult:
-    """Train ``model`` in place on ``samples`` (objects with ``image``, ``question``, ``answer``)."""
+            log: Callable[[str], None] = print, checkpoint: str | Path | None = None,
+            checkpoint_every: int = 0) -> SFTResult:
+    """Train ``model`` in place on ``samples`` (objects with ``image``, ``question``, ``answer``).
+
+    With ``checkpoint`` (a file path), the state is saved there every ``checkpoint_every`` steps
+    and a later call with the same arguments resumes from it: the sample order depends only on
+    the seed and the step, so a resumed run sees the same batches an uninterrupted one would."""
     import torch
 
     from vloop.model import encode
@@ -45,8 +64,20 @@ def run_sft(model, processor, samples: Sequence, *, steps: int, batch_size: int,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup_steps))
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    t0, tokens, losses = time.perf_counter(), 0, []
-    for step in range(steps):
+    t0, tokens, losses, start = time.perf_counter(), 0, [], 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        trainable = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                trainable[n].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses, tokens = state["step"], state["losses"], state["tokens"]
+        log(f"resumed from the checkpoint at step {start}/{steps}")
+    resumed_tokens = tokens
+    for step in range(start, steps):
         idx = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
         batch = encode(processor, [samples[i].image for i in idx], [samples[i].question for i in idx],
                        [samples[i].answer for i in idx])
@@ -61,8 +92,11 @@ def run_sft(model, processor, samples: Sequence, *, steps: int, batch_size: int,
         if (step + 1) % log_every == 0 or step + 1 == steps:
             el = time.perf_counter() - t0
             recent = losses[-log_every:]
+            done = step + 1 - start
             log(f"step {step + 1}/{steps} loss {sum(recent) / len(recent):.3f} "
-                f"{(step + 1) * batch_size / el:.0f} samples/s {tokens / el:.0f} tokens/s "
-                f"eta {(steps - step - 1) * el / (step + 1):.0f}s")
+                f"{done * batch_size / el:.0f} samples/s {(tokens - resumed_tokens) / el:.0f} tokens/s "
+                f"eta {(steps - step - 1) * el / done:.0f}s")
+        if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, model, opt, sched, step + 1, losses, tokens)
     model.eval()
     return SFTResult(losses, tokens, time.perf_counter() - t0)

@@ -213,3 +213,17 @@ def corpus(world: World | None = None) -> list[str]:
     texts += list(COLOURS) + list(COLOURS_ZH.values()) + list(CATEGORIES) + list(CATEGORIES_ZH.values())
     texts += [w for pair in YES_NO.values() for w in pair] + [str(i) for i in range(10)]
     return texts
+
+
+def intent_of(question: str) -> str:
+    """The intent of a question the synthetic world asks ("other" for anything else), so
+    datasets and evaluations can be broken down by intent."""
+    if not _INTENT_BY_QUESTION:
+        for (intent, _), qs in QUESTIONS.items():
+            _INTENT_BY_QUESTION.update({q: intent for q in qs})
+        for _, (_, by_lang) in SUITABLE_QUESTIONS.items():
+            _INTENT_BY_QUESTION.update({q: "suitable" for qs in by_lang.values() for q in qs})
+    return _INTENT_BY_QUESTION.get((question or "").strip(), "other")
+
+
+_INTENT_BY_QUESTION: dict[str, str] = {}
