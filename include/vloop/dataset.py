@@ -59,15 +59,16 @@ def _sha_of_key(image_key: str) -> str:
     return image_key.rsplit("/", 1)[-1].split(".")[0] if isinstance(image_key, str) else ""
 
 
-def ensure_golden(lake: Lake, size: int = 200) -> pd.DataFrame:
-    """The fixed golden evaluation set: read from the lake, or (first use) drawn from the synthetic
+def ensure_golden(lake: Lake, size: int = 200, samples=None) -> pd.DataFrame:
+    """The fixed golden evaluation set: read from the lake, or (first use) made from ``samples``
+    (objects with image, question, answer, category, intent), by default drawn from the synthetic
     world with its ground truth. In production, put a curated set at :data:`GOLDEN_KEY`."""
     from vloop.synth import World
 
     if lake.exists(GOLDEN_KEY):
         return daily.get_frame(lake, GOLDEN_KEY)
     rows = []
-    for s in World(GOLDEN_SEED).samples(size):
+    for s in samples if samples is not None else World(GOLDEN_SEED).samples(size):
         img = lake.put_image(s.image_bytes())
         rows.append({"example_id": f"golden-{s.id}", "source": "golden", "request_id": None,
                      "image_key": img.key, "image_sha256": img.sha256, "question": s.question,

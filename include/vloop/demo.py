@@ -109,7 +109,8 @@ def synthetic_day(lake: Lake, lm, day: dt.date, n: int = 300, seed: int = 0, bat
 
 def simulated_day(lake: Lake, day: dt.date, n: int = 1000, *, seed: int = 0, pool: int = 200,
                   accuracy: float = 0.6, missing_logprobs: float = 0.0, base_model: str = "sim-base",
-                  adapter: str | None = None, canary_share: float = 0.0, corrupt: int = 0) -> dict:
+                  adapter: str | None = None, canary_share: float = 0.0, corrupt: int = 0,
+                  intents: tuple[str, ...] | None = None) -> dict:
     """A day of traffic without a model: ``n`` questions about ``pool`` product photos, answered
     right with probability ``accuracy`` (confidence drawn higher for right answers), with the user
     reactions of :func:`synthetic_day`. Fast enough for a million rows (benchmarks, DAG tests).
@@ -117,7 +118,7 @@ def simulated_day(lake: Lake, day: dt.date, n: int = 1000, *, seed: int = 0, poo
     the first ``corrupt`` rows are broken (confidence 1.5, negative latency) for quality tests."""
     from vloop.synth import World
 
-    samples = World(seed).samples(pool, degraded=0.15)
+    samples = World(seed).samples(pool, degraded=0.15, **({"intents": intents} if intents else {}))
     stored = [lake.put_image(s.image_bytes()) for s in samples]
     rng = np.random.default_rng([seed, day.toordinal()])
     pick = rng.integers(0, pool, n)

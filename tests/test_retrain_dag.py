@@ -1,0 +1,81 @@
+"""The retrain_biweekly DAG with dag.test() on the tiny Qwen3-VL, a local lake and a real
+serving process: good labels → candidate passes the gate and serves as a 10% canary; poisoned
+labels → rejected with its reason, nothing changes in serving; too few labels → skipped."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import requests
+
+from tests.conftest import load_dag
+from tests.test_serving import TOKEN, Server
+from tests.test_training import write_labels
+from vloop import daily
+from vloop.dataset import ensure_golden
+from vloop.demo import simulated_day
+from vloop.lake import LocalLake
+from vloop.registry import Registry
+from vloop.synth import World
+
+DAY = dt.date(2026, 11, 20)
+
+
+def test_retrain_biweekly(airflow_db, base_model_dir, tmp_path, monkeypatch):
+    lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
+    # Yesterday's traffic: colour questions, mostly answered right and accepted (the replay source).
+    simulated_day(lake, DAY, 300, seed=12, accuracy=0.9, intents=("colour",))
+    daily.ingest(lake, DAY, dt.datetime(2026, 11, 21, 1, tzinfo=dt.timezone.utc))
+    for step in (daily.validate, daily.mine_feedback, daily.score_confidence, daily.check_images):
+        step(lake, DAY)
+    # The product's golden set: colour questions over every colour the shop sells.
+    ensure_golden(lake, samples=World(424242).samples(120, intents=("colour",)))
+    # Annotators corrected answers about the colours the base never learned.
+    write_labels(lake, DAY, World(5).samples(80, colours=("white", "yellow"), intents=("colour",)))
+
+    srv = Server(base_model_dir, lake.root.as_uri(), tmp_path).start()
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",
+                                                                  "extra": {"lake_url": lake.root.as_uri()}}))
+        monkeypatch.setenv("AIRFLOW_CONN_VLOOP_SERVING", json.dumps(
+            {"conn_type": "http", "host": "http://127.0.0.1", "port": srv.port, "password": TOKEN}))
+        monkeypatch.setenv("VLOOP_BASE_MODEL", str(base_model_dir))
+        monkeypatch.setenv("VLOOP_HOME", str(tmp_path / "home"))
+        dag = load_dag("retrain_biweekly")
+        conf = {"min_new_labels": 10, "steps": 60, "replay_ratio": 0.5}
+
+        dr = dag.test(run_conf=conf)
+        tis = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert dr.state == "success" and tis["deploy_canary"] == "success", tis
+        reg = Registry(lake)
+        canary = reg.alias("canary")
+        assert canary is not None and reg.state().statuses[canary.ref] == "canary"
+        assert canary.dataset_id.startswith("ds-") and canary.metrics["sets"]["golden"]["candidate"]
+        routes = requests.get(srv.url + "/admin/routes", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert routes["canary"] == canary.ref and routes["canary_share"] == 0.1 and routes["champion"] is None
+        models = [m["id"] for m in requests.get(srv.url + "/v1/models").json()["data"]]
+        assert canary.ref in models
+
+        # Poisoned labels: every colour is "banana". The candidate is rejected, serving unchanged.
+        later = DAY + dt.timedelta(days=14)
+        poison = World(6).samples(80, intents=("colour",))
+        write_labels(lake, later, poison, answers={i: "banana" for i in range(len(poison))})
+        dr = dag.test(run_conf={**conf, "replay_ratio": 0.0})
+        tis = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert tis["register"] == "success" and tis["deploy_canary"] == "skipped", tis
+        st = reg.state()
+        rejected = [r for r, s in st.statuses.items() if s == "rejected"]
+        assert len(rejected) == 1 and "does not beat the champion" in st.reasons[rejected[0]]
+        assert st.aliases == {"champion": None, "canary": canary.ref}
+        routes = requests.get(srv.url + "/admin/routes", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert routes["canary"] == canary.ref
+
+        # Too few new labels: skipped with the reason, nothing trained.
+        n_versions = len(reg.versions())
+        dr = dag.test(run_conf={**conf, "min_new_labels": 1000})
+        tis = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert tis["check_labels"] == "skipped" and tis["train"] == "skipped"
+        assert len(reg.versions()) == n_versions
+    finally:
+        srv.stop()
