@@ -178,7 +178,30 @@ def run_demo(lake: Lake, day: dt.date, n: int = 300, seed: int = 0, base_model: 
     written = synthetic_day(lake, lm, day, n=n, seed=seed, log=out)
     out(f"wrote {written['interactions']} interactions in {written['hours']} hourly partitions "
         f"and {written['feedback']} feedback events for {day} in {time.perf_counter() - t0:.1f}s")
-    return verify_day(lake, day, written["request_ids"], out=out)
+    result = verify_day(lake, day, written["request_ids"], out=out)
+    result["daily"] = run_daily(lake, day, out=out)
+    return result
+
+
+def run_daily(lake: Lake, day: dt.date, out=print) -> dict:
+    """The feedback_daily DAG's steps on ``day``, in-process (Label Studio left out: the demo
+    needs no server), ending with the HTML report."""
+    from vloop import daily
+
+    run_time = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)
+    steps = [("ingest", lambda: daily.ingest(lake, day, run_time)), ("validate", lambda: daily.validate(lake, day)),
+             ("mine", lambda: daily.mine_feedback(lake, day)), ("confidence", lambda: daily.score_confidence(lake, day)),
+             ("image quality", lambda: daily.check_images(lake, day)),
+             ("select", lambda: daily.select_for_labelling(lake, day)), ("report", lambda: daily.report(lake, day))]
+    results = {}
+    for name, step in steps:
+        t0 = time.perf_counter()
+        results[name] = step()
+        shown = {k: v for k, v in results[name].items() if k != "day" and not isinstance(v, dict)}
+        out(f"daily {name:13s} {time.perf_counter() - t0:5.1f}s  {shown}")
+    page = daily.key(daily.REPORTS, day, "index.html")
+    out(f"report: {lake.browser_url(page)}")
+    return results
 
 
 def verify_day(lake: Lake, day: dt.date, expected_ids: list[str], out=print) -> dict:
