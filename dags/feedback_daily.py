@@ -122,7 +122,7 @@ def feedback_daily():
                               low_confidence=float(Variable.get("vloop_low_confidence", default=0.6)))
         return daily.select_for_labelling(_lake(), _day(context), cfg)
 
-    @task
+    @task(pool="vloop_label_studio")
     def push(**context):
         from vloop import daily
 
@@ -131,7 +131,7 @@ def feedback_daily():
             return daily.push_to_label_studio(_lake(), _day(context), ls, project_title=hook.project_title,
                                               document_root=hook.document_root)
 
-    @task
+    @task(pool="vloop_label_studio")
     def pull(**context):
         from vloop import daily
 

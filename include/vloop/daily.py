@@ -55,8 +55,13 @@ def put_frame(lake: Lake, k: str, df: pd.DataFrame, schema: pa.Schema | None = N
     lake.write_parquet(k, table)
 
 
-def get_frame(lake: Lake, k: str) -> pd.DataFrame:
-    return lake.read_parquet(k).to_pandas()
+def get_frame(lake: Lake, k: str, columns: list[str] | None = None) -> pd.DataFrame:
+    return lake.read_parquet(k, columns=columns).to_pandas()
+
+
+# Every interaction column but the per-token log-probabilities: the steps after validation that
+# do not need them skip reading a million Python lists.
+LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n != "token_logprobs"]
 
 
 def _days_back(day: dt.date, n: int) -> list[dt.date]:
@@ -128,8 +133,8 @@ def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dic
     return summary
 
 
-def curated(lake: Lake, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (get_frame(lake, key(CURATED, day, "interactions.parquet")),
+def curated(lake: Lake, day: dt.date, columns: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (get_frame(lake, key(CURATED, day, "interactions.parquet"), columns),
             get_frame(lake, key(CURATED, day, "feedback.parquet")))
 
 
@@ -137,7 +142,7 @@ def curated(lake: Lake, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
 def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
     from vloop.mining import mine
 
-    inter, fb = curated(lake, day)
+    inter, fb = curated(lake, day, LIGHT_COLUMNS)
     mined = mine(inter, fb, rules).merge(inter[["request_id", "category"]], on="request_id", how="left")
     put_frame(lake, key(CURATED, day, "mined.parquet"), mined)
     return {"day": day.isoformat(), **mined["weak_label"].value_counts().to_dict()}
@@ -187,7 +192,7 @@ def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
 
     from vloop.imagequality import assess
 
-    inter, _ = curated(lake, day)
+    inter, _ = curated(lake, day, ["image_key"])
     rows = []
     for k in inter["image_key"].dropna().unique():
         with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
@@ -212,7 +217,7 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     from vloop.privacy import read_opt_outs
     from vloop.selection import select
 
-    inter, _ = curated(lake, day)
+    inter, _ = curated(lake, day, LIGHT_COLUMNS)
     mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
     conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
     iq = get_frame(lake, key(CURATED, day, "image_quality.parquet"))
@@ -277,7 +282,7 @@ def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dic
 def report(lake: Lake, day: dt.date) -> dict:
     from vloop.report import daily_metrics, plots, render_html, top_error_categories
 
-    inter, fb = curated(lake, day)
+    inter, fb = curated(lake, day, LIGHT_COLUMNS)
     mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
     conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
     inter = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")

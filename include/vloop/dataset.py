@@ -118,7 +118,7 @@ def _recent_curated(lake: Lake, until: dt.date, days: int) -> pd.DataFrame:
     frames = []
     for d in (until - dt.timedelta(days=i) for i in range(days)):
         try:
-            inter, fb = daily.curated(lake, d)
+            inter, fb = daily.curated(lake, d, daily.LIGHT_COLUMNS)
             mined = daily.get_frame(lake, daily.key(daily.CURATED, d, "mined.parquet"))
             conf = daily.get_frame(lake, daily.key(daily.CURATED, d, "confidence.parquet"))
         except Exception:
