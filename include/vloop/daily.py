@@ -29,6 +29,7 @@ from typing import Callable
 import pandas as pd
 import pyarrow as pa
 
+from vloop.frames import member
 from vloop.ingest import ingest_day
 from vloop.lake import Lake, LakeKeyNotFound, partition_prefix
 from vloop.schema import FEEDBACK, INTERACTION
@@ -127,7 +128,7 @@ def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dic
             f"validation, over the threshold of {max_bad_fraction:.1%}; the rows and reasons are in "
             f"{partition_prefix(QUARANTINE, day)}")
     # Events about a quarantined interaction stay with it: they are not mined.
-    good_fb = vf.good[vf.good["request_id"].isin(set(vi.good["request_id"]))]
+    good_fb = vf.good[member(vf.good["request_id"], vi.good["request_id"])]
     put_frame(lake, key(CURATED, day, "interactions.parquet"), vi.good, INTERACTION.arrow)
     put_frame(lake, key(CURATED, day, "feedback.parquet"), good_fb, FEEDBACK.arrow)
     return summary

@@ -63,20 +63,28 @@ def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules 
     the events first, then the rules applied in order with the first match winning."""
     rules = rules or MiningRules()
     inter = interactions.reset_index(drop=True)
-    rid = inter["request_id"]
+    n, rid = len(inter), inter["request_id"]
+    # Each event's row in ``inter`` (one hash lookup), then per-request facts by position.
     fb = feedback.sort_values("ts", kind="stable") if len(feedback) else feedback
+    pos = pd.Index(rid.astype(object)).get_indexer(fb["request_id"].astype(object)) if len(fb) else np.array([], int)
+    fb = fb.assign(_pos=pos)[pos >= 0] if len(fb) else fb
+    types = fb["type"].to_numpy(dtype=object) if len(fb) else np.array([], dtype=object)
+
+    def present(kind: str) -> pd.Series:
+        out = np.zeros(n, dtype=bool)
+        out[fb["_pos"].to_numpy()[types == kind]] = True
+        return pd.Series(out)
 
     def per_request(kind: str, column: str, how: str) -> pd.Series:
-        ev = fb[fb["type"] == kind] if len(fb) else fb
+        ev = fb[types == kind] if len(fb) else fb
         if kind == "rating" and len(ev):
             ev = ev[ev["rating"].notna()]
         if not len(ev):
-            return pd.Series([None] * len(inter), dtype=object)
-        return rid.map(getattr(ev.groupby("request_id")[column], how)())
+            return pd.Series([None] * n, dtype=object)
+        return getattr(ev.groupby("_pos")[column], how)().reindex(range(n))
 
     edited = per_request("edit", "edited_text", "last")
-    has = {k: rid.isin(set(fb.loc[fb["type"] == k, "request_id"])) if len(fb) else pd.Series(False, index=inter.index)
-           for k in ("edit", "regenerate", "accept", "close", "dwell")}
+    has = {k: present(k) for k in ("edit", "regenerate", "accept", "close", "dwell")}
     rating = pd.to_numeric(per_request("rating", "rating", "last"), errors="coerce")
     first_close = pd.to_datetime(per_request("close", "ts", "min"), utc=True)
     dwell = pd.to_numeric(per_request("dwell", "dwell_ms", "max"), errors="coerce")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from vloop.schema import ARMS, FEEDBACK_TYPES, STATUSES
@@ -66,18 +67,33 @@ def expectations(cfg: QualityConfig, start: dt.datetime, end: dt.datetime):
     ]
 
 
+def max_per_list(lists: pd.Series) -> np.ndarray:
+    """The largest element of each list (NaN for an empty or missing one), vectorised: the
+    elements are flattened once and reduced by their row number."""
+    lengths = lists.map(len, na_action="ignore").fillna(0).to_numpy(dtype=np.int64)
+    out = np.full(len(lists), np.nan)
+    if lengths.sum():
+        flat = np.concatenate([np.asarray(v, dtype=float) for v in lists if v is not None and len(v)])
+        rows = np.repeat(np.arange(len(lists)), lengths)
+        out[:] = pd.Series(flat).groupby(rows).max().reindex(range(len(lists))).to_numpy()
+    return out
+
+
 def derived_columns(df: pd.DataFrame, lake=None) -> pd.DataFrame:
-    """Columns the suite checks that are not stored as such."""
+    """Columns the suite checks that are not stored as such. Numeric ones are plain float64:
+    Great Expectations checks ranges vectorised only on numpy dtypes, row by row otherwise."""
     out = df.copy()
-    out["question_len"] = out["question"].fillna("").str.len()
-    out["answer_len"] = out["answer"].fillna("").str.len()
+    out["question_len"] = out["question"].fillna("").str.len().astype("float64")
+    out["answer_len"] = out["answer"].fillna("").str.len().astype("float64")
     out["ts_epoch_s"] = (pd.to_datetime(out["ts"], utc=True).dt.as_unit("us").astype("int64") / 1e6
                          if len(out) else pd.Series(dtype=float))
-    out["max_logprob"] = [max(v) if v is not None and len(v) else None for v in out["token_logprobs"]]
+    out["max_logprob"] = max_per_list(out["token_logprobs"])
+    for c in ("latency_ms", "confidence"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
     if lake is not None:
         keys = out["image_key"].dropna().unique().tolist()
         present = {k: lake.exists(k) for k in keys}
-        out["image_present"] = [True if k is None or pd.isna(k) else present[k] for k in out["image_key"]]
+        out["image_present"] = out["image_key"].map(present).fillna(True).astype(bool)
     else:
         out["image_present"] = True
     return out
@@ -157,7 +173,9 @@ def validate_feedback(df: pd.DataFrame, cfg: QualityConfig | None = None) -> Val
     """Run the feedback suite on ``df`` (events already joined to the day's interactions)."""
     cfg = cfg or QualityConfig()
     df = df.reset_index(drop=True)
-    batch = df.assign(edited_len=df["edited_text"].fillna("").str.len())
+    batch = df.assign(edited_len=df["edited_text"].fillna("").str.len().astype("float64"),
+                      dwell_ms=pd.to_numeric(df["dwell_ms"], errors="coerce").astype("float64"),
+                      rating=pd.to_numeric(df["rating"], errors="coerce").astype("float64"))
     return _run_suite(df, batch, FEEDBACK_SUITE_NAME, feedback_expectations(cfg))
 
 

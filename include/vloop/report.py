@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from vloop.frames import member
+
 
 def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
@@ -36,8 +38,8 @@ def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: p
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
     df["adapter"] = df["adapter"].fillna("(base)")
     for col, kind in (("accepted", "accept"), ("edited", "edit")):
-        ids = set(feedback.loc[feedback["type"] == kind, "request_id"]) if len(feedback) else set()
-        df[col] = df["request_id"].isin(ids)
+        df[col] = member(df["request_id"], feedback.loc[feedback["type"] == kind, "request_id"]) \
+            if len(feedback) else False
     df["repeated"] = df["reason"].isin(["regenerated", "question repeated in the session"])
     rows = []
     for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):

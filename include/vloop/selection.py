@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from vloop.frames import member
+
 
 @dataclass
 class SelectionConfig:
@@ -41,7 +43,7 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     ``priority`` and ``why`` columns."""
     cfg = cfg or SelectionConfig()
     df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
-    df = df[~df["user_key"].isin(opted_out_users) & ~df["request_id"].isin(already_labelled)]
+    df = df[~member(df["user_key"], opted_out_users) & ~member(df["request_id"], already_labelled)]
     df = df[~df["image_key"].isin(poor_images) | df["image_key"].isna()]
     if category_error_rate is None:  # from today's labels when no history is given
         neg = df.assign(bad=df["weak_label"].isin(["negative", "weak_negative"]))
