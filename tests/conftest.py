@@ -89,9 +89,10 @@ LABEL_STUDIO_TOKEN = "vloop-test-token-0123456789"
 
 
 @pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
+def label_studio(tmp_path_factory, s3_endpoint):
     """A real Label Studio server (its own venv, made by `make setup`) on loopback, with a fresh
-    data dir and local-files serving rooted at a temporary directory. Yields
+    data dir, local-files serving rooted at a temporary directory, and the session's S3 server as
+    its operator-set ``S3_ENDPOINT`` (as MinIO would be in production). Yields
     ``(url, token, document_root)``; stopped (its process group) at the end of the session."""
     import signal
     import subprocess
@@ -111,7 +112,7 @@ def label_studio(tmp_path_factory):
            "LABEL_STUDIO_USER_TOKEN": LABEL_STUDIO_TOKEN, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(docroot),
            "LABEL_STUDIO_LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
-           "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": ""}
+           "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "", "S3_ENDPOINT": s3_endpoint}
     log = open(base / "label-studio.log", "wb")
     proc = subprocess.Popen([str(exe), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -95,3 +95,23 @@ def test_project_storage_import_without_duplicates_and_pull(label_studio):
         assert got.loc["req-0", ["corrected_answer", "verdict", "image_quality"]].tolist() == ["blue", "wrong", "good"]
         assert got.loc["req-1", "corrected_answer"] == "red" and got.loc["req-0", "lead_time_s"] == 7.5
         assert pd.notna(got.loc["req-0", "updated_at"])
+
+
+def test_s3_lake_images_reach_the_annotator_presigned(label_studio, s3_lake):
+    """MinIO/S3 lake: an S3 import storage (endpoint from Label Studio's own S3_ENDPOINT, since its
+    SSRF guard refuses a user-supplied loopback/private endpoint); the task's s3:// reference
+    resolves to a presigned URL that serves the lake's bytes."""
+    url, token, _ = label_studio
+    row = interaction(0, s3_lake)
+    with LabelStudio(url, token) as ls:
+        pid = ls.ensure_project(f"s3 {s3_lake.bucket}")
+        storage = ls.ensure_storage(pid, s3_lake)
+        assert storage["type"] == "s3" and storage["bucket"] == s3_lake.bucket and storage["presign"]
+        ls.import_tasks(pid, [task_payload(row, image_reference(s3_lake, row["image_key"]), "base")])
+        task = ls.export(pid, all_tasks=True)[0]
+        assert task["data"]["image"].startswith(f"s3://{s3_lake.bucket}/")
+        resolved = ls._call("GET", f"/api/tasks/{task['id']}")["data"]["image"]
+        assert resolved.startswith(f"/tasks/{task['id']}/resolve/")
+        redirect = ls.http.get(resolved, follow_redirects=False)
+        assert redirect.status_code in (302, 303, 307) and "X-Amz-Signature" in redirect.headers["location"]
+        assert httpx.get(redirect.headers["location"]).content == s3_lake.get_bytes(row["image_key"])

@@ -222,15 +222,21 @@ class LabelStudio:
             self._call("PATCH", f"/api/projects/{p['id']}", json={"label_config": LABEL_CONFIG})
         return int(p["id"])
 
-    def ensure_storage(self, project: int, lake: Lake, document_root: str | None = None) -> dict | None:
+    def ensure_storage(self, project: int, lake: Lake, document_root: str | None = None,
+                       s3_endpoint: str | None = None) -> dict | None:
         """Register the lake as an import storage of ``project`` (once), so task image references
-        resolve in the annotator's browser."""
+        resolve in the annotator's browser.
+
+        On S3/MinIO the endpoint is left out of the storage by default: Label Studio refuses a
+        user-supplied endpoint on a private or loopback address (its SSRF guard), but trusts the
+        one its operator sets in its own environment, ``S3_ENDPOINT`` — set that to the MinIO URL
+        where Label Studio runs. Pass ``s3_endpoint`` only for a public endpoint."""
         if isinstance(lake, S3Lake):
             kind, body = "s3", {
-                "bucket": lake.bucket, "prefix": lake.prefix, "s3_endpoint": lake.endpoint_url,
+                "bucket": lake.bucket, "prefix": lake.prefix.rstrip("/"),
                 "aws_access_key_id": lake.access_key, "aws_secret_access_key": lake.secret_key,
                 "region_name": lake.region, "presign": True, "use_blob_urls": False,
-                "title": "vloop lake"}
+                "title": "vloop lake", **({"s3_endpoint": s3_endpoint} if s3_endpoint else {})}
         elif isinstance(lake, LocalLake) and document_root:
             # Only the images directory is exposed (Label Studio also refuses the document root
             # itself), and it must exist before Label Studio accepts it.
