@@ -38,7 +38,7 @@ test: setup
 demo: $(STAMP)
 	$(VENV)/bin/vloop demo
 
-## up / down: the local stack on loopback (Label Studio for now), PIDs under var/run
+## up / down: the local stack on loopback (Label Studio, serving, Airflow), PIDs under var/run
 up: setup
 	@bin/stack up
 
