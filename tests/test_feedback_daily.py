@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 
-import pandas as pd
 import pytest
 
 from tests.conftest import load_dag

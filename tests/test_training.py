@@ -124,8 +124,6 @@ def test_dataset_builder(local_lake):
 
 
 def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path):
-    from training.job import TrainJob
-
     lake = local_lake
     samples = World(5).samples(64, colours=("white", "yellow"), intents=("colour",))
     write_labels(lake, DAY, samples)

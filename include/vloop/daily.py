@@ -69,7 +69,7 @@ def _days_back(day: dt.date, n: int) -> list[dt.date]:
     return [day - dt.timedelta(days=i) for i in range(n)]
 
 
-def _partitions(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date | None = None) -> pd.DataFrame:
+def read_days(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date | None = None) -> pd.DataFrame:
     """Concatenate ``dataset/dt=*/name`` over ``days`` (or every day present), except ``exclude``."""
     if days is None:
         keys = [k for k in lake.list(dataset + "/") if k.endswith("/" + name)]
@@ -209,8 +209,8 @@ def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
 # -- 6. select ------------------------------------------------------------------------------------
 def labelled_request_ids(lake: Lake, exclude: dt.date | None = None) -> set[str]:
     """Request ids already chosen for labelling (any day but ``exclude``) or labelled."""
-    done = _partitions(lake, LABELING, "selected.parquet", exclude=exclude)
-    back = _partitions(lake, LABELED, LABELED_FILE, exclude=exclude)
+    done = read_days(lake, LABELING, "selected.parquet", exclude=exclude)
+    back = read_days(lake, LABELED, LABELED_FILE, exclude=exclude)
     return set(done.get("request_id", [])) | set(back.get("request_id", []))
 
 
@@ -223,7 +223,7 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
     iq = get_frame(lake, key(CURATED, day, "image_quality.parquet"))
     cands = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
-    history = _partitions(lake, CURATED, "mined.parquet", days=_days_back(day, HISTORY_DAYS))
+    history = read_days(lake, CURATED, "mined.parquet", days=_days_back(day, HISTORY_DAYS))
     history["bad"] = history["weak_label"].isin(["negative", "weak_negative"])
     err = history.dropna(subset=["category"]).groupby("category")["bad"].mean().to_dict()
     chosen = select(cands, mined, cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
@@ -272,7 +272,7 @@ def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dic
 
     project = ls.ensure_project(project_title)
     finished = ls.finished_annotations(project)
-    earlier = _partitions(lake, LABELED, LABELED_FILE, exclude=day)
+    earlier = read_days(lake, LABELED, LABELED_FILE, exclude=day)
     new = finished[~finished["request_id"].isin(set(earlier.get("request_id", [])))]
     put_frame(lake, key(LABELED, day, LABELED_FILE), new[LABELED_COLUMNS].reset_index(drop=True))
     return {"day": day.isoformat(), "finished_in_label_studio": len(finished), "new": len(new),
@@ -296,7 +296,7 @@ def report(lake: Lake, day: dt.date) -> dict:
     top = top_error_categories(inter, mined)
     put_frame(lake, key(REPORTS, day, "metrics.parquet"), metrics)
     put_frame(lake, key(REPORTS, day, "top_errors.parquet"), top)
-    history = _partitions(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
+    history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
     validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
     summary = {
         "day": day.isoformat(), "interactions": len(inter), "feedback events": len(fb),

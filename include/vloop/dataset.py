@@ -91,7 +91,7 @@ def _in_range(day: str, cfg: DatasetConfig) -> bool:
 
 def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
     """Finished annotations of the configured days, with the user key of their interaction."""
-    lab = daily._partitions(lake, daily.LABELED, daily.LABELED_FILE)
+    lab = daily.read_days(lake, daily.LABELED, daily.LABELED_FILE)
     if not len(lab):
         return lab
     lab = lab[lab["dt"].map(lambda d: _in_range(d, cfg))]
@@ -107,7 +107,7 @@ def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
 
 
 def count_new_labels(lake: Lake, since: str | None) -> int:
-    lab = daily._partitions(lake, daily.LABELED, daily.LABELED_FILE)
+    lab = daily.read_days(lake, daily.LABELED, daily.LABELED_FILE)
     if not len(lab):
         return 0
     lab = lab[lab["verdict"].isin(["correct", "wrong"])]

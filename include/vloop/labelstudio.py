@@ -21,7 +21,6 @@ rows of the ``labeled/`` table; they are plain functions, tested without a serve
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 import urllib.parse
 from pathlib import Path
@@ -278,7 +277,3 @@ class LabelStudio:
         """The latest submitted annotation of every annotated task, normalised (see
         :func:`normalise_annotations`)."""
         return normalise_annotations(self.export(project, all_tasks=False))
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

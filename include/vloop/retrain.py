@@ -27,7 +27,7 @@ def labels_since_last_training(lake: Lake, registry: Registry) -> tuple[int, str
     """Labels (correct/wrong verdicts) pulled after the newest registered adapter was created."""
     versions = registry.versions()
     since = max((v.created_at for v in versions), default=None)
-    lab = daily._partitions(lake, daily.LABELED, daily.LABELED_FILE)
+    lab = daily.read_days(lake, daily.LABELED, daily.LABELED_FILE)
     if not len(lab):
         return 0, since
     lab = lab[lab["verdict"].isin(["correct", "wrong"])]
