@@ -21,8 +21,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from peft import LoraConfig, get_peft_model
-from training.lora import LoraTrainConfig
+from training.lora import LoraTrainConfig, add_lora
 from vloop.model import encode, load_model
 from vloop.synth import World
 
@@ -31,8 +30,7 @@ cfg = LoraTrainConfig(steps=steps, batch_size=bs, log_every=10**9)
 samples = World(7).samples(256)
 torch.manual_seed(0)
 lm = load_model(model_dir)
-model = get_peft_model(lm.model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+model = add_lora(lm.model, cfg)
 tokens = 0
 t0 = time.perf_counter()
 if which == "vloop":

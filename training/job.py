@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.lora import LoraTrainConfig
+from training.lora import LoraTrainConfig, add_lora
 
 log = logging.getLogger("training")
 ADAPTER_FILES_LAST = "adapter_config.json"
@@ -104,7 +104,6 @@ def loss_plot(losses: list[float], path: Path) -> None:
 
 def train(job: TrainJob) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from vloop.dataset import load_split, manifest
     from vloop.model import load_model
@@ -119,11 +118,8 @@ def train(job: TrainJob) -> dict:
     cfg = job.lora
     torch.manual_seed(cfg.seed)
     lm = load_model(job.base_model)
-    model = get_peft_model(lm.model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
-    if lm.device != "cpu":  # bf16 weights on a GPU: trade compute for activation memory
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    # bf16 weights on a GPU: gradient checkpointing trades compute for activation memory.
+    model = add_lora(lm.model, cfg, gradient_checkpointing=lm.device != "cpu")
     out = job.local_dir
     out.mkdir(parents=True, exist_ok=True)
     log.info("training %s on %d examples of %s (%s)", job.lake_prefix, len(examples), job.dataset_id, lm.device)
@@ -150,12 +146,11 @@ def _with_adapter(lm, lake, prefix: str | None, cache: Path):
     """``lm`` with the adapter at lake ``prefix`` applied (the base itself when None)."""
     from peft import PeftModel
 
+    from vloop.lake import fetch_files
+
     if not prefix:
         return lm
-    local = cache / prefix.strip("/").replace("/", "_")
-    local.mkdir(parents=True, exist_ok=True)
-    for k in lake.list(prefix.rstrip("/") + "/"):
-        (local / k.rsplit("/", 1)[-1]).write_bytes(lake.get_bytes(k))
+    local = fetch_files(lake, lake.list(prefix.rstrip("/") + "/"), cache / prefix.strip("/").replace("/", "_"))
     model = PeftModel.from_pretrained(lm.model, local)
     model.eval()
     return dataclasses.replace(lm, model=model)

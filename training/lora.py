@@ -32,12 +32,25 @@ class LoraTrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+def add_lora(model, cfg: LoraTrainConfig, *, gradient_checkpointing: bool = False):
+    """``model`` wrapped with fresh LoRA weights as ``cfg`` says (the one place a PEFT config is
+    built from a LoraTrainConfig). Gradient checkpointing trades compute for activation memory,
+    for bf16 weights on a GPU."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                  target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    if gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable()
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
 def train_lora(base_dir: str | Path, samples: Sequence, out_dir: str | Path,
                cfg: LoraTrainConfig | None = None, log: Callable[[str], None] = print) -> dict:
     """Train a LoRA adapter on ``samples`` (objects with ``image``, ``question``, ``answer``) and
     save it to ``out_dir`` in PEFT format. Returns the training summary (also in ``training.json``)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from vloop.model import load_model
     from vloop.sft import run_sft
@@ -45,9 +58,7 @@ def train_lora(base_dir: str | Path, samples: Sequence, out_dir: str | Path,
     cfg = cfg or LoraTrainConfig()
     torch.manual_seed(cfg.seed)
     lm = load_model(base_dir)
-    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(lm.model, peft_cfg)
+    model = add_lora(lm.model, cfg)
     result = run_sft(model, lm.processor, samples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every, log=log)
     losses, tokens = result.losses, result.tokens
