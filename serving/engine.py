@@ -173,12 +173,11 @@ class LocalEngine:
         if self.lake is not None and not path.startswith("/"):
             keys = self.lake.list(path.rstrip("/") + "/")
             if keys and self.adapter_cache is not None:
+                from vloop.lake import fetch_files
+
                 dest = self.adapter_cache / name
                 shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir(parents=True)
-                for k in keys:
-                    (dest / k.rsplit("/", 1)[-1]).write_bytes(self.lake.get_bytes(k))
-                return dest
+                return fetch_files(self.lake, keys, dest)
         raise EngineError(400, f"lora_path {path!r} is neither a local directory nor an adapter in the lake")
 
     def _check(self, name: str, path: Path) -> None:

@@ -157,10 +157,9 @@ def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path
     # The published adapter loads with PEFT.
     from peft import PeftConfig
 
-    local = tmp_path / "check"
-    local.mkdir()
-    for k in lake.list("adapters/vqa/v1/"):
-        (local / k.rsplit("/", 1)[-1]).write_bytes(lake.get_bytes(k))
+    from vloop.lake import fetch_files
+
+    local = fetch_files(lake, lake.list("adapters/vqa/v1/"), tmp_path / "check")
     assert PeftConfig.from_pretrained(local).r == 8
     bad = subprocess.run(cmd + ["--stage", "train"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "already published" in bad.stderr

@@ -106,14 +106,6 @@ def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
     return lab.merge(users, on="request_id", how="left")
 
 
-def count_new_labels(lake: Lake, since: str | None) -> int:
-    lab = daily.read_days(lake, daily.LABELED, daily.LABELED_FILE)
-    if not len(lab):
-        return 0
-    lab = lab[lab["verdict"].isin(["correct", "wrong"])]
-    return int((lab["dt"] >= since).sum()) if since else len(lab)
-
-
 def _recent_curated(lake: Lake, until: dt.date, days: int) -> pd.DataFrame:
     frames = []
     for d in (until - dt.timedelta(days=i) for i in range(days)):

@@ -595,8 +595,18 @@ def copy_prefix(src: Lake, dst: Lake, prefix: str = "") -> int:
     return len(keys)
 
 
+def fetch_files(lake: Lake, keys: Sequence[str], dest: str | os.PathLike) -> Path:
+    """Download ``keys`` into the directory ``dest``, each under its base name (an adapter's
+    files, say, to hand to a loader that wants a local directory)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for k in keys:
+        (dest / k.rsplit("/", 1)[-1]).write_bytes(lake.get_bytes(k))
+    return dest
+
+
 __all__ = [
     "Lake", "LocalLake", "S3Lake", "StoredImage", "LakeError", "LakeConfigError", "LakeKeyNotFound",
     "LakeUnavailable", "open_lake", "lake_from_connection", "partition_prefix", "check_key",
-    "copy_prefix", "PARTITION_FILE", "INTERACTIONS_DATASET", "FEEDBACK_DATASET",
+    "copy_prefix", "fetch_files", "PARTITION_FILE", "INTERACTIONS_DATASET", "FEEDBACK_DATASET",
 ]
