@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 tasks")
     args = ap.parse_args()
     n = 100 if args.quick else args.tasks
+    from vloop.daily import model_version
     from vloop.demo import simulated_day
     from vloop.labelstudio import LabelStudio, image_reference, task_payload
     from vloop.lake import LocalLake
@@ -43,7 +44,7 @@ def main() -> None:
         project = ls.ensure_project(f"bench push {uuid.uuid4().hex[:8]}")
         ls.ensure_storage(project, lake, args.document_root)
         t = time.perf_counter()
-        tasks = [task_payload(r, image_reference(lake, r["image_key"], args.document_root), r["base_model"])
+        tasks = [task_payload(r, image_reference(lake, r["image_key"], args.document_root), model_version(r))
                  for r in rows]
         build = time.perf_counter() - t
         t = time.perf_counter()

@@ -17,6 +17,17 @@ For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`:
 8. **pull** finished annotations into `labeled/dt=D/`;
 9. **report** — `reports/dt=D/index.html` with the per-arm metrics and plots.
 
+A day without traffic (a deployment's first night) is a normal day: every step succeeds on empty
+tables and the report says "no traffic".
+
+**pull does not depend on the day's traffic.** Annotators finish tasks of earlier days whatever
+today brings, so pull runs after push has finished in *any* state (`trigger_rule="all_done"`):
+also when validate failed the quality gate and everything from mine to push is
+`upstream_failed`. It follows push only so the two never race to create the Label Studio project.
+The report needs the validated day: it waits for select and pull (after push) and runs unless one
+of them failed (`none_failed`), so it runs when push/pull were skipped for want of Label Studio and
+is `upstream_failed` on a day the quality gate stopped.
+
 Every step replaces its own output for D, so re-running a day is safe; trigger with the param
 `day` to (re)process a given day. Without a
 `vloop_label_studio` connection, push and pull are skipped and the report still runs.
@@ -131,7 +142,8 @@ def feedback_daily():
             return daily.push_to_label_studio(_lake(), _day(context), ls, project_title=hook.project_title,
                                               document_root=hook.document_root)
 
-    @task(pool="vloop_label_studio")
+    # Whatever push's state (a failed quality gate leaves it upstream_failed): see the docstring.
+    @task(pool="vloop_label_studio", trigger_rule="all_done")
     def pull(**context):
         from vloop import daily
 
@@ -150,7 +162,9 @@ def feedback_daily():
     checked >> [mined, scored, images]
     chosen = select()
     [mined, scored, images] >> chosen
-    chosen >> push() >> pull() >> report()
+    pulled = pull()
+    chosen >> push() >> pulled
+    [chosen, pulled] >> report()
 
 
 feedback_daily()

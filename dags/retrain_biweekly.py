@@ -6,16 +6,21 @@ Every 14 days (or on a manual trigger, with params):
 1. **check_labels** — skips the run, saying why, when fewer labels than `min_new_labels` (Variable
    `vloop_min_new_labels`) arrived since the last registered adapter;
 2. **build_dataset** — `datasets/<id>/`: corrected and confirmed labels, replay of confident
-   accepted answers, the fixed golden set kept apart (`vloop.dataset`);
+   accepted answers, the fixed golden set kept apart (`vloop.dataset`). The golden set is the
+   curated one at `datasets/golden/golden.parquet`; only with `VLOOP_SIMULATION=1` is the
+   synthetic world's set written there when it is missing;
 3. **train** — `python -m training --stage train` in a subprocess (checkpoints; a retry resumes).
    On GPU nodes run the same image with a KubernetesPodOperator instead (see `training/README.md`);
 4. **evaluate** — candidate and champion side by side on the golden set and held-out labels;
-5. **gate** — the candidate must beat the champion by a margin on the golden set and not regress
-   any category beyond a tolerance;
+5. **gate** — on the golden set the candidate must beat the champion by a margin, significantly on
+   the same items (McNemar's exact test, one-sided, at `gate_alpha`), and not regress any category
+   beyond a tolerance (`vloop.retrain.gate_decision`; its figures go into the registry's history);
 6. **register** — the version goes into the registry with its lineage; a rejected one is recorded
    as `rejected` with the reason, and the champion stays;
-7. **deploy_canary** — serving (connection `vloop_serving`) loads the adapter and routes
-   `canary_share` (Variable `vloop_canary_share`, 10% by default) of users to it.
+7. **deploy_canary** — the registry's serving state makes it the canary of a new experiment at
+   `canary_share` (Variable `vloop_canary_share`, 10% by default); every serving replica follows,
+   and the one of connection `vloop_serving` is asked to apply it at once, so an adapter it cannot
+   load fails here. From then on `canary_rollout` judges it.
 
 Logic lives in `vloop.retrain`, `vloop.dataset`, `vloop.registry` and `training`; this file is wiring.
 """
@@ -87,6 +92,8 @@ def _run_training(context, stage: str) -> dict:
         "replay_ratio": Param(1.0, type="number", minimum=0, description="replay examples per new label"),
         "gate_margin": Param(0.02, type="number", description="golden-set margin over the champion"),
         "category_tolerance": Param(0.05, type="number", description="largest allowed per-category drop"),
+        "gate_alpha": Param(0.05, type="number", minimum=0, maximum=1,
+                            description="significance of the gate's paired test (its false-pass rate)"),
         "adapter_name": Param("vqa", type="string"),
     },
 )
@@ -110,13 +117,18 @@ def retrain_biweekly():
     @task
     def build_dataset(**context):
         from vloop.config import load_settings
-        from vloop.dataset import DatasetConfig, build_dataset
+        from vloop.dataset import GOLDEN_KEY, DatasetConfig, build_dataset
         from vloop.registry import Registry, new_version
 
-        lake, p = _lake(), context["params"]
-        manifest = build_dataset(lake, DatasetConfig(replay_ratio=p["replay_ratio"]))
+        lake, p, settings = _lake(), context["params"], load_settings()
+        cfg = DatasetConfig(replay_ratio=p["replay_ratio"])
+        golden = None  # production: the curated set at GOLDEN_KEY, or build_dataset fails saying so
+        if settings.simulation and not lake.exists(GOLDEN_KEY):
+            from vloop.synth import golden_samples
+
+            golden = golden_samples(cfg.golden_size)
+        manifest = build_dataset(lake, cfg, golden_samples=golden)
         champion = Registry(lake).alias("champion")
-        settings = load_settings()
         if not settings.base_model:
             raise ValueError("VLOOP_BASE_MODEL is not set: the base model to train an adapter for")
         job = {"dataset_id": manifest["id"], "base_model": settings.base_model, "version": new_version(),
@@ -140,13 +152,14 @@ def retrain_biweekly():
 
     @task
     def gate(**context):
-        from vloop.retrain import GateConfig, gate
+        from vloop.retrain import GateConfig, gate_decision
 
         job = _job(context, context["ti"])
         metrics = _lake().get_json(job.lake_prefix + "metrics.json")
         p = context["params"]
-        passed, reason = gate(metrics, GateConfig(margin=p["gate_margin"], category_tolerance=p["category_tolerance"]))
-        return {"passed": passed, "reason": reason}
+        # passed, reason and the paired test's figures (n, b, c, difference, interval, p)
+        return gate_decision(metrics, GateConfig(margin=p["gate_margin"], category_tolerance=p["category_tolerance"],
+                                                 alpha=p["gate_alpha"]))
 
     @task
     def register(decision: dict, **context):
@@ -160,6 +173,9 @@ def retrain_biweekly():
             dataset_id=job.dataset_id, dataset_hash=training["dataset_sha256"], training_config=job.to_dict(),
             metrics=lake.get_json(job.lake_prefix + "metrics.json")), actor="retrain_biweekly",
             reason=f"trained in run {context['run_id']}")
+        # The gate's figures (n, discordant b/c, difference and interval, p) go into the history.
+        reg.record("gate", {"ref": v.ref, "figures": {k: x for k, x in decision.items() if k != "reason"}},
+                   actor="retrain_biweekly", reason=decision["reason"])
         if not decision["passed"]:
             reg.set_status(v.ref, "rejected", actor="retrain_biweekly", reason=decision["reason"])
         return {"ref": v.ref, **decision}
@@ -169,7 +185,7 @@ def retrain_biweekly():
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from vloop.registry import Registry
+        from vloop.canary import ReleaseConfig
         from vloop.retrain import deploy_canary
 
         if not registered["passed"]:
@@ -177,11 +193,9 @@ def retrain_biweekly():
         conn = BaseHook.get_connection("vloop_serving")
         url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
         share = float(Variable.get("vloop_canary_share", default=0.1))
-        reg = Registry(_lake())
-        v = reg.get(registered["ref"])
-        routes = deploy_canary(url, conn.password, v.ref, v.path, share)
-        reg.set_alias("canary", v.ref, actor="retrain_biweekly", reason=f"canary at {share:.0%}: {registered['reason']}")
-        return routes
+        stages = tuple(sorted({share, *(x for x in ReleaseConfig().stages if x > share)}))
+        return deploy_canary(_lake(), registered["ref"], actor="retrain_biweekly", reason=registered["reason"],
+                             serving_url=url, token=conn.password, cfg=ReleaseConfig(stages=stages))
 
     decision = gate()
     check_labels() >> build_dataset() >> train() >> evaluate() >> decision

@@ -62,6 +62,12 @@ class ServeConfig:
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
     ship_interval_s: float = 1.0
     max_batch: int = 16
+    # Seconds between reads of the registry's desired serving state (0: never; routes and
+    # adapters then change only through the admin routes).
+    reconcile_interval_s: float = 5.0
+    # Simulation mode (the demo): requests may carry X-Vloop-Sim-Time to log a simulated clock.
+    # Off in production, so no client can ever set a record's timestamp.
+    simulation: bool = False
 
 
 class ApiError(Exception):
@@ -88,6 +94,13 @@ class Gateway:
         self.opt_out_path = cfg.state_dir / "opt_out.json"
         self.opted_out: set[str] = set(json.loads(self.opt_out_path.read_text())) if self.opt_out_path.is_file() else set()
         self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
+        self.registry = None
+        if self.lake is not None:
+            from vloop.registry import Registry
+
+            self.registry = Registry(self.lake)
+        self.applied_seq = 0  # the registry serving state this replica has applied
+        self.reconciled: set[str] = set()  # adapters loaded because the registry said so
         if cfg.upstream:
             self.engine = UpstreamEngine(cfg.upstream, api_key=cfg.upstream_api_key)
             self.local = None
@@ -124,11 +137,74 @@ class Gateway:
         if not hmac.compare_digest(token.encode(), self.cfg.admin_token.encode()):
             raise ApiError(401, "admin route: missing or wrong bearer token", "authentication_error")
 
-    def user_key(self, body: dict, request: Request) -> str:
-        uid = body.get("user") or request.headers.get("x-user-id") or "anonymous"
+    def user_key(self, body: dict, request: Request) -> str | None:
+        """The HMAC of the caller's user id; None when the request names no user."""
+        uid = body.get("user") or request.headers.get("x-user-id")
+        if uid is None:
+            return None
         if not isinstance(uid, str):
             raise ApiError(400, "'user' must be a string")
         return hmac_user_key(uid, self.cfg.user_key_secret)
+
+    def now(self, request: Request) -> dt.datetime:
+        """The record's timestamp: the server's clock, or in simulation mode X-Vloop-Sim-Time."""
+        sim = request.headers.get("x-vloop-sim-time")
+        if sim and self.cfg.simulation:
+            try:
+                t = dt.datetime.fromisoformat(sim)
+            except ValueError:
+                raise ApiError(400, "X-Vloop-Sim-Time must be an ISO 8601 time") from None
+            return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.now(dt.timezone.utc)
+
+    # -- desired state ------------------------------------------------------------------------
+    async def load(self, name: str, path: str) -> None:
+        if self.local:
+            await asyncio.to_thread(self.local.load_adapter, name, path)
+        else:
+            await self.engine.load_adapter(name, path)
+        self.metrics.inc("vloop_adapter_loads_total", "adapter loads")
+
+    async def unload(self, name: str) -> None:
+        if self.local:
+            await asyncio.to_thread(self.local.unload_adapter, name)
+        else:
+            await self.engine.unload_adapter(name)
+
+    async def reconcile(self) -> bool:
+        """Make this replica serve what the registry's newest serving state says: load its
+        adapters, apply its routes, unload what it no longer names. True if anything changed.
+        A failed load leaves the previous routes serving; the next round tries again."""
+        if self.registry is None:
+            return False
+        want = await asyncio.to_thread(self.registry.serving_state)
+        if want.seq == 0 or want.seq == self.applied_seq:
+            return False
+        names = [n for n in (want.champion, want.canary) if n]
+        loaded = self.loaded_adapters()
+        for ref in names:
+            if loaded is None or ref not in loaded:
+                version = await asyncio.to_thread(self.registry.get, ref)
+                await self.load(ref, version.path)
+                self.reconciled.add(ref)
+        salt = (want.experiment or {}).get("salt") or Routes.salt
+        self.routes.set(Routes(champion=want.champion, canary=want.canary, canary_share=want.canary_share,
+                               holdout_share=want.holdout_share, salt=salt).validate(self.loaded_adapters()))
+        for ref in sorted(self.reconciled - set(names)):
+            await self.unload(ref)
+            self.reconciled.discard(ref)
+        self.applied_seq = want.seq
+        log.info("serving state #%d applied: %s", want.seq, self.routes.routes)
+        return True
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as e:  # the lake or an adapter is unavailable: keep serving, retry
+                self.metrics.inc("vloop_reconcile_failures_total", "failed reconciliations with the registry")
+                log.warning("reconciling with the registry failed: %s", e)
+            await asyncio.sleep(self.cfg.reconcile_interval_s)
 
     def loaded_adapters(self) -> set[str] | None:
         return set(self.local.adapters) if self.local else None
@@ -204,8 +280,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.state.gateway = gw
     m = gw.metrics
 
+    @app.on_event("startup")
+    async def _startup():
+        if gw.registry is not None and cfg.reconcile_interval_s > 0:
+            app.state.reconciler = asyncio.create_task(gw.reconcile_forever())
+
     @app.on_event("shutdown")
     def _shutdown():
+        task = getattr(app.state, "reconciler", None)
+        if task is not None:
+            task.cancel()
         gw.close()
 
     @app.exception_handler(ApiError)
@@ -255,11 +339,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             raise ApiError(400, "need 'lora_name' and 'lora_path' strings")
         t0 = time.perf_counter()
-        if gw.local:
-            await asyncio.to_thread(gw.local.load_adapter, name, path)
-        else:
-            await gw.engine.load_adapter(name, path)
-        m.inc("vloop_adapter_loads_total", "adapter loads")
+        await gw.load(name, path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully "
                                  f"({(time.perf_counter() - t0) * 1000:.0f} ms).")
 
@@ -274,10 +354,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if name in (r.champion, r.canary):
             raise ApiError(409, f"adapter {name!r} is routed to ({'champion' if name == r.champion else 'canary'}); "
                                 "change the routes first")
-        if gw.local:
-            await asyncio.to_thread(gw.local.unload_adapter, name)
-        else:
-            await gw.engine.unload_adapter(name)
+        await gw.unload(name)
+        gw.reconciled.discard(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/admin/routes")
@@ -295,15 +373,46 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise ApiError(400, f"unknown route field: {e}") from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        scope = "this replica"
+        if gw.registry is not None and all(n is None or "@" in n for n in (routes.champion, routes.canary)):
+            # Registry versions: write the desired state every replica follows, not just ours.
+            from vloop.registry import RegistryError
+
+            try:
+                state = await asyncio.to_thread(
+                    gw.registry.update_serving,
+                    {"champion": routes.champion, "canary": routes.canary, "canary_share": routes.canary_share,
+                     "holdout_share": routes.holdout_share}, actor="admin api", reason="PUT /admin/routes")
+            except RegistryError as e:
+                raise ApiError(409 if "another writer" in str(e) else 400, str(e)) from None
+            gw.applied_seq, scope = state.seq, "all replicas"
+            routes = Routes(**{**routes.__dict__, "salt": (state.experiment or {}).get("salt") or routes.salt})
         gw.routes.set(routes)
-        log.info("routes changed to %s", routes)
-        return routes.__dict__
+        log.info("routes changed to %s (%s)", routes, scope)
+        return {**routes.__dict__, "scope": scope}
+
+    @app.post("/admin/reconcile")
+    async def reconcile_now(request: Request):
+        """Apply the registry's serving state now instead of at the next interval (a deploy
+        calls this to learn at once whether this replica can load the new adapter)."""
+        gw.check_admin(request)
+        if gw.registry is None:
+            raise ApiError(400, "this server has no lake, so no registry to follow")
+        try:
+            changed = await gw.reconcile()
+        except EngineError as e:
+            raise ApiError(e.status if e.status < 500 else 502, f"could not apply the serving state: {e.message}") from None
+        except Exception as e:
+            raise ApiError(502, f"could not apply the serving state: {e}", "server_error") from None
+        return {"applied_seq": gw.applied_seq, "changed": changed, "routes": gw.routes.routes.__dict__}
 
     @app.post("/admin/opt-out")
     async def opt_out(request: Request):
         gw.check_admin(request)
         body = await read_json(request)
         key = gw.user_key(body, request)
+        if key is None:
+            raise ApiError(400, "need 'user': the user id to opt out")
         gw.opted_out.add(key)
         gw.opt_out_path.write_text(json.dumps(sorted(gw.opted_out)))
         if gw.lake is not None:  # the daily DAG and the dataset builder exclude these users
@@ -320,6 +429,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise ApiError(400, "streaming is not supported")
         question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
         ukey = gw.user_key(body, request)
+        now = gw.now(request)
         opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
         routes = gw.routes.routes
         model = body.get("model") or ROUTED_ALIAS
@@ -367,7 +477,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             q_clean, n_q = redact(question)
             a_clean, n_a = redact(text)
             record = {
-                "request_id": request_id, "ts": dt.datetime.now(dt.timezone.utc), "user_key": ukey,
+                # No user id: logged under one marker key, in the "unassigned" arm.
+                "request_id": request_id, "ts": now, "user_key": ukey or hmac_user_key("", cfg.user_key_secret),
                 "session_id": (body.get("metadata") or {}).get("session_id"),
                 "category": (body.get("metadata") or {}).get("category"),
                 "image_sha256": stored.sha256 if stored else None,
@@ -405,7 +516,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         edited, n = redact(body.get("edited_text"))
-        event = {"event_id": uuid.uuid4().hex, "ts": dt.datetime.now(dt.timezone.utc), **body,
+        event = {"event_id": uuid.uuid4().hex, "ts": gw.now(request), **body,
                  "edited_text": edited}
         try:
             row = FEEDBACK.to_row(event)

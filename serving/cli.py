@@ -15,6 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--upstream", help="an OpenAI-compatible server (e.g. vLLM) to front instead of the local model")
     p.add_argument("--state-dir", help="routes, opt-outs, adapter cache (default: $VLOOP_HOME/serving)")
     p.add_argument("--ship-interval", type=float, default=1.0, help="seconds between shipper runs")
+    p.add_argument("--reconcile-interval", type=float, default=5.0,
+                   help="seconds between reads of the registry's desired serving state (0: never)")
+    p.add_argument("--simulation", action="store_true",
+                   help="simulation mode (the demo): honour X-Vloop-Sim-Time; never in production "
+                        "(also on with VLOOP_SIMULATION=1)")
     return p
 
 
@@ -35,7 +40,8 @@ def serve(args) -> int:
         spool_dir=Path(s.spool_dir), admin_token=s.admin_token, user_key_secret=s.user_key_secret,
         max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
         fetch=FetchPolicy.from_env(s.fetch_allowlist, max_bytes=s.max_image_bytes),
-        ship_interval_s=args.ship_interval)
+        ship_interval_s=args.ship_interval, reconcile_interval_s=args.reconcile_interval,
+        simulation=args.simulation or s.simulation)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0

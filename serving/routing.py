@@ -1,10 +1,18 @@
-"""Which arm answers a user: champion, canary or holdout, sticky per user, persisted.
+"""Which arm answers a user: champion, canary, holdout or unassigned, sticky per user.
 
-A user's bucket is a hash of their user key in [0, 1): below ``holdout_share`` they get the bare
-base model (holdout), below ``holdout_share + canary_share`` the canary adapter, otherwise the
-champion (an adapter, or the base when there is none yet). Raising the canary share only moves
-champion users into the canary, never the other way, and a user keeps their arm across requests
-and restarts.
+Two independent hashes of the user key decide, so that the two shares never move users between
+each other's arms:
+
+* the **holdout** hash (a fixed salt, long-lived): below ``holdout_share`` a user gets the bare
+  base model. Changing the holdout share only moves users between the holdout and the rest; it
+  never moves anyone between canary and champion.
+* the **experiment** hash (``salt``, fresh for every experiment, so the canary gets other users
+  each time): among the rest, below ``canary_share`` a user gets the canary adapter, otherwise
+  the champion (an adapter, or the base when there is none yet). Raising the canary share (the
+  staged rollout) only moves champion users into the canary, never the other way.
+
+A request without a user id cannot be randomised: it is served by the champion and counted as
+``unassigned``, outside the comparison.
 """
 
 from __future__ import annotations
@@ -15,39 +23,46 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+HOLDOUT_SALT = "vloop-holdout"
+
+
+def _unit_hash(salt: str, user_key: str) -> float:
+    h = hashlib.sha256(f"{salt}|{user_key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
 
 @dataclass(frozen=True)
 class Routes:
     champion: str | None = None  # adapter name; None = the base model
     canary: str | None = None
-    canary_share: float = 0.0
+    canary_share: float = 0.0  # of the users outside the holdout
     holdout_share: float = 0.0
+    salt: str = "vloop-route"  # the experiment's; a new experiment draws a new one
 
     def validate(self, loaded: set[str] | None = None) -> "Routes":
         for name in ("canary_share", "holdout_share"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {v!r}")
-        if self.canary_share + self.holdout_share > 1.0:
-            raise ValueError("canary_share + holdout_share must not exceed 1")
+        if self.holdout_share >= 1.0:
+            raise ValueError("holdout_share must be below 1: someone has to get the champion or canary")
         if self.canary_share > 0 and not self.canary:
             raise ValueError("a canary share needs a canary adapter")
+        if not isinstance(self.salt, str) or not self.salt:
+            raise ValueError("salt must be a non-empty string")
         if loaded is not None:
             for name in (self.champion, self.canary):
                 if name is not None and name not in loaded:
                     raise ValueError(f"adapter {name!r} is not loaded; load it first")
         return self
 
-    def bucket(self, user_key: str) -> float:
-        h = hashlib.sha256(f"vloop-route|{user_key}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2**64
-
-    def arm_for(self, user_key: str) -> tuple[str, str | None]:
-        """(arm, adapter name or None for the base model)."""
-        b = self.bucket(user_key)
-        if b < self.holdout_share:
+    def arm_for(self, user_key: str | None) -> tuple[str, str | None]:
+        """(arm, adapter name or None for the base model); ``user_key`` None: no user id."""
+        if user_key is None:
+            return "unassigned", self.champion
+        if self.holdout_share and _unit_hash(HOLDOUT_SALT, user_key) < self.holdout_share:
             return "holdout", None
-        if b < self.holdout_share + self.canary_share:
+        if self.canary_share and _unit_hash(self.salt, user_key) < self.canary_share:
             return "canary", self.canary
         return "champion", self.champion
 

@@ -80,7 +80,7 @@ def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
     fb = local_lake.read_partitions(FEEDBACK_DATASET, day)
     assert figures["feedback"] == fb.num_rows
     accepted = set(r for r, t in zip(fb.column("request_id").to_pylist(), fb.column("type").to_pylist())
-                   if t in ("accept", "dwell"))
+                   if t == "accept")  # acceptance is an accept event (vloop.report.outcome_flags), not dwell
     assert figures["acceptance"] == pytest.approx(len(accepted) / 40)
     # The answers are the model's own: their logprobs are stored and confidence follows from them.
     t = local_lake.read_partitions(INTERACTIONS, day, columns=["token_logprobs", "confidence"])
@@ -92,3 +92,35 @@ def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
     local_lake.delete(local_lake.list(partition_prefix(INTERACTIONS, day))[0])
     with pytest.raises(RuntimeError, match="expected 40"):
         verify_day(local_lake, day, ids, out=lambda line: None)
+
+
+def test_secrets_ensure_generates_once_privately_and_the_environment_wins(tmp_path):
+    from vloop.secretfile import STACK_SECRETS, read_secrets
+
+    f = tmp_path / "home" / "secrets.env"
+    unset = {name: "" for name in STACK_SECRETS}  # an empty variable counts as unset
+    first = vloop("secrets", "ensure", "--file", str(f), env=unset).stdout
+    values = read_secrets(f)
+    assert set(values) == set(STACK_SECRETS) and all(len(v) >= 40 for v in values.values())
+    assert f.stat().st_mode & 0o777 == 0o600
+    assert str(f) in first and not any(v in first for v in values.values())  # where, never what
+    f.chmod(0o644)
+    again = vloop("secrets", "ensure", "--file", str(f), env=unset).stdout
+    assert read_secrets(f) == values and "generated" not in again  # reused on the next start
+    assert f.stat().st_mode & 0o777 == 0o600
+    # A value set in the environment wins and is not written to the file.
+    g = tmp_path / "other.env"
+    out = vloop("secrets", "ensure", "--file", str(g), env={**unset, "VLOOP_ADMIN_TOKEN": "mine"}).stdout
+    assert "VLOOP_ADMIN_TOKEN from the environment" in out
+    assert "VLOOP_ADMIN_TOKEN" not in read_secrets(g) and "mine" not in g.read_text()
+
+
+def test_stack_secrets_step_writes_under_vloop_home(tmp_path):
+    """`bin/stack up` runs this step before starting anything (`bin/stack secrets` runs only it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLOOP_", "LABEL_STUDIO_"))}
+    r = subprocess.run([str(ROOT / "bin" / "stack"), "secrets"], capture_output=True, text=True, timeout=120,
+                       env={**env, "VLOOP_HOME": str(tmp_path), "LABEL_STUDIO_PASSWORD": "chosen-by-me"})
+    assert r.returncode == 0, r.stderr
+    f = tmp_path / "secrets.env"
+    assert f.stat().st_mode & 0o777 == 0o600 and str(f) in r.stdout
+    assert "LABEL_STUDIO_PASSWORD from the environment" in r.stdout and "chosen-by-me" not in f.read_text()

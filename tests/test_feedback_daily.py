@@ -20,7 +20,7 @@ from vloop.lake import LocalLake
 from vloop.privacy import record_opt_out
 from vloop.quality import QualityGateError
 
-D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (20, 21, 22, 23))
+D1, D2, D3, D4, D5 = (dt.date(2026, 11, d) for d in (20, 21, 22, 23, 24))
 
 
 def run_steps(lake, day, **kw):
@@ -84,6 +84,42 @@ def test_steps_without_airflow(local_lake, base_model_dir):
     run_steps(lake, D2)
     again = daily.get_frame(lake, daily.key("labeling", D2, "selected.parquet"))
     assert set(again["request_id"]).isdisjoint(chosen["request_id"])
+
+
+def test_a_day_without_traffic_is_a_normal_day(local_lake):
+    """A deployment's first night: no interactions, no feedback. Every step succeeds, writes its
+    outputs with the columns a day with traffic has, and reports zeros; the report says so."""
+    from vloop.mining import WEAK_LABELS
+
+    lake = local_lake
+    run_time = lambda day: dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)  # noqa: E731
+    got = {"ingest": daily.ingest(lake, D1, run_time(D1)), "validate": daily.validate(lake, D1),
+           "mine": daily.mine_feedback(lake, D1), "confidence": daily.score_confidence(lake, D1),
+           "images": daily.check_images(lake, D1), "select": daily.select_for_labelling(lake, D1),
+           "report": daily.report(lake, D1)}
+    assert got["ingest"]["interactions"] == got["ingest"]["feedback"] == 0
+    assert got["validate"]["passed"] and got["validate"]["quarantined_interactions"] == 0
+    assert got["mine"]["interactions"] == 0 and all(got["mine"][k] == 0 for k in WEAK_LABELS)
+    assert got["confidence"]["interactions"] == got["confidence"]["rescored"] == 0  # no model needed
+    assert (got["images"]["images"], got["images"]["poor"]) == (0, 0)
+    assert (got["select"]["candidates"], got["select"]["selected"]) == (0, 0)
+    assert got["report"]["interactions"] == got["report"]["feedback events"] == 0
+    assert got["report"]["traffic"] == "no traffic"
+    assert "No traffic" in lake.get_bytes(daily.key("reports", D1, "index.html")).decode()
+
+    # The same outputs, with the same columns, as on a (small) day with traffic.
+    simulated_day(lake, D2, 40, seed=3, pool=10)
+    run_steps(lake, D2)
+    daily.report(lake, D2)
+    outputs = [("curated", n) for n in ("interactions.parquet", "feedback.parquet", "mined.parquet",
+                                        "confidence.parquet", "image_quality.parquet")] + \
+              [("quarantine", "interactions.parquet"), ("labeling", "selected.parquet"),
+               ("reports", "metrics.parquet"), ("reports", "top_errors.parquet")]
+    for dataset, name in outputs:
+        empty = daily.get_frame(lake, daily.key(dataset, D1, name))
+        full = daily.get_frame(lake, daily.key(dataset, D2, name))
+        assert len(empty) == 0 and list(empty.columns) == list(full.columns), (dataset, name)
+    assert "traffic" not in daily.report(lake, D2)
 
 
 def test_quality_gate_stops_the_day(local_lake):
@@ -153,8 +189,9 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     chosen = daily.get_frame(lake, daily.key("labeling", D1, "selected.parquet"))
     assert len(tasks) == len(chosen) == 40
     assert {t["data"]["request_id"] for t in tasks} == set(chosen["request_id"])
-    preds = ls._call("GET", "/api/predictions", params={"task": tasks[0]["id"]})
-    assert preds[0]["model_version"] in ("sim-base", "shoes@2") and preds[0]["result"][0]["type"] == "textarea"
+    preds = [p for t in tasks for p in ls._call("GET", "/api/predictions", params={"task": t["id"]})]
+    # Annotators see model versions as names ("base" or name@version), never the base model's path.
+    assert {p["model_version"] for p in preds} <= {"base", "shoes@2"} and preds[0]["result"][0]["type"] == "textarea"
     assert len(daily.get_frame(lake, daily.key("quarantine", D1, "interactions.parquet"))) == 3
 
     # Annotators work through half of the tasks: wrong answers get the right one typed in.
@@ -178,17 +215,29 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     assert state == "success"
     assert snapshot(lake) == before and len(ls.export(pid, all_tasks=True)) == n_tasks
 
+    # A day without traffic is a normal day.
+    state, tis = run(D5)
+    assert state == "success" and set(tis.values()) == {"success"}, tis
+    assert "No traffic" in lake.get_bytes(daily.key("reports", D5, "index.html")).decode()
+
     # Without a Label Studio connection, push and pull are skipped and the report still runs.
+    ls_connection = os.environ["AIRFLOW_CONN_VLOOP_LABEL_STUDIO"]
     monkeypatch.delenv("AIRFLOW_CONN_VLOOP_LABEL_STUDIO")
     simulated_day(lake, D4, 100, seed=9)
     state, tis = run(D4)
     assert state == "success" and tis["push"] == tis["pull"] == "skipped" and tis["report"] == "success"
     assert lake.exists(daily.key("reports", D4, "index.html"))
 
-    # A bad day: the quality gate fails the run, nothing downstream runs, the rows are kept.
+    # A bad day: the quality gate fails the run, nothing downstream of it runs, the rows are kept;
+    # but the annotations finished meanwhile are still pulled.
+    monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LABEL_STUDIO", ls_connection)
+    annotate(ls, tasks[20]["id"], "correct")
     simulated_day(lake, D3, 100, seed=8, corrupt=20)
     state, tis = run(D3)
     assert state == "failed" and tis["validate"] == "failed"
-    assert all(tis[t] == "upstream_failed" for t in ("mine", "select", "push", "pull", "report"))
+    assert all(tis[t] == "upstream_failed" for t in ("mine", "select", "push", "report"))
+    assert tis["pull"] == "success"
+    pulled = daily.get_frame(lake, daily.key("labeled", D3, daily.LABELED_FILE))
+    assert list(pulled["request_id"]) == [tasks[20]["data"]["request_id"]]
     assert len(daily.get_frame(lake, daily.key("quarantine", D3, "interactions.parquet"))) == 20
     ls.close()

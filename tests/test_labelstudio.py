@@ -115,3 +115,32 @@ def test_s3_lake_images_reach_the_annotator_presigned(label_studio, s3_lake):
         redirect = ls.http.get(resolved, follow_redirects=False)
         assert redirect.status_code in (302, 303, 307) and "X-Amz-Signature" in redirect.headers["location"]
         assert httpx.get(redirect.headers["location"]).content == s3_lake.get_bytes(row["image_key"])
+
+
+def test_wrong_verdict_with_the_model_answer_left_unchanged_is_not_trained_on(label_studio):
+    """An annotator marks the answer wrong but submits the pre-filled model answer as the
+    correction: the pulled row carries the model's answer, and the dataset drops it."""
+    import datetime as dt
+
+    from tests.test_dataset_labels import write_golden
+    from vloop import daily
+    from vloop.dataset import DatasetConfig, build_dataset
+
+    url, token, docroot = label_studio
+    lake = LocalLake(docroot / "lake-unchanged", max_image_bytes=2**20, max_image_pixels=2**20)
+    rows = [interaction(i, lake) for i in (5, 6)]  # the model answered "red" to both
+    with LabelStudio(url, token) as ls:
+        pid = ls.ensure_project("unchanged correction")
+        ls.import_tasks(pid, [task_payload(r, image_reference(lake, r["image_key"], str(docroot)), "base")
+                              for r in rows])
+        by_rid = {t["data"]["request_id"]: t["id"] for t in ls.export(pid, all_tasks=True)}
+        annotate(ls, by_rid["req-5"], "wrong", "red")  # the pre-filled text, unchanged
+        annotate(ls, by_rid["req-6"], "wrong", "blue")
+        pulled = ls.finished_annotations(pid)
+    assert (pulled["model_answer"] == "red").all()
+    day = dt.date(2026, 11, 21)
+    daily.put_frame(lake, daily.key(daily.LABELED, day, daily.LABELED_FILE), pulled)
+    write_golden(lake)
+    m = build_dataset(lake, DatasetConfig(replay_ratio=0, heldout_share=0), today=day)
+    assert m["dropped"]["wrong verdict without a correction"] == 1 and m["examples"]["train"] == 1
+    assert daily.get_frame(lake, f"datasets/{m['id']}/train.parquet")["request_id"].tolist() == ["req-6"]

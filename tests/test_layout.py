@@ -51,3 +51,49 @@ def test_readme_keeps_exactly_two_setup_commands():
     block = re.search(r"## Set up and run \(fresh machine\)\n\n```bash\n(.*?)```", readme, re.S).group(1)
     commands = [l.split("#")[0].strip() for l in block.splitlines() if l.split("#")[0].strip()]
     assert commands == ["make demo", "make test"]
+
+
+SIMULATION = {"synth", "tiny", "pretrain", "demo"}  # vloop's simulation modules
+# Production modules that still reach the simulation, each with why; the test fails when one is
+# fixed (drop it here) or a new one appears. Entry points that dispatch to the demo's commands:
+KNOWN_SIMULATION_IMPORTS = {
+    ("include/vloop/cli.py", "vloop.demo"),  # `vloop demo`
+    ("include/vloop/cli.py", "vloop.tiny"),  # `vloop tiny-model`
+    ("include/vloop/cli.py", "vloop.pretrain"),  # `vloop pretrain-base`
+}
+
+
+def _imported_modules(path: Path):
+    """Every module an import statement in ``path`` names, at any level (inside functions too)."""
+    import ast
+
+    pkg = ".".join(path.relative_to(ROOT / "include").with_suffix("").parts[:-1]) \
+        if path.is_relative_to(ROOT / "include") else ".".join(path.relative_to(ROOT).parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the module's package
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(p for p in parts + [base] if p)
+            yield base
+            yield from (f"{base}.{a.name}" for a in node.names)
+
+
+def test_production_code_never_imports_the_simulation():
+    """DESIGN.md, "Layout": production modules (include/vloop except the simulation itself,
+    serving, training, plugins) never import vloop.synth/tiny/pretrain/demo, not even inside a
+    function. DAG files are wiring and may, in a branch that only runs with VLOOP_SIMULATION."""
+    files = [p for p in (ROOT / "include" / "vloop").rglob("*.py")
+             if not (p.parent == ROOT / "include" / "vloop" and p.stem in SIMULATION)]
+    for d in ("serving", "training", "plugins"):
+        files += list((ROOT / d).rglob("*.py"))
+    found = set()
+    for p in files:
+        for mod in _imported_modules(p):
+            parts = mod.split(".")
+            if parts[0] == "vloop" and len(parts) > 1 and parts[1] in SIMULATION:
+                found.add((p.relative_to(ROOT).as_posix(), "vloop." + parts[1]))
+    assert found - KNOWN_SIMULATION_IMPORTS == set(), "production code imports the simulation"
+    assert KNOWN_SIMULATION_IMPORTS - found == set(), "fixed: remove from KNOWN_SIMULATION_IMPORTS"

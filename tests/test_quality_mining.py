@@ -90,6 +90,20 @@ def test_implicit_feedback_rules():
     assert strict.loc["r3", "weak_label"] == "unknown"
 
 
+def test_mining_without_feedback_or_traffic():
+    """No feedback at all (it used to fail with KeyError: '_pos'), and a day without interactions."""
+    from vloop.mining import MINED_COLUMNS
+
+    inter = pd.DataFrame([row(i) for i in range(3)])
+    no_fb = pd.DataFrame(columns=["request_id", "ts", "type", "edited_text", "dwell_ms", "rating"])
+    got = mine(inter, no_fb)
+    assert list(got.columns) == MINED_COLUMNS and len(got) == 3
+    assert (got["weak_label"] == "unknown").all() and (got["reason"] == "no reaction").all()
+    empty = mine(inter.iloc[:0], no_fb)
+    assert list(empty.columns) == MINED_COLUMNS and len(empty) == 0
+    assert empty["weight"].dtype == "float64" and str(empty["edit_distance"].dtype) == "Int64"
+
+
 def test_edit_distance():
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance("", "abc") == 3 and edit_distance("红色", "蓝色") == 1
@@ -157,14 +171,41 @@ def test_daily_metrics_per_arm_and_calibration():
                                     (7, "accept"), (8, "edit")]])
     mined = mine(inter, fb)
     verdicts = pd.DataFrame({"request_id": ["r0", "r1", "r6", "r8"], "verdict": ["correct", "wrong", "correct", "correct"]})
+    inter.loc[0, "base_model"] = "/srv/models/qwen3-vl-8b"  # a path: never shown as the version
     m = daily_metrics(inter, fb, mined, verdicts).set_index("arm")
+    assert len(m) == 2 and "base_model" not in m.columns  # one row per (model version, arm)
     assert m.loc["champion", "requests"] == 6 and m.loc["canary", "requests"] == 4
     assert m.loc["champion", "acceptance_rate"] == pytest.approx(2 / 6)
     assert m.loc["champion", "edit_rate"] == pytest.approx(1 / 6)
     assert m.loc["champion", "repeat_rate"] == pytest.approx(1 / 6)
-    assert m.loc["canary", "adapter"] == "a@2" and m.loc["champion", "adapter"] == "(base)"
+    assert m.loc["canary", "model_version"] == "a@2" and m.loc["champion", "model_version"] == "base"
     assert m.loc["champion", "implicit_agreement"] == 1.0  # r0 accepted & correct, r1 edited & wrong
     assert m.loc["canary", "implicit_agreement"] == 0.5  # r8 edited but judged correct
     assert m.loc["champion", "latency_p50_ms"] == pytest.approx(102.5)
     top = top_error_categories(inter, mined)
     assert list(top["category"]) == ["bags", "shoes"] and list(top["errors"]) == [2, 1]
+
+
+def test_outcome_flags_is_the_one_definition_of_acceptance():
+    """accepted = an ``accept`` event, edited = an ``edit`` event; dwell, close, ratings are neither."""
+    from vloop.report import outcome_flags, traffic_metrics
+
+    inter = pd.DataFrame([row(i, user_key=f"u{i % 2}", arm="canary" if i >= 4 else "champion", adapter=None)
+                          for i in range(6)])
+    ev = lambda rid, t: {"request_id": rid, "ts": DAY0, "type": t, "edited_text": None, "dwell_ms": None,  # noqa: E731
+                         "rating": None}
+    fb = pd.DataFrame([ev("r0", "accept"), ev("r0", "edit"), ev("r1", "dwell"), ev("r2", "edit"),
+                       ev("r3", "close"), ev("r4", "accept"), ev("r4", "accept"), ev("elsewhere", "accept")])
+    flags = outcome_flags(inter[["request_id", "user_key", "arm"]], fb[["request_id", "type"]])
+    assert list(flags.columns) == ["request_id", "accepted", "edited"]
+    assert list(flags["request_id"]) == list(inter["request_id"])  # one row per interaction, in order
+    assert flags["accepted"].tolist() == [True, False, False, False, True, False]  # dwell (r1) is not acceptance
+    assert flags["edited"].tolist() == [True, False, True, False, False, False]
+    assert flags["accepted"].dtype == bool
+    # The report's rates are the same flags averaged per arm.
+    m = traffic_metrics(inter, fb, mine(inter, fb)).set_index("arm")
+    assert m.loc["champion", "acceptance_rate"] == pytest.approx(1 / 4) and m.loc["canary", "acceptance_rate"] == 0.5
+    assert m.loc["champion", "edit_rate"] == pytest.approx(2 / 4)
+    none = outcome_flags(inter, fb.iloc[:0])
+    assert not none["accepted"].any() and not none["edited"].any() and len(none) == 6
+    assert len(outcome_flags(inter.iloc[:0], fb)) == 0

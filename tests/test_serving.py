@@ -242,12 +242,24 @@ def test_share_over_many_users_matches_config():
 
     routes = Routes(champion="a", canary="b", canary_share=0.1, holdout_share=0.05)
     arms = [routes.arm_for(f"user-{i}")[0] for i in range(20000)]
-    assert abs(arms.count("canary") / 20000 - 0.10) < 0.01
+    assert abs(arms.count("canary") / 20000 - 0.10 * 0.95) < 0.01  # the canary share is of non-holdout users
     assert abs(arms.count("holdout") / 20000 - 0.05) < 0.01
     bigger = Routes(champion="a", canary="b", canary_share=0.2, holdout_share=0.05)
     moved = [i for i in range(20000) if routes.arm_for(f"user-{i}")[0] == "canary"
              and bigger.arm_for(f"user-{i}")[0] != "canary"]
     assert moved == []  # raising the share never moves canary users out
+    # Changing the holdout share moves nobody between canary and champion.
+    more_holdout = Routes(champion="a", canary="b", canary_share=0.1, holdout_share=0.2)
+    swapped = [i for i in range(20000) if {routes.arm_for(f"user-{i}")[0], more_holdout.arm_for(f"user-{i}")[0]}
+               == {"canary", "champion"}]
+    assert swapped == []
+    # A new experiment (new salt) draws other users: the overlap is about share², not share.
+    other = Routes(champion="a", canary="b", canary_share=0.1, salt="exp-2")
+    first = {i for i in range(20000) if Routes(champion="a", canary="b", canary_share=0.1).arm_for(f"user-{i}")[0] == "canary"}
+    second = {i for i in range(20000) if other.arm_for(f"user-{i}")[0] == "canary"}
+    assert len(first & second) / len(first) < 0.2
+    # No user id: the champion answers, counted apart from the experiment.
+    assert routes.arm_for(None) == ("unassigned", "a")
 
 
 def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
@@ -395,8 +407,8 @@ def test_routes_persist_across_restarts(tmp_path):
     store.set(Routes(champion="a@1", canary="a@2", canary_share=0.1, holdout_share=0.05))
     again = RouteStore(tmp_path / "routes.json")
     assert again.routes == Routes(champion="a@1", canary="a@2", canary_share=0.1, holdout_share=0.05)
-    with pytest.raises(ValueError, match="exceed 1"):
-        store.set(Routes(canary="b", canary_share=0.8, holdout_share=0.3))
+    with pytest.raises(ValueError, match="holdout_share must be below 1"):
+        store.set(Routes(canary="b", canary_share=0.8, holdout_share=1.0))
     with pytest.raises(ValueError, match="needs a canary adapter"):
         store.set(Routes(canary_share=0.1))
     assert RouteStore(tmp_path / "routes.json").routes.canary == "a@2"  # a refused change is not saved

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from vloop import daily
-from vloop.dataset import DatasetConfig, build_dataset, ensure_golden
+from vloop.dataset import DatasetConfig, build_dataset, ensure_golden, load_split
 from vloop.registry import AdapterVersion, Registry, RegistryError, new_version
-from vloop.synth import World
+from vloop.synth import GOLDEN_SEED, World, golden_samples
 
 DAY = dt.date(2026, 11, 20)
 
@@ -100,9 +100,9 @@ def test_dataset_builder(local_lake):
     samples = World(5).samples(60, colours=("white", "yellow"), intents=("colour",))
     labels = write_labels(lake, DAY, samples[:50])
     write_labels(lake, DAY + dt.timedelta(days=1), samples[50:], verdict="unclear")
-    golden = ensure_golden(lake, 50)
+    golden = ensure_golden(lake, samples=golden_samples(50))  # the simulation's golden set
     # A label that duplicates a golden example must never reach training.
-    g = World(424242).sample(0)
+    g = World(GOLDEN_SEED).sample(0)
     write_labels(lake, DAY + dt.timedelta(days=2), [g])
     record_opt_out(lake, "someone")
 
@@ -127,7 +127,7 @@ def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path
     lake = local_lake
     samples = World(5).samples(64, colours=("white", "yellow"), intents=("colour",))
     write_labels(lake, DAY, samples)
-    m = build_dataset(lake, DatasetConfig(replay_ratio=0, golden_size=40), today=DAY)
+    m = build_dataset(lake, DatasetConfig(replay_ratio=0, golden_size=40), today=DAY, golden_samples=golden_samples(40))
     cfg = {"dataset_id": m["id"], "base_model": str(base_model_dir), "version": "v1", "adapter_name": "vqa",
            "lake_url": lake.root.as_uri(), "work_dir": str(tmp_path / "work"), "checkpoint_every": 5,
            "lora": {"steps": 40, "batch_size": 8, "log_every": 5}}
@@ -152,6 +152,15 @@ def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path
     # The labels teach the unseen colours: the candidate beats the base on them.
     assert held["candidate"]["overall"]["exact_match"] > held["champion"]["overall"]["exact_match"] + 0.3
     assert set(metrics["sets"]["golden"]["candidate"]["by_intent"]) >= {"colour"}
+    # Per-item results for the gate's paired test, aligned by example_id, agreeing with the scores.
+    for name, by_who in metrics["sets"].items():
+        paired = metrics["paired"][name]
+        assert len(paired["example_id"]) == len(paired["candidate_correct"]) == len(paired["champion_correct"]) \
+            == by_who["candidate"]["overall"]["n"]
+        for who in ("candidate", "champion"):
+            assert sum(paired[f"{who}_correct"]) / len(paired["example_id"]) == \
+                pytest.approx(by_who[who]["overall"]["exact_match"])
+    assert sorted(metrics["paired"]["golden"]["example_id"]) == sorted(load_split(lake, m["id"], "golden")["example_id"])
     card = lake.get_bytes("adapters/vqa/v1/README.md").decode()
     assert m["id"] in card and "exact match" in card
     # The published adapter loads with PEFT.

@@ -10,8 +10,8 @@ The config file (YAML or JSON) maps onto :class:`TrainJob`; ``lora`` onto
   The upload goes last, file by file, ``adapter_config.json`` at the very end: an adapter
   directory without it is incomplete and nothing loads it.
 * ``evaluate`` — the candidate and the champion (its adapter, or the base when there is none)
-  answer the golden set and the held-out labels; ``metrics.json`` and a model card
-  (``README.md``) go next to the adapter.
+  answer the golden set and the held-out labels; ``metrics.json`` (scores, and per-item results
+  for the gate's paired test) and a model card (``README.md``) go next to the adapter.
 """
 
 from __future__ import annotations
@@ -157,11 +157,16 @@ def _with_adapter(lm, lake, prefix: str | None, cache: Path):
 
 
 def evaluate(job: TrainJob) -> dict:
-    """Candidate vs champion on the golden set and the held-out labels, side by side."""
+    """Candidate vs champion on the golden set and the held-out labels, side by side.
+
+    ``metrics["sets"][set][who]`` holds the overall, per-category and per-intent scores;
+    ``metrics["paired"][set]`` the per-item exact match of both on the same items, aligned by
+    ``example_id`` (``{"example_id": [...], "candidate_correct": [0/1...], "champion_correct":
+    [...]}``), which the gate's paired test (:func:`vloop.retrain.gate_decision`) needs."""
     import pandas as pd
 
     from vloop.dataset import load_split
-    from vloop.evaluation import breakdown, predict
+    from vloop.evaluation import breakdown, exact_matches, predict
     from vloop.model import load_model
 
     lake = _lake(job)
@@ -169,7 +174,8 @@ def evaluate(job: TrainJob) -> dict:
         raise FileNotFoundError(f"no complete adapter at {job.lake_prefix}; run the train stage first")
     sets = {"golden": load_split(lake, job.dataset_id, "golden"), "heldout": load_split(lake, job.dataset_id, "heldout")}
     metrics: dict = {"candidate": f"{job.adapter_name}@{job.version}", "champion_path": job.champion_path,
-                     "dataset_id": job.dataset_id, "sets": {}}
+                     "dataset_id": job.dataset_id, "sets": {}, "paired": {}}
+    correct: dict = {}  # (set, who) -> {example_id: 0/1}
     cache = job.local_dir / "eval-cache"
     for who, prefix in (("candidate", job.lake_prefix), ("champion", job.champion_path)):
         lm = _with_adapter(load_model(job.base_model), lake, prefix, cache)
@@ -180,6 +186,14 @@ def evaluate(job: TrainJob) -> dict:
             preds = predict(lm, lake, df, batch_size=job.eval_batch_size, max_new_tokens=job.max_new_tokens,
                             log=log.info)
             metrics["sets"].setdefault(name, {})[who] = breakdown(pd.DataFrame({**df, "prediction": preds}))
+            correct[name, who] = dict(zip(df["example_id"].astype(str), exact_matches(preds, df["answer"].tolist())))
+    for name, df in sets.items():
+        if (name, "candidate") in correct and (name, "champion") in correct:
+            ids = [i for i in df["example_id"].astype(str) if i in correct[name, "candidate"]
+                   and i in correct[name, "champion"]]
+            metrics["paired"][name] = {"example_id": ids,
+                                       "candidate_correct": [correct[name, "candidate"][i] for i in ids],
+                                       "champion_correct": [correct[name, "champion"][i] for i in ids]}
     lake.put_json(job.lake_prefix + "metrics.json", metrics)
     lake.put_bytes(job.lake_prefix + "README.md", model_card(job, lake, metrics).encode(), "text/markdown")
     return metrics

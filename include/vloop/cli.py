@@ -66,6 +66,60 @@ def _cmd_pretrain_base(args) -> int:
     return 0
 
 
+def _cmd_rollout_status(args) -> int:
+    from vloop.canary import status
+    from vloop.lake import open_lake
+
+    st = status(open_lake(args.url))
+    print(f"serving state #{st['serving_state']}: champion {st['champion']}, canary {st['canary'] or '-'} "
+          f"at {st['canary_share']:.0%}, holdout {st['holdout_share']:.0%}")
+    if "decision" not in st:
+        print("no live experiment")
+        return 0
+    exp, d = st["experiment"], st["decision"]
+    print(f"experiment {exp['id']}: stage {exp['stage'] + 1}/{len(exp['stages'])} "
+          f"(shares {', '.join(f'{x:.0%}' for x in exp['stages'])}), stage began {exp['stage_started_at']}")
+    print(st["counts"][["arm", "users", "requests", "accepted", "edited", "errors", "hours"]].to_string(index=False))
+    for name, m in d.metrics.items():
+        print(f"{name:10} champion {m.champion:.3f}  canary {m.canary:.3f}  difference {m.diff:+.3f} "
+              f"[{m.lower:+.3f}, {m.upper:+.3f}] (always-valid)")
+    print(f"now: {d.action} — {d.reason}")
+    return 0
+
+
+def _cmd_rollout_rollback(args) -> int:
+    from vloop.canary import rollback
+    from vloop.lake import open_lake
+
+    st = rollback(open_lake(args.url), reason=args.reason, to=args.to, actor=args.actor)
+    print(f"serving state #{st.seq}: champion {st.champion or 'base'}, canary {st.canary or '-'} "
+          "(replicas apply it at their next reconciliation)")
+    return 0
+
+
+def _cmd_rollout_step(args) -> int:
+    from vloop.canary import step
+    from vloop.lake import open_lake
+
+    r = step(open_lake(args.url), actor=args.actor)
+    print(r.summary)
+    return 0
+
+
+def _cmd_secrets_ensure(args) -> int:
+    """Generate the missing secrets into --file (mode 0600); say where, never what."""
+    from vloop.secretfile import STACK_SECRETS, ensure_secrets
+
+    r = ensure_secrets(args.file, args.names or STACK_SECRETS)
+    if r.generated:
+        print(f"secrets: generated {', '.join(r.generated)} into {r.path} (mode 0600)")
+    if r.reused:
+        print(f"secrets: {', '.join(r.reused)} from {r.path}")
+    if r.from_env:
+        print(f"secrets: {', '.join(r.from_env)} from the environment")
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from serving.cli import serve
 
@@ -107,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     sv = add_arguments(sub.add_parser("serve", help="the model server + feedback gateway (python -m serving)"))
     sv.set_defaults(fn=_cmd_serve)
 
+    ro = sub.add_parser("rollout", help="the live canary experiment: status, one look, rollback")
+    rsub = ro.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    rs = rsub.add_parser("status", help="per-arm counts, intervals, hours live, and what would be decided now")
+    rs.set_defaults(fn=_cmd_rollout_status)
+    rr = rsub.add_parser("rollback", help="take the canary off, or restore an earlier champion")
+    rr.add_argument("--to", help="name@version (or 'base') to make the champion; default: end the canary, "
+                    "or restore the previous champion when there is none")
+    rr.add_argument("--reason", required=True, help="why (kept in the registry's history)")
+    rr.set_defaults(fn=_cmd_rollout_rollback)
+    rt = rsub.add_parser("step", help="one look now: decide and act (what the canary_rollout DAG runs hourly)")
+    rt.set_defaults(fn=_cmd_rollout_step)
+    for q in (rs, rr, rt):
+        q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+    for q in (rr, rt):
+        q.add_argument("--actor", default="cli", help="who acts (kept in the history)")
+
+    se = sub.add_parser("secrets", help="the local stack's secrets file (what `make up` uses)")
+    ssub = se.add_subparsers(dest="secrets_command", metavar="ACTION", required=True)
+    sen = ssub.add_parser("ensure", help="generate missing secrets into a 0600 file; reuse the file's; the "
+                          "environment wins")
+    sen.add_argument("--file", required=True, help="the NAME=value file, e.g. $VLOOP_HOME/secrets.env")
+    sen.add_argument("names", nargs="*", help="secret names (default: the stack's four)")
+    sen.set_defaults(fn=_cmd_secrets_ensure)
+
     d = sub.add_parser("demo", help="the main job on embedded defaults (what `make demo` runs)")
     d.add_argument("--lake", help="lake URL (default: VLOOP_LAKE_URL)")
     d.add_argument("--day", type=dt.date.fromisoformat, default=dt.date.today(), help="YYYY-MM-DD")
@@ -126,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, LakeError, ImageError, ValueError) as e:  # model and input errors are ValueErrors
+    except (ConfigError, LakeError, ImageError, ValueError) as e:  # RegistryError is a ValueError  # model and input errors are ValueErrors
         print(f"vloop {args.command}: error: {e}", file=sys.stderr)
         return 2
 

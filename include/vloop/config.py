@@ -54,6 +54,11 @@ class Settings:
     max_image_bytes: int = _setting("VLOOP_MAX_IMAGE_BYTES", "largest accepted image file", 10 * 2**20)
     max_image_pixels: int = _setting("VLOOP_MAX_IMAGE_PIXELS", "largest accepted image, width x height",
                                      4096 * 4096)
+    rollout_schedule: str = _setting("VLOOP_ROLLOUT_SCHEDULE", "how often canary_rollout looks at a live "
+                                     "canary (a cron expression or preset)", "@hourly")
+    simulation: bool = _setting("VLOOP_SIMULATION", "simulation mode (1/0): the demo's synthetic world may "
+                                "stand in for production data (a generated golden set, a simulated "
+                                "clock); never set it in production", False)
 
     def __post_init__(self):
         # Derived defaults: one home, everything else under it unless set explicitly.
@@ -88,6 +93,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _parse(env: str, type_name: str, raw: str):
+    if type_name == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env}={raw!r} is not a boolean (1/0, true/false)")
     if type_name.startswith("int"):
         try:
             value = int(raw)

@@ -5,6 +5,10 @@ objects at a time (atomic: a failed step leaves its previous output or nothing, 
 Every output of day D lives under ``…/dt=D/``, and a step re-run for D replaces it, so re-running a
 day changes nothing. Each returns a small JSON-able summary (the DAG's XCom and log line).
 
+A day without traffic (a deployment's first night) is a normal day: every step succeeds, writes
+its output with the columns it always has and no rows, and counts zeros; the report says "no
+traffic".
+
 | step | reads | writes |
 |---|---|---|
 | :func:`ingest` | ``raw/interactions``, ``raw/feedback`` | ``curated/dt=D/ingested_*.parquet`` |
@@ -52,6 +56,8 @@ def put_frame(lake: Lake, k: str, df: pd.DataFrame, schema: pa.Schema | None = N
             schema = schema.append(pa.field(c, pa.Table.from_pandas(df[[c]], preserve_index=False).schema.field(c).type))
         table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     else:
+        if not len(df):  # an empty object column has no values to infer a type from: store strings, not nulls
+            df = df.astype({c: "str" for c in df.columns[df.dtypes == object]})
         table = pa.Table.from_pandas(df, preserve_index=False)
     lake.write_parquet(k, table)
 
@@ -141,12 +147,14 @@ def curated(lake: Lake, day: dt.date, columns: list[str] | None = None) -> tuple
 
 # -- 3. mine --------------------------------------------------------------------------------------
 def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
-    from vloop.mining import mine
+    from vloop.mining import WEAK_LABELS, mine
 
     inter, fb = curated(lake, day, LIGHT_COLUMNS)
+    # A day without traffic (mine returns no rows) still writes mined.parquet, with its columns.
     mined = mine(inter, fb, rules).merge(inter[["request_id", "category"]], on="request_id", how="left")
     put_frame(lake, key(CURATED, day, "mined.parquet"), mined)
-    return {"day": day.isoformat(), **mined["weak_label"].value_counts().to_dict()}
+    return {"day": day.isoformat(), "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
+            **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
 
 
 # -- 4. confidence --------------------------------------------------------------------------------
@@ -182,12 +190,19 @@ def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] 
             log.info("re-scored %d/%d (%.0f/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
         source[todo.index] = "rescored"
     source[conf.isna()] = "missing"
-    out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf, "confidence_source": source})
-    put_frame(lake, key(CURATED, day, "confidence.parquet"), out)
-    return {"day": day.isoformat(), **out["confidence_source"].value_counts().to_dict()}
+    out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf,
+                        "confidence_source": source.astype("str")})
+    put_frame(lake, key(CURATED, day, "confidence.parquet"), out)  # no rows on a day without traffic
+    return {"day": day.isoformat(), "interactions": len(out),
+            **dict.fromkeys(("logged", "logprobs", "rescored", "missing"), 0),
+            **{k: int(v) for k, v in out["confidence_source"].value_counts().items()}}
 
 
 # -- 5. image quality -----------------------------------------------------------------------------
+IMAGE_QUALITY_TYPES = {"image_key": "str", "poor": "bool", "flags": "str", "sharpness": "float64",
+                       "brightness": "float64", "blown_out": "float64", "width": "int64", "height": "int64"}
+
+
 def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
     from PIL import Image
 
@@ -200,8 +215,9 @@ def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
             q = assess(img, thresholds)
         rows.append({"image_key": k, "poor": q.poor, "flags": ",".join(q.flags), "sharpness": q.sharpness,
                      "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height})
-    out = pd.DataFrame(rows, columns=["image_key", "poor", "flags", "sharpness", "brightness", "blown_out",
-                                      "width", "height"])
+    out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
+    if not len(out):  # a day without traffic: no images, the same typed columns
+        out = out.astype(IMAGE_QUALITY_TYPES)
     put_frame(lake, key(CURATED, day, "image_quality.parquet"), out)
     return {"day": day.isoformat(), "images": len(out), "poor": int(out["poor"].sum())}
 
@@ -224,8 +240,11 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     iq = get_frame(lake, key(CURATED, day, "image_quality.parquet"))
     cands = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
     history = read_days(lake, CURATED, "mined.parquet", days=_days_back(day, HISTORY_DAYS))
-    history["bad"] = history["weak_label"].isin(["negative", "weak_negative"])
-    err = history.dropna(subset=["category"]).groupby("category")["bad"].mean().to_dict()
+    if len(history):
+        history["bad"] = history["weak_label"].isin(["negative", "weak_negative"])
+        err = history.dropna(subset=["category"]).groupby("category")["bad"].mean().to_dict()
+    else:  # no traffic today nor in the last HISTORY_DAYS days
+        err = {}
     chosen = select(cands, mined, cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
                     opted_out_users=read_opt_outs(lake), already_labelled=labelled_request_ids(lake, exclude=day),
                     category_error_rate=err)
@@ -237,8 +256,11 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
 
 # -- 7. push --------------------------------------------------------------------------------------
 def model_version(row) -> str:
-    adapter = row.get("adapter")
-    return adapter if isinstance(adapter, str) and adapter else str(row.get("base_model"))
+    """The name annotators see for the model that answered: the adapter's ``name@version``, or
+    ``"base"`` (never ``base_model``, which is whatever path or hub id serving loaded)."""
+    from vloop.report import model_version_name
+
+    return model_version_name(row.get("adapter"))
 
 
 def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
@@ -281,7 +303,9 @@ def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dic
 
 # -- 9. report ------------------------------------------------------------------------------------
 def report(lake: Lake, day: dt.date) -> dict:
-    from vloop.report import daily_metrics, plots, render_html, top_error_categories
+    """Metrics, top errors and the HTML page for ``day``. A day without interactions is reported
+    as such (``summary["traffic"] == "no traffic"``), with empty tables, not as an error."""
+    from vloop.report import NO_TRAFFIC, daily_metrics, plots, render_html, top_error_categories
 
     inter, fb = curated(lake, day, LIGHT_COLUMNS)
     mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
@@ -303,6 +327,8 @@ def report(lake: Lake, day: dt.date) -> dict:
         "quarantined": validation["quarantined_interactions"] + validation["quarantined_feedback"],
         "labels pulled": len(labels),
     }
+    if not validation["interactions"]:  # a normal day (a deployment's first night): empty tables, a note
+        summary["traffic"] = NO_TRAFFIC
     for name in ("selected.parquet", "pushed.json"):
         k = key(LABELING, day, name)
         if lake.exists(k):

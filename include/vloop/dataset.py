@@ -11,8 +11,10 @@ question):
   so the adapter does not forget what the base already knew.
 
 Excluded: users who opted out or were erased, photos flagged poor (by the automatic check or an
-annotator), "unclear" verdicts, anything in the fixed golden set, duplicates. A held-out share
-of the labels is kept apart for evaluation; the golden set never enters training.
+annotator), "unclear" verdicts, "wrong" verdicts whose corrected answer is still the model's
+(:func:`wrong_without_correction`), anything in the fixed golden set, duplicates. A held-out share
+of the labels is kept apart for evaluation; the golden set never enters training. The golden set is
+curated (:data:`GOLDEN_KEY`, see :func:`ensure_golden`); only a simulation may supply a synthetic one.
 
 A dataset is stored under ``datasets/<id>/`` (``train.parquet``, ``heldout.parquet``,
 ``golden.parquet``, ``manifest.json``); its id carries the content hash, so the same inputs give
@@ -34,7 +36,6 @@ from vloop.lake import Lake
 from vloop.selection import normalise_question
 
 GOLDEN_KEY = "datasets/golden/golden.parquet"
-GOLDEN_SEED = 424242  # the synthetic world the default golden set is drawn from
 ERASED_KEY = "privacy/erased_users.json"  # user_keys whose data was erased on request
 COLUMNS = ["example_id", "source", "request_id", "image_key", "image_sha256", "question", "answer",
            "category", "intent", "split"]
@@ -59,23 +60,63 @@ def _sha_of_key(image_key: str) -> str:
     return image_key.rsplit("/", 1)[-1].split(".")[0] if isinstance(image_key, str) else ""
 
 
-def ensure_golden(lake: Lake, size: int = 200, samples=None) -> pd.DataFrame:
-    """The fixed golden evaluation set: read from the lake, or (first use) made from ``samples``
-    (objects with image, question, answer, category, intent), by default drawn from the synthetic
-    world with its ground truth. In production, put a curated set at :data:`GOLDEN_KEY`."""
-    from vloop.synth import World
+GOLDEN_REQUIRED = ["example_id", "image_key", "image_sha256", "question", "answer", "category", "intent"]
 
+
+class GoldenSetMissing(ValueError):
+    """No golden evaluation set in the lake, and nothing to make one from."""
+
+
+def ensure_golden(lake: Lake, size: int = 200, samples=None, *, simulation: bool = False) -> pd.DataFrame:
+    """The fixed golden evaluation set at :data:`GOLDEN_KEY`: read from the lake; or, on first use,
+    written from ``samples`` (objects with ``image_bytes()``, ``question``, ``answer``,
+    ``category``, ``intent`` and ``id``). Production needs a curated set there; nothing here
+    invents one. In simulation mode (``simulation=True`` or ``VLOOP_SIMULATION=1``) the caller
+    passes the synthetic world's set, :func:`vloop.synth.golden_samples`. ``size`` is only used
+    in the error message (the caller decides how many samples to pass)."""
     if lake.exists(GOLDEN_KEY):
-        return daily.get_frame(lake, GOLDEN_KEY)
+        golden = daily.get_frame(lake, GOLDEN_KEY)
+        missing = [c for c in GOLDEN_REQUIRED if c not in golden.columns]
+        if missing:
+            raise GoldenSetMissing(f"the golden set at {GOLDEN_KEY} lacks the columns {', '.join(missing)}; "
+                                   f"it needs {', '.join(GOLDEN_REQUIRED)}")
+        for col, value in (("source", "golden"), ("request_id", None), ("split", "golden")):
+            if col not in golden.columns:
+                golden[col] = value
+        return golden
+    if samples is None:
+        if simulation or _simulation_mode():
+            raise GoldenSetMissing(
+                f"simulation mode and no golden set at {GOLDEN_KEY}: pass the synthetic world's set, "
+                f"samples=vloop.synth.golden_samples({size})")
+        raise GoldenSetMissing(
+            f"no golden set at {GOLDEN_KEY}. Production needs a curated golden evaluation set there "
+            f"(a few hundred examples that represent the traffic, answered by people, never used in "
+            f"training), a parquet file with the columns {', '.join(GOLDEN_REQUIRED)} (image_key: the "
+            f"image's lake key as written by lake.put_image; intent may come from "
+            f"vloop.evaluation.intent_of(question)). Write it once with "
+            f"vloop.dataset.ensure_golden(lake, samples=[...]) from objects with image_bytes(), question, "
+            f"answer, category, intent and id; or run with VLOOP_SIMULATION=1 for the demo's synthetic set.")
+    from vloop.evaluation import intent_of
+
     rows = []
-    for s in samples if samples is not None else World(GOLDEN_SEED).samples(size):
+    for s in samples:
         img = lake.put_image(s.image_bytes())
+        intent = getattr(s, "intent", None) or intent_of(s.question)
         rows.append({"example_id": f"golden-{s.id}", "source": "golden", "request_id": None,
                      "image_key": img.key, "image_sha256": img.sha256, "question": s.question,
-                     "answer": s.answer, "category": s.category, "intent": s.intent, "split": "golden"})
+                     "answer": s.answer, "category": s.category, "intent": intent, "split": "golden"})
+    if not rows:
+        raise GoldenSetMissing(f"no samples to write the golden set at {GOLDEN_KEY} from")
     golden = pd.DataFrame(rows, columns=COLUMNS)
     daily.put_frame(lake, GOLDEN_KEY, golden)
     return golden
+
+
+def _simulation_mode() -> bool:
+    from vloop.config import load_settings
+
+    return load_settings().simulation
 
 
 def excluded_users(lake: Lake) -> set[str]:
@@ -122,6 +163,19 @@ def _recent_curated(lake: Lake, until: dt.date, days: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def wrong_without_correction(lab: pd.DataFrame) -> pd.Series:
+    """Label rows judged "wrong" whose corrected answer is still the model's answer (equal after
+    :func:`vloop.model.normalise_answer`): the annotator did not type the right one, so the row
+    would teach the very answer they rejected. Rows without a ``model_answer`` are kept."""
+    from vloop.model import normalise_answer
+
+    if not len(lab) or "model_answer" not in lab.columns:
+        return pd.Series(False, index=lab.index)
+    norm = lambda col: lab[col].map(lambda v: normalise_answer(v) if isinstance(v, str) else None)  # noqa: E731
+    fixed, model = norm("corrected_answer"), norm("model_answer")
+    return lab["verdict"].eq("wrong") & model.notna() & fixed.eq(model)
+
+
 def _poor_images(lake: Lake, days) -> set[str]:
     poor = set()
     for d in days:
@@ -132,14 +186,18 @@ def _poor_images(lake: Lake, days) -> set[str]:
     return poor
 
 
-def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.date | None = None) -> dict:
-    """Build, store and describe a dataset; returns its manifest."""
-    from vloop.synth import intent_of
+def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.date | None = None,
+                  golden_samples=None) -> dict:
+    """Build, store and describe a dataset; returns its manifest. The golden set comes from
+    :func:`ensure_golden` (``golden_samples`` are only used when the lake has none yet). An
+    example's intent is its row's ``intent`` where the source has one, else
+    :func:`vloop.evaluation.intent_of` of the question."""
+    from vloop.evaluation import intent_of
 
     cfg = cfg or DatasetConfig()
     today = today or (dt.date.fromisoformat(cfg.until) if cfg.until else dt.datetime.now(dt.timezone.utc).date())
     rng = np.random.default_rng(cfg.seed)
-    golden = ensure_golden(lake, cfg.golden_size)
+    golden = ensure_golden(lake, cfg.golden_size, golden_samples)
     blocked_users = excluded_users(lake)
     lab = labels(lake, cfg)
     recent = _recent_curated(lake, today, cfg.replay_days)
@@ -151,13 +209,17 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
         ok = lab["verdict"].isin(["correct", "wrong"]) & lab["corrected_answer"].fillna("").str.strip().ne("")
         dropped["unclear or empty label"] = int((~ok).sum())
         lab = lab[ok]
+        uncorrected = wrong_without_correction(lab)
+        dropped["wrong verdict without a correction"] = int(uncorrected.sum())
+        lab = lab[~uncorrected]
         bad_img = lab["image_quality"].eq("poor") | lab["image_key"].isin(poor)
         dropped["poor image (labels)"] = int(bad_img.sum())
         lab = lab[~bad_img]
         parts.append(pd.DataFrame({
             "source": np.where(lab["verdict"] == "wrong", "label_corrected", "label_confirmed"),
             "request_id": lab["request_id"], "image_key": lab["image_key"], "question": lab["question"],
-            "answer": lab["corrected_answer"].str.strip(), "category": lab["category"], "user_key": lab["user_key"]}))
+            "answer": lab["corrected_answer"].str.strip(), "category": lab["category"], "user_key": lab["user_key"],
+            "intent": lab["intent"] if "intent" in lab.columns else None}))
     n_labels = sum(len(p) for p in parts)
     if len(recent):
         recent = recent[~recent["image_key"].isin(poor)]
@@ -191,7 +253,8 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
     dup = df["_pair"].duplicated()
     dropped["duplicate image + question"] = int(dup.sum())
     df = df[~dup].drop(columns=["_rank", "_pair", "user_key"])
-    df["intent"] = df["question"].map(intent_of)
+    df["intent"] = df["intent"].where(df["intent"].notna(), df["question"].map(intent_of)) \
+        if "intent" in df.columns else df["question"].map(intent_of)
     df["example_id"] = df["source"] + "-" + df["request_id"].astype(str)
     is_label = df["source"].isin(["label_corrected", "label_confirmed"])
     bucket = df["request_id"].astype(str).map(lambda r: int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) / 2**32)

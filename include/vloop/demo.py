@@ -208,6 +208,7 @@ def verify_day(lake: Lake, day: dt.date, expected_ids: list[str], out=print) -> 
     """Read ``day`` back from the lake, check it holds exactly ``expected_ids`` and their images,
     and report what the users made of the answers."""
     from vloop.model import auroc
+    from vloop.report import outcome_flags
 
     t0 = time.perf_counter()
     inter = lake.read_partitions(INTERACTIONS, day, day,
@@ -229,11 +230,12 @@ def verify_day(lake: Lake, day: dt.date, expected_ids: list[str], out=print) -> 
     arms = Counter(inter.column("arm").to_pylist())
     types = Counter(fb.column("type").to_pylist())
     conf = dict(zip(inter.column("request_id").to_pylist(), inter.column("confidence").to_pylist()))
-    accepted = {r for r, t in zip(fb.column("request_id").to_pylist(), fb.column("type").to_pylist())
-                if t in ("accept", "dwell")}
+    # Acceptance as the report and the canary rollout define it (an ``accept`` event; dwell is not one).
+    flags = outcome_flags(inter.select(["request_id"]).to_pandas(), fb.select(["request_id", "type"]).to_pandas())
+    accepted = dict(zip(flags["request_id"], flags["accepted"]))
     ids = list(conf)
-    acceptance = sum(r in accepted for r in ids) / max(1, len(ids))
-    sep = auroc([conf[r] for r in ids], [r in accepted for r in ids])
+    acceptance = sum(accepted[r] for r in ids) / max(1, len(ids))
+    sep = auroc([conf[r] for r in ids], [bool(accepted[r]) for r in ids])
     cats = Counter(inter.column("category").to_pylist())
     out("arms: " + ", ".join(f"{a}={arms.get(a, 0)}" for a in ARMS))
     out("feedback: " + ", ".join(f"{t}={c}" for t, c in types.most_common()))

@@ -3,6 +3,8 @@
 Metrics per example set, overall and per category and intent: exact match (after
 :func:`vloop.model.normalise_answer`), token F1, BLEU (sacrebleu's sentence BLEU with effective
 order, averaged — answers are a few words; its ``zh`` tokenizer so Chinese answers count) and ROUGE-L F1 (rouge-score, with a tokenizer that keeps CJK characters).
+Per-item exact match (:func:`exact_matches`) is what the gate's paired test uses;
+:func:`intent_of` tells a question's intent from its wording when rows carry none.
 """
 
 from __future__ import annotations
@@ -36,11 +38,40 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_matches(preds: Sequence[str], refs: Sequence[str]) -> list[int]:
+    """Per item: 1 when the prediction equals the reference after
+    :func:`vloop.model.normalise_answer`, else 0 (what ``exact_match`` averages)."""
+    from vloop.model import normalise_answer
+
+    return [int(normalise_answer(p) == normalise_answer(r)) for p, r in zip(preds, refs)]
+
+
+# What a shopper asks about a product photo, by keywords (English and Chinese), first match wins:
+# a colour question often contains "what is this" too, so colour and count come before category.
+_INTENT_KEYWORDS = (
+    ("colour", re.compile(r"\bcolou?rs?\b|颜色", re.I)),
+    ("count", re.compile(r"\bhow many\b|\bcount\b|(几|多少)(个|件|双|只|顶|条|款)", re.I)),
+    ("suitable", re.compile(r"\b(can|could) i\b|\bgood for\b|\bsuitable\b|\bfit for\b|适合|能|可以", re.I)),
+    ("category", re.compile(r"\bwhat (is|are) (this|these|that|it)\b|\bwhat kind\b|\bwhat type\b|"
+                            r"\bwhat am i looking at\b|是什么|什么(商品|东西)|是啥", re.I)),
+)
+INTENTS = tuple(name for name, _ in _INTENT_KEYWORDS) + ("other",)
+
+
+def intent_of(question: str) -> str:
+    """The intent of a shopper's question (colour, count, suitable, category, or "other"), from
+    its wording, so datasets and evaluations can be broken down by intent when the rows do not
+    carry one."""
+    q = (question or "").strip()
+    for name, pattern in _INTENT_KEYWORDS:
+        if pattern.search(q):
+            return name
+    return "other"
+
+
 def scores(preds: Sequence[str], refs: Sequence[str]) -> dict:
     import sacrebleu
     from rouge_score import rouge_scorer
-
-    from vloop.model import normalise_answer
 
     n = len(refs)
     if not n:
@@ -51,7 +82,7 @@ def scores(preds: Sequence[str], refs: Sequence[str]) -> dict:
     bleu = sacrebleu.metrics.BLEU(tokenize="zh", effective_order=True)
     return {
         "n": n,
-        "exact_match": sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(preds, refs)) / n,
+        "exact_match": sum(exact_matches(preds, refs)) / n,
         "token_f1": sum(token_f1(p, r) for p, r in zip(preds, refs)) / n,
         "bleu": sum(bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs)) / n / 100,
         "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / n,

@@ -36,19 +36,28 @@ PROJECT_TITLE = "vloop VQA review"
 VERDICTS = ("correct", "wrong", "unclear")
 IMAGE_QUALITY = ("good", "poor")
 
-# What an annotator sees: the photo, the question, the model's answer; what they give back: an
-# editable corrected answer (pre-filled with the model's), a verdict and an image-quality flag.
+# What an annotator sees: the photo, the question, the model's answer; what they give back: a
+# verdict, the corrected answer and an image-quality flag. The corrected answer (pre-filled with the
+# model's, so a small fix is a small edit) is asked for only once the verdict is "wrong": the box
+# appears then, under a header that says to replace the model's answer, and may not be left empty
+# (Label Studio skips a required control while its View is hidden). Label Studio cannot require the
+# text to differ from the pre-filled one; vloop.dataset drops a "wrong" label whose corrected answer
+# is still the model's.
 LABEL_CONFIG = f"""<View>
   <Image name="image" value="$image" zoom="true" maxWidth="480px"/>
   <Header value="Question"/>
   <Text name="question" value="$question"/>
   <Header value="Model answer (confidence $confidence)"/>
   <Text name="model_answer" value="$model_answer"/>
-  <Header value="Corrected answer: edit it if the model was wrong"/>
-  <TextArea name="corrected_answer" toName="image" editable="true" maxSubmissions="1" rows="2"/>
   <Header value="Verdict on the model's answer"/>
   <Choices name="verdict" toName="image" choice="single" required="true">
 {''.join(f'    <Choice value="{v}"/>{chr(10)}' for v in VERDICTS)}  </Choices>
+  <View visibleWhen="choice-selected" whenTagName="verdict" whenChoiceValue="wrong">
+    <Header value="Wrong: replace the model's answer below with the correct one (left unchanged, it is discarded)"/>
+    <TextArea name="corrected_answer" toName="image" editable="true" maxSubmissions="1" rows="2"
+              required="true" placeholder="the correct answer"
+              requiredMessage="A 'wrong' verdict needs the correct answer: type it in place of the model's."/>
+  </View>
   <Header value="Image quality"/>
   <Choices name="image_quality" toName="image" choice="single">
 {''.join(f'    <Choice value="{v}"/>{chr(10)}' for v in IMAGE_QUALITY)}  </Choices>
@@ -58,6 +67,10 @@ LABELED_COLUMNS = ["request_id", "task_id", "annotation_id", "image_key", "quest
                    "corrected_answer", "verdict", "image_quality", "annotator", "lead_time_s",
                    "created_at", "updated_at", "category", "model_version", "base_model", "adapter", "arm",
                    "confidence", "weak_label", "selected_on"]
+# Column types of an empty labeled/ table (no finished annotations): the same as a full one's.
+LABELED_EMPTY_TYPES = {**dict.fromkeys(LABELED_COLUMNS, "str"), "task_id": "int64", "annotation_id": "int64",
+                       "lead_time_s": "float64", "created_at": "datetime64[us, UTC]",
+                       "updated_at": "datetime64[us, UTC]", "confidence": "float64"}
 # Interaction fields a task carries so that a label is self-contained (calibration per arm needs them).
 CARRIED = ("category", "base_model", "adapter", "arm", "weak_label", "selected_on")
 
@@ -155,6 +168,8 @@ def normalise_annotations(tasks: list[dict]) -> pd.DataFrame:
             "model_version": data.get("model_version"), "confidence": data.get("score"),
             **{k: data.get(k) for k in CARRIED},
         })
+    if not rows:
+        return pd.DataFrame(columns=LABELED_COLUMNS).astype(LABELED_EMPTY_TYPES)
     return pd.DataFrame(rows, columns=LABELED_COLUMNS)
 
 

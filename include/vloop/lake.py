@@ -134,6 +134,12 @@ class Lake(ABC):
         """Store ``data`` under ``key`` atomically, replacing what was there."""
 
     @abstractmethod
+    def put_bytes_if_absent(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Create ``key`` only if no object is there: True if this call created it, False if
+        another writer got there first. The lake's one compare-and-set, used where two writers
+        must never both win (the registry's desired-state log)."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """The object's bytes; :class:`LakeKeyNotFound` if there is none."""
 
@@ -316,6 +322,23 @@ class LocalLake(Lake):
             _unlink_quietly(tmp)
             raise
 
+    def put_bytes_if_absent(self, key, data, content_type="application/octet-stream"):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails if the name exists: an atomic create-only, unlike rename().
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            _unlink_quietly(tmp)
+
     def write_parquet(self, key, table):
         # Stream straight to the temporary file: no second copy of a large table in memory.
         path = self._path(key)
@@ -463,6 +486,23 @@ class S3Lake(Lake):
         self._ensure_bucket()
         self._call(key, self.client.put_object, self.bucket, name, io.BytesIO(data), len(data),
                    content_type=content_type)
+
+    def put_bytes_if_absent(self, key, data, content_type="application/octet-stream"):
+        from minio.error import S3Error
+
+        name = self._name(key)
+        self._ensure_bucket()
+        # S3 conditional write (If-None-Match: *; AWS S3, MinIO). put_object() would turn the
+        # header into user metadata, so this goes through the client's plain PUT.
+        try:
+            self._call(key, self.client._put_object, self.bucket, name, data,
+                       headers={"If-None-Match": "*", "Content-Type": content_type})
+            return True
+        except LakeError as e:
+            cause = e.__cause__
+            if isinstance(cause, S3Error) and cause.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
 
     def get_bytes(self, key):
         name = self._name(key)

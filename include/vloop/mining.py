@@ -43,6 +43,15 @@ def edit_distance(a: str, b: str) -> int:
 
 
 MINED_COLUMNS = ["request_id", "weak_label", "weight", "reason", "edit_distance", "edit_ratio"]
+WEAK_LABELS = ("positive", "negative", "weak_negative", "unknown")
+
+
+def empty_mined() -> pd.DataFrame:
+    """What :func:`mine` returns for a day without interactions: no rows, typed columns."""
+    return pd.DataFrame({"request_id": pd.Series(dtype="str"), "weak_label": pd.Series(dtype="str"),
+                         "weight": pd.Series(dtype="float64"), "reason": pd.Series(dtype="str"),
+                         "edit_distance": pd.Series(dtype="Int64"), "edit_ratio": pd.Series(dtype="float64")},
+                        columns=MINED_COLUMNS)
 
 
 def repeated_requests(interactions: pd.DataFrame, window_s: float) -> pd.Series:
@@ -63,12 +72,18 @@ def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules 
     the events first, then the rules applied in order with the first match winning."""
     rules = rules or MiningRules()
     inter = interactions.reset_index(drop=True)
+    if not len(inter):  # a day without traffic: no rows, the same columns
+        return empty_mined()
     n, rid = len(inter), inter["request_id"]
-    # Each event's row in ``inter`` (one hash lookup), then per-request facts by position.
-    fb = feedback.sort_values("ts", kind="stable") if len(feedback) else feedback
-    pos = pd.Index(rid.astype(object)).get_indexer(fb["request_id"].astype(object)) if len(fb) else np.array([], int)
-    fb = fb.assign(_pos=pos)[pos >= 0] if len(fb) else fb
-    types = fb["type"].to_numpy(dtype=object) if len(fb) else np.array([], dtype=object)
+    # Each event's row in ``inter`` (one hash lookup), then per-request facts by position. A day
+    # with interactions but no feedback (or none about them) still has the ``_pos`` column.
+    if len(feedback):
+        fb = feedback.sort_values("ts", kind="stable")
+        pos = pd.Index(rid.astype(object)).get_indexer(fb["request_id"].astype(object))
+        fb = fb.assign(_pos=pos)[pos >= 0]
+    else:
+        fb = pd.DataFrame({"_pos": np.array([], dtype=np.int64), "type": np.array([], dtype=object)})
+    types = fb["type"].to_numpy(dtype=object)
 
     def present(kind: str) -> pd.Series:
         out = np.zeros(n, dtype=bool)

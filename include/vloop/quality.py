@@ -142,7 +142,9 @@ def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, suite) ->
             reasons.setdefault(int(i), []).append(reason)
     bad_idx = sorted(reasons)
     quarantined = df.iloc[bad_idx].copy()
-    quarantined["quarantine_reason"] = ["; ".join(reasons[i]) for i in bad_idx]
+    # dtype "str" so a batch without bad rows (or without rows: a day without traffic) stores a string column
+    quarantined["quarantine_reason"] = pd.Series(["; ".join(reasons[i]) for i in bad_idx], index=quarantined.index,
+                                                 dtype="str")
     good = df.drop(index=bad_idx).reset_index(drop=True)
     bad_fraction = len(bad_idx) / len(df) if len(df) else 0.0
     return ValidationOutcome(good, quarantined.reset_index(drop=True), bad_fraction, _stable(res.to_json_dict()))

@@ -1,10 +1,14 @@
 """Daily metrics per model version and arm, from the day's interactions, mined feedback and the
 annotators' verdicts.
 
-Per (base_model, adapter, arm): requests, acceptance rate, edit rate, mean edit ratio, repeat
+Per (model_version, arm): requests, acceptance rate, edit rate, mean edit ratio, repeat
 (re-ask/regenerate) rate, p50/p95 latency; where humans judged answers: the expected calibration
 error of confidence against their verdicts, and how often the implicit label agreed with them.
 Separately, the five categories with the most negative outcomes.
+
+A model version is a name: the adapter's (``name@version``), or ``"base"`` for the base model
+alone (:func:`model_version_name`), never the path the base model was loaded from. Acceptance and
+edits are defined once, in :func:`outcome_flags`, for this report, the demo and the canary rollout.
 """
 
 from __future__ import annotations
@@ -30,66 +34,113 @@ def expected_calibration_error(confidence, correct, bins: int = 10) -> float:
     return float(ece)
 
 
-GROUP = ["base_model", "adapter", "arm"]
+NO_TRAFFIC = "no traffic"  # what the report says of a day without interactions (a normal day)
+BASE_VERSION = "base"  # the model version of answers given by the base model without an adapter
+
+
+def model_version_name(adapter) -> str:
+    """The readable name of the model that gave an answer: its adapter (``name@version``), or
+    ``"base"`` when no adapter was used. The base model's path or hub id (``base_model``, whatever
+    serving logged) is not a name annotators or report readers should see."""
+    return adapter if isinstance(adapter, str) and adapter.strip() else BASE_VERSION
+
+
+def model_versions(adapters: pd.Series) -> pd.Series:
+    """:func:`model_version_name` of each element (vectorised), as strings."""
+    a = adapters.astype("str")
+    return a.where(a.notna() & a.str.strip().ne(""), BASE_VERSION)
+
+
+# Feedback event types that define the per-request outcomes (see outcome_flags).
+OUTCOME_EVENTS = {"accepted": "accept", "edited": "edit"}
+
+
+def outcome_flags(interactions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """Whether each answered request was accepted and whether it was edited: the one definition of
+    acceptance and edit rates (daily report, demo, canary rollout).
+
+    * ``accepted``: the request has at least one ``accept`` feedback event. Nothing else counts:
+      dwelling on an answer, closing it, a good rating or the absence of complaints are not
+      acceptance.
+    * ``edited``: the request has at least one ``edit`` event (with or without corrected text).
+
+    Both can be true (accepted, then edited). ``interactions`` needs ``request_id`` (other columns,
+    e.g. ``user_key``, ``arm``, are ignored); ``feedback`` needs ``request_id`` and ``type``, and
+    events about requests not in ``interactions`` are ignored. Returns one row per interaction, in
+    its order (index reset): ``request_id``, ``accepted``, ``edited`` (bool). Rates are the means of
+    the columns over the requests of a group (e.g. an arm); either frame may be empty."""
+    rid = interactions["request_id"].reset_index(drop=True)
+    out = pd.DataFrame({"request_id": rid})
+    for col, kind in OUTCOME_EVENTS.items():
+        ids = feedback.loc[feedback["type"] == kind, "request_id"] if len(feedback) else ()
+        out[col] = member(rid, ids)
+    return out
+
+
+GROUP = ["model_version", "arm"]
+TRAFFIC_TYPES = {"model_version": "str", "arm": "str", "requests": "int64", "acceptance_rate": "float64",
+                 "edit_rate": "float64", "mean_edit_ratio": "float64", "repeat_rate": "float64",
+                 "latency_p50_ms": "float64", "latency_p95_ms": "float64"}
+JUDGED_TYPES = {"model_version": "str", "arm": "str", "judged": "int64", "human_accuracy": "float64",
+                "ece": "float64", "implicit_agreement": "float64"}
 
 
 def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
-    """One row per (base_model, adapter, arm): what the users did with the day's answers."""
+    """One row per (model_version, arm): what the users did with the day's answers (no rows for a
+    day without traffic)."""
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
-    df["adapter"] = df["adapter"].fillna("(base)")
-    for col, kind in (("accepted", "accept"), ("edited", "edit")):
-        df[col] = member(df["request_id"], feedback.loc[feedback["type"] == kind, "request_id"]) \
-            if len(feedback) else False
+    df["model_version"] = model_versions(df["adapter"])
+    flags = outcome_flags(df, feedback)
+    df["accepted"], df["edited"] = flags["accepted"].to_numpy(), flags["edited"].to_numpy()
     df["repeated"] = df["reason"].isin(["regenerated", "question repeated in the session"])
     rows = []
-    for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):
+    for (version, arm), g in df.groupby(GROUP, dropna=False):
         lat = g["latency_ms"].dropna()
         rows.append({
-            "base_model": base, "adapter": adapter, "arm": arm, "requests": len(g),
+            "model_version": version, "arm": arm, "requests": len(g),
             "acceptance_rate": g["accepted"].mean(), "edit_rate": g["edited"].mean(),
             "mean_edit_ratio": g["edit_ratio"].dropna().mean() if g["edit_ratio"].notna().any() else float("nan"),
             "repeat_rate": g["repeated"].mean(),
             "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
         })
-    return pd.DataFrame(rows, columns=GROUP + ["requests", "acceptance_rate", "edit_rate", "mean_edit_ratio",
-                                                "repeat_rate", "latency_p50_ms", "latency_p95_ms"])
+    return pd.DataFrame(rows, columns=list(TRAFFIC_TYPES)).astype(TRAFFIC_TYPES)
 
 
 def judged_metrics(labels: pd.DataFrame) -> pd.DataFrame:
-    """One row per (base_model, adapter, arm) of human-judged answers: how many, the expected
+    """One row per (model_version, arm) of human-judged answers: how many, the expected
     calibration error of confidence against the verdicts, and how often the implicit label agreed.
 
-    ``labels``: base_model, adapter, arm, confidence, weak_label, verdict (correct/wrong/unclear)."""
-    cols = GROUP + ["judged", "human_accuracy", "ece", "implicit_agreement"]
+    ``labels``: adapter, arm, confidence, weak_label, verdict (correct/wrong/unclear)."""
+    cols = list(JUDGED_TYPES)
     if labels is None or not len(labels):
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=cols).astype(JUDGED_TYPES)
     df = labels[labels["verdict"].isin(["correct", "wrong"])].copy()
-    df["adapter"] = df["adapter"].fillna("(base)")
+    df["model_version"] = model_versions(df["adapter"])
     rows = []
-    for (base, adapter, arm), g in df.groupby(GROUP, dropna=False):
+    for (version, arm), g in df.groupby(GROUP, dropna=False):
         implicit = g[g["weak_label"].isin(["positive", "negative", "weak_negative"])]
         conf = g["confidence"].dropna()
         rows.append({
-            "base_model": base, "adapter": adapter, "arm": arm, "judged": len(g),
+            "model_version": version, "arm": arm, "judged": len(g),
             "human_accuracy": (g["verdict"] == "correct").mean(),
             "ece": expected_calibration_error(conf, g.loc[conf.index, "verdict"] == "correct")
             if len(conf) else float("nan"),
             "implicit_agreement": ((implicit["weak_label"] == "positive") == (implicit["verdict"] == "correct")).mean()
             if len(implicit) else float("nan"),
         })
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=cols).astype(JUDGED_TYPES)
 
 
 def daily_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
                   labels: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Traffic metrics joined with judged metrics per (base_model, adapter, arm).
+    """Traffic metrics joined with judged metrics per (model_version, arm).
 
     ``labels`` either carries its own group columns and confidence (labels pulled today, about
     any day's answers) or only request_id + verdict about ``interactions``."""
     if labels is not None and len(labels) and "confidence" not in labels.columns:
         labels = labels[["request_id", "verdict"]].merge(
-            interactions[["request_id", "confidence", *GROUP]], on="request_id").merge(
+            interactions[["request_id", "confidence", "adapter", "arm"]], on="request_id").merge(
             mined[["request_id", "weak_label"]], on="request_id", how="left")
     traffic = traffic_metrics(interactions, feedback, mined)
     judged = judged_metrics(labels)
@@ -168,6 +219,8 @@ def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summa
                           classes="t") if len(df) else "<p>none</p>"
 
     facts = "".join(f"<li>{html.escape(str(k))}: <b>{html.escape(str(v))}</b></li>" for k, v in summary.items())
+    if summary.get("traffic") == NO_TRAFFIC:
+        facts += "<li><b>No traffic</b>: no interactions were logged this day, so the tables below are empty.</li>"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>vloop daily report {day}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} .t td,.t th{{padding:3px 8px;text-align:right}}
 .t tr:nth-child(even){{background:#f4f4f4}} img{{max-width:100%}}</style></head><body>

@@ -8,6 +8,7 @@ The training itself runs as ``python -m training`` (its own process or container
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 
 from vloop import daily
@@ -21,6 +22,7 @@ class GateConfig:
     metric: str = "exact_match"
     margin: float = 0.02  # the candidate must beat the champion by at least this much overall
     category_tolerance: float = 0.05  # and lose no category by more than this
+    alpha: float = 0.05  # and be better on the same items at this significance (McNemar, one-sided)
 
 
 def labels_since_last_training(lake: Lake, registry: Registry) -> tuple[int, str | None]:
@@ -36,44 +38,162 @@ def labels_since_last_training(lake: Lake, registry: Registry) -> tuple[int, str
     return len(lab), since
 
 
-def gate(metrics: dict, cfg: GateConfig | None = None) -> tuple[bool, str]:
-    """(passed, reason) for a candidate's ``metrics.json`` (candidate and champion side by side)."""
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that the candidate is better: P(X >= b) for
+    X ~ Binomial(b + c, 1/2), where ``b`` items only the candidate got right and ``c`` only the
+    champion. 1.0 without discordant items."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(m, k) for k in range(b, m + 1)) / 2 ** m)
+
+
+def _wilson(x: int, n: int, z: float) -> tuple[float, float]:
+    p = x / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% (by default) interval for p_candidate - p_champion on paired items: Newcombe's hybrid
+    score interval for paired proportions (Newcombe 1998, method 10). ``a`` both right, ``b`` only
+    the candidate, ``c`` only the champion, ``d`` neither."""
+    n = a + b + c + d
+    if n == 0:
+        return float("nan"), float("nan")
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = _wilson(a + b, n, z)
+    l2, u2 = _wilson(a + c, n, z)
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c  # the correlation of the two proportions, continuity-adjusted as Newcombe's
+    cross = cross - n / 2 if cross > n / 2 else (0 if cross >= 0 else cross)
+    phi = cross / math.sqrt(den) if den else 0.0
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    eps = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, p1 - p2 - delta), min(1.0, p1 - p2 + eps)
+
+
+def _paired(metrics: dict, set_name: str) -> dict | None:
+    """The per-item results of ``set_name`` (``metrics["paired"][set_name]``, or
+    ``metrics["sets"][set_name]["paired"]``), or None."""
+    p = (metrics.get("paired") or {}).get(set_name) or metrics.get("sets", {}).get(set_name, {}).get("paired")
+    return p if isinstance(p, dict) and "candidate_correct" in p and "champion_correct" in p else None
+
+
+def gate_decision(metrics: dict, cfg: GateConfig | None = None) -> dict:
+    """The offline gate on a candidate's ``metrics.json`` (see :func:`training.job.evaluate`), as a
+    JSON-able dict: ``passed``, ``reason``, and the figures behind them — ``n`` paired items,
+    ``b`` (only the candidate right), ``c`` (only the champion right), ``candidate`` and
+    ``champion`` exact match, ``difference`` and its 95% ``interval``, ``p``, ``alpha``,
+    ``margin``, ``regressions`` (categories that dropped beyond the tolerance).
+
+    The candidate passes when, on the same items of ``cfg.set_name``, all three hold:
+
+    1. it beats the champion's ``cfg.metric`` by at least ``cfg.margin`` (point estimate);
+    2. McNemar's exact test, one-sided (H0: both are right equally often; H1: the candidate more
+       often), rejects at ``cfg.alpha``: conditional on the ``b + c`` discordant items, ``b`` is
+       Binomial(b + c, 1/2) under H0, and p = P(X >= b). The test is exact and conservative, so a
+       candidate no better than the champion passes this step with probability at most
+       ``cfg.alpha`` (5% by default), whatever the accuracy of the two models and the correlation
+       of their errors; requiring the margin as well only lowers that rate;
+    3. no category (``by_category``) loses more than ``cfg.category_tolerance``.
+
+    The interval reported is Newcombe's score interval for a paired difference (95%); it is
+    information, the decision is the test. Metrics without per-item results (a ``metrics.json``
+    written before they were kept) fail: there is nothing to test.
+    """
     cfg = cfg or GateConfig()
+    out = {"passed": False, "reason": "", "set": cfg.set_name, "metric": cfg.metric, "test": "mcnemar-exact-one-sided",
+           "alpha": cfg.alpha, "margin": cfg.margin, "n": 0, "b": None, "c": None, "candidate": None,
+           "champion": None, "difference": None, "interval": None, "p": None, "regressions": []}
     sets = metrics.get("sets", {})
     if cfg.set_name not in sets:
-        return False, f"no {cfg.set_name} evaluation in the metrics"
+        return {**out, "reason": f"no {cfg.set_name} evaluation in the metrics"}
+    paired = _paired(metrics, cfg.set_name)
+    if paired is None:
+        return {**out, "reason": f"no per-item results for {cfg.set_name} in the metrics (evaluated before they "
+                                 f"were kept?): the paired test cannot run; re-run the evaluate stage"}
+    cand_ok = [bool(x) for x in paired["candidate_correct"]]
+    champ_ok = [bool(x) for x in paired["champion_correct"]]
+    ids = paired.get("example_id")
+    if len(cand_ok) != len(champ_ok) or (ids is not None and len(ids) != len(cand_ok)):
+        return {**out, "reason": f"per-item results for {cfg.set_name} do not line up "
+                                 f"({len(cand_ok)} candidate, {len(champ_ok)} champion items)"}
+    n = len(cand_ok)
+    if n == 0:
+        return {**out, "reason": f"no paired items in {cfg.set_name}: nothing to decide on"}
+    a = sum(x and y for x, y in zip(cand_ok, champ_ok))
+    b = sum(x and not y for x, y in zip(cand_ok, champ_ok))
+    c = sum(y and not x for x, y in zip(cand_ok, champ_ok))
+    d = n - a - b - c
+    em_c, em_h = (a + b) / n, (a + c) / n
+    lo, hi = paired_difference_interval(a, b, c, d)
+    p = mcnemar_exact_p(b, c)
+    out.update(n=n, b=b, c=c, candidate=round(em_c, 6), champion=round(em_h, 6), difference=round(em_c - em_h, 6),
+               interval=[round(lo, 6), round(hi, 6)], p=p)
+    stats = (f"{cfg.set_name} exact match {em_c:.3f} vs champion {em_h:.3f} on n={n} paired items: "
+             f"difference {em_c - em_h:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}); discordant b={b} only the candidate "
+             f"right, c={c} only the champion; McNemar exact one-sided p={p:.3g} (alpha {cfg.alpha:.3f})")
+
     cand, champ = sets[cfg.set_name]["candidate"], sets[cfg.set_name]["champion"]
-    c, h = cand["overall"][cfg.metric], champ["overall"][cfg.metric]
-    if c < h + cfg.margin:
-        return False, (f"{cfg.set_name} {cfg.metric} {c:.3f} does not beat the champion's {h:.3f} "
-                       f"by the margin {cfg.margin:.3f}")
+    if cfg.metric == "exact_match":
+        mc, mh = em_c, em_h
+    else:
+        mc, mh = cand["overall"][cfg.metric], champ["overall"][cfg.metric]
+    if mc < mh + cfg.margin:
+        return {**out, "reason": f"{cfg.set_name} {cfg.metric} {mc:.3f} does not beat the champion's {mh:.3f} by the "
+                                 f"margin {cfg.margin:.3f}; {stats}"}
+    if p > cfg.alpha:
+        return {**out, "reason": f"not significant: the difference may be noise of the {n} items; {stats}"}
     worse = []
-    for cat, m in champ["by_category"].items():
-        cm = cand["by_category"].get(cat, {}).get(cfg.metric)
+    for cat, m in champ.get("by_category", {}).items():
+        cm = cand.get("by_category", {}).get(cat, {}).get(cfg.metric)
         if cm is not None and cm < m[cfg.metric] - cfg.category_tolerance:
             worse.append(f"{cat} {cm:.3f} < {m[cfg.metric]:.3f}")
     if worse:
-        return False, f"regresses beyond {cfg.category_tolerance:.3f} in: " + ", ".join(worse)
-    return True, f"{cfg.set_name} {cfg.metric} {c:.3f} vs champion {h:.3f} (margin {cfg.margin:.3f}); no category regressed"
+        return {**out, "regressions": worse,
+                "reason": f"regresses beyond {cfg.category_tolerance:.3f} in: " + ", ".join(worse) + f"; {stats}"}
+    return {**out, "passed": True,
+            "reason": f"passed: {stats}; margin {cfg.margin:.3f} met; no category regressed beyond "
+                      f"{cfg.category_tolerance:.3f}"}
 
 
-def deploy_canary(serving_url: str, token: str, lora_name: str, lake_prefix: str, share: float,
-                  timeout: float = 120) -> dict:
-    """Load the adapter into serving (vLLM's runtime LoRA API) and route ``share`` of users to it,
-    keeping the champion route as it is. Returns the new routes."""
+def gate(metrics: dict, cfg: GateConfig | None = None) -> tuple[bool, str]:
+    """(passed, reason) of :func:`gate_decision`: the candidate beats the champion by the margin,
+    significantly on the same items (McNemar's exact test, one-sided, false-pass rate at most
+    ``cfg.alpha``), and regresses no category."""
+    d = gate_decision(metrics, cfg)
+    return d["passed"], d["reason"]
+
+
+def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url: str | None = None,
+                  token: str | None = None, cfg=None, timeout: float = 120) -> dict:
+    """Put ``ref`` in front of users as the canary of a new experiment (:func:`vloop.canary.start`:
+    the registry's serving state, which every replica follows). With ``serving_url``, that replica
+    applies it at once (``POST /admin/reconcile``) so a version it cannot load fails the deploy
+    here, and the canary is taken off again with the reason; the champion is untouched either way."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=serving_url.rstrip("/"), headers=headers, timeout=timeout) as http:
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": lora_name, "lora_path": lake_prefix})
-        if r.status_code >= 400:
-            raise RuntimeError(f"serving refused to load {lora_name}: {r.status_code} {r.text[:300]}")
-        routes = http.get("/admin/routes").raise_for_status().json()
-        routes.update(canary=lora_name, canary_share=share)
-        r = http.put("/admin/routes", json=routes)
-        if r.status_code >= 400:
-            raise RuntimeError(f"serving refused the routes {routes}: {r.status_code} {r.text[:300]}")
-        return r.json()
+    from vloop import canary
+
+    registry = Registry(lake)
+    state = canary.start(registry, ref, actor=actor, reason=reason, cfg=cfg)
+    if not serving_url:
+        return {"seq": state.seq, "canary": ref, "canary_share": state.canary_share}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with httpx.Client(base_url=serving_url.rstrip("/"), headers=headers, timeout=timeout) as http:
+            r = http.post("/admin/reconcile")
+        failure = None if r.status_code < 400 else f"{r.status_code} {r.text[:300]}"
+    except httpx.HTTPError as e:
+        failure = f"serving unreachable: {e}"
+    if failure:
+        registry.update_serving({"canary": None, "canary_share": 0.0, "experiment": None}, actor=actor,
+                                reason=f"deploy failed, canary taken off: {failure}", retire_as="rejected")
+        raise RuntimeError(f"serving could not apply canary {ref}: {failure}; the champion is untouched")
+    return r.json()
 
 
 def today() -> dt.date:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 
-ARMS = ("champion", "canary", "holdout")
+ARMS = ("champion", "canary", "holdout", "unassigned")  # unassigned: no user id, served by the champion
 STATUSES = ("ok", "error")
 FEEDBACK_TYPES = ("accept", "edit", "skip", "regenerate", "repeat", "close", "dwell", "rating")
 RATING_RANGE = (1, 5)

@@ -59,7 +59,8 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
     dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
     df = df[~dup_key.duplicated()].head(cfg.budget)
-    df["why"] = [_why(r, cfg, category_error_rate) for r in df.itertuples(index=False)]
+    df["why"] = pd.Series([_why(r, cfg, category_error_rate) for r in df.itertuples(index=False)], index=df.index,
+                          dtype="str")  # typed even when nothing is chosen (a day without traffic)
     return df.drop(columns=["weak_label", "weight"]).reset_index(drop=True)
 
 

@@ -202,6 +202,15 @@ class World:
         return [self.sample(i, **filters) for i in range(start, start + n)]
 
 
+GOLDEN_SEED = 424242  # the synthetic world the simulation's golden set is drawn from
+
+
+def golden_samples(size: int = 200) -> list[Sample]:
+    """The simulation's golden evaluation set (what :func:`vloop.dataset.ensure_golden` writes
+    when a simulation passes it): ``size`` samples of the world ``GOLDEN_SEED``, all intents."""
+    return World(GOLDEN_SEED).samples(size)
+
+
 def corpus(world: World | None = None) -> list[str]:
     """Every question and answer string the world can produce (to train the tiny tokenizer)."""
     texts = []

@@ -1,0 +1,84 @@
+"""
+### canary_rollout — judge the live canary every hour: widen, promote, roll back or halt
+
+While a canary is live (the registry's serving state names one; otherwise the run is skipped):
+
+1. **look** — per-arm users, requests, accepts, edits, errors and p95 latency since the current
+   stage began, from the lake's raw logs (`vloop.canary.arm_counts`, the daily report's outcome
+   definition); then `vloop.rollout.decide`: always-valid confidence sequences on acceptance and
+   edit rate (per-user, cluster-robust), a sample-ratio-mismatch check and guardrails;
+2. **act** — *promote*: widen to the next stage (10% → 50% by default; the sequence restarts at
+   each stage), and past the last one move the champion alias (the old champion is retired, still
+   loadable); *rollback*: take the canary off; after `max_hours` without a decision the canary is
+   retired as inconclusive; *halt* (sample-ratio mismatch): nothing changes and the task fails, so
+   a person is alerted. Every look is stored under `rollout/<experiment>/looks/`, every action is a
+   registry event with its figures. Serving replicas follow the registry within seconds.
+
+Manual rollback: trigger with `rollback: true`, a `reason` and optionally `to` (`name@version` or
+`base`); the same as `vloop rollout rollback`. The logic lives in `vloop.canary`; this is wiring.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Param, dag, task
+
+from vloop.config import load_settings
+
+
+def _lake():
+    from vloop_hooks import LakeHook
+
+    return LakeHook().get_lake()
+
+
+@dag(
+    dag_id="canary_rollout",
+    schedule=load_settings().rollout_schedule,
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "vloop", "retries": 1, "retry_delay": dt.timedelta(minutes=2)},
+    tags=["vloop", "release", "canary"],
+    doc_md=__doc__,
+    params={
+        "stages": Param("0.1,0.5,1.0", type="string", description="canary shares of a new experiment; 1.0 = champion"),
+        "alpha": Param(0.05, type="number", minimum=0.001, maximum=0.2, description="error rate of the decisions"),
+        "min_hours": Param(24, type="number", minimum=0, description="hours a stage runs before it may be widened"),
+        "min_requests": Param(1000, type="integer", minimum=1, description="requests per arm before widening"),
+        "max_hours": Param(168, type="number", minimum=1, description="hours before an undecided canary is retired"),
+        "rollback": Param(False, type="boolean", description="manual rollback instead of a look"),
+        "to": Param(None, type=["null", "string"], description="rollback target: name@version or base"),
+        "reason": Param(None, type=["null", "string"], description="why (required for a rollback)"),
+        "now": Param(None, type=["null", "string"], description="simulation mode only (VLOOP_SIMULATION=1): "
+                     "the simulated clock of the look, ISO 8601"),
+    },
+)
+def canary_rollout():
+    @task
+    def look(**context):
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+        from vloop import canary
+
+        p = context["params"]
+        if p["rollback"]:
+            try:
+                state = canary.rollback(_lake(), reason=p["reason"] or "", to=p["to"],
+                                        actor=f"canary_rollout {context['run_id']}")
+            except ValueError as e:  # no reason, unknown version: retrying cannot help
+                raise AirflowFailException(str(e)) from e
+            return {"action": "manual rollback", "seq": state.seq, "champion": state.champion}
+        result = canary.step(_lake(), canary.config_from_params(p), actor="canary_rollout",
+                             now=canary.simulated_now(p["now"]))
+        if result.action == "skipped":
+            raise AirflowSkipException("no canary is live")
+        if result.action == "halted":
+            raise AirflowFailException(f"experiment halted, nothing changed: {result.decision.reason}")
+        return result.summary
+
+    look()
+
+
+canary_rollout()
