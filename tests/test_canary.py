@@ -131,6 +131,9 @@ def test_better_canary_is_widened_then_promoted(local_lake):
     assert events and events[-1]["figures"]["decision"]["action"] == "promote"
     looks = canary.looks(local_lake)
     assert set(looks["metric"]) == {"acceptance", "edit"} and len(looks) == 2 * 3  # one row per look and metric
+    from vloop.report import experiment_plot
+
+    assert experiment_plot(looks).startswith("data:image/png;base64,")  # the daily report's experiment plot
 
     # Manual rollback restores the previous champion; the version stays loadable (retired, not deleted).
     back = canary.rollback(local_lake, reason="a complaint from the app team")

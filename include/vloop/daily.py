@@ -301,6 +301,25 @@ def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dic
             **{f"verdict_{k}": int(v) for k, v in new["verdict"].value_counts().items()}}
 
 
+def _experiment(lake: Lake, day: dt.date, summary: dict) -> str | None:
+    """The canary experiments' looks up to the end of ``day`` (plot), and the newest in words."""
+    from vloop.canary import looks
+    from vloop.report import experiment_plot
+
+    lk = looks(lake)
+    if not len(lk):
+        return None
+    at = pd.to_datetime(lk["at"], utc=True)
+    end = pd.Timestamp(day + dt.timedelta(days=1), tz="UTC")
+    lk = lk[(at < end) & (at >= end - pd.Timedelta(days=HISTORY_DAYS))]
+    if not len(lk):
+        return None
+    last = lk.sort_values("at").iloc[-1]
+    summary["experiment"] = (f"{last['experiment']} at {last['canary_share']:.0%}: last look {last['at']} "
+                             f"decided {last['action']}")
+    return experiment_plot(lk)
+
+
 # -- 9. report ------------------------------------------------------------------------------------
 def report(lake: Lake, day: dt.date) -> dict:
     """Metrics, top errors and the HTML page for ``day``. A day without interactions is reported
@@ -334,6 +353,8 @@ def report(lake: Lake, day: dt.date) -> dict:
         if lake.exists(k):
             summary[name.split(".")[0]] = (len(get_frame(lake, k)) if name.endswith(".parquet")
                                            else len(lake.get_json(k)["request_ids"]))
-    page = render_html(day.isoformat(), metrics, top, summary, plots(history, inter["confidence"], labels))
+    images = plots(history, inter["confidence"], labels)
+    images["experiment"] = _experiment(lake, day, summary)
+    page = render_html(day.isoformat(), metrics, top, summary, images)
     lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")
     return summary

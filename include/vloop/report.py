@@ -209,6 +209,42 @@ def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | N
     return out
 
 
+def experiment_plot(looks: pd.DataFrame) -> str | None:
+    """The live and recent canary experiments, look by look (``vloop.canary.looks``): per metric,
+    each arm's rate, and the canary − champion difference inside its always-valid interval; a
+    decision that acted is marked. None without looks."""
+    if looks is None or not len(looks):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = looks.assign(at=pd.to_datetime(looks["at"], utc=True)).sort_values("at")
+    metrics = sorted(df["metric"].unique())
+    fig, axes = plt.subplots(2, len(metrics), figsize=(5.5 * len(metrics), 6), squeeze=False, sharex=True)
+    for j, metric in enumerate(metrics):
+        g = df[df["metric"] == metric]
+        top, bottom = axes[0][j], axes[1][j]
+        top.plot(g["at"], g["champion"], marker=".", label="champion")
+        top.plot(g["at"], g["canary"], marker=".", label="canary")
+        top.set_title(f"{metric} rate per arm")
+        top.set_ylim(0, 1)
+        top.legend(loc="best", fontsize=8)
+        for exp, e in g.groupby("experiment"):
+            lo, hi = e["lower"].clip(-1, 1), e["upper"].clip(-1, 1)
+            bottom.errorbar(e["at"], e["diff"], yerr=[e["diff"] - lo, hi - e["diff"]], marker=".", capsize=3, label=exp)
+        acted = g[g["action"] != "continue"]
+        bottom.scatter(acted["at"], acted["diff"], marker="*", s=120, color="black", zorder=3, label="decision")
+        bottom.axhline(0, color="grey", lw=0.8)
+        bottom.set_title(f"{metric}: canary − champion (always-valid)", fontsize=10)
+        bottom.legend(loc="best", fontsize=7)
+        bottom.tick_params(axis="x", labelrotation=30, labelsize=8)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
 def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summary: dict,
                 images: dict[str, str]) -> str:
     """The daily report as one self-contained HTML page (plots embedded)."""
@@ -218,6 +254,10 @@ def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summa
         return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", border=0,
                           classes="t") if len(df) else "<p>none</p>"
 
+    experiment = "" if not images.get("experiment") else (
+        "<h2>Canary experiments</h2><p>" + html.escape(summary.get("experiment", "")) + "</p>"
+        f'<img alt="per-arm rates and the always-valid interval of their difference, look by look" '
+        f'src="{images["experiment"]}">')
     facts = "".join(f"<li>{html.escape(str(k))}: <b>{html.escape(str(v))}</b></li>" for k, v in summary.items())
     if summary.get("traffic") == NO_TRAFFIC:
         facts += "<li><b>No traffic</b>: no interactions were logged this day, so the tables below are empty.</li>"
@@ -228,6 +268,7 @@ def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summa
 <h2>Run</h2><ul>{facts}</ul>
 <h2>Per model version and arm</h2>{table(metrics)}
 <h2>Trends</h2><img alt="acceptance and edit rate per arm over time" src="{images['history']}">
+{experiment}
 <h2>Confidence and calibration</h2><img alt="confidence histogram and reliability diagram" src="{images['calibration']}">
 <h2>Top error categories</h2>{table(top_errors)}
 </body></html>"""
