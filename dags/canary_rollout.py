@@ -47,6 +47,8 @@ def _lake():
         "alpha": Param(0.05, type="number", minimum=0.001, maximum=0.2, description="error rate of the decisions"),
         "min_hours": Param(24, type="number", minimum=0, description="hours a stage runs before it may be widened"),
         "min_requests": Param(1000, type="integer", minimum=1, description="requests per arm before widening"),
+        "mixture_sd": Param(0.03, type="number", exclusiveMinimum=0, description="the rate difference the "
+                            "always-valid boundary is tightest for (the effect a retrained adapter is expected to make)"),
         "max_hours": Param(168, type="number", minimum=1, description="hours before an undecided canary is retired"),
         "rollback": Param(False, type="boolean", description="manual rollback instead of a look"),
         "to": Param(None, type=["null", "string"], description="rollback target: name@version or base"),

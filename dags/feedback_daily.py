@@ -93,7 +93,7 @@ def feedback_daily():
     def ingest(**context):
         from vloop import daily
 
-        return daily.ingest(_lake(), _day(context), dt.datetime.now(dt.timezone.utc))
+        return daily.ingest(_lake(), _day(context), daily.run_time(_day(context)))
 
     @task(retries=0)  # a failed quality gate is a finding, not a glitch: retrying cannot fix the data
     def validate(**context):

@@ -90,6 +90,10 @@ def _run_training(context, stage: str) -> dict:
         "min_new_labels": Param(None, type=["null", "integer"], description="override vloop_min_new_labels"),
         "steps": Param(60, type="integer", minimum=1, description="LoRA training steps"),
         "replay_ratio": Param(1.0, type="number", minimum=0, description="replay examples per new label"),
+        "now": Param(None, type=["null", "string"], description="simulation mode only (VLOOP_SIMULATION=1): "
+                     "the simulated time the canary starts at, ISO 8601"),
+        "until": Param(None, type=["null", "string"], format="date",
+                       description="last day of labels and replay (YYYY-MM-DD; default: today)"),
         "gate_margin": Param(0.02, type="number", description="golden-set margin over the champion"),
         "category_tolerance": Param(0.05, type="number", description="largest allowed per-category drop"),
         "gate_alpha": Param(0.05, type="number", minimum=0, maximum=1,
@@ -121,7 +125,7 @@ def retrain_biweekly():
         from vloop.registry import Registry, new_version
 
         lake, p, settings = _lake(), context["params"], load_settings()
-        cfg = DatasetConfig(replay_ratio=p["replay_ratio"])
+        cfg = DatasetConfig(replay_ratio=p["replay_ratio"], until=p.get("until"))
         golden = None  # production: the curated set at GOLDEN_KEY, or build_dataset fails saying so
         if settings.simulation and not lake.exists(GOLDEN_KEY):
             from vloop.synth import golden_samples
@@ -194,8 +198,11 @@ def retrain_biweekly():
         url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
         share = float(Variable.get("vloop_canary_share", default=0.1))
         stages = tuple(sorted({share, *(x for x in ReleaseConfig().stages if x > share)}))
+        from vloop.canary import simulated_now
+
         return deploy_canary(_lake(), registered["ref"], actor="retrain_biweekly", reason=registered["reason"],
-                             serving_url=url, token=conn.password, cfg=ReleaseConfig(stages=stages))
+                             serving_url=url, token=conn.password, cfg=ReleaseConfig(stages=stages),
+                             now=simulated_now(context["params"].get("now")))
 
     decision = gate()
     check_labels() >> build_dataset() >> train() >> evaluate() >> decision

@@ -47,11 +47,12 @@ class ReleaseConfig:
 
 
 def config_from_params(p: dict) -> ReleaseConfig:
-    """The DAG's params (stages as "0.1,0.5,1.0", alpha, min_hours, min_requests, max_hours)."""
+    """The DAG's params (stages as "0.1,0.5,1.0", alpha, min_hours, min_requests, max_hours, mixture_sd).
+    ``stages`` shape the experiments that start from now on; a live one keeps its own."""
     stages = tuple(float(x) for x in str(p.get("stages") or "0.1,0.5,1.0").split(","))
     if not stages or any(not 0 < x <= 1 for x in stages) or list(stages) != sorted(stages):
         raise ValueError(f"stages must be increasing shares in (0, 1], got {p.get('stages')!r}")
-    known = {k: p[k] for k in ("alpha", "min_hours", "min_requests", "max_hours") if p.get(k) is not None}
+    known = {k: p[k] for k in ("alpha", "min_hours", "min_requests", "max_hours", "mixture_sd") if p.get(k) is not None}
     return ReleaseConfig(stages=stages, policy=RolloutPolicy(**known))
 
 

@@ -42,10 +42,11 @@ def _cmd_lake_check(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from vloop.demo import run_demo
-    from vloop.lake import open_lake
+    from vloop.demo_loop import LoopConfig, run_loop
 
-    run_demo(open_lake(args.lake), args.day, n=args.n, seed=args.seed, base_model=args.model)
+    cfg = LoopConfig(rounds=args.rounds, keep=args.keep, seed=args.seed, users_per_day=args.users_per_day,
+                     label_days=args.label_days)
+    run_loop(cfg)
     return 0
 
 
@@ -126,6 +127,14 @@ def _cmd_serve(args) -> int:
     return serve(args)
 
 
+class _LoopDefaults:  # the demo's defaults, without importing the simulation for `vloop --help`
+    users_per_day = 250
+    label_days = 2
+
+
+LOOP_DEFAULTS = _LoopDefaults
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vloop", description="Close the feedback loop around a deployed "
                                 "vision-language model.")
@@ -185,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sen.add_argument("names", nargs="*", help="secret names (default: the stack's four)")
     sen.set_defaults(fn=_cmd_secrets_ensure)
 
-    d = sub.add_parser("demo", help="the main job on embedded defaults (what `make demo` runs)")
-    d.add_argument("--lake", help="lake URL (default: VLOOP_LAKE_URL)")
-    d.add_argument("--day", type=dt.date.fromisoformat, default=dt.date.today(), help="YYYY-MM-DD")
-    d.add_argument("--n", type=int, default=300, help="synthetic interactions to write")
-    d.add_argument("--model", help="base model directory (default: VLOOP_BASE_MODEL, else the tiny "
-                   "base built under $VLOOP_HOME/models on first use)")
+    d = sub.add_parser("demo", help="the whole loop on real services, simulated users (what `make demo` runs)")
+    d.add_argument("--rounds", type=int, default=2, help="rounds of label → retrain → canary → promote")
+    d.add_argument("--keep", action="store_true", help="leave Label Studio and serving running afterwards")
+    d.add_argument("--users-per-day", type=int, default=LOOP_DEFAULTS.users_per_day)
+    d.add_argument("--label-days", type=int, default=LOOP_DEFAULTS.label_days,
+                   help="simulated days of traffic and labelling before each retraining")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
     return p

@@ -92,6 +92,16 @@ def read_days(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date |
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def run_time(day: dt.date) -> dt.datetime:
+    """Feedback counts up to this time: now. In simulation mode (the demo's simulated days, which
+    may lie ahead of the real clock) the simulated run time, an hour after the day ended."""
+    from vloop.config import load_settings
+
+    if load_settings().simulation:
+        return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)
+    return dt.datetime.now(dt.timezone.utc)
+
+
 # -- 1. ingest ------------------------------------------------------------------------------------
 def ingest(lake: Lake, day: dt.date, run_time: dt.datetime) -> dict:
     batch = ingest_day(lake, day, run_time)

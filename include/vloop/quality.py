@@ -122,7 +122,11 @@ def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, suite) ->
 
     # Only the columns the suite looks at: GE fingerprints (pickles) the whole batch it is given.
     batch = batch[sorted({exp.column for exp, _ in suite})]
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     ctx = gx.get_context(mode="ephemeral")
+    # Task logs and the demo get a line per step, not a progress bar per metric.
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = ctx.data_sources.add_pandas("vloop").add_dataframe_asset(suite_name)
     gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name))
     reasons_by_type = {}

@@ -169,7 +169,7 @@ def gate(metrics: dict, cfg: GateConfig | None = None) -> tuple[bool, str]:
 
 
 def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url: str | None = None,
-                  token: str | None = None, cfg=None, timeout: float = 120) -> dict:
+                  token: str | None = None, cfg=None, timeout: float = 120, now: dt.datetime | None = None) -> dict:
     """Put ``ref`` in front of users as the canary of a new experiment (:func:`vloop.canary.start`:
     the registry's serving state, which every replica follows). With ``serving_url``, that replica
     applies it at once (``POST /admin/reconcile``) so a version it cannot load fails the deploy
@@ -179,7 +179,7 @@ def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url:
     from vloop import canary
 
     registry = Registry(lake)
-    state = canary.start(registry, ref, actor=actor, reason=reason, cfg=cfg)
+    state = canary.start(registry, ref, actor=actor, reason=reason, cfg=cfg, now=now)
     if not serving_url:
         return {"seq": state.seq, "canary": ref, "canary_share": state.canary_share}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
