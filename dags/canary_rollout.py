@@ -43,7 +43,6 @@ def _lake():
     tags=["vloop", "release", "canary"],
     doc_md=__doc__,
     params={
-        "stages": Param("0.1,0.5,1.0", type="string", description="canary shares of a new experiment; 1.0 = champion"),
         "alpha": Param(0.05, type="number", minimum=0.001, maximum=0.2, description="error rate of the decisions"),
         "min_hours": Param(24, type="number", minimum=0, description="hours a stage runs before it may be widened"),
         "min_requests": Param(1000, type="integer", minimum=1, description="requests per arm before widening"),
@@ -63,12 +62,15 @@ def canary_rollout():
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from vloop import canary
+        from vloop.registry import RegistryConflict
 
         p = context["params"]
         if p["rollback"]:
             try:
                 state = canary.rollback(_lake(), reason=p["reason"] or "", to=p["to"],
                                         actor=f"canary_rollout {context['run_id']}")
+            except RegistryConflict:
+                raise  # another writer moved the state meanwhile: the retry re-reads it
             except ValueError as e:  # no reason, unknown version: retrying cannot help
                 raise AirflowFailException(str(e)) from e
             return {"action": "manual rollback", "seq": state.seq, "champion": state.champion}

@@ -18,7 +18,8 @@ Every 14 days (or on a manual trigger, with params):
 6. **register** — the version goes into the registry with its lineage; a rejected one is recorded
    as `rejected` with the reason, and the champion stays;
 7. **deploy_canary** — the registry's serving state makes it the canary of a new experiment at
-   `canary_share` (Variable `vloop_canary_share`, 10% by default); every serving replica follows,
+   the first of the stages in Variable `vloop_rollout_stages` (`0.1,0.5,1.0` by default; skipped
+   while another canary's experiment runs); every serving replica follows,
    and the one of connection `vloop_serving` is asked to apply it at once, so an adapter it cannot
    load fails here. From then on `canary_rollout` judges it.
 
@@ -121,17 +122,14 @@ def retrain_biweekly():
     @task
     def build_dataset(**context):
         from vloop.config import load_settings
-        from vloop.dataset import GOLDEN_KEY, DatasetConfig, build_dataset
+        from vloop.dataset import DatasetConfig, build_dataset
         from vloop.registry import Registry, new_version
 
         lake, p, settings = _lake(), context["params"], load_settings()
         cfg = DatasetConfig(replay_ratio=p["replay_ratio"], until=p.get("until"))
-        golden = None  # production: the curated set at GOLDEN_KEY, or build_dataset fails saying so
-        if settings.simulation and not lake.exists(GOLDEN_KEY):
-            from vloop.synth import golden_samples
-
-            golden = golden_samples(cfg.golden_size)
-        manifest = build_dataset(lake, cfg, golden_samples=golden)
+        # The curated set at datasets/golden/ (a simulation writes its own there first); without it
+        # build_dataset fails and says what to provide.
+        manifest = build_dataset(lake, cfg)
         champion = Registry(lake).alias("champion")
         if not settings.base_model:
             raise ValueError("VLOOP_BASE_MODEL is not set: the base model to train an adapter for")
@@ -189,15 +187,19 @@ def retrain_biweekly():
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from vloop.canary import ReleaseConfig
+        from vloop.canary import ReleaseConfig, parse_stages
+        from vloop.registry import Registry
         from vloop.retrain import deploy_canary
 
         if not registered["passed"]:
             raise AirflowSkipException(f"{registered['ref']} rejected: {registered['reason']}; the champion stays")
+        live = Registry(_lake()).serving_state().canary
+        if live:
+            raise AirflowSkipException(f"{live} is still the live canary; {registered['ref']} waits (registered as "
+                                       "a candidate) until canary_rollout ends that experiment")
         conn = BaseHook.get_connection("vloop_serving")
         url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
-        share = float(Variable.get("vloop_canary_share", default=0.1))
-        stages = tuple(sorted({share, *(x for x in ReleaseConfig().stages if x > share)}))
+        stages = parse_stages(Variable.get("vloop_rollout_stages", default="0.1,0.5,1.0"))
         from vloop.canary import simulated_now
 
         return deploy_canary(_lake(), registered["ref"], actor="retrain_biweekly", reason=registered["reason"],

@@ -101,6 +101,7 @@ class Gateway:
             self.registry = Registry(self.lake)
         self.applied_seq = 0  # the registry serving state this replica has applied
         self.reconciled: set[str] = set()  # adapters loaded because the registry said so
+        self.reconcile_lock = asyncio.Lock()  # one reconciliation at a time, states in order
         if cfg.upstream:
             self.engine = UpstreamEngine(cfg.upstream, api_key=cfg.upstream_api_key)
             self.local = None
@@ -171,31 +172,51 @@ class Gateway:
         else:
             await self.engine.unload_adapter(name)
 
+    async def loaded_names(self) -> set[str]:
+        if self.local:
+            return set(self.local.adapters)
+        return {m["id"] for m in await self.engine.models() if m.get("parent")}
+
+    async def load_version(self, ref: str) -> None:
+        """Load a registry version. The local engine reads the lake itself; an upstream server
+        (vLLM) needs a directory it can read, so the files are copied under the state dir first
+        (shared with vLLM's host in production)."""
+        version = await asyncio.to_thread(self.registry.get, ref)
+        path = version.path
+        if not self.local:
+            from vloop.lake import fetch_files
+
+            dest = self.cfg.state_dir / "adapters" / ref.replace("@", "_")
+            keys = await asyncio.to_thread(self.lake.list, path.rstrip("/") + "/")
+            path = str(await asyncio.to_thread(fetch_files, self.lake, keys, dest))
+        await self.load(ref, path)
+
     async def reconcile(self) -> bool:
         """Make this replica serve what the registry's newest serving state says: load its
         adapters, apply its routes, unload what it no longer names. True if anything changed.
-        A failed load leaves the previous routes serving; the next round tries again."""
+        Serialised, and only ever forward (a newer state is never undone by an older one). A
+        failed load leaves the previous routes serving; the next round tries again."""
         if self.registry is None:
             return False
-        want = await asyncio.to_thread(self.registry.serving_state)
-        if want.seq == 0 or want.seq == self.applied_seq:
-            return False
-        names = [n for n in (want.champion, want.canary) if n]
-        loaded = self.loaded_adapters()
-        for ref in names:
-            if loaded is None or ref not in loaded:
-                version = await asyncio.to_thread(self.registry.get, ref)
-                await self.load(ref, version.path)
-                self.reconciled.add(ref)
-        salt = (want.experiment or {}).get("salt") or Routes.salt
-        self.routes.set(Routes(champion=want.champion, canary=want.canary, canary_share=want.canary_share,
-                               holdout_share=want.holdout_share, salt=salt).validate(self.loaded_adapters()))
-        for ref in sorted(self.reconciled - set(names)):
-            await self.unload(ref)
-            self.reconciled.discard(ref)
-        self.applied_seq = want.seq
-        log.info("serving state #%d applied: %s", want.seq, self.routes.routes)
-        return True
+        async with self.reconcile_lock:
+            want = await asyncio.to_thread(self.registry.serving_state)
+            if want.seq <= self.applied_seq:
+                return False
+            names = [n for n in (want.champion, want.canary) if n]
+            loaded = await self.loaded_names()
+            for ref in names:
+                if ref not in loaded:
+                    await self.load_version(ref)
+                    self.reconciled.add(ref)
+            salt = (want.experiment or {}).get("salt") or Routes.salt
+            self.routes.set(Routes(champion=want.champion, canary=want.canary, canary_share=want.canary_share,
+                                   holdout_share=want.holdout_share, salt=salt).validate(await self.loaded_names()))
+            for ref in sorted(self.reconciled - set(names)):
+                await self.unload(ref)
+                self.reconciled.discard(ref)
+            self.applied_seq = want.seq
+            log.info("serving state #%d applied: %s", want.seq, self.routes.routes)
+            return True
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -373,20 +394,30 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise ApiError(400, f"unknown route field: {e}") from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        if "salt" in body:
+            raise ApiError(400, "the salt belongs to an experiment (vloop.canary.start); it cannot be set here")
         scope = "this replica"
         if gw.registry is not None and all(n is None or "@" in n for n in (routes.champion, routes.canary)):
             # Registry versions: write the desired state every replica follows, not just ours.
-            from vloop.registry import RegistryError
+            from vloop.registry import RegistryConflict, RegistryError
 
-            try:
-                state = await asyncio.to_thread(
-                    gw.registry.update_serving,
-                    {"champion": routes.champion, "canary": routes.canary, "canary_share": routes.canary_share,
-                     "holdout_share": routes.holdout_share}, actor="admin api", reason="PUT /admin/routes")
-            except RegistryError as e:
-                raise ApiError(409 if "another writer" in str(e) else 400, str(e)) from None
-            gw.applied_seq, scope = state.seq, "all replicas"
-            routes = Routes(**{**routes.__dict__, "salt": (state.experiment or {}).get("salt") or routes.salt})
+            async with gw.reconcile_lock:
+                head = await asyncio.to_thread(gw.registry.serving_state)
+                changes = {"champion": routes.champion, "canary": routes.canary,
+                           "canary_share": routes.canary_share, "holdout_share": routes.holdout_share}
+                if head.experiment and any(changes[k] != getattr(head, k) for k in ("champion", "canary", "canary_share")):
+                    # A hand-made change of the split ends the experiment: its figures would mix two splits.
+                    changes["experiment"] = None
+                try:
+                    state = await asyncio.to_thread(
+                        gw.registry.update_serving, changes, actor="admin api", reason="PUT /admin/routes",
+                        expected_seq=head.seq)
+                except RegistryConflict as e:
+                    raise ApiError(409, str(e)) from None
+                except RegistryError as e:
+                    raise ApiError(400, str(e)) from None
+                gw.applied_seq, scope = state.seq, "all replicas"
+                routes = Routes(**{**routes.__dict__, "salt": (state.experiment or {}).get("salt") or Routes.salt})
         gw.routes.set(routes)
         log.info("routes changed to %s (%s)", routes, scope)
         return {**routes.__dict__, "scope": scope}
@@ -437,7 +468,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             arm, adapter = routes.arm_for(ukey)
         else:  # an explicit model: the base, or an adapter by name
             adapter = None if model == gw.base_name else model
-            arm = routes.arm_of_model(adapter)
+            arm = routes.arm_of_model(adapter) if ukey is not None else "unassigned"
 
         image = stored = None
         if image_urls:
@@ -453,29 +484,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             image = Image.open(io.BytesIO(stored.data)).convert("RGB")
 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if gw.local is not None:
-            fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
-                                             params["temperature"], params["top_logprobs"]))
-            result = await asyncio.wrap_future(fut)
-            text, lps, tops, conf = result.text, result.token_logprobs, result.top_logprobs, result.confidence
-            tokens, n_completion = result.tokens, result.completion_tokens
-        else:
-            upstream_body = {**body, "model": adapter or gw.base_name, "logprobs": True,
-                             "top_logprobs": params["top_logprobs"] or None}
-            resp = await gw.engine.chat(upstream_body)
-            choice = resp["choices"][0]
-            text = choice["message"]["content"] or ""
-            content = (choice.get("logprobs") or {}).get("content") or []
-            tokens = [c["token"] for c in content]
-            lps = [c["logprob"] for c in content]
-            tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]
-            conf = Confidence.from_logprobs(lps).geo_mean_prob if lps else None
-            n_completion = resp.get("usage", {}).get("completion_tokens", len(lps))
-        latency_ms = (time.perf_counter() - t0) * 1000
 
-        if not opted_out:
+        def log_record(status: str, text: str | None, lps, conf, latency_ms: float) -> None:
+            """Spool the interaction (unless opted out). Failed answers are logged too, with status
+            "error", so the rollout's error-rate guardrail sees them."""
+            if opted_out:
+                return
             q_clean, n_q = redact(question)
-            a_clean, n_a = redact(text)
+            a_clean, n_a = redact(text) if text is not None else (None, 0)
             record = {
                 # No user id: logged under one marker key, in the "unassigned" arm.
                 "request_id": request_id, "ts": now, "user_key": ukey or hmac_user_key("", cfg.user_key_secret),
@@ -486,12 +502,39 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
                 "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
                 "latency_ms": latency_ms, "base_model": gw.base_name, "adapter": adapter, "arm": arm,
-                "status": "ok", "redactions": n_q + n_a,
+                "status": status, "redactions": n_q + n_a,
             }
             row = INTERACTION.to_row(record)
             if stored:
                 gw.spool.put_image(record["image_key"], stored.data)
             gw.spool.append("interactions", row)
+
+        try:
+            if gw.local is not None:
+                fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
+                                                 params["temperature"], params["top_logprobs"]))
+                result = await asyncio.wrap_future(fut)
+                text, lps, tops, conf = result.text, result.token_logprobs, result.top_logprobs, result.confidence
+                tokens, n_completion = result.tokens, result.completion_tokens
+            else:
+                upstream_body = {**body, "model": adapter or gw.base_name, "logprobs": True,
+                                 "top_logprobs": params["top_logprobs"] or None}
+                resp = await gw.engine.chat(upstream_body)
+                choice = resp["choices"][0]
+                text = choice["message"]["content"] or ""
+                content = (choice.get("logprobs") or {}).get("content") or []
+                tokens = [c["token"] for c in content]
+                lps = [c["logprob"] for c in content]
+                tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]
+                conf = Confidence.from_logprobs(lps).geo_mean_prob if lps else None
+                n_completion = resp.get("usage", {}).get("completion_tokens", len(lps))
+        except Exception as e:
+            if not isinstance(e, EngineError) or e.status >= 500:  # the model failed, not the request
+                m.inc("vloop_requests_failed_total", "chat requests the model failed to answer", arm=arm)
+                log_record("error", None, None, None, (time.perf_counter() - t0) * 1000)
+            raise
+        latency_ms = (time.perf_counter() - t0) * 1000
+        log_record("ok", text, lps, conf, latency_ms)
         m.inc("vloop_requests_total", "answered chat requests", arm=arm, logged=str(not opted_out).lower())
         m.observe_latency(latency_ms / 1000, arm=arm)
 

@@ -12,7 +12,8 @@ each other's arms:
   staged rollout) only moves champion users into the canary, never the other way.
 
 A request without a user id cannot be randomised: it is served by the champion and counted as
-``unassigned``, outside the comparison.
+``unassigned``; one that names its model (base or adapter) is ``direct``; both stay outside the
+comparison.
 """
 
 from __future__ import annotations
@@ -66,13 +67,11 @@ class Routes:
             return "canary", self.canary
         return "champion", self.champion
 
-    def arm_of_model(self, adapter: str | None) -> str:
-        """The arm a request that named its model explicitly is counted in."""
-        if adapter is not None and adapter == self.canary:
-            return "canary"
-        if adapter is None and self.champion is not None:
-            return "holdout"
-        return "champion"
+    @staticmethod
+    def arm_of_model(adapter: str | None) -> str:
+        """A request that named its model itself was not randomised: it is logged as ``direct``,
+        outside the comparison, whichever adapter it asked for."""
+        return "direct"
 
 
 class RouteStore:

@@ -17,7 +17,7 @@ from vloop import canary
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, partition_prefix
-from vloop.registry import AdapterVersion, Registry, RegistryConflict
+from vloop.registry import AdapterVersion, Registry, RegistryConflict, RegistryError
 from vloop.rollout import RolloutPolicy
 from vloop.schema import FEEDBACK, INTERACTION
 
@@ -31,6 +31,12 @@ def register(reg: Registry, *names: str) -> list[str]:
                          actor="test")
         refs.append(v.ref)
     return refs
+
+
+def test_create_only_writes(lake):
+    assert lake.put_bytes_if_absent("registry/serving/0000000001.json", b"first") is True
+    assert lake.put_bytes_if_absent("registry/serving/0000000001.json", b"second") is False
+    assert lake.get_bytes("registry/serving/0000000001.json") == b"first"  # the loser changed nothing
 
 
 def test_concurrent_promotions_never_leave_two_champions(lake):
@@ -137,7 +143,10 @@ def test_better_canary_is_widened_then_promoted(local_lake):
 
     # Manual rollback restores the previous champion; the version stays loadable (retired, not deleted).
     back = canary.rollback(local_lake, reason="a complaint from the app team")
-    assert back.champion == champ and reg.get(champ).path == f"adapters/champ/v1/"
+    assert back.champion == champ and reg.get(champ).path == "adapters/champ/v1/"
+    assert reg.state().statuses[cand] == "rejected"  # rolled back: never restored by a later rollback
+    again = canary.rollback(local_lake, reason="and once more")
+    assert again.champion is None  # the base, not the rejected cand
     with pytest.raises(ValueError, match="reason"):
         canary.rollback(local_lake, reason=" ")
 
@@ -154,8 +163,14 @@ def test_worse_canary_is_rolled_back_and_srm_halts(local_lake):
     assert reg.state().statuses[cand] == "rejected"
     assert canary.step(local_lake, CFG, now=T0 + dt.timedelta(hours=2)).action == "skipped"
 
+    # A rejected version cannot come back as a canary; a live canary is not silently replaced.
+    with pytest.raises(RegistryError, match="rejected"):
+        canary.start(reg, cand, actor="test", reason="again", cfg=CFG)
+    (cand2, cand3) = register(reg, "cand2", "cand3")
     # A broken split (the canary gets far fewer users than configured): halt, change nothing.
-    st = canary.start(reg, cand, actor="test", reason="again", cfg=CFG, now=T0 + dt.timedelta(hours=4))
+    st = canary.start(reg, cand2, actor="test", reason="again", cfg=CFG, now=T0 + dt.timedelta(hours=4))
+    with pytest.raises(RegistryError, match="still the live canary"):
+        canary.start(reg, cand3, actor="test", reason="another", cfg=CFG)
     lopsided = canary.ServingState(**{**st.__dict__, "canary_share": 0.05})
     traffic(local_lake, lopsided, T0 + dt.timedelta(hours=4), 2, 400, {"champion": 0.5, "canary": 0.5}, seed=5)
     r = canary.step(local_lake, CFG, now=T0 + dt.timedelta(hours=6))

@@ -91,7 +91,7 @@ def test_airflow_settings_declare_the_connections_without_secrets():
     assert set(conns) == {"vloop_lake", "vloop_label_studio", "vloop_serving"}
     assert all(not c.get("conn_password") for c in conns.values()), "secrets belong in the environment"
     variables = {v["variable_name"] for v in cfg["variables"]}
-    assert {"vloop_label_budget", "vloop_low_confidence", "vloop_canary_share"} <= variables
+    assert {"vloop_label_budget", "vloop_low_confidence", "vloop_rollout_stages"} <= variables
 
 
 def test_lake_hook_reads_an_airflow_connection(monkeypatch, s3_endpoint, tmp_path):

@@ -44,7 +44,7 @@ def test_to_row_normalises():
 @pytest.mark.parametrize("over, field, reason", [
     ({"request_id": None}, "request_id", "required"),
     ({"question": 42}, "question", "expected a string"),
-    ({"arm": "blue"}, "arm", "not one of champion, canary, holdout, unassigned"),
+    ({"arm": "blue"}, "arm", "not one of champion, canary, holdout, unassigned, direct"),
     ({"ts": dt.datetime(2026, 11, 3)}, "ts", "no time zone"),
     ({"ts": "tuesday"}, "ts", "not an ISO 8601"),
     ({"token_logprobs": [-0.1, "x"]}, "token_logprobs[1]", "expected a number"),

@@ -46,14 +46,22 @@ class ReleaseConfig:
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
 
 
+def parse_stages(text: str | None) -> tuple[float, ...]:
+    """Stages written as "0.1,0.5,1.0": increasing canary shares, the last one 1.0 (champion)."""
+    try:
+        stages = tuple(float(x) for x in str(text or "0.1,0.5,1.0").split(","))
+    except ValueError:
+        raise ValueError(f"stages must be numbers like 0.1,0.5,1.0, got {text!r}") from None
+    if any(not 0 < x <= 1 for x in stages) or list(stages) != sorted(set(stages)) or stages[-1] != 1.0:
+        raise ValueError(f"stages must be increasing shares in (0, 1] ending at 1.0, got {text!r}")
+    return stages
+
+
 def config_from_params(p: dict) -> ReleaseConfig:
-    """The DAG's params (stages as "0.1,0.5,1.0", alpha, min_hours, min_requests, max_hours, mixture_sd).
-    ``stages`` shape the experiments that start from now on; a live one keeps its own."""
-    stages = tuple(float(x) for x in str(p.get("stages") or "0.1,0.5,1.0").split(","))
-    if not stages or any(not 0 < x <= 1 for x in stages) or list(stages) != sorted(stages):
-        raise ValueError(f"stages must be increasing shares in (0, 1], got {p.get('stages')!r}")
+    """The canary_rollout DAG's params (alpha, min_hours, min_requests, max_hours, mixture_sd). The
+    stages belong to each experiment, fixed when it starts (Variable ``vloop_rollout_stages``)."""
     known = {k: p[k] for k in ("alpha", "min_hours", "min_requests", "max_hours", "mixture_sd") if p.get(k) is not None}
-    return ReleaseConfig(stages=stages, policy=RolloutPolicy(**known))
+    return ReleaseConfig(policy=RolloutPolicy(**known))
 
 
 def simulated_now(value: str | None) -> dt.datetime | None:
@@ -78,11 +86,19 @@ def _iso(t: dt.datetime) -> str:
 
 
 def start(registry: Registry, ref: str, *, actor: str, reason: str, cfg: ReleaseConfig | None = None,
-          now: dt.datetime | None = None, holdout_share: float | None = None) -> ServingState:
-    """Make ``ref`` the canary at the first stage, in a new experiment."""
+          now: dt.datetime | None = None, holdout_share: float | None = None, replace: bool = False) -> ServingState:
+    """Make ``ref`` the canary at the first stage, in a new experiment. Refused while another
+    canary's experiment runs (unless ``replace``), and for the champion or a rejected version."""
     cfg = cfg or ReleaseConfig()
     now = now or _now()
     head = registry.serving_state()
+    if head.canary and not replace:
+        raise RegistryError(f"{head.canary} is still the live canary ({head.canary_share:.0%}); its experiment "
+                            "must end first (canary_rollout decides, or `vloop rollout rollback`)")
+    if ref == head.champion:
+        raise RegistryError(f"{ref} is already the champion")
+    if registry.state().statuses.get(ref) == "rejected":
+        raise RegistryError(f"{ref} was rejected ({registry.state().reasons.get(ref)}); train a new version")
     experiment = {"id": f"exp-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", "salt": secrets.token_hex(8),
                   "canary": ref, "stages": list(cfg.stages), "stage": 0, "started_at": _iso(now),
                   "stage_started_at": _iso(now)}
@@ -169,6 +185,10 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
     state = registry.serving_state()
     if not state.canary or not state.experiment:
         return StepResult("skipped", None, state)
+    if not 0 < state.canary_share < 1:  # a hand-set split (e.g. 100%): nothing left to compare
+        log.warning("canary %s at %.0f%%: no comparison possible; set the routes or roll back",
+                    state.canary, state.canary_share * 100)
+        return StepResult("skipped", None, state)
     exp = state.experiment
     policy = cfg.policy
     stages = exp.get("stages") or list(cfg.stages)
@@ -231,7 +251,9 @@ def rollback(lake: Lake, *, reason: str, to: str | None = None, actor: str = "cl
         return registry.update_serving(off, actor=actor, reason=f"manual rollback: {reason}",
                                        expected_seq=state.seq, retire_as="rejected")
     if to is None:
-        earlier = [s.champion for s in registry.serving_states() if s.champion != state.champion]
+        statuses = registry.state().statuses
+        earlier = [s.champion for s in registry.serving_states()
+                   if s.champion != state.champion and statuses.get(s.champion) != "rejected"]
         if not state.champion:
             raise RegistryError("nothing to roll back: no canary and the base model is the champion")
         target = earlier[-1] if earlier else None
@@ -241,7 +263,7 @@ def rollback(lake: Lake, *, reason: str, to: str | None = None, actor: str = "cl
             registry.get(target)  # a clear error for a ref that does not exist
     return registry.update_serving({"champion": target, **off}, actor=actor,
                                    reason=f"manual rollback to {target or 'the base model'}: {reason}",
-                                   expected_seq=state.seq, retire_as="rejected")
+                                   expected_seq=state.seq, retire_as="rejected", retire_champion_as="rejected")
 
 
 def status(lake: Lake, cfg: ReleaseConfig | None = None, now: dt.datetime | None = None) -> dict:

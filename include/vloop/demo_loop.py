@@ -199,9 +199,8 @@ def airflow_env(home: Path, lake_url: str, ls: Service, sv: Service, secrets: di
             "extra": {"project_title": PROJECT_TITLE, "document_root": str(home)}}),
         "AIRFLOW_CONN_VLOOP_SERVING": json.dumps({"conn_type": "http", "host": sv.url,
                                                    "password": secrets["VLOOP_ADMIN_TOKEN"]}),
-        "AIRFLOW_VAR_VLOOP_LABEL_BUDGET": str(cfg.label_budget), "AIRFLOW_VAR_VLOOP_CANARY_SHARE": str(cfg.stages[0]), "VLOOP_BASE_MODEL": str(model), "VLOOP_SIMULATION": "1",
+        "AIRFLOW_VAR_VLOOP_LABEL_BUDGET": str(cfg.label_budget), "AIRFLOW_VAR_VLOOP_ROLLOUT_STAGES": ",".join(map(str, cfg.stages)), "VLOOP_BASE_MODEL": str(model), "VLOOP_SIMULATION": "1",
         "VLOOP_HOME": str(home)})
-    sys.path.insert(0, str(ROOT / "plugins"))
     airflow = Path(sys.executable).with_name("airflow")
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=600)
 

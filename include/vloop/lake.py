@@ -501,7 +501,11 @@ class S3Lake(Lake):
         except LakeError as e:
             cause = e.__cause__
             if isinstance(cause, S3Error) and cause.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
+                # A retried PUT whose first attempt landed also gets 412: it is ours if the bytes are.
+                try:
+                    return self.get_bytes(key) == data
+                except LakeKeyNotFound:
+                    return False
             raise
 
     def get_bytes(self, key):

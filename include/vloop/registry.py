@@ -133,11 +133,14 @@ class Registry:
         return self.update_serving(changes, actor=actor, reason=reason, expected_seq=expected_seq)
 
     def update_serving(self, changes: dict, *, actor: str, reason: str, expected_seq: int | None = None,
-                       figures: dict | None = None, retire_as: str = "retired") -> ServingState:
+                       figures: dict | None = None, retire_as: str = "retired",
+                       retire_champion_as: str = "retired") -> ServingState:
         """Write the next serving state (the head with ``changes``), then the events that describe
         it. ``expected_seq``: the head the caller decided on (default: the current one); if another
         writer moved on since, nothing is written and :class:`RegistryConflict` is raised.
-        ``retire_as``: the status of a canary that is taken off without being promoted."""
+        ``retire_as``: the status of a canary taken off without being promoted;
+        ``retire_champion_as``: of a champion replaced (``rejected`` when it is rolled back, so it is
+        never restored by a later rollback)."""
         head = self.serving_state()
         if expected_seq is not None and head.seq != expected_seq:
             raise RegistryConflict(f"the serving state moved from #{expected_seq} to #{head.seq} "
@@ -163,7 +166,7 @@ class Registry:
             if after is not None:
                 self._event({"kind": "status", "ref": after, "status": alias}, actor, reason)
             if before and before not in (new.champion, new.canary):
-                status = "retired" if alias == "champion" else retire_as
+                status = retire_champion_as if alias == "champion" else retire_as
                 why = f"replaced by {after}: {reason}" if alias == "champion" and after else reason
                 self._event({"kind": "status", "ref": before, "status": status}, actor, why)
         if (head.canary_share, head.holdout_share) != (new.canary_share, new.holdout_share) \

@@ -185,7 +185,8 @@ def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | N
     for ax, title in zip(axes, ["acceptance rate", "edit rate"]):
         ax.set_title(title)
         ax.set_ylim(0, 1)
-        ax.legend(loc="best", fontsize=8)
+        if ax.lines:  # no lines without traffic in the window
+            ax.legend(loc="best", fontsize=8)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     out["history"] = _png(fig)
     plt.close(fig)

@@ -186,13 +186,16 @@ def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url:
     try:
         with httpx.Client(base_url=serving_url.rstrip("/"), headers=headers, timeout=timeout) as http:
             r = http.post("/admin/reconcile")
-        failure = None if r.status_code < 400 else f"{r.status_code} {r.text[:300]}"
-    except httpx.HTTPError as e:
-        failure = f"serving unreachable: {e}"
-    if failure:
+    except httpx.HTTPError as e:  # serving is down: the state stands, replicas apply it when they are back
+        raise RuntimeError(f"canary {ref} is in the registry, but serving at {serving_url} is unreachable "
+                           f"({e}); replicas load it at their next reconciliation") from e
+    if 400 <= r.status_code < 500:  # serving refused the adapter: take it off again
+        failure = f"{r.status_code} {r.text[:300]}"
         registry.update_serving({"canary": None, "canary_share": 0.0, "experiment": None}, actor=actor,
-                                reason=f"deploy failed, canary taken off: {failure}", retire_as="rejected")
-        raise RuntimeError(f"serving could not apply canary {ref}: {failure}; the champion is untouched")
+                                reason=f"deploy failed, canary taken off: {failure}", retire_as="rejected",
+                                expected_seq=state.seq)
+        raise RuntimeError(f"serving could not load canary {ref}: {failure}; the champion is untouched")
+    r.raise_for_status()
     return r.json()
 
 

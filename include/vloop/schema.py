@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 
-ARMS = ("champion", "canary", "holdout", "unassigned")  # unassigned: no user id, served by the champion
+# unassigned: no user id, served by the champion; direct: the request named its model. Neither is randomised.
+ARMS = ("champion", "canary", "holdout", "unassigned", "direct")
 STATUSES = ("ok", "error")
 FEEDBACK_TYPES = ("accept", "edit", "skip", "regenerate", "repeat", "close", "dwell", "rating")
 RATING_RANGE = (1, 5)
