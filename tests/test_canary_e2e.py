@@ -113,7 +113,9 @@ def test_canary_rollout_through_real_gateways(airflow_db, base_model_dir, adapte
         st = canary.start(reg, refs["colours"], actor="test", reason="passed the gate", cfg=cfg, now=T0)
         converged(replicas, canary=refs["colours"], canary_share=0.3, salt=st.experiment["salt"])
         tally = app_traffic(replicas, T0, 2, 100, seed=1)
-        assert tally["canary"][0] > 20 and tally["canary"][1] / tally["canary"][0] > 0.5, tally
+        # The base never answers white or yellow right; the canary often does.
+        assert tally["canary"][0] > 20 and tally["canary"][1] / tally["canary"][0] > 0.3, tally
+        assert tally["champion"][1] / tally["champion"][0] < 0.1, tally
         shipped(lake, 0, 200)
         assert look(T0 + dt.timedelta(hours=2)) == "success"
         state = reg.serving_state()

@@ -69,6 +69,8 @@ def test_demo_runs_the_whole_loop_on_real_services(tmp_path, base_model_dir):
                  "retrain_biweekly (dag.test)", "held-out exact match"):
         assert step in out, step
     assert "Calculating Metrics" not in out  # no third-party progress bars
+    from vloop.lake import LocalLake
+
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**22, max_image_pixels=2**22)
     assert lake.list("reports/loop/") and lake.list("labeled/")  # the annotator's work came back
     from vloop.registry import Registry
