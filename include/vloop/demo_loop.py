@@ -56,9 +56,9 @@ class LoopConfig:
     wrong_edit: float = 0.05  # edits with a wrong "correction"
     repeat: float = 0.10  # users who ask again instead of editing
     annotator_error: float = 0.03
-    label_budget: int = 100
+    label_budget: int = 150
     min_new_labels: int = 30
-    train_steps: int = 100
+    train_steps: int = 300
     stages: tuple[float, ...] = (0.3, 0.6, 1.0)
     mixture_sd: float = 0.15  # the effect size the rollout's boundary is tuned to in this world
     min_requests: int = 80
@@ -437,6 +437,9 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries
     t_all = time.perf_counter()
     settings = load_settings()
     home = Path(home or settings.home).resolve()
