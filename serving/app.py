@@ -110,6 +110,13 @@ class Gateway:
             self.engine = self.local = LocalEngine(cfg.model, adapter_cache=cfg.state_dir / "adapters",
                                                    lake=self.lake, max_batch=cfg.max_batch)
             self.base_name = self.local.base_name
+            r = self.routes.routes
+            if r.champion or r.canary:
+                # A fresh local engine holds no adapter: routes naming one would answer 404 until the
+                # adapters are back (the registry's, at the first reconciliation). Serve the base meanwhile.
+                log.warning("persisted routes name adapters that are not loaded yet (%s); serving the base "
+                            "until they are", r)
+                self.routes.routes = Routes()
         self.spool = Spool(cfg.spool_dir)
         self.shipper = None
         if self.lake is not None:
@@ -195,7 +202,8 @@ class Gateway:
         """Make this replica serve what the registry's newest serving state says: load its
         adapters, apply its routes, unload what it no longer names. True if anything changed.
         Serialised, and only ever forward (a newer state is never undone by an older one). A
-        failed load leaves the previous routes serving; the next round tries again."""
+        champion that fails to load leaves the previous routes serving; a canary that fails is left
+        out (the champion's routes apply, canary share 0). Either is retried next round."""
         if self.registry is None:
             return False
         async with self.reconcile_lock:
@@ -204,16 +212,29 @@ class Gateway:
                 return False
             names = [n for n in (want.champion, want.canary) if n]
             loaded = await self.loaded_names()
+            canary, share, failed = want.canary, want.canary_share, None
             for ref in names:
                 if ref not in loaded:
-                    await self.load_version(ref)
+                    try:
+                        await self.load_version(ref)
+                    except Exception as e:
+                        if ref != want.canary:
+                            raise  # no champion: keep the previous routes, retry next round
+                        # A canary that cannot load must not hold up the champion's routes.
+                        canary, share, failed = None, 0.0, e
+                        continue
                     self.reconciled.add(ref)
             salt = (want.experiment or {}).get("salt") or Routes.salt
-            self.routes.set(Routes(champion=want.champion, canary=want.canary, canary_share=want.canary_share,
+            self.routes.set(Routes(champion=want.champion, canary=canary, canary_share=share,
                                    holdout_share=want.holdout_share, salt=salt).validate(await self.loaded_names()))
             for ref in sorted(self.reconciled - set(names)):
                 await self.unload(ref)
                 self.reconciled.discard(ref)
+            if failed is not None:
+                self.metrics.inc("vloop_reconcile_failures_total", "failed reconciliations with the registry")
+                log.warning("serving state #%d applied without its canary %s, which failed to load: %s",
+                            want.seq, want.canary, failed)
+                raise failed  # applied_seq stays behind: the canary is retried next round
             self.applied_seq = want.seq
             log.info("serving state #%d applied: %s", want.seq, self.routes.routes)
             return True
@@ -304,6 +325,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.on_event("startup")
     async def _startup():
         if gw.registry is not None and cfg.reconcile_interval_s > 0:
+            try:  # serve what the registry says from the first request on (health waits for it)
+                await gw.reconcile()
+            except Exception as e:
+                log.warning("first reconciliation with the registry failed (retrying in the background): %s", e)
             app.state.reconciler = asyncio.create_task(gw.reconcile_forever())
 
     @app.on_event("shutdown")

@@ -177,3 +177,36 @@ def test_worse_canary_is_rolled_back_and_srm_halts(local_lake):
     assert r.action == "halted" and "ratio" in r.decision.reason.lower(), r.decision.reason
     assert reg.serving_state().seq == st.seq
     assert any(e["kind"] == "halt" for e in reg.history())
+
+
+def test_rollout_cli_status_and_rollback(tmp_path):
+    """`vloop rollout status` and `rollback` as an engineer runs them (subprocess, real lake)."""
+    import os
+    import subprocess
+    import sys
+
+    from vloop.lake import LocalLake
+
+    lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
+    reg = Registry(lake)
+    champ, cand = register(reg, "champ", "cand")
+    reg.set_alias("champion", champ, actor="test", reason="first")
+    st = canary.start(reg, cand, actor="test", reason="gate", cfg=CFG, now=T0)
+    traffic(lake, st, T0, 2, 150, {"champion": 0.5, "canary": 0.6}, seed=7)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VLOOP_")},
+           "VLOOP_LAKE_URL": lake.url, "VLOOP_SIMULATION": "1"}
+
+    def vloop(*args):
+        return subprocess.run([sys.executable, "-m", "vloop.cli", "rollout", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    out = vloop("status", "--now", (T0 + dt.timedelta(hours=2)).isoformat())
+    assert out.returncode == 0, out.stderr
+    assert f"canary {cand} at 20%" in out.stdout and "always-valid" in out.stdout and "now: continue" in out.stdout
+    assert vloop("rollback").returncode == 2  # --reason is required
+    out = vloop("rollback", "--reason", "the app team saw odd answers")
+    assert out.returncode == 0 and reg.serving_state().canary is None, out.stderr
+    assert reg.state().statuses[cand] == "rejected"
+    assert "no live experiment" in vloop("status").stdout
+    bad = vloop("rollback", "--to", "nope@v9", "--reason", "x")
+    assert bad.returncode == 2 and "no adapter version 'nope@v9'" in bad.stderr

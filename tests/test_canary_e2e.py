@@ -14,6 +14,7 @@ import datetime as dt
 import json
 
 import httpx
+import pytest
 import requests
 
 from tests.conftest import load_dag
@@ -22,6 +23,7 @@ from vloop import canary
 from vloop.lake import LocalLake
 from vloop.model import normalise_answer
 from vloop.registry import AdapterVersion, Registry
+from vloop.retrain import deploy_canary
 from vloop.synth import World
 
 T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
@@ -148,6 +150,17 @@ def test_canary_rollout_through_real_gateways(airflow_db, base_model_dir, adapte
         assert reg.serving_state().champion == refs["colours"]
         assert look(T0 + dt.timedelta(hours=8), rollback=True, to="base", reason="app team asked") == "success"
         assert reg.serving_state().champion is None
+        converged(replicas, champion=None, canary=None)
+
+        # A version serving cannot load: the deploy fails at once, the canary is taken off
+        # (rejected) and the champion's routes never stop.
+        lake.put_bytes("adapters/broken/v1/adapter_config.json", b"{not json")
+        lake.put_bytes("adapters/broken/v1/adapter_model.safetensors", b"x")
+        bad = reg.register(AdapterVersion(name="broken", version="v1", path="adapters/broken/v1/",
+                                          base_model=str(base_model_dir)), actor="test").ref
+        with pytest.raises(RuntimeError, match="could not load"):
+            deploy_canary(lake, bad, actor="test", reason="gate", serving_url=replicas[0].url, token=TOKEN, cfg=cfg)
+        assert reg.serving_state().canary is None and reg.state().statuses[bad] == "rejected"
         converged(replicas, champion=None, canary=None)
     finally:
         for srv in replicas:

@@ -68,10 +68,10 @@ def _cmd_pretrain_base(args) -> int:
 
 
 def _cmd_rollout_status(args) -> int:
-    from vloop.canary import status
+    from vloop.canary import simulated_now, status
     from vloop.lake import open_lake
 
-    st = status(open_lake(args.url))
+    st = status(open_lake(args.url), now=simulated_now(args.now))
     print(f"serving state #{st['serving_state']}: champion {st['champion']}, canary {st['canary'] or '-'} "
           f"at {st['canary_share']:.0%}, holdout {st['holdout_share']:.0%}")
     if "decision" not in st:
@@ -99,10 +99,10 @@ def _cmd_rollout_rollback(args) -> int:
 
 
 def _cmd_rollout_step(args) -> int:
-    from vloop.canary import step
+    from vloop.canary import simulated_now, step
     from vloop.lake import open_lake
 
-    r = step(open_lake(args.url), actor=args.actor)
+    r = step(open_lake(args.url), actor=args.actor, now=simulated_now(args.now))
     print(r.summary)
     return 0
 
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(fn=_cmd_rollout_step)
     for q in (rs, rr, rt):
         q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+    for q in (rs, rt):
+        q.add_argument("--now", help="simulation mode only (VLOOP_SIMULATION=1): the simulated clock, ISO 8601")
     for q in (rr, rt):
         q.add_argument("--actor", default="cli", help="who acts (kept in the history)")
 
