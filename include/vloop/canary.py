@@ -44,6 +44,9 @@ ARMS_COMPARED = ("champion", "canary")
 class ReleaseConfig:
     stages: tuple[float, ...] = (0.10, 0.50, 1.0)  # canary shares; reaching 1.0 = champion
     policy: RolloutPolicy = field(default_factory=RolloutPolicy)
+    # Only the steady period of a stage is analysed: replicas apply a new split within their
+    # reconcile interval, and requests answered meanwhile still carry the old one.
+    settle: dt.timedelta = dt.timedelta(minutes=5)
 
 
 def parse_stages(text: str | None) -> tuple[float, ...]:
@@ -109,20 +112,21 @@ def start(registry: Registry, ref: str, *, actor: str, reason: str, cfg: Release
                                    expected_seq=head.seq)
 
 
-def _window(state: ServingState, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    begun = dt.datetime.fromisoformat(state.experiment["stage_started_at"])
+def _window(state: ServingState, now: dt.datetime, settle: dt.timedelta) -> tuple[dt.datetime, dt.datetime]:
+    begun = dt.datetime.fromisoformat(state.experiment["stage_started_at"]) + settle
     return begun, max(now, begun)
 
 
-def arm_counts(lake: Lake, state: ServingState, now: dt.datetime | None = None) -> pd.DataFrame:
-    """One row per arm (champion, canary) of the traffic since the current stage began: the input
+def arm_counts(lake: Lake, state: ServingState, now: dt.datetime | None = None,
+               settle: dt.timedelta = ReleaseConfig.settle) -> pd.DataFrame:
+    """One row per arm (champion, canary) of the traffic since the current stage settled: the input
     of :func:`vloop.rollout.decide`, with the per-user moments its cluster-robust variance uses.
     Only requests answered by the arm's own adapter count (a request routed before a change of
     routes reached a replica belongs to no arm of this stage)."""
     from vloop.report import outcome_flags
 
     now = now or _now()
-    begun, end = _window(state, now)
+    begun, end = _window(state, now, settle)
     hours = (end - begun).total_seconds() / 3600
     cols = ["request_id", "ts", "user_key", "adapter", "arm", "status", "latency_ms"]
     inter = lake.read_partitions(INTERACTIONS, begun.date(), end.date(), columns=cols,
@@ -193,7 +197,7 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
     policy = cfg.policy
     stages = exp.get("stages") or list(cfg.stages)
     policy = _with_share(policy, state.canary_share)
-    counts = arm_counts(lake, state, now)
+    counts = arm_counts(lake, state, now, cfg.settle)
     decision = decide(counts, policy)
     look = {"at": _iso(now), "experiment": exp["id"], "stage": exp["stage"], "canary_share": state.canary_share,
             "seq": state.seq, **_figures(decision, counts)}
@@ -273,7 +277,7 @@ def status(lake: Lake, cfg: ReleaseConfig | None = None, now: dt.datetime | None
     out = {"serving_state": state.seq, "champion": state.champion or "base", "canary": state.canary,
            "canary_share": state.canary_share, "holdout_share": state.holdout_share, "experiment": state.experiment}
     if state.canary and state.experiment:
-        counts = arm_counts(lake, state, now)
+        counts = arm_counts(lake, state, now, cfg.settle)
         d = decide(counts, _with_share(cfg.policy, state.canary_share))
         out.update(counts=counts, decision=d)
     return out

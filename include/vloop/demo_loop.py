@@ -430,6 +430,8 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
     from vloop.demo import ensure_base_model
     from vloop.lake import open_lake
     from vloop.secretfile import STACK_SECRETS, ensure_secrets, read_secrets
+    import httpx
+
     from vloop.synth import GOLDEN_SEED, World
 
     cfg = cfg or LoopConfig()
@@ -516,6 +518,10 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
                                                      "min_requests": cfg.min_requests,
                                                      "max_hours": 24 * cfg.stage_days,
                                                      "mixture_sd": cfg.mixture_sd}, dag_log)
+                    # Serving applies the new split now, before the next day's first shopper arrives
+                    # (left alone it would within its reconcile interval).
+                    httpx.post(sv.url + "/admin/reconcile", timeout=120,
+                               headers={"Authorization": f"Bearer {secrets['VLOOP_ADMIN_TOKEN']}"}).raise_for_status()
                     look = _last_look(lake)
                     tl.looks.append({"round": rnd, "day": day.isoformat(), **look})
                     tl.step(f"{day} canary_rollout (dag.test)", t0, decision=look.get("action"),
