@@ -308,8 +308,8 @@ class LocalLake(Lake):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put_bytes(self, key, data, content_type="application/octet-stream"):
-        path = self._path(key)
+    def _temp_copy(self, path: Path, data: bytes) -> str:
+        """``data`` written and fsynced to a temporary file beside ``path``; its name."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -317,6 +317,15 @@ class LocalLake(Lake):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp
+
+    def put_bytes(self, key, data, content_type="application/octet-stream"):
+        path = self._path(key)
+        tmp = self._temp_copy(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
@@ -324,13 +333,8 @@ class LocalLake(Lake):
 
     def put_bytes_if_absent(self, key, data, content_type="application/octet-stream"):
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = self._temp_copy(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             # link() fails if the name exists: an atomic create-only, unlike rename().
             os.link(tmp, path)
             return True
