@@ -100,8 +100,9 @@ def start(registry: Registry, ref: str, *, actor: str, reason: str, cfg: Release
                             "must end first (canary_rollout decides, or `vloop rollout rollback`)")
     if ref == head.champion:
         raise RegistryError(f"{ref} is already the champion")
-    if registry.state().statuses.get(ref) == "rejected":
-        raise RegistryError(f"{ref} was rejected ({registry.state().reasons.get(ref)}); train a new version")
+    known = registry.state()
+    if known.statuses.get(ref) == "rejected":
+        raise RegistryError(f"{ref} was rejected ({known.reasons.get(ref)}); train a new version")
     experiment = {"id": f"exp-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", "salt": secrets.token_hex(8),
                   "canary": ref, "stages": list(cfg.stages), "stage": 0, "started_at": _iso(now),
                   "stage_started_at": _iso(now)}
@@ -194,15 +195,12 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
                     state.canary, state.canary_share * 100)
         return StepResult("skipped", None, state)
     exp = state.experiment
-    policy = cfg.policy
     stages = exp.get("stages") or list(cfg.stages)
-    policy = _with_share(policy, state.canary_share)
-    counts = arm_counts(lake, state, now, cfg.settle)
-    decision = decide(counts, policy)
-    look = {"at": _iso(now), "experiment": exp["id"], "stage": exp["stage"], "canary_share": state.canary_share,
-            "seq": state.seq, **_figures(decision, counts)}
-    lake.put_json(f"{ROLLOUT}/{exp['id']}/looks/{now:%Y%m%dT%H%M%S}-s{exp['stage']}.json", look)
+    counts, decision = _judge(lake, state, cfg, now)
     figures = _figures(decision, counts)
+    look = {"at": _iso(now), "experiment": exp["id"], "stage": exp["stage"], "canary_share": state.canary_share,
+            "seq": state.seq, **figures}
+    lake.put_json(f"{ROLLOUT}/{exp['id']}/looks/{now:%Y%m%dT%H%M%S}-s{exp['stage']}.json", look)
     line = f"{state.canary} at {state.canary_share:.0%} (stage {exp['stage'] + 1}/{len(stages)}): {decision.reason}"
     if decision.action == "continue":
         log.info("continue: %s", line)
@@ -235,10 +233,12 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
     return StepResult("promoted", decision, new, counts)
 
 
-def _with_share(policy: RolloutPolicy, share: float) -> RolloutPolicy:
+def _judge(lake: Lake, state: ServingState, cfg: ReleaseConfig, now: dt.datetime | None):
+    """(counts, decision) of the current stage, the policy told the stage's configured share."""
     from dataclasses import replace
 
-    return replace(policy, expected_canary_share=share)
+    counts = arm_counts(lake, state, now, cfg.settle)
+    return counts, decide(counts, replace(cfg.policy, expected_canary_share=state.canary_share))
 
 
 def rollback(lake: Lake, *, reason: str, to: str | None = None, actor: str = "cli") -> ServingState:
@@ -276,9 +276,8 @@ def status(lake: Lake, cfg: ReleaseConfig | None = None, now: dt.datetime | None
     state = Registry(lake).serving_state()
     out = {"serving_state": state.seq, "champion": state.champion or "base", "canary": state.canary,
            "canary_share": state.canary_share, "holdout_share": state.holdout_share, "experiment": state.experiment}
-    if state.canary and state.experiment:
-        counts = arm_counts(lake, state, now, cfg.settle)
-        d = decide(counts, _with_share(cfg.policy, state.canary_share))
+    if state.canary and state.experiment and 0 < state.canary_share < 1:
+        counts, d = _judge(lake, state, cfg, now)
         out.update(counts=counts, decision=d)
     return out
 

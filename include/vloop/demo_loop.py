@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -360,19 +358,12 @@ def wait_shipped(lake, ids: list[str], day: dt.date, timeout: float = 120) -> No
     raise RuntimeError(f"the gateway did not ship {len(want - got)} of {len(want)} records for {day}")
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if not n:
-        return float("nan"), float("nan")
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 def day_rates(lake, day: dt.date) -> list[dict]:
     """Acceptance and edit rate of a day's live traffic, per arm and overall, with 95% intervals
     (the report's outcome definition)."""
     from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET
     from vloop.report import outcome_flags
+    from vloop.retrain import wilson_interval
     from vloop.schema import FEEDBACK, INTERACTION
 
     inter = lake.read_partitions(INTERACTIONS_DATASET, day, day, columns=["request_id", "arm", "adapter"],
@@ -383,7 +374,7 @@ def day_rates(lake, day: dt.date) -> list[dict]:
     rows = []
     for arm, g in [("all", df), *df.groupby("arm", observed=True)]:
         n, a, e = len(g), int(g["accepted"].sum()), int(g["edited"].sum())
-        lo, hi = wilson(a, n)
+        lo, hi = wilson_interval(a, n)
         rows.append({"day": day.isoformat(), "arm": arm, "requests": n, "acceptance": a / n if n else float("nan"),
                      "acceptance_lo": lo, "acceptance_hi": hi, "edit_rate": e / n if n else float("nan"),
                      "model": ",".join(sorted(g["adapter"].fillna("base").unique()))})

@@ -48,7 +48,10 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     return min(1.0, sum(math.comb(m, k) for k in range(b, m + 1)) / 2 ** m)
 
 
-def _wilson(x: int, n: int, z: float) -> tuple[float, float]:
+def wilson_interval(x: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``x / n`` (95% by default); NaNs when ``n`` is 0."""
+    if not n:
+        return float("nan"), float("nan")
     p = x / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -64,8 +67,8 @@ def paired_difference_interval(a: int, b: int, c: int, d: int, z: float = 1.9599
     if n == 0:
         return float("nan"), float("nan")
     p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = _wilson(a + b, n, z)
-    l2, u2 = _wilson(a + c, n, z)
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
     den = (a + b) * (c + d) * (a + c) * (b + d)
     cross = a * d - b * c  # the correlation of the two proportions, continuity-adjusted as Newcombe's
     cross = cross - n / 2 if cross > n / 2 else (0 if cross >= 0 else cross)
