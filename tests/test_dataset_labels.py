@@ -38,10 +38,17 @@ def test_wrong_verdict_without_a_correction_is_dropped(local_lake):
                      "category": s.category, "adapter": None, "arm": "champion", "selected_on": str(DAY)})
     labels = pd.DataFrame(rows)
     assert wrong_without_correction(labels).tolist() == [True, False, False, False]
+    # The interactions the labels came from (their users); a fifth label whose interaction is not
+    # in the lake cannot be checked against opt-outs and erasures: dropped (fail closed).
+    daily.put_frame(lake, daily.key(daily.CURATED, DAY, "interactions.parquet"),
+                    pd.DataFrame({"request_id": labels["request_id"], "user_key": "shopper-1"}))
+    orphan = {**rows[1], "request_id": "r-unknown", "corrected_answer": "black"}
+    labels = pd.concat([labels, pd.DataFrame([orphan])], ignore_index=True)
     daily.put_frame(lake, daily.key(daily.LABELED, DAY, daily.LABELED_FILE), labels)
 
     m = build_dataset(lake, DatasetConfig(replay_ratio=0, heldout_share=0), today=DAY)
     assert m["dropped"]["wrong verdict without a correction"] == 1
+    assert m["dropped"]["unknown user"] == 1
     train = daily.get_frame(lake, f"datasets/{m['id']}/train.parquet").set_index("request_id")
     assert sorted(train.index) == ["r1", "r2", "r3"]
     assert train.loc["r1", "answer"] == "blue" and train.loc["r1", "source"] == "label_corrected"

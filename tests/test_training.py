@@ -84,6 +84,13 @@ def write_labels(lake, day, samples, answers=None, verdict="wrong", **extra) -> 
                      "arm": "champion", "confidence": 0.3, "weak_label": "negative", "selected_on": str(day), **extra})
     df = pd.DataFrame(rows)
     daily.put_frame(lake, daily.key(daily.LABELED, day, daily.LABELED_FILE), df)
+    # The users of the labelled requests, where the dataset builder looks them up (the day's
+    # curated interactions); without them the labels would be dropped as of unknown users.
+    k = daily.key(daily.CURATED, day, "interactions.parquet")
+    users = pd.DataFrame({"request_id": df["request_id"], "user_key": [f"shopper-{i % 7}" for i in range(len(df))]})
+    if lake.exists(k):
+        users = pd.concat([daily.get_frame(lake, k), users], ignore_index=True)
+    daily.put_frame(lake, k, users)
     return df
 
 
@@ -104,7 +111,7 @@ def test_dataset_builder(local_lake):
     # A label that duplicates a golden example must never reach training.
     g = World(GOLDEN_SEED).sample(0)
     write_labels(lake, DAY + dt.timedelta(days=2), [g])
-    record_opt_out(lake, "someone")
+    record_opt_out(lake, "someone")  # nobody in this data: excludes nothing
 
     m = build_dataset(lake, DatasetConfig(replay_ratio=1.0, golden_size=50), today=DAY + dt.timedelta(days=2))
     train = daily.get_frame(lake, f"datasets/{m['id']}/train.parquet")

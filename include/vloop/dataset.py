@@ -33,10 +33,11 @@ import pandas as pd
 
 from vloop import daily
 from vloop.lake import Lake
+from vloop.privacy import is_user_key
 from vloop.selection import normalise_question
 
 GOLDEN_KEY = "datasets/golden/golden.parquet"
-ERASED_KEY = "privacy/erased_users.json"  # user_keys whose data was erased on request
+ERASED_KEY = "privacy/erased_users.json"  # erased user keys as earlier versions listed them (now: tombstones)
 COLUMNS = ["example_id", "source", "request_id", "image_key", "image_sha256", "question", "answer",
            "category", "intent", "split"]
 SOURCE_RANK = {"label_corrected": 0, "label_confirmed": 1, "user_edit": 2, "replay": 3}
@@ -120,10 +121,12 @@ def _simulation_mode() -> bool:
 
 
 def excluded_users(lake: Lake) -> set[str]:
-    from vloop.privacy import read_opt_outs
+    """Opted-out and erased users (:func:`vloop.privacy.excluded_users`), and the erased list
+    earlier versions kept."""
+    from vloop.privacy import excluded_users as privacy_excluded
 
     erased = set(lake.get_json(ERASED_KEY)) if lake.exists(ERASED_KEY) else set()
-    return read_opt_outs(lake) | erased
+    return privacy_excluded(lake) | erased
 
 
 def _in_range(day: str, cfg: DatasetConfig) -> bool:
@@ -242,7 +245,11 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
     df = pd.concat(parts, ignore_index=True)
     blocked = df["user_key"].isin(blocked_users)
     dropped["opted-out or erased user"] = int(blocked.sum())
-    df = df[~blocked].copy()
+    # Fail closed: a row whose user cannot be found (its day's curated data is gone, the key is
+    # empty) cannot be checked against opt-outs and erasures, so it is not trained on.
+    unknown = ~blocked & ~df["user_key"].map(is_user_key)
+    dropped["unknown user"] = int(unknown.sum())
+    df = df[~blocked & ~unknown].copy()
     df["image_sha256"] = df["image_key"].map(_sha_of_key)
     pair = df["image_sha256"] + "|" + df["question"].map(normalise_question)
     golden_pairs = set(golden["image_sha256"] + "|" + golden["question"].map(normalise_question))

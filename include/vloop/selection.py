@@ -43,7 +43,10 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     ``priority`` and ``why`` columns."""
     cfg = cfg or SelectionConfig()
     df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
-    df = df[~member(df["user_key"], opted_out_users) & ~member(df["request_id"], already_labelled)]
+    # Opted-out and erased users never reach a person; nor does a row without a user key, which
+    # cannot be checked against them (fail closed).
+    known = df["user_key"].map(lambda k: isinstance(k, str) and bool(k))
+    df = df[known & ~member(df["user_key"], opted_out_users) & ~member(df["request_id"], already_labelled)]
     df = df[~df["image_key"].isin(poor_images) | df["image_key"].isna()]
     if category_error_rate is None:  # from today's labels when no history is given
         neg = df.assign(bad=df["weak_label"].isin(["negative", "weak_negative"]))
