@@ -19,7 +19,7 @@ traffic".
 | :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/opt_outs.json`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | Label Studio | ``labeled/dt=D/annotations.parquet`` |
-| :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors}.parquet``, ``reports/dt=D/index.html`` |
+| :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases}.parquet``, ``reports/dt=D/index.html`` |
 """
 
 from __future__ import annotations
@@ -349,6 +349,14 @@ def report(lake: Lake, day: dt.date) -> dict:
     top = top_error_categories(inter, mined)
     put_frame(lake, key(REPORTS, day, "metrics.parquet"), metrics)
     put_frame(lake, key(REPORTS, day, "top_errors.parquet"), top)
+    # Error types, edit length per category against its previous 7 days, phrases users delete.
+    from vloop.report import AnswerQualityConfig, answer_quality
+
+    earlier = _days_back(day - dt.timedelta(days=1), AnswerQualityConfig.trend_days)
+    quality = answer_quality(inter, fb, mined, labels if len(labels) else None,
+                             read_days(lake, REPORTS, "edit_length.parquet", days=earlier))
+    for name, table in quality.items():
+        put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
     history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
     validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
     summary = {
@@ -365,6 +373,6 @@ def report(lake: Lake, day: dt.date) -> dict:
                                            else len(lake.get_json(k)["request_ids"]))
     images = plots(history, inter["confidence"], labels)
     images["experiment"] = _experiment(lake, day, summary)
-    page = render_html(day.isoformat(), metrics, top, summary, images)
+    page = render_html(day.isoformat(), metrics, top, summary, images, quality)
     lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")
     return summary

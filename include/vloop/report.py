@@ -13,6 +13,9 @@ edits are defined once, in :func:`outcome_flags`, for this report, the demo and 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -80,7 +83,8 @@ def outcome_flags(interactions: pd.DataFrame, feedback: pd.DataFrame) -> pd.Data
 GROUP = ["model_version", "arm"]
 TRAFFIC_TYPES = {"model_version": "str", "arm": "str", "requests": "int64", "acceptance_rate": "float64",
                  "edit_rate": "float64", "mean_edit_ratio": "float64", "repeat_rate": "float64",
-                 "latency_p50_ms": "float64", "latency_p95_ms": "float64"}
+                 "latency_p50_ms": "float64", "latency_p95_ms": "float64", "hedge_rate": "float64",
+                 "mean_answer_chars": "float64"}
 JUDGED_TYPES = {"model_version": "str", "arm": "str", "judged": "int64", "human_accuracy": "float64",
                 "ece": "float64", "implicit_agreement": "float64"}
 
@@ -93,6 +97,12 @@ def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: p
     flags = outcome_flags(df, feedback)
     df["accepted"], df["edited"] = flags["accepted"].to_numpy(), flags["edited"].to_numpy()
     df["repeated"] = df["reason"].isin(["regenerated", "question repeated in the session"])
+    # Answer style per arm: how often the model hedges, how long it talks (what a decoding policy
+    # against hedging and padding should move).
+    from vloop.errortypes import hedged_mask
+
+    df["hedged"] = hedged_mask(df["answer"]).to_numpy() if len(df) else []
+    df["answer_chars"] = df["answer"].fillna("").astype("str").str.len()
     rows = []
     for (version, arm), g in df.groupby(GROUP, dropna=False):
         lat = g["latency_ms"].dropna()
@@ -103,6 +113,7 @@ def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: p
             "repeat_rate": g["repeated"].mean(),
             "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
+            "hedge_rate": g["hedged"].mean(), "mean_answer_chars": g["answer_chars"].mean(),
         })
     return pd.DataFrame(rows, columns=list(TRAFFIC_TYPES)).astype(TRAFFIC_TYPES)
 
@@ -156,6 +167,258 @@ def top_error_categories(interactions: pd.DataFrame, mined: pd.DataFrame, k: int
     g = df.groupby("category").agg(requests=("request_id", "size"), errors=("bad", "sum"))
     g["error_rate"] = g["errors"] / g["requests"]
     return g.sort_values(["errors", "error_rate"], ascending=False).head(k).reset_index()
+
+
+# -- answer quality: error types, edit length, deleted phrases -------------------------------------
+
+@dataclass
+class AnswerQualityConfig:
+    top_types: int = 5  # error types shown per day and per arm
+    trend_days: int = 7  # the edit-length baseline: the mean over this many previous days
+    # A category's mean edit length "rose well above" its baseline when all of these hold:
+    rise_ratio: float = 1.5  # today's mean is at least this multiple of the baseline ...
+    rise_min_chars: float = 3.0  # ... and this many characters more ...
+    rise_min_edits: int = 5  # ... on at least this many edits today ...
+    rise_min_days: int = 3  # ... against a baseline of at least this many days with edits
+    phrase_max_tokens: int = 6  # a deleted run longer than this is a rewrite, not a phrase
+    phrase_min_count: int = 2  # a phrase deleted fewer times is not listed
+    phrases_top: int = 20
+    examples: int = 3  # examples per phrase / error type
+
+
+ERROR_TYPES_TYPES = {"arm": "str", "rank": "int64", "error_type": "str", "errors": "int64", "share": "float64",
+                     "example": "str"}
+EDIT_LENGTH_TYPES = {"category": "str", "edits": "int64", "mean_edit_chars": "float64", "mean_7d": "float64",
+                     "days_7d": "int64", "rose": "bool"}
+PHRASE_TYPES = {"phrase": "str", "deleted": "int64", "kept": "int64", "deletion_rate": "float64", "examples": "str"}
+ERRORS_TYPES = {"request_id": "str", "source": "str", "model_version": "str", "arm": "str", "category": "str",
+                "question": "str", "answer": "str", "correction": "str", "error_types": "str"}
+UNCLASSIFIED = "other"  # an erroneous answer no rule recognises (counted, so the rules' blind spot shows)
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series(None, index=df.index, dtype=object)
+
+
+def user_edits(interactions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """The day's edited answers: one row per edited request (its last edit), with the answer, the
+    user's text (``correction``; None for an edit event without text), arm and category."""
+    cols = ["request_id", "source", "model_version", "arm", "category", "question", "answer", "correction"]
+    if not len(feedback) or not len(interactions):
+        return pd.DataFrame(columns=cols)
+    ed = feedback[feedback["type"] == "edit"].sort_values("ts", kind="stable").groupby("request_id")["edited_text"].last()
+    inter = interactions[interactions["request_id"].isin(ed.index)]
+    return pd.DataFrame({"request_id": inter["request_id"], "source": "edit",
+                         "model_version": model_versions(_col(inter, "adapter")), "arm": inter["arm"],
+                         "category": _col(inter, "category"), "question": inter["question"],
+                         "answer": inter["answer"], "correction": inter["request_id"].map(ed)}, columns=cols)
+
+
+def errors_of_the_day(interactions: pd.DataFrame, feedback: pd.DataFrame, labels: pd.DataFrame | None = None,
+                      rules=None) -> pd.DataFrame:
+    """Every answer a user edited today or an annotator judged wrong, with its error types
+    (:func:`vloop.errortypes.error_types`, joined by ``"; "``, or ``"other"``). An answer both
+    edited and labelled counts once, with the annotator's correction (the stronger signal).
+
+    ``labels`` (``labeled/`` rows pulled today, about any day's answers) carry their own question,
+    model answer, arm and adapter."""
+    from vloop.errortypes import classify_frame
+
+    parts = [user_edits(interactions, feedback)]
+    if labels is not None and len(labels):
+        wrong = labels[labels["verdict"] == "wrong"]
+        parts.append(pd.DataFrame({"request_id": wrong["request_id"], "source": "label",
+                                   "model_version": model_versions(_col(wrong, "adapter")), "arm": _col(wrong, "arm"),
+                                   "category": _col(wrong, "category"), "question": wrong["question"],
+                                   "answer": wrong["model_answer"], "correction": wrong["corrected_answer"]}))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=list(ERRORS_TYPES)).astype(ERRORS_TYPES)
+    df = pd.concat(parts, ignore_index=True)
+    df = df.sort_values("source", key=lambda s: s.map({"label": 0, "edit": 1}), kind="stable")
+    df = df.drop_duplicates("request_id").reset_index(drop=True)
+    types = classify_frame(df, rules)
+    df["error_types"] = types.map(lambda t: "; ".join(t) if t else UNCLASSIFIED)
+    return df[list(ERRORS_TYPES)].astype({k: v for k, v in ERRORS_TYPES.items() if k != "correction"})
+
+
+def top_error_types(errors: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The ``k`` most frequent error types over all of the day's errors (``arm`` "all") and per
+    arm: how many erroneous answers have the type, their share of the scope's erroneous answers
+    (an answer with two types counts for both), and one example."""
+    rows = []
+    if len(errors):
+        exploded = errors.assign(error_type=errors["error_types"].str.split("; ")).explode("error_type")
+        scopes = [("all", exploded, len(errors))] + [
+            (str(arm), g, int((errors["arm"] == arm).sum())) for arm, g in exploded.groupby("arm", dropna=True)]
+        for arm, g, n in scopes:
+            # Most frequent first; equal counts in name order, so the table is the same on a re-run.
+            counts = g.groupby("error_type").size().sort_index().sort_values(ascending=False, kind="stable").head(k)
+            for rank, (etype, c) in enumerate(counts.items(), start=1):
+                ex = g[g["error_type"] == etype].iloc[0]
+                fix = ex["correction"] if isinstance(ex["correction"], str) and ex["correction"] else "(no text)"
+                rows.append({"arm": arm, "rank": rank, "error_type": etype, "errors": int(c), "share": c / n,
+                             "example": f"{ex['question']} → {ex['answer']!s:.80} → {fix:.80}"})
+    return pd.DataFrame(rows, columns=list(ERROR_TYPES_TYPES)).astype(ERROR_TYPES_TYPES)
+
+
+def edit_length_by_category(interactions: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """Per category, the day's edited answers and their mean edit length: the characters the user
+    changed (Levenshtein distance between the answer and the edit, from :mod:`vloop.mining`)."""
+    df = mined[["request_id", "edit_distance"]].merge(interactions[["request_id", "category"]], on="request_id")
+    df = df[df["edit_distance"].notna()]
+    if not len(df):
+        return pd.DataFrame({"category": pd.Series(dtype="str"), "edits": pd.Series(dtype="int64"),
+                             "mean_edit_chars": pd.Series(dtype="float64")})
+    df = df.assign(category=df["category"].fillna("(none)").astype("str"),
+                   edit_distance=df["edit_distance"].astype("float64"))
+    g = df.groupby("category")["edit_distance"].agg(edits="size", mean_edit_chars="mean").reset_index()
+    return g.astype({"category": "str", "edits": "int64", "mean_edit_chars": "float64"})
+
+
+def edit_length_trend(today: pd.DataFrame, history: pd.DataFrame, cfg: AnswerQualityConfig | None = None
+                      ) -> pd.DataFrame:
+    """Today's edit length per category beside its mean over the previous ``cfg.trend_days``
+    days (``history``: earlier outputs of :func:`edit_length_by_category` with a ``dt`` column;
+    the mean weights each day by its edits), and ``rose``: well above it (see
+    :class:`AnswerQualityConfig`)."""
+    cfg = cfg or AnswerQualityConfig()
+    out = today.copy()
+    if len(history) and len(out):
+        h = history.assign(total=history["edits"] * history["mean_edit_chars"])
+        base = h.groupby("category").agg(total=("total", "sum"), edits=("edits", "sum"), days_7d=("dt", "nunique"))
+        base["mean_7d"] = base["total"] / base["edits"]
+        out = out.merge(base[["mean_7d", "days_7d"]], left_on="category", right_index=True, how="left")
+    else:
+        out["mean_7d"], out["days_7d"] = np.nan, 0
+    out["days_7d"] = out["days_7d"].fillna(0)
+    out["rose"] = ((out["edits"] >= cfg.rise_min_edits) & (out["days_7d"] >= cfg.rise_min_days)
+                   & (out["mean_edit_chars"] >= cfg.rise_ratio * out["mean_7d"])
+                   & (out["mean_edit_chars"] - out["mean_7d"] >= cfg.rise_min_chars)).fillna(False)
+    return out[list(EDIT_LENGTH_TYPES)].astype(EDIT_LENGTH_TYPES).sort_values(
+        ["rose", "mean_edit_chars"], ascending=False).reset_index(drop=True)
+
+
+_PHRASE_TOKEN = re.compile(r"[\u3400-\u9fff]|[^\W_]+(?:'[^\W_]+)*", re.UNICODE)
+
+
+def _join(tokens: list[str]) -> str:
+    """Tokens back into text: Chinese characters run together, words get spaces."""
+    out = ""
+    for t in tokens:
+        cjk = bool(re.match(r"[\u3400-\u9fff]", t))
+        if out and not (cjk and re.match(r"[\u3400-\u9fff]", out[-1])):
+            out += " "
+        out += t
+    return out
+
+
+def _content_tokens() -> set[str]:
+    """Words that carry an answer's content (colours, products, numbers, yes/no): deleting one is
+    a correction of what was said, not a phrasing to ban."""
+    from vloop.errortypes import CATEGORY_WORDS, COLOUR_WORDS, NUMBER_WORDS
+
+    words = set()
+    for vocab in (COLOUR_WORDS, CATEGORY_WORDS):
+        for ws in vocab.values():
+            words |= set(ws)
+    # Chinese yes/no (能, 不能, 可以) are left out: their characters are also in hedges (可能), and a
+    # run of one character is never listed anyway.
+    words |= set(NUMBER_WORDS) | {"yes", "no", "not", "色"}
+    out = set()
+    for w in words:  # Chinese words count character by character (the tokens here are characters)
+        out |= set(w) if re.search(r"[\u3400-\u9fff]", w) else {w}
+    return out
+
+
+# Function words: deleted alone they are noise, not a phrase to ban.
+_STOPWORDS = {"a", "an", "the", "is", "are", "it", "it's", "this", "that", "these", "those", "they", "i", "to",
+              "of", "and", "in", "on", "for", "with", "be", "so", "its", "was", "you", "your", "my"}
+
+
+def deleted_runs(answer: str, edit: str, max_tokens: int = 6) -> list[list[str]]:
+    """The token runs of ``answer`` the user deleted: what a word diff (Chinese by character)
+    shows removed or replaced, split at content words, at most ``max_tokens`` long."""
+    import difflib
+
+    a = _PHRASE_TOKEN.findall((answer or "").lower())
+    b = _PHRASE_TOKEN.findall((edit or "").lower())
+    content = _content_tokens()
+    runs = []
+    for op, i1, i2, _, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op not in ("delete", "replace"):
+            continue
+        run: list[str] = []
+        for t in a[i1:i2] + [None]:  # None flushes the last run
+            if t is not None and t not in content:
+                run.append(t)
+                continue
+            if run and len(run) <= max_tokens:
+                runs.append(run)
+            run = []
+    return runs
+
+
+def deleted_candidates(answer: str, edit: str, max_tokens: int = 6) -> set[str]:
+    """Every phrase inside the deleted runs (each contiguous part, so "i think it is" and "i think
+    these are" both count for "i think") that is absent from the edit; at least two characters, and
+    not a lone function word."""
+    edit_text = _join(_PHRASE_TOKEN.findall((edit or "").lower()))
+    out = set()
+    for run in deleted_runs(answer, edit, max_tokens):
+        for i in range(len(run)):
+            for j in range(i + 1, len(run) + 1):
+                p = _join(run[i:j])
+                if len(p) >= 2 and not (j - i == 1 and p in _STOPWORDS) and p not in edit_text:
+                    out.add(p)
+    return out
+
+
+def deleted_phrases(edits: pd.DataFrame, cfg: AnswerQualityConfig | None = None) -> pd.DataFrame:
+    """The phrases users most often delete when they edit an answer (``edits``: ``answer``,
+    ``correction``), as candidates for the decoding policy a person approves: per phrase, in how
+    many edits it was deleted, in how many edited answers it was kept, the deletion rate and a few
+    examples. Content words (colours, products, numbers, yes/no) are corrections, not phrasing,
+    and are left out; a phrase is dropped in favour of a longer one deleted just as often ("i" and
+    "think" inside "i think")."""
+    cfg = cfg or AnswerQualityConfig()
+    if len(edits):
+        edits = edits[_col(edits, "correction").fillna("").astype("str").str.strip().ne("")]
+    pairs = list(zip(_col(edits, "answer").fillna("").astype("str"), _col(edits, "correction").fillna("").astype("str")))
+    deleted: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for a, c in pairs:
+        for p in deleted_candidates(a, c, cfg.phrase_max_tokens):
+            deleted[p] = deleted.get(p, 0) + 1
+            if len(examples.setdefault(p, [])) < cfg.examples:
+                examples[p].append(f"{a:.80} → {c:.80}")
+    frequent = {p: n for p, n in deleted.items() if n >= cfg.phrase_min_count}
+    # A phrase inside a longer one with the same count adds nothing ("可能" inside "可能是").
+    kept_phrases = [p for p, n in frequent.items()
+                    if not any(q != p and p in q and m == n for q, m in frequent.items())]
+    texts = [(_join(_PHRASE_TOKEN.findall(a.lower())), _join(_PHRASE_TOKEN.findall(c.lower()))) for a, c in pairs]
+    rows = []
+    for p in kept_phrases:
+        n = frequent[p]
+        kept = sum(p in a and p in c for a, c in texts)
+        rows.append({"phrase": p, "deleted": n, "kept": kept, "deletion_rate": n / (n + kept),
+                     "examples": " | ".join(examples[p])})
+    out = pd.DataFrame(rows, columns=list(PHRASE_TYPES)).astype(PHRASE_TYPES)
+    return out.sort_values(["deleted", "deletion_rate", "phrase"], ascending=[False, False, True]).head(
+        cfg.phrases_top).reset_index(drop=True)
+
+
+def answer_quality(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+                   labels: pd.DataFrame | None, edit_length_history: pd.DataFrame,
+                   cfg: AnswerQualityConfig | None = None) -> dict[str, pd.DataFrame]:
+    """The report's answer-quality tables for a day: ``errors`` (every erroneous answer and its
+    types), ``error_types`` (top types, overall and per arm), ``edit_length`` (per category, with
+    the 7-day trend) and ``deleted_phrases``. Each has its columns even on a day without traffic."""
+    cfg = cfg or AnswerQualityConfig()
+    errors = errors_of_the_day(interactions, feedback, labels)
+    return {"errors": errors, "error_types": top_error_types(errors, cfg.top_types),
+            "edit_length": edit_length_trend(edit_length_by_category(interactions, mined), edit_length_history, cfg),
+            "deleted_phrases": deleted_phrases(user_edits(interactions, feedback), cfg)}
 
 
 def _png(fig) -> str:
@@ -246,9 +509,25 @@ def experiment_plot(looks: pd.DataFrame) -> str | None:
     return out
 
 
+# Headings and notes of the answer-quality tables (see answer_quality), in page order.
+QUALITY_SECTIONS = {
+    "error_types": ("Top error types (per day and per arm)",
+                    "Every answer a user edited or an annotator judged wrong, typed by rules over the question's "
+                    "intent, the answer and the correction (vloop.errortypes); an answer may have several types."),
+    "edit_length": ("Edit length per category",
+                    "Mean characters changed per edited answer, beside the mean of the previous 7 days; "
+                    "<b>rose</b> marks a category well above it."),
+    "deleted_phrases": ("Phrases users delete (decoding-policy candidates)",
+                        "Present in the answer, absent from the user's edit; content words (colours, products, "
+                        "numbers, yes/no) left out. A person approves a phrase into the policy with "
+                        "<code>vloop decoding ban</code>."),
+}
+
+
 def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summary: dict,
-                images: dict[str, str]) -> str:
-    """The daily report as one self-contained HTML page (plots embedded)."""
+                images: dict[str, str], quality: dict[str, pd.DataFrame] | None = None) -> str:
+    """The daily report as one self-contained HTML page (plots embedded). ``quality``: the
+    tables of :func:`answer_quality` (and any of :data:`QUALITY_SECTIONS`) to show."""
     import html
 
     def table(df: pd.DataFrame) -> str:
@@ -259,6 +538,8 @@ def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summa
         "<h2>Canary experiments</h2><p>" + html.escape(summary.get("experiment", "")) + "</p>"
         f'<img alt="per-arm rates and the always-valid interval of their difference, look by look" '
         f'src="{images["experiment"]}">')
+    sections = "".join(f"<h2>{title}</h2><p>{note}</p>{table(quality[name])}"
+                       for name, (title, note) in QUALITY_SECTIONS.items() if quality and name in quality)
     facts = "".join(f"<li>{html.escape(str(k))}: <b>{html.escape(str(v))}</b></li>" for k, v in summary.items())
     if summary.get("traffic") == NO_TRAFFIC:
         facts += "<li><b>No traffic</b>: no interactions were logged this day, so the tables below are empty.</li>"
@@ -272,4 +553,5 @@ def render_html(day: str, metrics: pd.DataFrame, top_errors: pd.DataFrame, summa
 {experiment}
 <h2>Confidence and calibration</h2><img alt="confidence histogram and reliability diagram" src="{images['calibration']}">
 <h2>Top error categories</h2>{table(top_errors)}
+{sections}
 </body></html>"""
