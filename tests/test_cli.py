@@ -48,8 +48,10 @@ def test_bad_lake_url_is_a_clear_error():
 
 
 def test_lake_check_and_ls(tmp_path, s3_endpoint):
+    from tests.conftest import S3_KEYS
+
     env = {"VLOOP_LAKE_URL": "s3://vloop-cli/x", "VLOOP_S3_ENDPOINT": s3_endpoint,
-           "VLOOP_S3_ACCESS_KEY": "a", "VLOOP_S3_SECRET_KEY": "b"}
+           "VLOOP_S3_ACCESS_KEY": S3_KEYS["access_key"], "VLOOP_S3_SECRET_KEY": S3_KEYS["secret_key"]}
     assert "s3://vloop-cli/x/: ok" in vloop("lake", "check", env=env).stdout
     assert vloop("lake", "ls", env=env).stdout == ""  # the probe was removed
 

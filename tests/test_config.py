@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import S3_KEYS
 from vloop.config import ConfigError, Settings, load_settings
 from vloop.lake import LakeConfigError, LakeUnavailable, LocalLake, S3Lake, lake_from_connection, open_lake
 
@@ -70,7 +71,7 @@ def test_open_lake_from_settings(tmp_path, s3_endpoint):
     assert isinstance(local, LocalLake) and local.root == tmp_path / "l"
     s3 = open_lake(settings=load_settings({
         "VLOOP_LAKE_URL": "s3://vloop-settings/pre/fix", "VLOOP_S3_ENDPOINT": s3_endpoint,
-        "VLOOP_S3_ACCESS_KEY": "a", "VLOOP_S3_SECRET_KEY": "b"}))
+        "VLOOP_S3_ACCESS_KEY": S3_KEYS["access_key"], "VLOOP_S3_SECRET_KEY": S3_KEYS["secret_key"]}))
     assert isinstance(s3, S3Lake) and s3.url == "s3://vloop-settings/pre/fix/"
     s3.put_bytes("x/y", b"1")
     assert s3.client.stat_object("vloop-settings", "pre/fix/x/y").size == 1
@@ -102,8 +103,8 @@ def test_lake_hook_reads_an_airflow_connection(monkeypatch, s3_endpoint, tmp_pat
 
     port = s3_endpoint.rsplit(":", 1)[1]
     monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({
-        "conn_type": "generic", "host": "127.0.0.1", "port": int(port), "login": "ak-123456",
-        "password": "sk-123456", "extra": {"lake_url": "s3://vloop-hook/day", "secure": False}}))
+        "conn_type": "generic", "host": "127.0.0.1", "port": int(port), "login": S3_KEYS["access_key"],
+        "password": S3_KEYS["secret_key"], "extra": {"lake_url": "s3://vloop-hook/day", "secure": False}}))
     lake = LakeHook().get_lake()
     assert isinstance(lake, S3Lake) and lake.endpoint == f"127.0.0.1:{port}"
     lake.put_bytes("k", b"v")

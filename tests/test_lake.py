@@ -1,4 +1,4 @@
-"""One suite, run once per backend (local directory and S3 via moto's server on loopback)."""
+"""One suite, run once per backend (local directory, and S3 on a real SeaweedFS server on loopback)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vloop.images import ImageError, ImageTooLarge
-from vloop.lake import PARTITION_FILE, LakeKeyNotFound, check_key, partition_prefix
+from vloop.lake import MANIFEST, LakeKeyNotFound, check_key, partition_prefix
 from vloop.schema import INTERACTION
 
 DAY = dt.date(2026, 11, 3)
@@ -85,8 +85,8 @@ def test_partition_write_read_replace(lake):
     lake.write_partition("raw/interactions", interactions(1, start=50), DAY, hour=3)
     ids = sorted(lake.read_partitions("raw/interactions", DAY).column("request_id").to_pylist())
     assert ids == sorted(["r50"] + [f"r{i}" for i in range(100, 107)])
-    assert lake.list(partition_prefix("raw/interactions", DAY, 3)) == [
-        f"raw/interactions/dt={DAY}/hour=03/{PARTITION_FILE}"]
+    [only] = lake.list(partition_prefix("raw/interactions", DAY, 3))  # the replaced files are gone
+    assert only.rsplit("/", 1)[1].startswith("gen-")
 
 
 def test_rewrite_removes_stale_files_in_the_partition(lake):
@@ -94,9 +94,15 @@ def test_rewrite_removes_stale_files_in_the_partition(lake):
     lake.write_parquet(prefix + "segment-a.parquet", interactions(3))
     lake.write_parquet(prefix + "segment-b.parquet", interactions(3, start=3))
     assert lake.read_partitions("raw/feedback", DAY).num_rows == 6
-    lake.write_partition("raw/feedback", interactions(4, start=10), DAY)
-    assert lake.list(prefix) == [prefix + PARTITION_FILE]
+    key = lake.write_partition("raw/feedback", interactions(4, start=10), DAY)
+    assert lake.list(prefix) == sorted([key, prefix + MANIFEST])
     assert lake.read_partitions("raw/feedback", DAY).num_rows == 4
+    # A shipper re-sending segment-a after a crash (its rows are in the replacement already) adds
+    # nothing; a new segment is new rows.
+    lake.write_parquet(prefix + "segment-a.parquet", interactions(3))
+    lake.write_parquet(prefix + "segment-c.parquet", interactions(2, start=20))
+    ids = lake.read_partitions("raw/feedback", DAY).column("request_id").to_pylist()
+    assert sorted(ids) == sorted([f"r{i}" for i in (10, 11, 12, 13, 20, 21)])
 
 
 def test_read_only_requested_columns_and_schema(lake):
@@ -137,6 +143,66 @@ def test_readers_never_see_a_half_written_partition(lake):
     t.join()
     assert errors == []
     assert seen and seen <= set(sizes)
+
+
+def test_replacing_segments_never_shows_duplicates_or_gaps(lake):
+    """The shipper appends one file per segment; a writer replaces the day with all rows so far
+    (a compaction, an erasure rewrite). A reader polling meanwhile must see each row exactly once
+    and whole blocks only: never the replacement and the segments it replaced side by side, never
+    a listed file gone before it was read."""
+    day, blocks = DAY, 8
+    block = lambda i: interactions(50, start=1000 * i)  # noqa: E731
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(lake.read_partitions("raw/interactions", day, columns=["request_id"])
+                            .column("request_id").to_pylist())
+            except Exception as e:
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(blocks):
+            # A segment lands (as the shipper writes it), then the writer folds the day into one file.
+            lake.write_parquet(partition_prefix("raw/interactions", day, 12) + f"seg-{i:04d}.parquet", block(i))
+            lake.write_partition("raw/interactions", pa.concat_tables([block(j) for j in range(i + 1)]), day, hour=12)
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+    assert len(seen) > 3
+    for ids in seen:
+        assert len(ids) == len(set(ids)), "a reader saw duplicate rows"
+        got = {int(r[1:]) // 1000 for r in ids}
+        assert got == set(range(len(ids) // 50)), f"a reader saw blocks {sorted(got)}: rows missing"
+    final = lake.read_partitions("raw/interactions", day, columns=["request_id"]).column("request_id")
+    assert sorted(final.to_pylist()) == sorted(f"r{1000 * i + k}" for i in range(blocks) for k in range(50))
+
+
+def test_conditional_create_has_exactly_one_winner(lake):
+    """put_bytes_if_absent is the registry's compare-and-set: of writers racing to create one key,
+    exactly one wins and its bytes stay (on S3: If-None-Match, which SeaweedFS honours)."""
+    for round_ in range(5):
+        key = f"registry/serving/{round_:010d}.json"
+        barrier, wins = threading.Barrier(8), []
+
+        def create(i):
+            barrier.wait()
+            if lake.put_bytes_if_absent(key, f"writer {i}".encode()):
+                wins.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert len(wins) == 1, wins
+        assert lake.get_bytes(key) == f"writer {wins[0]}".encode()
+    assert not lake.put_bytes_if_absent(key, b"someone else")
+    assert lake.get_bytes(key) == f"writer {wins[0]}".encode()
 
 
 def test_failed_write_leaves_old_content_and_no_debris(lake, monkeypatch):
@@ -227,7 +293,8 @@ def test_write_hourly_splits_by_hour_and_replaces_the_day(lake):
     # Re-running the day with fewer rows replaces it: no stale hours remain.
     lake.write_hourly("raw/interactions", INTERACTION.to_table(rows[:3]), DAY)
     assert lake.read_partitions("raw/interactions", DAY).num_rows == 3
-    assert len(lake.list(partition_prefix("raw/interactions", DAY))) == len({(37 * i) // 60 for i in range(3)})
+    files = [k for k in lake.list(partition_prefix("raw/interactions", DAY)) if k.endswith(".parquet")]
+    assert len(files) == len({(37 * i) // 60 for i in range(3)})
 
 
 def test_write_hourly_refuses_rows_from_another_day(lake):
@@ -237,8 +304,7 @@ def test_write_hourly_refuses_rows_from_another_day(lake):
 
 
 def test_parquet_files_use_the_record_schema_encodings(lake):
-    lake.write_partition("raw/interactions", interactions(50), DAY)
-    key = lake.list("raw/interactions/")[0]
+    key = lake.write_partition("raw/interactions", interactions(50), DAY)
     meta = pq.ParquetFile(pa.BufferReader(lake.get_bytes(key))).metadata.row_group(0)
     encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
     assert any("DICTIONARY" in e for e in encodings["arm"])

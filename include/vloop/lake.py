@@ -9,6 +9,17 @@ then renamed over the key; an S3 write is a single PUT (or a multipart upload, w
 publishes atomically on completion). Either way a reader sees the old object or the new one,
 never half of one, and a failed write leaves nothing behind.
 
+A day of a dataset (``dataset/dt=D/``) holds Parquet files from two kinds of writers: the shipper
+appends one file per spool segment, and :meth:`Lake.write_partition` / :meth:`Lake.write_hourly`
+replace a day or an hour of it. A replacement must not show a reader both the old files and the
+new one (duplicates), nor a listing whose files vanish before they are read (missing rows), and
+no single object store call swaps several files at once. So a replacement writes its rows to new
+``gen-<version>.parquet`` files, which no reader uses until the day's manifest
+(``dataset/dt=D/_manifest.json``, one atomic PUT) names them and lists the appended files they
+supersede; only then are the superseded files deleted. :meth:`Lake.read_partitions` reads a day
+as one snapshot: the manifest, the files it makes visible, and the manifest again; if a
+replacement committed in between (or deleted a file under it), it reads the day again.
+
 Open one with :func:`open_lake` (from ``VLOOP_*`` settings or explicit arguments) or
 :func:`lake_from_connection` (from an Airflow connection).
 """
@@ -21,7 +32,9 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.parse
+import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +51,9 @@ from vloop.schema import RECORDS
 # Where the raw records live (DESIGN.md, "Lake layout"); images go under raw/images/ (vloop.images).
 INTERACTIONS_DATASET = "raw/interactions"
 FEEDBACK_DATASET = "raw/feedback"
-PARTITION_FILE = "part-00000.parquet"  # the one file a replaced partition holds
+MANIFEST = "_manifest.json"  # per day: the files of its last replacement and what they superseded
+GENERATION_PREFIX = "gen-"  # files of a replacement: visible only once the day's manifest names them
+SNAPSHOT_ATTEMPTS = 5  # a reader re-reads a day this often while replacements keep landing on it
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
 
 
@@ -108,6 +123,17 @@ def partition_prefix(dataset: str, day: dt.date | str, hour: int | None = None) 
     return check_key(p, prefix=True)
 
 
+def _is_generation(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(GENERATION_PREFIX)
+
+
+def _date_range(start: dt.date | str, end: dt.date | str) -> list[dt.date]:
+    start, end = _as_date(start), _as_date(end)
+    if end < start:
+        raise ValueError(f"date range is empty: {start} > {end}")
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+
+
 def _as_date(day: dt.date | str) -> dt.date:
     if isinstance(day, dt.datetime):
         return day.date()
@@ -145,6 +171,10 @@ class Lake(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def modified(self, key: str) -> dt.datetime:
+        """When the object was last written (UTC); :class:`LakeKeyNotFound` if there is none."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
@@ -185,15 +215,13 @@ class Lake(ABC):
 
     def write_partition(self, dataset: str, table: pa.Table, day: dt.date | str,
                         hour: int | None = None) -> str:
-        """Write ``table`` as the whole content of one partition and return its file's key.
+        """Write ``table`` as the whole content of one partition (a day, or one hour of it) and
+        return its file's key.
 
-        Re-writing a partition replaces it: the new file goes in atomically, then any other file
-        a previous write left in the partition is removed, so a re-run never duplicates rows.
+        Re-writing a partition replaces it, atomically for readers (see the module docstring): a
+        re-run never duplicates rows, and the rest of the day is untouched.
         """
-        key = self._write_partition_file(dataset, table, day, hour)
-        for stale in self.list(partition_prefix(dataset, day, hour)):
-            if stale != key:
-                self.delete(stale)
+        [key] = self._replace_day(dataset, day, {hour: table}, hours={hour} if hour is not None else None)
         return key
 
     def write_hourly(self, dataset: str, table: pa.Table, day: dt.date | str,
@@ -201,8 +229,8 @@ class Lake(ABC):
         """Write one day's rows as hourly partitions (by ``ts_column``, UTC), replacing the day.
 
         Every row must fall on ``day``; otherwise nothing is written. Hours are written
-        concurrently; afterwards any file of that day not written now is removed, so a re-run of
-        the day with fewer hours leaves no stale hour behind.
+        concurrently and published together by one manifest write, so a reader sees the old day
+        or the new one, and a re-run of the day with fewer hours leaves no stale hour behind.
         """
         import pyarrow.compute as pc
 
@@ -214,32 +242,91 @@ class Lake(ABC):
             if wrong:
                 raise ValueError(f"rows dated {wrong[0]} cannot go into the partition of {day}")
         hours = pc.hour(table.column(ts_column)).to_numpy(zero_copy_only=False) if table.num_rows else []
-        by_hour = []
-        for h in sorted(set(int(x) for x in hours)):
-            by_hour.append((h, table.filter(pa.array(hours == h))))
-        with ThreadPoolExecutor(WRITE_THREADS) as pool:
-            keys = list(pool.map(lambda hp: self._write_partition_file(dataset, hp[1], day, hp[0]), by_hour))
-        for stale in self.list(partition_prefix(dataset, day)):
-            if stale not in keys:
-                self.delete(stale)
-        return keys
+        by_hour = {h: table.filter(pa.array(hours == h)) for h in sorted(set(int(x) for x in hours))}
+        return self._replace_day(dataset, day, by_hour, hours=None)
 
-    def _write_partition_file(self, dataset, table, day, hour) -> str:
-        key = partition_prefix(dataset, day, hour) + PARTITION_FILE
-        self.write_parquet(key, table)
-        return key
+    # -- day manifests ----------------------------------------------------------------------
+    def read_manifest(self, dataset: str, day: dt.date | str) -> dict | None:
+        """The day's manifest (``files``: generation files relative to the day, ``superseded``:
+        appended files they replaced, ``version``), or None for a day never replaced."""
+        try:
+            return self.get_json(partition_prefix(dataset, day) + MANIFEST)
+        except LakeKeyNotFound:
+            return None
+
+    @staticmethod
+    def _visible(prefix: str, listed: Sequence[str], manifest: dict | None) -> list[str]:
+        """The Parquet files a reader uses: the manifest's generation files, plus every appended
+        file it does not supersede. Generation files it does not name are a replacement in
+        flight (or one that died) and are ignored."""
+        superseded = set(manifest["superseded"]) if manifest else set()
+        keys = {prefix + f for f in manifest["files"]} if manifest else set()
+        for k in listed:
+            rel = k[len(prefix):]
+            if k.endswith(".parquet") and rel not in superseded and not _is_generation(k):
+                keys.add(k)
+        return sorted(keys)
+
+    def _replace_day(self, dataset: str, day, tables: dict, hours: set | None) -> list[str]:
+        """Replace the files of ``hours`` of the day (``None``: the whole day) by ``tables``
+        (hour or None → table). One writer per day at a time: two concurrent replacements of
+        the same day are not merged (the later manifest wins)."""
+        day = _as_date(day)
+        prefix = partition_prefix(dataset, day)
+        old = self.read_manifest(dataset, day)
+        listed = self.list(prefix)
+
+        def in_scope(key: str) -> bool:
+            if hours is None:
+                return True
+            rel = key[len(prefix):]  # "hour=07/seg-….parquet", or "seg-….parquet" for a day-level file
+            return any(rel.startswith(f"hour={h:02d}/") if h is not None else "/" not in rel for h in hours)
+
+        version = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        targets = [((partition_prefix(dataset, day, h) if h is not None else prefix)
+                    + f"{GENERATION_PREFIX}{version}.parquet", t) for h, t in tables.items()]
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:
+            list(pool.map(lambda kt: self.write_parquet(*kt), targets))
+        new_keys = [k for k, _ in targets]
+        visible = self._visible(prefix, listed, old)
+        replaced = [k for k in visible if in_scope(k)]
+        kept_generations = [k for k in visible if not in_scope(k) and _is_generation(k)]
+        # Appended files stay superseded for good: a shipper re-sending a segment after a crash
+        # rewrites the same name, and its rows are already in the replacement.
+        superseded = set(old["superseded"]) if old else set()
+        superseded |= {k[len(prefix):] for k in replaced if not _is_generation(k)}
+        manifest = {"version": version, "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                    "files": sorted(k[len(prefix):] for k in kept_generations + new_keys),
+                    "superseded": sorted(superseded)}
+        self.put_json(prefix + MANIFEST, manifest)  # the commit point: readers switch here
+        # Only now may the replaced files go; orphaned generation files of a dead writer go too.
+        orphans = [k for k in listed if in_scope(k) and _is_generation(k) and k not in new_keys]
+        for k in sorted(set(replaced + orphans)):
+            self.delete(k)
+        return new_keys
 
     def partition_keys(self, dataset: str, start: dt.date | str, end: dt.date | str) -> list[str]:
-        """The Parquet files of every ``dt=`` partition from ``start`` to ``end`` inclusive."""
-        start, end = _as_date(start), _as_date(end)
-        if end < start:
-            raise ValueError(f"date range is empty: {start} > {end}")
-        keys = []
-        day = start
-        while day <= end:
-            keys += [k for k in self.list(partition_prefix(dataset, day)) if k.endswith(".parquet")]
-            day += dt.timedelta(days=1)
-        return keys
+        """The Parquet files of every ``dt=`` partition from ``start`` to ``end`` inclusive, as a
+        reader sees them now (a replacement may land right after: :meth:`read_partitions` reads
+        each day as a consistent snapshot)."""
+        return [k for day in _date_range(start, end)
+                for k in self._visible(partition_prefix(dataset, day), self.list(partition_prefix(dataset, day)),
+                                       self.read_manifest(dataset, day))]
+
+    def _read_day(self, dataset: str, day: dt.date, columns, pool) -> list[pa.Table]:
+        """One day's tables from one state of the day, never a mix of two (see the module docstring)."""
+        prefix = partition_prefix(dataset, day)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            manifest = self.read_manifest(dataset, day)
+            keys = self._visible(prefix, self.list(prefix), manifest)
+            try:
+                tables = list(pool.map(lambda k: self.read_parquet(k, columns), keys))
+            except LakeKeyNotFound:  # a replacement deleted a file we listed: read the new state
+                continue
+            after = self.read_manifest(dataset, day)
+            if (after or {}).get("version") == (manifest or {}).get("version"):
+                return tables
+        raise LakeError(f"{prefix} was replaced {SNAPSHOT_ATTEMPTS} times while being read; try again")
 
     def read_partitions(self, dataset: str, start: dt.date | str, end: dt.date | str | None = None,
                         columns: Sequence[str] | None = None,
@@ -249,7 +336,7 @@ class Lake(ABC):
         Only ``columns`` are read when given. With ``schema`` the result is cast to it (its
         columns, or the subset asked for), so an empty range still has the right columns.
         """
-        keys = self.partition_keys(dataset, start, end if end is not None else start)
+        days = _date_range(start, end if end is not None else start)
         if schema is not None and columns is not None:
             missing = [c for c in columns if c not in schema.names]
             if missing:
@@ -258,7 +345,7 @@ class Lake(ABC):
         if schema is not None:
             target = pa.schema([schema.field(c) for c in (columns or schema.names)])
         with ThreadPoolExecutor(WRITE_THREADS) as pool:
-            tables = list(pool.map(lambda k: self.read_parquet(k, columns), keys))
+            tables = [t for day in days for t in self._read_day(dataset, day, columns, pool)]
         if target is not None:
             tables = [t.select(target.names).cast(target) for t in tables]
             if not tables:
@@ -366,12 +453,20 @@ class LocalLake(Lake):
 
     def read_parquet(self, key, columns=None):
         path = self._path(key)
-        if not path.is_file():
-            raise LakeKeyNotFound(f"no object {key!r} in {self.url}")
-        return _read_table(pa.memory_map(str(path)), key, columns)
+        try:
+            source = pa.memory_map(str(path))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise LakeKeyNotFound(f"no object {key!r} in {self.url}") from None
+        return _read_table(source, key, columns)
 
     def exists(self, key):
         return self._path(key).is_file()
+
+    def modified(self, key):
+        try:
+            return dt.datetime.fromtimestamp(self._path(key).stat().st_mtime, dt.timezone.utc)
+        except FileNotFoundError:
+            raise LakeKeyNotFound(f"no object {key!r} in {self.url}") from None
 
     def list(self, prefix=""):
         check_key(prefix, prefix=True)
@@ -532,6 +627,9 @@ class S3Lake(Lake):
         except (LakeKeyNotFound, LakeBucketMissing):
             return False
 
+    def modified(self, key):
+        return self._call(key, self.client.stat_object, self.bucket, self._name(key)).last_modified
+
     def list(self, prefix=""):
         check_key(prefix, prefix=True)
         full = self.prefix + prefix
@@ -656,5 +754,5 @@ def fetch_files(lake: Lake, keys: Sequence[str], dest: str | os.PathLike) -> Pat
 __all__ = [
     "Lake", "LocalLake", "S3Lake", "StoredImage", "LakeError", "LakeConfigError", "LakeKeyNotFound",
     "LakeUnavailable", "open_lake", "lake_from_connection", "partition_prefix", "check_key",
-    "copy_prefix", "fetch_files", "PARTITION_FILE", "INTERACTIONS_DATASET", "FEEDBACK_DATASET",
+    "copy_prefix", "fetch_files", "MANIFEST", "INTERACTIONS_DATASET", "FEEDBACK_DATASET",
 ]
