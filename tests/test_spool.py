@@ -114,3 +114,99 @@ def test_a_bad_record_is_quarantined_not_blocking(lake, tmp_path):
     [bad] = lake.get_json(key)
     assert bad["record"]["request_id"] == "r2" and "'arm'" in bad["reason"]
     assert spool.streams["interactions"].sealed() == []
+
+
+def test_a_corrupt_line_mid_segment_is_quarantined_and_everything_else_ships(lake, tmp_path):
+    """A sealed segment with garbage in its middle (a bad disk block, a stray edit) used to stall
+    the shipper for good: it raised on every pass, and the segments after it never shipped."""
+    spool = Spool(tmp_path / "spool", max_segment_bytes=600)
+    for i in range(6):  # several segments
+        spool.append("interactions", record(i))
+    spool.close()
+    first, *others = spool.streams["interactions"].sealed()
+    assert others
+    lines = first.read_bytes().split(b"\n")
+    first.write_bytes(b"\n".join([lines[0], b'{"request_id": "r-torn", "ts": "2026-', b"\xff\xfe not json",
+                                  b"[1, 2]", *lines[1:]]))
+    assert Shipper(spool, lake).ship_once() == 6
+    assert sorted(ids_in_lake(lake)) == [f"r{i}" for i in range(6)]
+    assert spool.streams["interactions"].sealed() == []  # nothing left behind to stall on
+    [key] = lake.list("quarantine/spool/interactions/")
+    bad = lake.get_json(key)
+    assert [b["line"] for b in bad] == [2, 3, 4]
+    assert all("is not a JSON record" in b["reason"] for b in bad) and "r-torn" in bad[0]["text"]
+
+
+def test_a_record_without_a_time_is_quarantined(lake, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.append("interactions", record(1))
+    spool.append("interactions", {k: v for k, v in record(2).items() if k != "ts"})
+    spool.close()
+    assert Shipper(spool, lake).ship_once() == 1
+    [key] = lake.list("quarantine/spool/interactions/")
+    assert [b["record"]["request_id"] for b in lake.get_json(key)] == ["r2"]
+
+
+def test_a_second_gateway_cannot_take_over_a_live_spool(tmp_path):
+    """Two processes on one spool directory: the second would seal the first one's open segment
+    under it and ship segments twice. It refuses, naming the owner; once the owner is gone (even
+    killed), the directory is free again."""
+    import signal
+    import subprocess
+    import sys
+
+    from vloop.spool import SpoolLocked
+
+    root = tmp_path / "spool"
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from vloop.spool import Spool; s = Spool(sys.argv[1]); "
+        "s.append('interactions', {'request_id': 'x'}); print('ready', flush=True); time.sleep(60)"), str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        with pytest.raises(SpoolLocked, match=f"pid {owner.pid}"):
+            Spool(root)
+        assert len(list((root / "interactions").glob("*.open"))) == 1  # the owner's segment untouched
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    spool = Spool(root)  # the kernel dropped the dead owner's lock; its open segment is sealed now
+    assert len(spool.streams["interactions"].sealed()) == 1
+    with pytest.raises(SpoolLocked):
+        Spool(root)  # one owner per directory within a process too
+    spool.close()
+    Spool(root).close()
+
+
+def test_shipper_watermark_tells_when_a_day_is_in_the_lake(lake, tmp_path):
+    from vloop.spool import shippers_caught_up
+
+    day_end = dt.datetime.combine(TS.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+    assert shippers_caught_up(lake, day_end)[0]  # no gateway has shipped here: nothing to wait for
+
+    spool = Spool(tmp_path / "spool")
+    shipper = Shipper(spool, lake)
+    spool.append("interactions", record(1))
+    spool.streams["interactions"].seal()
+    spool.append("interactions", record(2))  # still in the open segment: not shipped yet
+    assert shipper.ship_once() == 1
+    [key] = lake.list("shippers/")
+    mark = lake.get_json(key)
+    assert mark["spool"] == spool.id and dt.datetime.fromisoformat(mark["shipped_through"]) == TS
+    ready, why = shippers_caught_up(lake, day_end)
+    assert not ready and spool.id in why and "2026-11-03 10:59" in why
+
+    spool.streams["interactions"].seal()
+    assert shipper.ship_once() == 1
+    ready, why = shippers_caught_up(lake, day_end)
+    assert ready, why
+    # A gateway that stopped reporting a week ago does not hold every later day back.
+    lake.put_json("shippers/retired-1.json", {"spool": "retired-1", "shipped_through": "2026-01-01T00:00:00+00:00",
+                                             "updated_at": "2026-01-01T00:00:00+00:00"})
+    ready, why = shippers_caught_up(lake, day_end)
+    assert ready and "retired-1" in why
+    assert not shippers_caught_up(lake, day_end, now=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc))[0]
+    spool.close()
+    again = Spool(tmp_path / "spool")
+    assert again.id == spool.id  # the identity survives a restart
+    again.close()

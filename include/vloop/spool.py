@@ -12,28 +12,50 @@ and only then deletes it. Shipping the same segment twice rewrites the same obje
 crash mid-ship nothing is lost or stored twice. Images wait in the spool as content-addressed
 files and are uploaded before the segments that reference them. When the lake is unreachable,
 serving goes on, the spool grows and the shipper retries with exponential backoff. A record that
-does not fit its schema goes to ``quarantine/spool/`` in the lake with the reason, never blocking
-the rest.
+does not fit its schema, or a line that is not a JSON record at all (a torn write, a bad disk
+block), goes to ``quarantine/spool/`` in the lake with the reason, never blocking the rest.
+
+One process owns a spool directory: :class:`Spool` takes an exclusive lock on ``root/.lock`` and a
+second gateway pointed at the same directory refuses to start (:class:`SpoolLocked`) instead of
+sealing the first one's open segment under it and racing its shipper. The kernel drops the lock
+when the owner dies, so a restart after a crash just works.
+
+After each pass the shipper writes its watermark to ``shippers/<spool id>.json`` in the lake: every
+record this gateway logged with a timestamp before ``shipped_through`` is in the lake.
+``feedback_daily`` waits for every gateway's watermark to pass the end of the day it processes
+(:func:`shippers_caught_up`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
-from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, Lake, partition_prefix
+from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, Lake, LakeError, partition_prefix
 from vloop.schema import RECORDS, RecordError
 
 log = logging.getLogger(__name__)
 
 # stream name -> (record schema, lake dataset, partitioned by hour?)
+ERASED_REQUESTS = "erased_request_ids"  # beside the streams: requests of erased users, one per line
 STREAMS = {"interactions": (RECORDS["interaction"], INTERACTIONS_DATASET, True),
            "feedback": (RECORDS["feedback"], FEEDBACK_DATASET, False)}
+WATERMARKS = "shippers/"  # in the lake: one <spool id>.json per gateway spool
+# How long after its timestamp a record may still be appended: the gateway stamps an interaction
+# when the request arrives and spools it once the answer is out (generation, image upload).
+RECORD_LAG = dt.timedelta(minutes=5)
+
+
+class SpoolLocked(RuntimeError):
+    """Another live process owns this spool directory."""
 
 
 def _json_default(v):
@@ -57,15 +79,19 @@ class SpoolStream:
         self._size = 0
         self._dirty = False
         self._seq = 0
+        self._oldest: dt.datetime | None = None  # earliest record time in the open segment
         for stale in self.dir.glob("*.open"):  # left by a process that died: seal it
             self._seal_file(stale)
 
     def append(self, row: dict) -> None:
         line = (json.dumps(row, default=_json_default, ensure_ascii=False) + "\n").encode()
+        ts = row.get("ts")
         with self._lock:
             if self._fd is None:
                 self._open()
             os.write(self._fd, line)  # one write per record: complete lines only
+            if isinstance(ts, dt.datetime) and ts.tzinfo and (self._oldest is None or ts < self._oldest):
+                self._oldest = ts
             self._size += len(line)
             self._dirty = True
             if self._size >= self.max_bytes:
@@ -96,7 +122,7 @@ class SpoolStream:
         os.fsync(self._fd)
         os.close(self._fd)
         self._seal_file(self._path)
-        self._fd, self._path, self._dirty = None, None, False
+        self._fd, self._path, self._dirty, self._oldest = None, None, False, None
 
     def _seal_file(self, path: Path) -> None:
         if path.stat().st_size == 0:
@@ -112,25 +138,61 @@ class SpoolStream:
     def sealed(self) -> list[Path]:
         return sorted(self.dir.glob("*.jsonl"))
 
+    def snapshot(self) -> tuple[list[Path], dt.datetime | None]:
+        """The sealed segments and the earliest record time in the open one, taken together (a
+        segment sealed in between is in neither, so nothing is counted as shipped unseen)."""
+        with self._lock:
+            return self.sealed(), self._oldest
+
     def depth(self) -> int:
         return len(self.sealed()) + (1 if self._fd is not None else 0)
 
 
 def read_segment(path: Path) -> list[dict]:
-    """The records of a segment; a torn final line (a write cut short) is skipped with a warning."""
-    rows = []
+    """The records of a segment; a torn final line (a write cut short) is skipped with a warning.
+    A bad line anywhere else raises: use :func:`parse_segment` to keep the good ones."""
+    rows, bad = parse_segment(path)
+    if bad:
+        raise ValueError(f"{path.name}: {bad[0]['reason']}")
+    return rows
+
+
+def parse_segment(path: Path) -> tuple[list[dict], list[dict]]:
+    """``(records, bad lines)`` of a segment. A torn final line (the process died mid-write) is
+    skipped with a warning; any other line that is not a JSON object (a disk error, a bad edit) is
+    a bad line ``{"line": number, "text": …, "reason": …}``, and the lines around it still count."""
+    rows, bad = [], []
     lines = path.read_bytes().split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i >= len(lines) - 2:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not a record object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
                 log.warning("skipping a torn last line in %s", path.name)
                 continue
-            raise
-    return rows
+            bad.append({"line": i + 1, "text": line.decode("utf-8", "replace")[:2000],
+                        "reason": f"line {i + 1} is not a JSON record: {e}"})
+            continue
+        rows.append(row)
+    return rows, bad
+
+
+def spool_id(root: Path) -> str:
+    """This spool's stable identity (``<host>-<random>``, kept in ``root/.id``): names its
+    watermark in the lake across restarts."""
+    path = root / ".id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        ident = f"{socket.gethostname().split('.')[0] or 'gateway'}-{uuid.uuid4().hex[:8]}"
+        tmp = root / f".id.{os.getpid()}.tmp"
+        tmp.write_text(ident + "\n")
+        os.replace(tmp, path)
+        return ident
 
 
 class Spool:
@@ -139,6 +201,9 @@ class Spool:
     def __init__(self, root: str | Path, *, max_segment_bytes: int = 4 * 2**20,
                  max_segment_age_s: float = 2.0, fsync_interval_s: float = 0.05):
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._take_lock()
+        self.id = spool_id(self.root)
         self.images = self.root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
         self.streams = {name: SpoolStream(self.root, name, max_segment_bytes=max_segment_bytes,
@@ -147,6 +212,21 @@ class Spool:
         self._stop = threading.Event()
         self._syncer = threading.Thread(target=self._sync_loop, name="spool-fsync", daemon=True)
         self._syncer.start()
+
+    def _take_lock(self) -> int:
+        """An exclusive lock on ``root/.lock`` for this Spool's lifetime, or :class:`SpoolLocked`.
+        Taken before anything else: a second owner would seal the first one's open segment."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SpoolLocked(f"the spool {self.root} is in use by {holder}; give each gateway process "
+                              "its own VLOOP_SPOOL_DIR") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return fd
 
     def append(self, stream: str, row: dict) -> None:
         self.streams[stream].append(row)
@@ -179,20 +259,32 @@ class Spool:
         self._syncer.join(timeout=5)
         for s in self.streams.values():
             s.seal()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the directory (the sealed segments stay for whoever opens it next)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
 
 class Shipper:
     """Moves sealed segments and pending images from a :class:`Spool` into a lake."""
 
     def __init__(self, spool: Spool, lake: Lake, *, interval_s: float = 1.0, max_backoff_s: float = 30.0,
-                 on_failure=None, on_shipped=None):
+                 on_failure=None, on_shipped=None, watermark_interval_s: float = 30.0):
         self.spool, self.lake = spool, lake
+        # An idle gateway still moves its watermark on (the day ends without traffic too), but
+        # one PUT per pass would be one a second: every watermark_interval_s is enough.
+        self.watermark_interval_s = watermark_interval_s
+        self._watermark_at = float("-inf")
         self.interval_s, self.max_backoff_s = interval_s, max_backoff_s
         self.on_failure = on_failure or (lambda e: None)
         self.on_shipped = on_shipped or (lambda stream, n: None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="spool-shipper", daemon=True)
         self.failures = 0
+        self._erased_requests: set[str] | None = None  # loaded on the first ship
 
     def start(self) -> "Shipper":
         self._thread.start()
@@ -220,9 +312,24 @@ class Shipper:
                 backoff = min(self.max_backoff_s, max(backoff, 0.25) * 2)
                 log.warning("shipping failed (%s); retrying in %.1fs", e, backoff)
 
+    def _erased(self, record: dict, tombstones: set[str]) -> bool:
+        """Whether ``record`` belongs to a user erased on request (a tombstone in the lake): their
+        interactions, and feedback on those interactions, never reach the lake again, even from an
+        old segment. The request ids of dropped interactions are kept beside the spool, so their
+        feedback is dropped in a later pass too."""
+        if record.get("user_key") in tombstones:
+            if record.get("request_id"):
+                self._erased_requests.add(record["request_id"])
+                with open(self.spool.root / ERASED_REQUESTS, "a") as f:
+                    f.write(record["request_id"] + "\n")
+            return True
+        return record.get("request_id") in self._erased_requests
+
     def ship_once(self) -> int:
-        """Ship everything sealed now. Returns how many records went to the lake."""
-        segments = {name: s.sealed() for name, s in self.spool.streams.items()}
+        """Ship everything sealed now, then advance this spool's watermark. Returns how many
+        records went to the lake."""
+        started = dt.datetime.now(dt.timezone.utc)
+        snapshots = {name: s.snapshot() for name, s in self.spool.streams.items()}
         # Images first: every record in the segments listed above has its image on disk by now.
         for key, path in self.spool.pending_images():
             if not self.lake.exists(key):
@@ -230,26 +337,82 @@ class Shipper:
                 self.lake.put_bytes(key, path.read_bytes(), ctype)
             path.unlink()
         shipped = 0
-        for name, paths in segments.items():
-            schema, dataset, hourly = STREAMS[name]
+        for name, (paths, _) in snapshots.items():
             for path in paths:
-                rows, bad = [], []
-                for r in read_segment(path):
-                    try:
-                        rows.append(schema.to_row(r))
-                    except RecordError as e:  # never block the spool on one bad record
-                        bad.append({"record": r, "reason": str(e)})
-                if bad:
-                    self.lake.put_json(f"quarantine/spool/{name}/{path.stem}.json", bad)
-                    log.warning("%d bad records of %s quarantined", len(bad), path.name)
-                groups: dict[tuple, list] = {}
-                for r in rows:
-                    ts = r["ts"]
-                    groups.setdefault((ts.date(), ts.hour if hourly else None), []).append(r)
-                for (day, hour), group in sorted(groups.items()):
-                    key = partition_prefix(dataset, day, hour) + path.stem + ".parquet"
-                    self.lake.write_parquet(key, schema.to_table(group))
-                path.unlink()  # only after every partition of it is in the lake
-                shipped += len(rows)
-                self.on_shipped(name, len(rows))
+                n = self._ship_segment(name, path)
+                shipped += n
+                self.on_shipped(name, n)
+        # Whatever was sealed is in the lake; the open segments hold records from their oldest on.
+        oldest_open = [t for _, t in snapshots.values() if t is not None]
+        through = min([started - RECORD_LAG] + [t for t in oldest_open])
+        if shipped or time.monotonic() - self._watermark_at >= self.watermark_interval_s:
+            self.lake.put_json(f"{WATERMARKS}{self.spool.id}.json", {
+                "spool": self.spool.id, "shipped_through": through.isoformat(),
+                "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            self._watermark_at = time.monotonic()
         return shipped
+
+    def _ship_segment(self, name: str, path: Path) -> int:
+        """One sealed segment into the lake, then off the disk. Lines and records that cannot be
+        shipped go to ``quarantine/spool/<stream>/<segment>.json`` with their reasons; a lake
+        error propagates (the segment stays and is shipped again on the next pass)."""
+        schema, dataset, hourly = STREAMS[name]
+        records, bad = parse_segment(path)
+        rows = []
+        for r in records:
+            try:
+                row = schema.to_row(r)
+                row["ts"].date()  # a record without a usable time has no partition to go to
+                rows.append(row)
+            except (RecordError, TypeError, ValueError, AttributeError, KeyError) as e:
+                bad.append({"record": r, "reason": str(e) or type(e).__name__})
+        groups: dict[tuple, list] = {}
+        for r in rows:
+            ts = r["ts"]
+            groups.setdefault((ts.date(), ts.hour if hourly else None), []).append(r)
+        tables = []
+        for (day, hour), group in sorted(groups.items()):
+            try:
+                tables.append((partition_prefix(dataset, day, hour) + path.stem + ".parquet", schema.to_table(group)))
+            except (ValueError, TypeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                bad.extend({"record": _jsonable(r), "reason": f"cannot be stored: {e}"} for r in group)
+        if bad:
+            self.lake.put_json(f"quarantine/spool/{name}/{path.stem}.json", bad)
+            log.warning("%s: %d bad lines or records quarantined", path.name, len(bad))
+        for key, table in tables:
+            self.lake.write_parquet(key, table)
+        path.unlink()  # only after every partition of it is in the lake
+        return sum(t.num_rows for _, t in tables)
+
+
+def _jsonable(row: dict) -> dict:
+    return json.loads(json.dumps(row, default=str))
+
+
+def shippers_caught_up(lake: Lake, through: dt.datetime, *, stale_after: dt.timedelta = dt.timedelta(days=7),
+                       now: dt.datetime | None = None) -> tuple[bool, str]:
+    """Whether every gateway's shipper has moved its records up to ``through`` into the lake:
+    ``(ready, why)``. A lake no shipper has written to (batch-loaded, or before the first gateway)
+    is ready. A watermark not updated for ``stale_after`` belongs to a gateway that was retired
+    or is long dead; it is reported and does not hold the day back (its spool ships when it
+    returns, and the next day's re-mining picks its feedback up)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    behind, stale = [], []
+    for key in lake.list(WATERMARKS):
+        if not key.endswith(".json"):
+            continue
+        try:
+            mark = lake.get_json(key)
+            shipped = dt.datetime.fromisoformat(mark["shipped_through"])
+            updated = dt.datetime.fromisoformat(mark["updated_at"])
+        except (LakeError, KeyError, ValueError, TypeError) as e:
+            behind.append(f"{key} unreadable ({e})")
+            continue
+        if now - updated > stale_after:
+            stale.append(mark.get("spool", key))
+        elif shipped < through:
+            behind.append(f"{mark.get('spool', key)} has shipped through {shipped:%Y-%m-%d %H:%M} UTC")
+    note = f"; ignored stale shippers (no update for {stale_after}): {', '.join(stale)}" if stale else ""
+    if behind:
+        return False, f"waiting for records up to {through:%Y-%m-%d %H:%M} UTC: " + "; ".join(behind) + note
+    return True, f"every shipper has shipped through {through:%Y-%m-%d %H:%M} UTC{note}"
