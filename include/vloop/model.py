@@ -252,6 +252,8 @@ class Generation:
     token_logprobs: list[float]  # of each generated token, from the raw logits
     top_logprobs: list[list[tuple[str, float]]]  # per position, the k most likely tokens
     confidence: Confidence
+    prompt_tokens: int = 0  # the prompt's length in tokens (image tokens included)
+    finish_reason: str = "stop"  # "length" when max_new_tokens cut the answer
 
 
 def to_device(batch, lm: LoadedModel):
@@ -309,7 +311,9 @@ def generate(lm: LoadedModel, images: Sequence, questions: Sequence[str], *, max
         results.append(Generation(
             text=tok.decode(text_ids, skip_special_tokens=True).strip(),
             tokens=[tok.decode([j]) for j in text_ids], token_ids=text_ids,
-            token_logprobs=lps[:n], top_logprobs=tops[:n], confidence=Confidence.from_logprobs(lps[:n])))
+            token_logprobs=lps[:n], top_logprobs=tops[:n], confidence=Confidence.from_logprobs(lps[:n]),
+            prompt_tokens=int(inputs["attention_mask"][i].sum()),
+            finish_reason="length" if len(ids) == max_new_tokens and tok.eos_token_id not in ids else "stop"))
     return results
 
 

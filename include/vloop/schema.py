@@ -22,7 +22,7 @@ import pyarrow as pa
 
 # unassigned: no user id, served by the champion; direct: the request named its model. Neither is randomised.
 ARMS = ("champion", "canary", "holdout", "unassigned", "direct")
-STATUSES = ("ok", "error")
+STATUSES = ("ok", "error", "disconnected")  # disconnected: a streaming client left before the end
 FEEDBACK_TYPES = ("accept", "edit", "skip", "regenerate", "repeat", "close", "dwell", "rating")
 RATING_RANGE = (1, 5)
 
@@ -212,7 +212,7 @@ INTERACTION = RecordSchema("interaction", [
     Field("base_model", pa.string(), True, "base model id or path", dictionary=True),
     Field("adapter", pa.string(), False, "LoRA adapter name@version, null for the bare base", dictionary=True),
     Field("arm", pa.string(), True, "rollout arm", choices=ARMS, dictionary=True),
-    Field("status", pa.string(), True, "ok or error", choices=STATUSES, dictionary=True),
+    Field("status", pa.string(), True, "ok, error or disconnected", choices=STATUSES, dictionary=True),
     Field("redactions", pa.int32(), False, "how many PII spans were replaced by placeholders"),
 ])
 
