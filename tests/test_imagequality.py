@@ -28,3 +28,78 @@ def test_each_flag_names_its_problem():
     assert "low_resolution" in assess(Image.new("RGB", (32, 32), "red")).flags
     assert "glare" in assess(Image.new("RGB", (100, 100), "white")).flags
     assert assess(s.image, QualityThresholds(min_sharpness=0, min_brightness=0)).flags == []
+
+
+# -- NIQE -------------------------------------------------------------------------------------------
+import io  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import ImageFilter  # noqa: E402
+
+from vloop.imagequality import NiqeConfig, PristineModel, fit_pristine, niqe, pristine_model  # noqa: E402
+from vloop.synth import textured_scene  # noqa: E402
+
+# Seeds far from the ones the shipped model was fitted on (0..199): unseen textured images.
+TEST_SEEDS = (5000, 5001, 5002)
+
+
+def _jpeg(img, quality):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _noisy(img, sigma, seed=0):
+    a = np.asarray(img, dtype=float) + np.random.default_rng(seed).normal(0, sigma, (img.height, img.width, 1))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", TEST_SEEDS)
+def test_niqe_rises_with_blur_noise_and_jpeg_on_textured_images(seed):
+    img = textured_scene(seed, 256)
+    clean = niqe(img)
+    for name, distort, levels in (("blur", lambda im, r: im.filter(ImageFilter.GaussianBlur(r)), (1, 2, 4)),
+                                  ("noise", _noisy, (5, 15, 30)),
+                                  ("jpeg", _jpeg, (50, 20, 5))):
+        scores = [clean] + [niqe(distort(img, lv)) for lv in levels]
+        assert all(a < b for a, b in zip(scores, scores[1:])), (name, scores)  # strictly worse at each step
+
+
+def test_niqe_is_deterministic_and_size_robust():
+    img = textured_scene(TEST_SEEDS[0], 256)
+    assert niqe(img) == niqe(img.copy())
+    # A large photo is scaled to NiqeConfig.max_side first: it scores like a clean image still.
+    big = textured_scene(TEST_SEEDS[1], 640)
+    assert niqe(big) < niqe(big.filter(ImageFilter.GaussianBlur(3)))
+
+
+def test_niqe_bad_input_and_flat_images():
+    with pytest.raises(ValueError, match="at least 64 pixels"):
+        niqe(Image.new("RGB", (40, 200), "red"))
+    with pytest.raises(TypeError, match="PIL image"):
+        niqe(np.zeros((100, 100)))
+    assert np.isnan(niqe(Image.new("RGB", (128, 128), (120, 130, 140))))  # no texture: no statistics
+
+
+def test_shipped_pristine_model_and_refit(tmp_path):
+    """The model ships with the package (fitted by scripts/fit_niqe.py), and the script re-fits it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    shipped = pristine_model()
+    assert shipped.mean.shape == (36,) and shipped.cov.shape == (36, 36) and shipped.n_patches > 1000
+    assert np.all(np.linalg.eigvalsh(shipped.cov) > -1e-9)  # a covariance: symmetric, not negative
+    assert "textured_scene" in shipped.source
+    out = tmp_path / "model.npz"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "fit_niqe.py"), "--images", "30", "--seed", "100",
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("RESULT images=30 patches=")
+    refit = PristineModel.load(out)
+    img = textured_scene(TEST_SEEDS[2], 256)
+    assert niqe(img, refit) < niqe(img.filter(ImageFilter.GaussianBlur(2)), refit)
+    with pytest.raises(ValueError, match="too few"):
+        fit_pristine([textured_scene(1, 64)], NiqeConfig())

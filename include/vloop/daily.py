@@ -210,21 +210,27 @@ def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] 
 
 # -- 5. image quality -----------------------------------------------------------------------------
 IMAGE_QUALITY_TYPES = {"image_key": "str", "poor": "bool", "flags": "str", "sharpness": "float64",
-                       "brightness": "float64", "blown_out": "float64", "width": "int64", "height": "int64"}
+                       "brightness": "float64", "blown_out": "float64", "width": "int64", "height": "int64",
+                       "niqe": "float64"}
 
 
 def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
     from PIL import Image
 
-    from vloop.imagequality import assess
+    from vloop.imagequality import assess, niqe
 
     inter, _ = curated(lake, day, ["image_key"])
     rows = []
     for k in inter["image_key"].dropna().unique():
         with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
             q = assess(img, thresholds)
+            try:  # NIQE beside the flags (higher is worse); none for a photo under two patches a side
+                score = niqe(img)
+            except ValueError:
+                score = float("nan")
         rows.append({"image_key": k, "poor": q.poor, "flags": ",".join(q.flags), "sharpness": q.sharpness,
-                     "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height})
+                     "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
+                     "niqe": score})
     out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
     if not len(out):  # a day without traffic: no images, the same typed columns
         out = out.astype(IMAGE_QUALITY_TYPES)
@@ -273,6 +279,13 @@ def model_version(row) -> str:
     return model_version_name(row.get("adapter"))
 
 
+def image_flags_text(iq: pd.DataFrame) -> dict[str, str]:
+    """What annotators read of the automatic image check, per image key: its flags and NIQE."""
+    niqe = iq["niqe"] if "niqe" in iq.columns else pd.Series(float("nan"), index=iq.index)
+    return {k: ", ".join([f for f in str(fl or "").split(",") if f] + ([f"NIQE {n:.1f}"] if pd.notna(n) else []))
+            for k, fl, n in zip(iq.index, iq["flags"], niqe)}
+
+
 def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
                          document_root: str | None = None) -> dict:
     """Tasks for the day's selection, with the model's answer as a prediction; request ids the
@@ -280,11 +293,12 @@ def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
     from vloop.labelstudio import image_reference, task_payload
 
     chosen = get_frame(lake, key(LABELING, day, "selected.parquet"))
-    iq = get_frame(lake, key(CURATED, day, "image_quality.parquet")).set_index("image_key")["poor"].to_dict()
+    iq = get_frame(lake, key(CURATED, day, "image_quality.parquet")).set_index("image_key")
+    poor, flags = iq["poor"].to_dict(), image_flags_text(iq)
     project = ls.ensure_project(project_title)
     ls.ensure_storage(project, lake, document_root)
     tasks = [task_payload(r, image_reference(lake, r["image_key"], document_root), model_version(r),
-                          poor_image=bool(iq.get(r["image_key"], False)))
+                          poor_image=bool(poor.get(r["image_key"], False)), image_flags=flags.get(r["image_key"], ""))
              for r in chosen.to_dict("records")]
     t0 = time.perf_counter()
     res = ls.import_tasks(project, tasks)

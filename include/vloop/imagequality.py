@@ -3,11 +3,36 @@
 * blur — variance of the Laplacian of the grey image, normalised to a 128-pixel side (sharp
   edges give high variance; a blurred photo has little);
 * exposure — mean brightness (too dark) and the share of blown-out pixels (glare);
-* resolution — the shorter side.
+* resolution — the shorter side;
+* naturalness — :func:`niqe`, the Natural Image Quality Evaluator (Mittal, Soundararajan and
+  Bovik, "Making a completely blind image quality analyzer", IEEE SPL 2013): how far the local
+  statistics of the photo are from those of pristine images. Higher is worse; blur, noise and
+  compression artefacts all raise it.
+
+NIQE, as the paper describes it:
+
+1. MSCN coefficients: the grey image minus its local mean, divided by its local standard deviation
+   plus one (both from a 7x7 Gaussian window, sigma 7/6);
+2. the image is cut into P x P patches; per patch, 18 features: a generalized Gaussian fitted to
+   the MSCN coefficients (shape, variance), and an asymmetric generalized Gaussian fitted to the
+   products of horizontally, vertically and diagonally neighbouring coefficients (shape, mean,
+   left and right variance, for each of the 4 directions);
+3. the same at half the resolution (patches of P/2), so 36 features per patch;
+4. a multivariate Gaussian (mean, covariance) of the features of pristine patches — the sharpest
+   ones of each pristine image (local deviation above 0.75 of the image's sharpest patch) — was
+   fitted once (``scripts/fit_niqe.py``) and ships as data (``vloop/data/niqe_pristine.npz``);
+5. a photo's score: the same Gaussian fitted to *all* its patches, and the distance
+   ``sqrt((m1 - m2)^T ((S1 + S2) / 2)^-1 (m1 - m2))`` between the two.
+
+The pristine model here is the project's own (fitted on procedurally generated textured images,
+nothing is downloaded), so the absolute numbers differ from those of the paper's model; the
+ordering — clean below degraded — is what the score is for.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,3 +79,191 @@ def assess(img: Image.Image, t: QualityThresholds | None = None) -> ImageQuality
     if min(img.size) < t.min_side:
         flags.append("low_resolution")
     return ImageQuality(sharpness, brightness, blown, img.width, img.height, flags)
+
+
+# -- NIQE -----------------------------------------------------------------------------------------
+
+NIQE_MODEL = "data/niqe_pristine.npz"  # inside the vloop package
+
+
+@dataclass(frozen=True)
+class NiqeConfig:
+    patch_size: int = 32  # P: small photos (a shopper's crop of 96 px) still give a few patches
+    sharpness_threshold: float = 0.75  # pristine fit: keep patches this sharp relative to the sharpest
+    max_side: int = 512  # larger photos are scaled down first, so cost and scale stay bounded
+
+
+def _gaussian_window(size: int = 7, sigma: float = 7 / 6) -> np.ndarray:
+    x = np.arange(size) - (size - 1) / 2
+    w = np.exp(-x ** 2 / (2 * sigma ** 2))
+    return w / w.sum()
+
+
+_WINDOW = _gaussian_window()
+
+
+def _smooth(img: np.ndarray) -> np.ndarray:
+    """The 7x7 Gaussian-weighted local mean (separable; borders mirrored)."""
+    r = len(_WINDOW) // 2
+    p = np.pad(img, r, mode="reflect")
+    h, w = img.shape
+    rows = sum(_WINDOW[k] * p[:, k:k + w] for k in range(len(_WINDOW)))
+    return sum(_WINDOW[k] * rows[k:k + h, :] for k in range(len(_WINDOW)))
+
+
+def mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-subtracted contrast-normalised coefficients of a grey image (0..255), and the local
+    standard deviation (the sharpness map patches are chosen by)."""
+    mu = _smooth(grey)
+    sigma = np.sqrt(np.abs(_smooth(grey * grey) - mu * mu))
+    return (grey - mu) / (sigma + 1.0), sigma
+
+
+# Shape parameters searched when fitting a generalized Gaussian, and the moment ratio each gives:
+# rho(a) = G(1/a) G(3/a) / G(2/a)^2, which falls monotonically as a grows.
+_ALPHAS = np.arange(0.2, 10.0, 0.001)
+_LG = np.frompyfunc(math.lgamma, 1, 1)
+_RHO = np.exp(_LG(1 / _ALPHAS).astype(float) + _LG(3 / _ALPHAS).astype(float) - 2 * _LG(2 / _ALPHAS).astype(float))
+
+
+def _shape_from_rho(rho: np.ndarray) -> np.ndarray:
+    """The shape whose moment ratio is closest to each ``rho`` (moment matching)."""
+    # _RHO is decreasing: search its reverse, then take the nearer neighbour.
+    rev = _RHO[::-1]
+    i = np.clip(np.searchsorted(rev, rho), 1, len(rev) - 1)
+    nearer = np.where(np.abs(rev[i - 1] - rho) <= np.abs(rev[i] - rho), i - 1, i)
+    return _ALPHAS[::-1][nearer]
+
+
+def ggd_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized Gaussian (zero mean) fitted to each row of ``x``: (shape, variance)."""
+    var = (x * x).mean(axis=1)
+    mean_abs = np.abs(x).mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = var / mean_abs ** 2
+    return _shape_from_rho(rho), var
+
+
+def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Asymmetric generalized Gaussian fitted to each row of ``x``: (shape, mean, left variance,
+    right variance), by moment matching as in BRISQUE/NIQE."""
+    neg, pos = x < 0, x > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = np.sqrt((x * x * neg).sum(axis=1) / neg.sum(axis=1))
+        right = np.sqrt((x * x * pos).sum(axis=1) / pos.sum(axis=1))
+        gamma = left / right
+        r = np.abs(x).mean(axis=1) ** 2 / (x * x).mean(axis=1)
+        big_r = r * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
+        alpha = _shape_from_rho(1 / big_r)
+        lg = lambda v: _LG(v).astype(float)  # noqa: E731
+        ratio = np.exp(lg(2 / alpha) - lg(1 / alpha))  # G(2/a) / G(1/a)
+        scale = np.sqrt(np.exp(lg(1 / alpha) - lg(3 / alpha)))  # sqrt(G(1/a) / G(3/a))
+        mean = (right - left) * scale * ratio
+    return alpha, mean, left ** 2, right ** 2
+
+
+def _patches(a: np.ndarray, p: int) -> np.ndarray:
+    """The non-overlapping p x p patches of ``a`` (the remainder at the edges is left out), one
+    per row."""
+    h, w = (a.shape[0] // p) * p, (a.shape[1] // p) * p
+    return a[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2).reshape(-1, p * p)
+
+
+def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch: the 18 features at this scale, and its sharpness (mean local deviation)."""
+    m, sigma = mscn(grey)
+    feats = list(ggd_fit(_patches(m, p)))
+    # Products of each coefficient with its right, lower, lower-right and lower-left neighbour
+    # (the image's border mirrored, so every map has the image's shape and patch i is the same
+    # region in all of them).
+    pad = np.pad(m, 1, mode="reflect")
+    for neighbour in (pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2]):
+        feats += list(aggd_fit(_patches(m * neighbour, p)))
+    return np.stack(feats, axis=1), _patches(sigma, p).mean(axis=1)
+
+
+def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"niqe needs a PIL image, got {type(image).__name__}")
+    img = image.convert("L")
+    if max(img.size) > cfg.max_side:
+        f = cfg.max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
+    if min(img.size) < 2 * cfg.patch_size:
+        raise ValueError(f"image is {img.width}x{img.height}: NIQE needs at least {2 * cfg.patch_size} pixels "
+                         f"a side (two {cfg.patch_size}-pixel patches)")
+    return np.asarray(img, dtype=np.float64)
+
+
+def niqe_features(image: Image.Image, cfg: NiqeConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The 36 NIQE features of each patch of ``image`` (rows), and each patch's sharpness."""
+    cfg = cfg or NiqeConfig()
+    grey = _grey(image, cfg)
+    p = cfg.patch_size
+    f1, sharp = _scale_features(grey, p)
+    # Half resolution: bicubic with antialiasing, patches of P/2 cover the same regions.
+    h, w = grey.shape
+    half = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize((w // 2, h // 2), Image.BICUBIC),
+                      dtype=np.float64)
+    f2, _ = _scale_features(half, p // 2)
+    n = min(len(f1), len(f2))
+    return np.hstack([f1[:n], f2[:n]]), sharp[:n]
+
+
+@dataclass(frozen=True)
+class PristineModel:
+    mean: np.ndarray  # (36,)
+    cov: np.ndarray  # (36, 36)
+    config: NiqeConfig
+    n_patches: int
+    source: str  # how it was made
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, mean=self.mean, cov=self.cov, patch_size=self.config.patch_size,
+                            sharpness_threshold=self.config.sharpness_threshold, max_side=self.config.max_side,
+                            n_patches=self.n_patches, source=np.array(self.source))
+
+    @classmethod
+    def load(cls, path) -> "PristineModel":
+        with np.load(path) as z:
+            cfg = NiqeConfig(int(z["patch_size"]), float(z["sharpness_threshold"]), int(z["max_side"]))
+            return cls(z["mean"], z["cov"], cfg, int(z["n_patches"]), str(z["source"]))
+
+
+def fit_pristine(images, cfg: NiqeConfig | None = None, source: str = "") -> PristineModel:
+    """The multivariate Gaussian of the sharpest patches of pristine ``images`` (PIL images)."""
+    cfg = cfg or NiqeConfig()
+    chosen = []
+    for img in images:
+        feats, sharp = niqe_features(img, cfg)
+        keep = (sharp > cfg.sharpness_threshold * sharp.max()) & np.isfinite(feats).all(axis=1)
+        chosen.append(feats[keep])
+    x = np.vstack(chosen) if chosen else np.empty((0, 36))
+    if len(x) < 2 * x.shape[1]:
+        raise ValueError(f"only {len(x)} pristine patches: too few to fit a {x.shape[1]}-dimensional Gaussian")
+    return PristineModel(x.mean(axis=0), np.cov(x, rowvar=False), cfg, len(x), source)
+
+
+@functools.lru_cache(maxsize=1)
+def pristine_model() -> PristineModel:
+    """The pristine model shipped with vloop (re-fit with ``scripts/fit_niqe.py``)."""
+    from importlib.resources import files
+
+    with files("vloop").joinpath(NIQE_MODEL).open("rb") as f:
+        return PristineModel.load(f)
+
+
+def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
+    """NIQE of a PIL image: the distance of its patch statistics from pristine ones; higher is
+    worse. Flat patches (no texture: a plain background) carry no statistics and are left out; an
+    image with nothing but flat patches has no score (NaN). Raises ``ValueError`` for an image
+    smaller than two patches a side and ``TypeError`` for anything but a PIL image."""
+    model = model or pristine_model()
+    feats, sharp = niqe_features(image, model.config)
+    feats = feats[np.isfinite(feats).all(axis=1) & (sharp > 1e-6)]
+    if not len(feats):
+        return float("nan")
+    mu = feats.mean(axis=0)
+    cov = np.cov(feats, rowvar=False) if len(feats) > 1 else np.zeros_like(model.cov)
+    d = model.mean - mu
+    return float(math.sqrt(max(0.0, d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))

@@ -58,7 +58,7 @@ LABEL_CONFIG = f"""<View>
               required="true" placeholder="the correct answer"
               requiredMessage="A 'wrong' verdict needs the correct answer: type it in place of the model's."/>
   </View>
-  <Header value="Image quality"/>
+  <Header value="Image quality (automatic check: $image_flags)"/>
   <Choices name="image_quality" toName="image" choice="single">
 {''.join(f'    <Choice value="{v}"/>{chr(10)}' for v in IMAGE_QUALITY)}  </Choices>
 </View>"""
@@ -106,8 +106,11 @@ def _plain(v):
     return None if v is None or (not isinstance(v, str) and pd.isna(v)) else v
 
 
-def task_payload(row, image_ref: str, model_version: str, poor_image: bool = False) -> dict:
-    """One Label Studio task for an interaction row, with the model's answer as a prediction."""
+def task_payload(row, image_ref: str, model_version: str, poor_image: bool = False,
+                 image_flags: str = "") -> dict:
+    """One Label Studio task for an interaction row, with the model's answer as a prediction.
+    ``image_flags``: what the automatic image check found (e.g. "blurry, NIQE 41.2"), shown to
+    the annotator beside the image-quality choice."""
     conf = None if row.get("confidence") is None or pd.isna(row.get("confidence")) else float(row["confidence"])
     result = [{"from_name": "corrected_answer", "to_name": "image", "type": "textarea",
                "value": {"text": [row.get("answer") or ""]}}]
@@ -120,6 +123,7 @@ def task_payload(row, image_ref: str, model_version: str, poor_image: bool = Fal
             "question": row.get("question") or "", "model_answer": row.get("answer") or "",
             "confidence": "n/a" if conf is None else f"{conf:.2f}", "score": conf,
             "why": row.get("why") or "", "model_version": model_version,
+            "image_flags": image_flags or "none",
             **{k: _plain(row.get(k)) for k in CARRIED},
         },
         "predictions": [{"model_version": model_version, "score": conf, "result": result}],

@@ -236,3 +236,36 @@ def intent_of(question: str) -> str:
 
 
 _INTENT_BY_QUESTION: dict[str, str] = {}
+
+
+def textured_scene(seed: int, size: int = 256) -> Image.Image:
+    """A procedurally generated photo-like scene with natural image statistics, for fitting and
+    testing NIQE (:func:`vloop.imagequality.niqe`) without downloading photos.
+
+    A dead-leaves image — overlapping ellipses with sizes from a power law (many small, few large,
+    like objects at many distances), which reproduces the scale invariance of natural scenes —
+    whose leaves are shaded with 1/f ("pink") noise, so surfaces have texture rather than flat
+    paint, then softened by a slight lens blur."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(40, 215, 3)))
+    d = ImageDraw.Draw(img)
+    r_min, r_max = 2.0, size / 3
+    for _ in range(int(size * size / 120)):
+        # Radius by inverse transform sampling of p(r) ~ r^-3 on [r_min, r_max].
+        u = rng.random()
+        r = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
+        cx, cy = rng.uniform(-r, size + r, 2)
+        aspect = rng.uniform(0.5, 2.0)
+        d.ellipse([cx - r * aspect, cy - r / aspect, cx + r * aspect, cy + r / aspect],
+                  fill=tuple(int(v) for v in rng.integers(15, 240, 3)))
+    # Pink noise: white noise with its amplitude spectrum shaped to 1/f.
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1.0
+    noise = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) / f))
+    noise = (noise - noise.mean()) / noise.std()
+    arr = np.asarray(img, dtype=np.float64) * (1 + 0.18 * noise)[..., None]
+    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return out.filter(ImageFilter.GaussianBlur(radius=0.6))
