@@ -121,6 +121,25 @@ def _cmd_secrets_ensure(args) -> int:
     return 0
 
 
+def _cmd_cold_start(args) -> int:
+    from vloop.coldstart import ColdStartConfig, cold_start
+    from vloop.config import ConfigError, load_settings
+    from vloop.lake import open_lake
+
+    settings = load_settings()
+    base = args.base_model or settings.base_model
+    if not base:
+        raise ConfigError("no base model: pass --base-model or set VLOOP_BASE_MODEL")
+    lora = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
+    cfg = ColdStartConfig(adapter_name=args.name, paraphrases=args.paraphrases, skip_bad_rows=args.skip_bad_rows,
+                          work_dir=args.work_dir, lora=lora)
+    r = cold_start(args.seed, lake=open_lake(args.url) if args.url else open_lake(), base_model=base, cfg=cfg,
+                   settings=settings)
+    print(f"{r.ref} registered as {r.status} (dataset {r.dataset_id}: {r.examples['train']} training examples "
+          f"from {r.seed_rows} seed rows, {len(r.refused)} refused)")
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from serving.cli import serve
 
@@ -195,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     sen.add_argument("--file", required=True, help="the NAME=value file, e.g. $VLOOP_HOME/secrets.env")
     sen.add_argument("names", nargs="*", help="secret names (default: the stack's four)")
     sen.set_defaults(fn=_cmd_secrets_ensure)
+
+    cs = sub.add_parser("cold-start", help="the first adapter from an expert seed set (JSONL or CSV: image, "
+                        "question, answer, category)")
+    cs.add_argument("--seed", required=True, help="the seed file (.jsonl or .csv); image paths are relative to it")
+    cs.add_argument("--base-model", help="base model directory or hub id (default: VLOOP_BASE_MODEL)")
+    cs.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+    cs.add_argument("--name", default="vqa", help="adapter name in the registry")
+    cs.add_argument("--paraphrases", type=int, default=3, help="extra wordings per seed question")
+    cs.add_argument("--steps", type=int, help="LoRA optimizer steps (default from LoraTrainConfig)")
+    cs.add_argument("--batch-size", type=int, help="LoRA batch size (default from LoraTrainConfig)")
+    cs.add_argument("--work-dir", default="var/training", help="local checkpoints and adapter files")
+    cs.add_argument("--skip-bad-rows", action="store_true", help="train on the good rows and list the bad ones "
+                    "(default: one bad row refuses the file)")
+    cs.set_defaults(fn=_cmd_cold_start)
 
     d = sub.add_parser("demo", help="the whole loop on real services, simulated users (what `make demo` runs)")
     d.add_argument("--rounds", type=int, default=2, help="rounds of label → retrain → canary → promote")

@@ -13,7 +13,7 @@ traffic".
 |---|---|---|
 | :func:`ingest` | ``raw/interactions``, ``raw/feedback`` | ``curated/dt=D/ingested_*.parquet`` |
 | :func:`validate` | ingested | ``curated/dt=D/{interactions,feedback}.parquet``, ``quarantine/dt=D/`` (rows + reasons, validation result) |
-| :func:`mine_feedback` | curated | ``curated/dt=D/mined.parquet`` |
+| :func:`mine_feedback` | curated | ``curated/dt=D/{mined,phrasings}.parquet`` |
 | :func:`score_confidence` | curated (+ the model, only for rows without logprobs) | ``curated/dt=D/confidence.parquet`` |
 | :func:`check_images` | curated, ``raw/images`` | ``curated/dt=D/image_quality.parquet`` |
 | :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/opt_outs.json`` | ``labeling/dt=D/selected.parquet`` |
@@ -163,6 +163,10 @@ def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
     # A day without traffic (mine returns no rows) still writes mined.parquet, with its columns.
     mined = mine(inter, fb, rules).merge(inter[["request_id", "category"]], on="request_id", how="left")
     put_frame(lake, key(CURATED, day, "mined.parquet"), mined)
+    # Users' phrasings of badly handled questions: candidates for the paraphrase template library.
+    from vloop.mining import mine_phrasings
+
+    put_frame(lake, key(CURATED, day, "phrasings.parquet"), mine_phrasings(inter, mined))
     return {"day": day.isoformat(), "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
             **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
 

@@ -141,3 +141,73 @@ def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules 
     return pd.DataFrame({"request_id": rid, "weak_label": label, "weight": weight, "reason": reason,
                          "edit_distance": pd.array(np.where(np.isnan(dist), None, dist), dtype="Int64"),
                          "edit_ratio": ratio}, columns=MINED_COLUMNS)
+
+
+# -- users' phrasings, for the paraphrase template library ----------------------------------------
+
+@dataclass
+class PhrasingRules:
+    """Which questions become candidate templates (see :func:`mine_phrasings`)."""
+    reasons: tuple = ("edited", "regenerated", "question repeated in the session")
+    max_chars: int = 80  # a template is a short question, not a story
+    similarity: float = 90.0  # rapidfuzz ratio (0-100) above which two phrasings are one cluster
+    max_phrasings: int = 2000  # most frequent normalised phrasings clustered per day (bounded cost)
+    intents: tuple = ("colour", "category", "count")  # intents whose questions carry no specifics
+
+
+PHRASING_COLUMNS = {"intent": "str", "lang": "str", "phrasing": "str", "asked": "int64", "users": "int64",
+                    "variants": "str"}
+
+
+def _lang(text: str) -> str:
+    import re
+
+    return "zh" if re.search(r"[\u3400-\u9fff]", text) else "en"
+
+
+def mine_phrasings(interactions: pd.DataFrame, mined: pd.DataFrame, rules: PhrasingRules | None = None
+                   ) -> pd.DataFrame:
+    """Users' own phrasings of the questions the model handled badly (edited, regenerated or
+    asked again), clustered: one row per cluster with its intent, language, most common wording,
+    how often it was asked and by how many users, and the variants merged into it.
+
+    Clustering is simple on purpose: questions are normalised (case, punctuation, spacing), then
+    a phrasing joins the first more frequent cluster it is at least ``similarity`` similar to.
+    Only short questions of template intents are kept, and none with digits or a redaction
+    placeholder (``[PHONE]``): a template must not carry anything of a user's."""
+    from rapidfuzz import fuzz
+
+    from vloop.evaluation import intent_of
+    from vloop.selection import normalise_question
+
+    rules = rules or PhrasingRules()
+    empty = pd.DataFrame(columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
+    if not len(interactions) or not len(mined):
+        return empty
+    bad = mined.loc[mined["reason"].isin(rules.reasons), "request_id"]
+    df = interactions.loc[interactions["request_id"].isin(set(bad)), ["question", "user_key"]].dropna(subset=["question"])
+    q = df["question"].astype("str").str.strip()
+    df = df[(q.str.len() <= rules.max_chars) & ~q.str.contains(r"[\d\[\]]", regex=True)].assign(question=q)
+    if not len(df):
+        return empty
+    df["intent"] = df["question"].map(intent_of)
+    df = df[df["intent"].isin(rules.intents)]
+    df["key"] = df["question"].map(normalise_question)
+    per_key = df.groupby("key").agg(asked=("question", "size"), intent=("intent", "first"),
+                                    phrasing=("question", lambda s: s.value_counts().index[0]))
+    per_key = per_key.sort_values(["asked"], ascending=False, kind="stable").head(rules.max_phrasings)
+    clusters: list[dict] = []
+    for key, r in per_key.iterrows():  # most frequent first: a cluster is named by its commonest wording
+        home = next((c for c in clusters if c["intent"] == r["intent"]
+                     and fuzz.ratio(key, c["key"]) >= rules.similarity), None)
+        if home is None:
+            clusters.append({"key": key, "intent": r["intent"], "phrasing": r["phrasing"], "keys": [key]})
+        else:
+            home["keys"].append(key)
+    rows = []
+    for c in clusters:
+        members = df[df["key"].isin(c["keys"])]
+        rows.append({"intent": c["intent"], "lang": _lang(c["phrasing"]), "phrasing": c["phrasing"],
+                     "asked": len(members), "users": members["user_key"].nunique(),
+                     "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5])})
+    return pd.DataFrame(rows, columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
