@@ -3,6 +3,13 @@
 
 For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`:
 
+0. **wait_for_shippers** — a gateway that lost the lake for a while ships D's records late: wait
+   (a sensor, rescheduled every 5 minutes) until every gateway's shipper watermark
+   (`shippers/*.json`) has passed the end of D, or until the grace period after the end of D,
+   Variable `vloop_late_data_grace_minutes` (default 120), is over. In simulation mode
+   (`VLOOP_SIMULATION=1`) the demo's driver waits for the shipper itself;
+   **remine_previous_day** — D-1 is ingested, validated and mined again, so feedback that
+   arrived after D-1's run counts (its selection and Label Studio tasks stay as they were);
 1. **ingest** — D's interactions and every feedback event about them up to now (late ones count),
    exact duplicates dropped;
 2. **validate** — Great Expectations suites (`vloop.quality`); bad rows go to `quarantine/dt=D/`
@@ -89,6 +96,36 @@ def _label_studio():
                          description="YYYY-MM-DD to (re)process instead of the data interval's day")},
 )
 def feedback_daily():
+    @task.sensor(poke_interval=300, mode="reschedule", timeout=dt.timedelta(hours=20))
+    def wait_for_shippers(**context):
+        from airflow.sdk import PokeReturnValue
+
+        from vloop import daily
+        from vloop.config import load_settings
+        from vloop.spool import day_is_shipped
+
+        if load_settings().simulation:
+            return PokeReturnValue(True, "simulation: the demo waits for the shipper itself")
+        grace = dt.timedelta(minutes=float(Variable.get("vloop_late_data_grace_minutes", default=120)))
+        ready, why = day_is_shipped(_lake(), _day(context), now=daily.run_time(_day(context)), grace=grace)
+        print(why)  # the task log says what it waits for
+        return PokeReturnValue(ready, why)
+
+    @task
+    def remine_previous_day(**context):
+        from vloop import daily
+        from vloop.quality import QualityGateError
+
+        day, lake = _day(context) - dt.timedelta(days=1), _lake()
+        if not lake.exists(daily.key(daily.CURATED, day, "mined.parquet")):
+            return {"day": day.isoformat(), "remined": False, "why": "never processed"}
+        ingested = daily.ingest(lake, day, daily.run_time(_day(context)))
+        try:
+            daily.validate(lake, day, max_bad_fraction=float(Variable.get("vloop_max_bad_fraction", default=0.05)))
+        except QualityGateError as e:  # its curated tables stay as its own run left them
+            return {"day": day.isoformat(), "remined": False, "why": str(e)}
+        return {**daily.mine_feedback(lake, day), "remined": True, "feedback": ingested["feedback"]}
+
     @task
     def ingest(**context):
         from vloop import daily
@@ -157,7 +194,9 @@ def feedback_daily():
 
         return daily.report(_lake(), _day(context))
 
-    checked = ingest() >> validate()
+    waited = wait_for_shippers()
+    waited >> remine_previous_day()  # a leaf: its failure shows on the run, D's steps go on
+    checked = waited >> ingest() >> validate()
     mined, scored, images = mine(), confidence(), image_quality()
     checked >> [mined, scored, images]
     chosen = select()

@@ -210,3 +210,18 @@ def test_shipper_watermark_tells_when_a_day_is_in_the_lake(lake, tmp_path):
     again = Spool(tmp_path / "spool")
     assert again.id == spool.id  # the identity survives a restart
     again.close()
+
+
+def test_a_day_waits_for_late_shippers_until_the_grace_period_ends(local_lake):
+    from vloop.spool import day_is_shipped
+
+    day, grace = TS.date(), dt.timedelta(hours=2)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+    local_lake.put_json("shippers/gw-1.json", {"spool": "gw-1", "shipped_through": (end - dt.timedelta(hours=3)).isoformat(),
+                                               "updated_at": end.isoformat()})
+    assert not day_is_shipped(local_lake, day, now=end + dt.timedelta(minutes=5), grace=grace)[0]
+    ready, why = day_is_shipped(local_lake, day, now=end + grace, grace=grace)
+    assert ready and "grace period" in why and "gw-1" in why
+    local_lake.put_json("shippers/gw-1.json", {"spool": "gw-1", "shipped_through": end.isoformat(),
+                                               "updated_at": end.isoformat()})
+    assert day_is_shipped(local_lake, day, now=end + dt.timedelta(minutes=5), grace=grace)[0]

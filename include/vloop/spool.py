@@ -416,3 +416,15 @@ def shippers_caught_up(lake: Lake, through: dt.datetime, *, stale_after: dt.time
     if behind:
         return False, f"waiting for records up to {through:%Y-%m-%d %H:%M} UTC: " + "; ".join(behind) + note
     return True, f"every shipper has shipped through {through:%Y-%m-%d %H:%M} UTC{note}"
+
+
+def day_is_shipped(lake: Lake, day: dt.date, *, now: dt.datetime, grace: dt.timedelta) -> tuple[bool, str]:
+    """Whether ``day``'s records are all in the lake (every shipper's watermark is past its end),
+    or ``grace`` after its end has passed, whichever comes first: ``(ready, why)``."""
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+    ready, why = shippers_caught_up(lake, end, now=now)
+    if ready:
+        return True, why
+    if now >= end + grace:
+        return True, f"grace period of {grace} after {day} is over; going on without: {why}"
+    return False, why
