@@ -14,12 +14,12 @@ traffic".
 | :func:`ingest` | ``raw/interactions``, ``raw/feedback`` | ``curated/dt=D/ingested_*.parquet`` |
 | :func:`validate` | ingested | ``curated/dt=D/{interactions,feedback}.parquet``, ``quarantine/dt=D/`` (rows + reasons, validation result) |
 | :func:`mine_feedback` | curated | ``curated/dt=D/{mined,phrasings}.parquet`` |
-| :func:`score_confidence` | curated (+ the model, only for rows without logprobs) | ``curated/dt=D/confidence.parquet`` |
+| :func:`score_confidence` | curated (+ the model: rows without logprobs, and grounding) | ``curated/dt=D/confidence.parquet`` |
 | :func:`check_images` | curated, ``raw/images`` | ``curated/dt=D/image_quality.parquet`` |
 | :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/opt_outs.json`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | Label Studio | ``labeled/dt=D/annotations.parquet`` |
-| :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases}.parquet``, ``reports/dt=D/index.html`` |
+| :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/index.html`` |
 """
 
 from __future__ import annotations
@@ -173,10 +173,11 @@ def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
 
 # -- 4. confidence --------------------------------------------------------------------------------
 def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, grounding: bool = True) -> dict:
     """Confidence per interaction: as logged; else from the logged token logprobs; else the model
-    re-scores the logged answer (teacher-forced, in batches). ``load_model`` is called only if
-    some row needs re-scoring."""
+    re-scores the logged answer (teacher-forced, in batches). With a model (``load_model``) and
+    ``grounding``, also each answer's image-text grounding (:mod:`vloop.grounding`); without
+    one, ``load_model`` is called only if some row needs re-scoring and grounding is left empty."""
     from vloop.model import Confidence, score_answers
 
     inter, _ = curated(lake, day)
@@ -187,6 +188,7 @@ def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] 
     from_lp = conf.isna() & has_lp
     conf[from_lp] = [Confidence.from_logprobs(v).geo_mean_prob for v in inter.loc[from_lp, "token_logprobs"]]
     todo = inter[conf.isna() & inter["image_key"].notna() & inter["answer"].notna()]
+    lm = None
     if len(todo):
         if load_model is None:
             raise RuntimeError(f"{len(todo)} interactions have neither confidence nor logprobs, and no model "
@@ -204,10 +206,19 @@ def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] 
             log.info("re-scored %d/%d (%.0f/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
         source[todo.index] = "rescored"
     source[conf.isna()] = "missing"
+    grounded = pd.Series(float("nan"), index=inter.index, dtype="float64")
+    answered = inter[inter["image_key"].notna() & inter["answer"].notna()]
+    if grounding and load_model is not None and len(answered):
+        from vloop.grounding import GroundingConfig, score_rows
+
+        t0 = time.perf_counter()
+        by_request = score_rows(lm or load_model(), lake, answered, GroundingConfig(batch_size=batch_size))
+        grounded = inter["request_id"].map(by_request).astype("float64")
+        log.info("grounding of %d answers in %.1fs", len(answered), time.perf_counter() - t0)
     out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf,
-                        "confidence_source": source.astype("str")})
+                        "confidence_source": source.astype("str"), "grounding": grounded})
     put_frame(lake, key(CURATED, day, "confidence.parquet"), out)  # no rows on a day without traffic
-    return {"day": day.isoformat(), "interactions": len(out),
+    return {"day": day.isoformat(), "interactions": len(out), "grounded": int(out["grounding"].notna().sum()),
             **dict.fromkeys(("logged", "logprobs", "rescored", "missing"), 0),
             **{k: int(v) for k, v in out["confidence_source"].value_counts().items()}}
 
@@ -258,7 +269,8 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     mined = get_frame(lake, key(CURATED, day, "mined.parquet"))
     conf = get_frame(lake, key(CURATED, day, "confidence.parquet"))
     iq = get_frame(lake, key(CURATED, day, "image_quality.parquet"))
-    cands = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    cands = inter.drop(columns=["confidence"]).merge(
+        conf[[c for c in ("request_id", "confidence", "grounding") if c in conf.columns]], on="request_id")
     history = read_days(lake, CURATED, "mined.parquet", days=_days_back(day, HISTORY_DAYS))
     if len(history):
         history["bad"] = history["weak_label"].isin(["negative", "weak_negative"])
@@ -371,8 +383,12 @@ def report(lake: Lake, day: dt.date) -> dict:
     from vloop.report import AnswerQualityConfig, answer_quality
 
     earlier = _days_back(day - dt.timedelta(days=1), AnswerQualityConfig.trend_days)
+    # The grounding of the judged answers, from the confidence step of the days they were chosen.
+    judged_on = sorted(set(labels["selected_on"].dropna())) if "selected_on" in labels.columns else []
+    scored = read_days(lake, CURATED, "confidence.parquet", days=judged_on)
+    grounding = dict(zip(scored["request_id"], scored["grounding"])) if "grounding" in scored.columns else {}
     quality = answer_quality(inter, fb, mined, labels if len(labels) else None,
-                             read_days(lake, REPORTS, "edit_length.parquet", days=earlier))
+                             read_days(lake, REPORTS, "edit_length.parquet", days=earlier), grounding=grounding)
     for name, table in quality.items():
         put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
     history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))

@@ -408,17 +408,57 @@ def deleted_phrases(edits: pd.DataFrame, cfg: AnswerQualityConfig | None = None)
         cfg.phrases_top).reset_index(drop=True)
 
 
+SIGNAL_TYPES = {"arm": "str", "judged": "int64", "grounding_auroc": "float64", "confidence_auroc": "float64",
+                "edits": "int64", "bleu_vs_edits": "float64", "rouge_l_vs_edits": "float64"}
+
+
+def signal_quality(labels: pd.DataFrame | None, grounding: dict, edits: pd.DataFrame) -> pd.DataFrame:
+    """How well the automatic signals agree with people, overall (``arm`` "all") and per arm:
+
+    * on the answers annotators judged correct or wrong, the AUROC of the grounding score
+      (:mod:`vloop.grounding`, ``grounding``: request_id -> score) and, beside it, of confidence,
+      for telling right from wrong (0.5 is chance);
+    * on the answers users edited, BLEU and ROUGE-L of the answer against the user's edit
+      (:func:`vloop.evaluation.scores`): how far the model's wording was from what users wanted."""
+    from vloop.evaluation import scores
+    from vloop.model import auroc
+
+    judged = labels[labels["verdict"].isin(["correct", "wrong"])] if labels is not None and len(labels) else None
+    if judged is None:
+        judged = pd.DataFrame({"arm": pd.Series(dtype="str"), "request_id": pd.Series(dtype="str"),
+                               "verdict": pd.Series(dtype="str"), "confidence": pd.Series(dtype="float64")})
+    judged = judged.assign(grounding=judged["request_id"].map(grounding).astype("float64"),
+                           right=judged["verdict"] == "correct")
+    edits = edits[edits["correction"].fillna("").astype("str").str.strip().ne("")] if len(edits) else edits
+    arms = sorted(set(judged["arm"].dropna()) | set(edits["arm"].dropna() if len(edits) else []))
+    rows = []
+    for arm in ["all"] + arms:
+        j = judged if arm == "all" else judged[judged["arm"] == arm]
+        e = edits if arm == "all" or not len(edits) else edits[edits["arm"] == arm]
+        g, c = j.dropna(subset=["grounding"]), j.dropna(subset=["confidence"])
+        sc = scores(e["answer"].fillna("").tolist(), e["correction"].tolist()) if len(e) else {}
+        rows.append({"arm": arm, "judged": len(j), "grounding_auroc": auroc(g["grounding"], g["right"]),
+                     "confidence_auroc": auroc(pd.to_numeric(c["confidence"]), c["right"]), "edits": len(e),
+                     "bleu_vs_edits": sc.get("bleu", float("nan")), "rouge_l_vs_edits": sc.get("rouge_l", float("nan"))})
+    if not len(judged) and not len(edits):
+        rows = []
+    return pd.DataFrame(rows, columns=list(SIGNAL_TYPES)).astype(SIGNAL_TYPES)
+
+
 def answer_quality(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
                    labels: pd.DataFrame | None, edit_length_history: pd.DataFrame,
-                   cfg: AnswerQualityConfig | None = None) -> dict[str, pd.DataFrame]:
+                   cfg: AnswerQualityConfig | None = None, grounding: dict | None = None) -> dict[str, pd.DataFrame]:
     """The report's answer-quality tables for a day: ``errors`` (every erroneous answer and its
     types), ``error_types`` (top types, overall and per arm), ``edit_length`` (per category, with
-    the 7-day trend) and ``deleted_phrases``. Each has its columns even on a day without traffic."""
+    the 7-day trend), ``deleted_phrases`` and ``signals`` (grounding AUROC on judged answers, BLEU
+    and ROUGE-L against users' edits; ``grounding``: request_id -> score of the judged answers).
+    Each has its columns even on a day without traffic."""
     cfg = cfg or AnswerQualityConfig()
     errors = errors_of_the_day(interactions, feedback, labels)
+    edits = user_edits(interactions, feedback)
     return {"errors": errors, "error_types": top_error_types(errors, cfg.top_types),
             "edit_length": edit_length_trend(edit_length_by_category(interactions, mined), edit_length_history, cfg),
-            "deleted_phrases": deleted_phrases(user_edits(interactions, feedback), cfg)}
+            "deleted_phrases": deleted_phrases(edits, cfg), "signals": signal_quality(labels, grounding or {}, edits)}
 
 
 def _png(fig) -> str:
@@ -517,6 +557,9 @@ QUALITY_SECTIONS = {
     "edit_length": ("Edit length per category",
                     "Mean characters changed per edited answer, beside the mean of the previous 7 days; "
                     "<b>rose</b> marks a category well above it."),
+    "signals": ("Grounding and wording",
+                "AUROC of image-text grounding (and of confidence) for telling right from wrong on the answers "
+                "annotators judged; BLEU and ROUGE-L of answers against the users' edits."),
     "deleted_phrases": ("Phrases users delete (decoding-policy candidates)",
                         "Present in the answer, absent from the user's edit; content words (colours, products, "
                         "numbers, yes/no) left out. A person approves a phrase into the policy with "

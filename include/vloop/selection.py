@@ -1,10 +1,14 @@
 """Pick the interactions most worth an annotator's time, under a daily budget.
 
-Priority adds up three signals (weights in :class:`SelectionConfig`):
+Priority adds up four signals (weights in :class:`SelectionConfig`):
 
 * low confidence — ``(threshold - confidence) / threshold`` when below ``low_confidence``;
 * negative implicit feedback — the mined weight of a ``negative``/``weak_negative`` label;
-* the category's recent error rate (share of negative labels in the category).
+* the category's recent error rate (share of negative labels in the category);
+* weak grounding of an *accepted* answer — ``w_grounding`` when its grounding score
+  (:mod:`vloop.grounding`: how much more likely the image made the answer than a blank one) is
+  below ``low_grounding``. Users accept answers that sound right; one the model would have given
+  without looking at the photo is worth a person's check although nobody complained.
 
 Excluded: opted-out users, already-labelled requests, poor images, and near-duplicates — the same
 image (by content hash) with the same normalised question keeps only its highest-priority copy.
@@ -29,6 +33,8 @@ class SelectionConfig:
     w_confidence: float = 1.0
     w_feedback: float = 1.0
     w_category: float = 0.5
+    low_grounding: float = 0.0  # log-probability (nats): the image made the answer no more likely
+    w_grounding: float = 0.8
 
 
 def normalise_question(q: str) -> str:
@@ -45,7 +51,8 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
     # Opted-out and erased users never reach a person; nor does a row without a user key, which
     # cannot be checked against them (fail closed).
-    known = df["user_key"].map(lambda k: isinstance(k, str) and bool(k))
+    # (astype: on a day without traffic the map of an empty string column is not boolean)
+    known = df["user_key"].map(lambda k: isinstance(k, str) and bool(k)).astype(bool)
     df = df[known & ~member(df["user_key"], opted_out_users) & ~member(df["request_id"], already_labelled)]
     df = df[~df["image_key"].isin(poor_images) | df["image_key"].isna()]
     if category_error_rate is None:  # from today's labels when no history is given
@@ -55,8 +62,13 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
     conf = pd.to_numeric(df["confidence"], errors="coerce").to_numpy(dtype=float)
     low = np.nan_to_num(conf, nan=np.inf) < cfg.low_confidence
     err = df["category"].map(category_error_rate).fillna(0.0).to_numpy(dtype=float)
+    grounding = pd.to_numeric(df["grounding"], errors="coerce").to_numpy(dtype=float) if "grounding" in df.columns \
+        else np.full(len(df), np.nan)
+    weak = (df["weak_label"] == "positive").to_numpy(dtype=bool) & (np.nan_to_num(grounding, nan=np.inf)
+                                                                   < cfg.low_grounding)
     priority = (np.where(low, cfg.w_confidence * (cfg.low_confidence - np.nan_to_num(conf)) / cfg.low_confidence, 0)
                 + np.where(neg, cfg.w_feedback * df["weight"].fillna(0).to_numpy(dtype=float), 0)
+                + np.where(weak, cfg.w_grounding, 0)
                 + cfg.w_category * err)
     df = df.assign(priority=priority)
     df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
@@ -74,6 +86,9 @@ def _why(r, cfg: SelectionConfig, category_error_rate: dict) -> str:
         why.append(f"low confidence {r.confidence:.2f}")
     if r.weak_label in ("negative", "weak_negative"):
         why.append(f"{r.weak_label.replace('_', ' ')} feedback")
+    g = getattr(r, "grounding", None)
+    if r.weak_label == "positive" and g is not None and not pd.isna(g) and g < cfg.low_grounding:
+        why.append(f"accepted but weakly grounded in the image ({g:+.2f})")
     err = category_error_rate.get(r.category, 0.0) if r.category else 0.0
     if err:
         why.append(f"category {r.category} error rate {err:.0%}")
