@@ -17,12 +17,14 @@ For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`:
    share is over the Variable `vloop_max_bad_fraction`;
 3. **mine** implicit feedback into weak labels (`vloop.mining`);
 4. **confidence** from the logged log-probs, re-scoring rows without them with `VLOOP_BASE_MODEL`;
-5. **image quality** — blurry, dark, blown-out and tiny photos are flagged;
+   with that model, also each answer's image-text grounding (`vloop.grounding`);
+5. **image quality** — blurry, dark, blown-out and tiny photos are flagged, and NIQE recorded;
 6. **select** the items most worth an annotator's time under the Variable `vloop_label_budget`;
 7. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a
    prediction; a re-run never creates a duplicate task;
 8. **pull** finished annotations into `labeled/dt=D/`;
-9. **report** — `reports/dt=D/index.html` with the per-arm metrics and plots.
+9. **report** — `reports/dt=D/index.html` with the per-arm metrics and plots, error types, edit length
+   per category, phrases users delete, grounding AUROC.
 
 A day without traffic (a deployment's first night) is a normal day: every step succeeds on empty
 tables and the report says "no traffic".
