@@ -110,8 +110,9 @@ def train(job: TrainJob) -> dict:
     from vloop.sft import run_sft
 
     lake = _lake(job)
-    if lake.exists(job.lake_prefix + ADAPTER_FILES_LAST):
-        raise FileExistsError(f"{job.lake_prefix} is already published; pick a new version")
+    published = _published(lake, job)
+    if published is not None:  # a retry after the upload went through: reuse it
+        return published
     data = load_split(lake, job.dataset_id, "train")
     ds = manifest(lake, job.dataset_id)
     examples = load_examples(lake, data)
@@ -140,6 +141,19 @@ def train(job: TrainJob) -> dict:
         lake.put_bytes(job.lake_prefix + f.name, f.read_bytes())
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return {k: v for k, v in summary.items() if k != "losses"}
+
+
+def _published(lake, job: TrainJob) -> dict | None:
+    """The summary of this job's adapter if an earlier try of the same job already published it
+    (the task was retried after its upload succeeded); None if nothing is published under the
+    version; FileExistsError if another job's adapter holds it."""
+    if not lake.exists(job.lake_prefix + ADAPTER_FILES_LAST):
+        return None
+    summary = lake.get_json(job.lake_prefix + "training.json")
+    if summary.get("config") != json.loads(json.dumps(job.to_dict())):
+        raise FileExistsError(f"{job.lake_prefix} is already published by another training job; pick a new version")
+    log.info("%s is already published by an earlier try of this job: reusing it", job.lake_prefix)
+    return {**{k: v for k, v in summary.items() if k != "losses"}, "reused": True}
 
 
 def _with_adapter(lm, lake, prefix: str | None, cache: Path):

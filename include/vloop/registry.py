@@ -107,12 +107,24 @@ class Registry:
 
     # -- writing ---------------------------------------------------------------------------------
     def register(self, v: AdapterVersion, *, actor: str, reason: str = "trained") -> AdapterVersion:
+        """Add ``v`` as a candidate. Safe to retry: registering the same version again (same
+        files, dataset and base model; a task retried after its first try timed out, say) is a
+        no-op that returns what is stored; a different adapter under a taken version raises."""
         key = f"{PREFIX}/versions/{v.name}/{v.version}.json"
-        if self.lake.exists(key):
-            raise RegistryError(f"{v.ref} is already registered")
         v.created_at = v.created_at or _now().isoformat()
-        self.lake.put_json(key, v.__dict__)
-        self._event({"kind": "status", "ref": v.ref, "status": "candidate"}, actor, reason)
+        body = json.dumps(v.__dict__, indent=2, sort_keys=True, default=str).encode()
+        if not self.lake.put_bytes_if_absent(key, body, "application/json"):
+            stored = AdapterVersion(**self.lake.get_json(key))
+            if (stored.path, stored.base_model, stored.dataset_id, stored.dataset_hash) != \
+                    (v.path, v.base_model, v.dataset_id, v.dataset_hash):
+                raise RegistryError(f"{v.ref} is already registered for another adapter ({stored.path}, "
+                                    f"dataset {stored.dataset_id})")
+            v = stored
+        # The candidate event has a key made from the version, so a retry (or a first try that
+        # died between the two writes) writes it exactly once.
+        created = dt.datetime.fromisoformat(v.created_at)
+        self._event({"kind": "status", "ref": v.ref, "status": "candidate"}, actor, reason,
+                    key=f"{PREFIX}/events/{created:%Y%m%dT%H%M%S%f}-registered-{v.name}-{v.version}.json", at=created)
         return v
 
     def set_status(self, ref: str, status: str, *, actor: str, reason: str) -> None:
@@ -181,11 +193,19 @@ class Registry:
         decision to wait)."""
         self._event({"kind": kind, **body}, actor, reason)
 
-    def _event(self, body: dict, actor: str, reason: str) -> None:
-        now = _now()
+    def _event(self, body: dict, actor: str, reason: str, *, key: str | None = None,
+               at: dt.datetime | None = None) -> None:
+        """Append an event. With ``key`` it is written only if that key is new (an event that
+        must appear once however often its writer retries)."""
+        now = at or _now()
+        data = json.dumps({**body, "at": now.isoformat(), "actor": actor, "reason": reason},
+                          indent=2, sort_keys=True, default=str).encode()
+        if key is not None:
+            self.lake.put_bytes_if_absent(key, data, "application/json")
+            return
         # The key sorts by time; the uuid keeps two writers in the same microsecond apart.
-        key = f"{PREFIX}/events/{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex}.json"
-        self.lake.put_json(key, {**body, "at": now.isoformat(), "actor": actor, "reason": reason})
+        self.lake.put_bytes(f"{PREFIX}/events/{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex}.json", data,
+                            "application/json")
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, ref: str) -> AdapterVersion:
