@@ -144,3 +144,75 @@ def test_wrong_verdict_with_the_model_answer_left_unchanged_is_not_trained_on(la
     m = build_dataset(lake, DatasetConfig(replay_ratio=0, heldout_share=0), today=day)
     assert m["dropped"]["wrong verdict without a correction"] == 1 and m["examples"]["train"] == 1
     assert daily.get_frame(lake, f"datasets/{m['id']}/train.parquet")["request_id"].tolist() == ["req-6"]
+
+
+class AnswerLosingProxy:
+    """A loopback HTTP proxy in front of Label Studio that forwards every request, but for the
+    first ``POST …/import`` withholds Label Studio's answer until the client gives up: the import
+    happened, the client saw a timeout (a network fault, injected between two real parts)."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+
+        self.upstream = httpx.Client(base_url=upstream, timeout=120)
+        self.imports_seen = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            f = conn.makefile("rb")
+            request_line = f.readline().decode()
+            if not request_line:
+                return
+            method, path, _ = request_line.split(" ", 2)
+            headers = {}
+            while (line := f.readline().decode()) not in ("\r\n", ""):
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+            body = f.read(int(headers.get("content-length", 0)))
+            keep = {k: v for k, v in headers.items() if k in ("authorization", "content-type", "accept")}
+            r = self.upstream.request(method, path, content=body, headers=keep)
+            if method == "POST" and "/import" in path:
+                self.imports_seen += 1
+                if self.imports_seen == 1:
+                    f.read()  # Label Studio has imported the tasks; hold the answer until the client hangs up
+                    return
+            head = f"HTTP/1.1 {r.status_code} {r.reason_phrase}\r\nContent-Type: {r.headers.get('content-type', 'application/json')}\r\n" \
+                   f"Content-Length: {len(r.content)}\r\nConnection: close\r\n\r\n"
+            conn.sendall(head.encode() + r.content)
+
+    def close(self):
+        self.sock.close()
+        self.upstream.close()
+
+
+def test_an_import_retried_after_a_timeout_creates_no_duplicates(label_studio):
+    url, token, docroot = label_studio
+    lake = LocalLake(docroot / "lake-timeout", max_image_bytes=2**20, max_image_pixels=2**20)
+    proxy = AnswerLosingProxy(url)
+    try:
+        with LabelStudio(proxy.url, token, timeout=8) as ls:
+            pid = ls.ensure_project("import timeout test")
+            rows = [interaction(i, lake) for i in range(5)]
+            tasks = [task_payload(r, image_reference(lake, r["image_key"]), "base") for r in rows]
+            result = ls.import_tasks(pid, tasks)
+            assert proxy.imports_seen >= 1 and result.sent == 5
+            ids = sorted(t["data"]["request_id"] for t in ls.export(pid, all_tasks=True))
+            assert ids == [f"req-{i}" for i in range(5)], "the retried import duplicated tasks"
+    finally:
+        proxy.close()

@@ -76,7 +76,11 @@ CARRIED = ("category", "base_model", "adapter", "arm", "weak_label", "selected_o
 
 
 class LabelStudioError(RuntimeError):
-    """Label Studio answered with an error, or could not be reached."""
+    """Label Studio answered with an error (``status``), or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -197,20 +201,22 @@ class LabelStudio:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method: str, path: str, **kw):
-        """One API call; connection errors and 5xx are retried with backoff, 4xx are not."""
-        for attempt in range(self.retries + 1):
+    def _call(self, method: str, path: str, *, retry: bool = True, **kw):
+        """One API call; connection errors and 5xx are retried with backoff, 4xx are not. With
+        ``retry=False`` (a call that is not safe to repeat blindly) the first failure raises."""
+        attempts = self.retries + 1 if retry else 1
+        for attempt in range(attempts):
             try:
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError as e:
-                if attempt == self.retries:
-                    raise LabelStudioError(f"Label Studio at {self.url} unreachable: {e}") from e
+                if attempt == attempts - 1:
+                    raise LabelStudioError(f"Label Studio at {self.url} unreachable: {e!r}") from e
             else:
-                if r.status_code < 500 or attempt == self.retries:
+                if r.status_code < 500 or attempt == attempts - 1:
                     break
             time.sleep(0.5 * 2 ** attempt)
         if r.status_code >= 400:
-            raise LabelStudioError(f"{method} {path} → {r.status_code}: {r.text[:500]}")
+            raise LabelStudioError(f"{method} {path} → {r.status_code}: {r.text[:500]}", r.status_code)
         return r.json() if r.content else None
 
     # -- project and storage -------------------------------------------------------------------
@@ -279,7 +285,14 @@ class LabelStudio:
         return {t["data"].get("request_id") for t in self.export(project, all_tasks=True)}
 
     def import_tasks(self, project: int, tasks: list[dict], chunk: int = 1000) -> ImportResult:
-        """Bulk-import ``tasks``, skipping request ids the project already holds."""
+        """Bulk-import ``tasks``, skipping request ids the project already holds.
+
+        Safe to retry: Label Studio's import is not idempotent, and a chunk whose answer was lost
+        (a read timeout, a dropped connection, a 5xx from a proxy) may well have been imported. So
+        a failed chunk is never simply sent again: the project is read back and only its tasks
+        still missing go again. Should the server have committed the first attempt only after that
+        read (a very slow import), the copies are found afterwards and the unannotated ones deleted.
+        """
         have = self.request_ids(project)
         new, seen = [], set()
         for t in tasks:
@@ -287,10 +300,42 @@ class LabelStudio:
             if rid not in have and rid not in seen:
                 new.append(t)
                 seen.add(rid)
+        uncertain = False
         for i in range(0, len(new), chunk):
-            self._call("POST", f"/api/projects/{project}/import", json=new[i:i + chunk],
-                       params={"commit_to_project": "true", "return_task_ids": "true"})
+            part = new[i:i + chunk]
+            for attempt in range(self.retries + 1):
+                try:
+                    self._call("POST", f"/api/projects/{project}/import", json=part, retry=False,
+                               params={"commit_to_project": "true", "return_task_ids": "true"})
+                    break
+                except LabelStudioError as e:
+                    if (e.status is not None and e.status < 500) or attempt == self.retries:
+                        raise
+                    uncertain = True
+                    time.sleep(0.5 * 2 ** attempt)
+                    have = self.request_ids(project)
+                    part = [t for t in part if t["data"]["request_id"] not in have]
+                    if not part:  # the lost answer's import had gone through
+                        break
+        if uncertain:
+            self._drop_duplicates(project, seen)
         return ImportResult(sent=len(new), already_there=len(tasks) - len(new))
+
+    def _drop_duplicates(self, project: int, request_ids: set[str]) -> int:
+        """Delete the later copies of tasks of ``request_ids`` that nobody has annotated (the
+        first copy, by id, stays). Returns how many went."""
+        first: dict[str, int] = {}
+        dropped = 0
+        for t in sorted(self.export(project, all_tasks=True), key=lambda t: t["id"]):
+            rid = t["data"].get("request_id")
+            if rid not in request_ids:
+                continue
+            if rid in first and not t.get("annotations"):
+                self._call("DELETE", f"/api/tasks/{t['id']}")
+                dropped += 1
+            else:
+                first.setdefault(rid, t["id"])
+        return dropped
 
     def finished_annotations(self, project: int) -> pd.DataFrame:
         """The latest submitted annotation of every annotated task, normalised (see
