@@ -86,46 +86,63 @@ class ErrorTypeRules:
     # ... and this share of the correction's tokens was already in the answer (same gist, trimmed).
     too_long_kept_share: float = 0.7
 
+    def __post_init__(self):
+        # One compiled pattern per vocabulary (a day has thousands of corrections to classify).
+        self._patterns = {name: _vocab_pattern(vocab) for name, vocab in
+                          (("colours", self.colours), ("categories", self.categories), ("numbers", self.numbers))}
+        self._refusal = re.compile("|".join(f"(?:{p})" for p in self.refusals))
+
+
+def _vocab_pattern(vocab: dict) -> tuple[re.Pattern, dict]:
+    """A pattern matching any word of ``vocab`` (English ones as whole words, Chinese anywhere:
+    Chinese has no spaces), longest first, and the map from a matched word to its key."""
+    # key -> its words (colours, categories), or word -> its value (numbers)
+    words = {w.lower(): canon for canon, ws in vocab.items() for w in ws} \
+        if all(isinstance(ws, (tuple, list)) for ws in vocab.values()) else {w.lower(): v for w, v in vocab.items()}
+    ordered = sorted(words, key=len, reverse=True)
+    en = [re.escape(w) for w in ordered if not _CJK.search(w)]
+    zh = [re.escape(w) for w in ordered if _CJK.search(w)]
+    parts = ([rf"(?<![\w-])(?:{'|'.join(en)})(?![\w-])"] if en else []) + ([f"(?:{'|'.join(zh)})"] if zh else [])
+    return re.compile("|".join(parts)), words
+
 
 _CJK = re.compile(r"[\u3400-\u9fff]")
+_YES = re.compile("|".join(f"(?:{p})" for p in YES))
+_NO = re.compile("|".join(f"(?:{p})" for p in NO))
 
 
 def _lower(text) -> str:
     return (text or "").lower() if isinstance(text, str) else ""
 
 
-def _find(text: str, vocab: dict) -> set:
-    """The canonical keys of ``vocab`` named in ``text``: English words as whole words, Chinese
-    words as substrings (Chinese has no spaces)."""
-    found = set()
-    for canon, words in vocab.items():
-        for w in words:
-            if (_CJK.search(w) and w in text) or (not _CJK.search(w) and re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)):
-                found.add(canon)
-                break
-    return found
+def _find(text: str, rules: "ErrorTypeRules", name: str) -> set:
+    """The keys of the ``name`` vocabulary named in ``text``."""
+    pattern, words = rules._patterns[name]
+    return {words[m] for m in pattern.findall(text)}
 
 
 def colours(text, rules: ErrorTypeRules | None = None) -> set[str]:
-    return _find(_lower(text), (rules or ErrorTypeRules()).colours)
+    return _find(_lower(text), rules or _DEFAULT, "colours")
 
 
 def categories(text, rules: ErrorTypeRules | None = None) -> set[str]:
-    return _find(_lower(text), (rules or ErrorTypeRules()).categories)
+    return _find(_lower(text), rules or _DEFAULT, "categories")
+
+
+_MEASURE = re.compile(r"^(个|件|双|只|顶|条|款|对|位)")
 
 
 def numbers(text, rules: ErrorTypeRules | None = None) -> set[int]:
     """Numbers in ``text``: digits, number words, Chinese numerals (一 in 一个 counts as one)."""
+    rules = rules or _DEFAULT
     t = _lower(text)
     found = {int(d) for d in re.findall(r"\d+", t)}
-    words = (rules or ErrorTypeRules()).numbers
-    for w, n in words.items():
-        if _CJK.search(w):
-            # A Chinese numeral counts before a measure word (三个, 两双) or alone as the answer.
-            if re.search(rf"{re.escape(w)}(个|件|双|只|顶|条|款|对|位)", t) or t.strip(" 。.!！") == w:
-                found.add(n)
-        elif re.search(rf"\b{re.escape(w)}\b", t):
-            found.add(n)
+    pattern, words = rules._patterns["numbers"]
+    for m in pattern.finditer(t):
+        w = m.group(0)
+        # A Chinese numeral counts before a measure word (三个, 两双) or alone as the whole answer.
+        if not _CJK.search(w) or _MEASURE.match(t[m.end():]) or t.strip(" 。.!！") == w:
+            found.add(words[w])
     return found
 
 
@@ -147,7 +164,7 @@ def _without_hedges(text: str, rules: ErrorTypeRules) -> str:
 
 def hedged_mask(texts: pd.Series, rules: ErrorTypeRules | None = None) -> pd.Series:
     """:func:`is_hedged` of every text, vectorised (a day's million answers in about a second)."""
-    rules = rules or ErrorTypeRules()
+    rules = rules or _DEFAULT
     t = texts.fillna("").astype("str").str.lower()
     for firm in rules.hedge_exceptions:
         t = t.str.replace(firm, " ", regex=False)
@@ -156,7 +173,7 @@ def hedged_mask(texts: pd.Series, rules: ErrorTypeRules | None = None) -> pd.Ser
 
 def hedges(text, rules: ErrorTypeRules | None = None) -> list[str]:
     """The hedge phrases in ``text`` (after removing firm words that contain one, like 不可能)."""
-    rules = rules or ErrorTypeRules()
+    rules = rules or _DEFAULT
     t = _lower(text)
     for firm in rules.hedge_exceptions:
         t = t.replace(firm, " ")
@@ -168,19 +185,21 @@ def is_hedged(text, rules: ErrorTypeRules | None = None) -> bool:
 
 
 def is_refusal(text, rules: ErrorTypeRules | None = None) -> bool:
-    t = _lower(text)
-    return any(re.search(p, t) for p in (rules or ErrorTypeRules()).refusals)
+    return bool((rules or _DEFAULT)._refusal.search(_lower(text)))
 
 
 def polarity(text) -> str | None:
     """"yes", "no" or None for an answer to a yes/no question; a negation wins over a yes word
     ("not suitable" is no, 不能 is no although it contains 能)."""
     t = _lower(text).strip()
-    if any(re.search(p, t) for p in NO):
+    if _NO.search(t):
         return "no"
-    if any(re.search(p, t) for p in YES):
+    if _YES.search(t):
         return "yes"
     return None
+
+
+_DEFAULT = ErrorTypeRules()
 
 
 def _tokens(text: str) -> list[str]:
@@ -195,7 +214,7 @@ def error_types(question, answer, correction=None, rules: ErrorTypeRules | None 
     (e.g. a rephrasing the rules cannot tell apart)."""
     from vloop.evaluation import intent_of
 
-    rules = rules or ErrorTypeRules()
+    rules = rules or _DEFAULT
     intent = intent_of(question if isinstance(question, str) else "")
     a = answer if isinstance(answer, str) else ""
     c = correction if isinstance(correction, str) and correction.strip() else None
@@ -236,5 +255,12 @@ def classify_frame(df: pd.DataFrame, rules: ErrorTypeRules | None = None) -> pd.
     if not len(df):
         return pd.Series([], dtype=object, index=df.index)
     corr = df["correction"] if "correction" in df.columns else pd.Series(None, index=df.index)
-    return pd.Series([error_types(q, a, c, rules) for q, a, c in zip(df["question"], df["answer"], corr)],
-                     index=df.index, dtype=object)
+    # Answers repeat a lot (the same wrong colour, the same hedge): classify each distinct triple once.
+    memo: dict = {}
+    out = []
+    for q, a, c in zip(df["question"], df["answer"], corr):
+        k = (q, a, c if isinstance(c, str) else None)
+        if k not in memo:
+            memo[k] = error_types(q, a, c, rules)
+        out.append(memo[k])
+    return pd.Series(out, index=df.index, dtype=object)

@@ -385,22 +385,30 @@ def deleted_phrases(edits: pd.DataFrame, cfg: AnswerQualityConfig | None = None)
     if len(edits):
         edits = edits[_col(edits, "correction").fillna("").astype("str").str.strip().ne("")]
     pairs = list(zip(_col(edits, "answer").fillna("").astype("str"), _col(edits, "correction").fillna("").astype("str")))
+    # The same answer is often edited the same way: each distinct pair is diffed once, counted n times.
+    from collections import Counter
+
+    distinct = Counter(pairs)
     deleted: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
-    for a, c in pairs:
+    for (a, c), times in distinct.items():
         for p in deleted_candidates(a, c, cfg.phrase_max_tokens):
-            deleted[p] = deleted.get(p, 0) + 1
+            deleted[p] = deleted.get(p, 0) + times
             if len(examples.setdefault(p, [])) < cfg.examples:
                 examples[p].append(f"{a:.80} → {c:.80}")
     frequent = {p: n for p, n in deleted.items() if n >= cfg.phrase_min_count}
     # A phrase inside a longer one with the same count adds nothing ("可能" inside "可能是").
     kept_phrases = [p for p, n in frequent.items()
                     if not any(q != p and p in q and m == n for q, m in frequent.items())]
-    texts = [(_join(_PHRASE_TOKEN.findall(a.lower())), _join(_PHRASE_TOKEN.findall(c.lower()))) for a, c in pairs]
+    # Only the most deleted are listed: count where they were kept for those alone (that count
+    # scans every edit, which is the costly part on a busy day).
+    kept_phrases = sorted(kept_phrases, key=lambda p: (-frequent[p], p))[:2 * cfg.phrases_top]
+    texts = [(_join(_PHRASE_TOKEN.findall(a.lower())), _join(_PHRASE_TOKEN.findall(c.lower())), times)
+             for (a, c), times in distinct.items()]
     rows = []
     for p in kept_phrases:
         n = frequent[p]
-        kept = sum(p in a and p in c for a, c in texts)
+        kept = sum(times for a, c, times in texts if p in a and p in c)
         rows.append({"phrase": p, "deleted": n, "kept": kept, "deletion_rate": n / (n + kept),
                      "examples": " | ".join(examples[p])})
     out = pd.DataFrame(rows, columns=list(PHRASE_TYPES)).astype(PHRASE_TYPES)
