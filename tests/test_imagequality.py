@@ -103,3 +103,18 @@ def test_shipped_pristine_model_and_refit(tmp_path):
     assert niqe(img, refit) < niqe(img.filter(ImageFilter.GaussianBlur(2)), refit)
     with pytest.raises(ValueError, match="too few"):
         fit_pristine([textured_scene(1, 64)], NiqeConfig())
+
+
+def test_summary_for_the_serving_response_is_json_ready():
+    import json
+
+    from vloop.imagequality import summary
+
+    clean = summary(textured_scene(TEST_SEEDS[0], 256))
+    assert clean["flags"] == [] and clean["advice"] is None and clean["niqe"] > 0
+    blurred = textured_scene(TEST_SEEDS[0], 256).filter(ImageFilter.GaussianBlur(4))
+    s = summary(blurred, QualityThresholds(max_niqe=10))
+    assert s["poor"] and "distorted" in s["flags"] and "frontal photo" in s["advice"]
+    tiny = summary(Image.new("RGB", (32, 32), "red"))
+    assert tiny["niqe"] is None and "low_resolution" in tiny["flags"]
+    json.dumps(tiny, allow_nan=False)  # no NaN reaches a client

@@ -45,6 +45,10 @@ class QualityThresholds:
     min_brightness: float = 50.0  # mean grey level, 0..255
     max_blown_out: float = 0.2  # share of pixels at >= 250
     min_side: int = 64
+    # NIQE above this adds the flag "distorted". Off by default: the pristine model is the
+    # project's own, so a threshold must be set from a deployment's photos (clean textured scenes
+    # score about 2, a slight blur about 20; flat computer-drawn pictures score high regardless).
+    max_niqe: float | None = None
 
 
 @dataclass
@@ -267,3 +271,24 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     cov = np.cov(feats, rowvar=False) if len(feats) > 1 else np.zeros_like(model.cov)
     d = model.mean - mu
     return float(math.sqrt(max(0.0, d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))
+
+
+def summary(img: Image.Image, t: QualityThresholds | None = None) -> dict:
+    """The image check as JSON for an API response (``vloop.image_quality``): ``flags``,
+    ``poor``, ``niqe`` (None when it cannot be computed) and ``advice`` for the app to show when
+    the photo is poor (ask for a clearer, frontal photo)."""
+    t = t or QualityThresholds()
+    q = assess(img, t)
+    try:
+        score = niqe(img)
+    except ValueError:  # smaller than two NIQE patches a side: already flagged low_resolution
+        score = float("nan")
+    flags = list(q.flags)
+    if t.max_niqe is not None and score == score and score > t.max_niqe:
+        flags.append("distorted")
+    advice = None
+    if flags:
+        advice = ("The photo is " + ", ".join(f.replace("_", " ") for f in flags)
+                  + ": a clearer, well-lit, frontal photo of the product will get a better answer.")
+    return {"flags": flags, "poor": bool(flags), "niqe": None if score != score else round(score, 3),
+            "advice": advice}
