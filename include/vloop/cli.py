@@ -121,6 +121,86 @@ def _cmd_secrets_ensure(args) -> int:
     return 0
 
 
+def _privacy_target(args):
+    """(lake, user key) for a privacy command: ``--user`` is the raw id (hashed here with
+    VLOOP_USER_KEY_SECRET, never stored), ``--user-key`` the stored key itself."""
+    from vloop.config import ConfigError, load_settings
+    from vloop.lake import open_lake
+    from vloop.privacy import user_key
+
+    s = load_settings()
+    if getattr(args, "user_key", None):
+        key = args.user_key
+    else:
+        if not s.user_key_secret:
+            raise ConfigError("VLOOP_USER_KEY_SECRET is not set: it turns --user into the stored user key")
+        key = user_key(args.user, s.user_key_secret)
+    return open_lake(s.lake_url), key
+
+
+def _label_studio_from_env():
+    """A Label Studio client when LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set, else None."""
+    import os
+
+    from vloop.labelstudio import LabelStudio
+
+    url, token = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+    return LabelStudio(url, token) if url and token else None
+
+
+def _cmd_privacy_erase(args) -> int:
+    import json
+
+    from vloop.erasure import erase_user, request_erasure
+
+    lake, key = _privacy_target(args)
+    if args.queue:
+        print(f"queued: {request_erasure(lake, key, actor=args.actor)} (the privacy_maintenance DAG erases it)")
+        return 0
+    ls = _label_studio_from_env()
+    if ls is None:
+        print("note: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY not set: Label Studio tasks are not touched",
+              file=sys.stderr)
+    res = erase_user(lake, key, actor=args.actor, label_studio=ls)
+    print(json.dumps(res.summary(), indent=2))
+    return 0
+
+
+def _cmd_privacy_opt_out(args) -> int:
+    from vloop.privacy import read_opt_outs, record_opt_out, remove_opt_out
+
+    if args.action == "list":
+        from vloop.config import load_settings
+        from vloop.lake import open_lake
+
+        for k in sorted(read_opt_outs(open_lake(load_settings().lake_url))):
+            print(k)
+        return 0
+    if not (args.user or args.user_key):
+        raise ValueError(f"opt-out {args.action} needs --user or --user-key")
+    lake, key = _privacy_target(args)
+    if args.action == "add":
+        new = record_opt_out(lake, key, actor=args.actor)
+        print(f"{key}: {'opted out' if new else 'already opted out'}")
+    else:
+        was = remove_opt_out(lake, key, actor=args.actor)
+        print(f"{key}: {'opted back in' if was else 'was not opted out'}")
+    return 0
+
+
+def _cmd_privacy_audit(args) -> int:
+    import json
+
+    from vloop.config import load_settings
+    from vloop.lake import open_lake
+    from vloop.privacy import audit_log
+
+    for rec in audit_log(open_lake(load_settings().lake_url)):
+        rest = {k: v for k, v in rec.items() if k not in ("at", "action", "actor")}
+        print(f"{rec['at']}  {rec['action']:<20} {rec['actor']:<16} {json.dumps(rest, sort_keys=True)}")
+    return 0
+
+
 def _cmd_cold_start(args) -> int:
     from vloop.coldstart import ColdStartConfig, cold_start
     from vloop.config import ConfigError, load_settings
@@ -214,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     sen.add_argument("--file", required=True, help="the NAME=value file, e.g. $VLOOP_HOME/secrets.env")
     sen.add_argument("names", nargs="*", help="secret names (default: the stack's four)")
     sen.set_defaults(fn=_cmd_secrets_ensure)
+
+    pv = sub.add_parser("privacy", help="erase a user, manage opt-outs, read the privacy audit log")
+    psub = pv.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
+    pe = psub.add_parser("erase", help="remove a user's data from the lake and Label Studio (and keep it out)")
+    po = psub.add_parser("opt-out", help="users whose requests are never logged, labelled or trained on")
+    po.add_argument("action", choices=("add", "remove", "list"))
+    for q in (pe, po):
+        who = q.add_mutually_exclusive_group(required=q is pe)
+        who.add_argument("--user", help="the raw user id (hashed with VLOOP_USER_KEY_SECRET; never stored)")
+        who.add_argument("--user-key", help="the stored user key instead of the raw id")
+        q.add_argument("--actor", default="cli", help="who acts (kept in the audit log)")
+    pe.add_argument("--queue", action="store_true", help="queue it for the privacy_maintenance DAG instead")
+    pe.set_defaults(fn=_cmd_privacy_erase)
+    po.set_defaults(fn=_cmd_privacy_opt_out)
+    psub.add_parser("audit", help="every privacy action: who, when, what, how much").set_defaults(fn=_cmd_privacy_audit)
 
     cs = sub.add_parser("cold-start", help="the first adapter from an expert seed set (JSONL or CSV: image, "
                         "question, answer, category)")

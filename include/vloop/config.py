@@ -56,6 +56,13 @@ class Settings:
                                      4096 * 4096)
     rollout_schedule: str = _setting("VLOOP_ROLLOUT_SCHEDULE", "how often canary_rollout looks at a live "
                                      "canary (a cron expression or preset)", "@hourly")
+    retain_raw_days: int = _setting("VLOOP_RETAIN_RAW_DAYS", "days raw interactions, feedback and "
+                                    "unreferenced images are kept (privacy_maintenance deletes older)", 90)
+    retain_curated_days: int = _setting("VLOOP_RETAIN_CURATED_DAYS", "days curated, quarantine, labeling "
+                                        "and report partitions are kept", 180)
+    retain_labeled_days: int = _setting("VLOOP_RETAIN_LABELED_DAYS", "days finished annotations are kept", 730)
+    retain_datasets_days: int = _setting("VLOOP_RETAIN_DATASETS_DAYS", "days a dataset snapshot is kept "
+                                         "(one a serving adapter was trained on stays)", 365)
     simulation: bool = _setting("VLOOP_SIMULATION", "simulation mode (1/0): the demo's synthetic world may "
                                 "stand in for production data (a generated golden set, a simulated "
                                 "clock); never set it in production", False)

@@ -16,7 +16,7 @@ traffic".
 | :func:`mine_feedback` | curated | ``curated/dt=D/{mined,phrasings}.parquet`` |
 | :func:`score_confidence` | curated (+ the model: rows without logprobs, and grounding) | ``curated/dt=D/confidence.parquet`` |
 | :func:`check_images` | curated, ``raw/images`` | ``curated/dt=D/image_quality.parquet`` |
-| :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/opt_outs.json`` | ``labeling/dt=D/selected.parquet`` |
+| :func:`select_for_labelling` | all of the above, ``labeled/``, ``privacy/`` (opt-outs, tombstones) | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | Label Studio | ``labeled/dt=D/annotations.parquet`` |
 | :func:`report` | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/index.html`` |
@@ -262,7 +262,7 @@ def labelled_request_ids(lake: Lake, exclude: dt.date | None = None) -> set[str]
 
 
 def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
-    from vloop.privacy import read_opt_outs
+    from vloop.privacy import excluded_users
     from vloop.selection import select
 
     inter, _ = curated(lake, day, LIGHT_COLUMNS)
@@ -278,7 +278,7 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     else:  # no traffic today nor in the last HISTORY_DAYS days
         err = {}
     chosen = select(cands, mined, cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
-                    opted_out_users=read_opt_outs(lake), already_labelled=labelled_request_ids(lake, exclude=day),
+                    opted_out_users=excluded_users(lake), already_labelled=labelled_request_ids(lake, exclude=day),
                     category_error_rate=err)
     chosen = chosen.merge(mined[["request_id", "weak_label"]], on="request_id", how="left")
     chosen["selected_on"] = day.isoformat()

@@ -337,6 +337,28 @@ class LabelStudio:
                 first.setdefault(rid, t["id"])
         return dropped
 
+    def projects(self) -> list[dict]:
+        """Every project on the server."""
+        out, page = [], 1
+        while True:
+            res = self._call("GET", "/api/projects", params={"page": page, "page_size": 100})
+            items = res["results"] if isinstance(res, dict) else res
+            out.extend(items)
+            if not isinstance(res, dict) or not res.get("next"):
+                return out
+            page += 1
+
+    def delete_tasks_of(self, request_ids: set[str]) -> int:
+        """Delete, in every project, the tasks of ``request_ids`` with their annotations and
+        predictions (an erasure). Returns how many tasks went."""
+        n = 0
+        for p in self.projects():
+            for t in self.export(p["id"], all_tasks=True):
+                if t.get("data", {}).get("request_id") in request_ids:
+                    self._call("DELETE", f"/api/tasks/{t['id']}")
+                    n += 1
+        return n
+
     def finished_annotations(self, project: int) -> pd.DataFrame:
         """The latest submitted annotation of every annotated task, normalised (see
         :func:`normalise_annotations`)."""

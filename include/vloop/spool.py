@@ -285,6 +285,9 @@ class Shipper:
         self._thread = threading.Thread(target=self._loop, name="spool-shipper", daemon=True)
         self.failures = 0
         self._erased_requests: set[str] | None = None  # loaded on the first ship
+        self._tombstones: set[str] = set()
+        self._images_kept: set[str] = set()
+        self._images_erased: set[str] = set()
 
     def start(self) -> "Shipper":
         self._thread.start()
@@ -328,13 +331,24 @@ class Shipper:
     def ship_once(self) -> int:
         """Ship everything sealed now, then advance this spool's watermark. Returns how many
         records went to the lake."""
+        from vloop.privacy import read_tombstones
+
         started = dt.datetime.now(dt.timezone.utc)
         snapshots = {name: s.snapshot() for name, s in self.spool.streams.items()}
+        # Erased users (tombstones) are read on every pass with something to ship, so a record
+        # sealed after an erasure began never lands.
+        self._tombstones = read_tombstones(self.lake) if any(p for p, _ in snapshots.values()) else set()
+        if self._erased_requests is None:
+            f = self.spool.root / ERASED_REQUESTS
+            self._erased_requests = set(f.read_text().split()) if f.is_file() else set()
+        self._images_kept, self._images_erased = set(), set()
         # Images first: every record in the segments listed above has its image on disk by now.
+        uploaded = set()
         for key, path in self.spool.pending_images():
             if not self.lake.exists(key):
                 ctype = "image/jpeg" if key.endswith(".jpg") else "image/png"
                 self.lake.put_bytes(key, path.read_bytes(), ctype)
+                uploaded.add(key)
             path.unlink()
         shipped = 0
         for name, (paths, _) in snapshots.items():
@@ -342,6 +356,8 @@ class Shipper:
                 n = self._ship_segment(name, path)
                 shipped += n
                 self.on_shipped(name, n)
+        for key in (uploaded & self._images_erased) - self._images_kept:  # sent only by erased users
+            self.lake.delete(key)
         # Whatever was sealed is in the lake; the open segments hold records from their oldest on.
         oldest_open = [t for _, t in snapshots.values() if t is not None]
         through = min([started - RECORD_LAG] + [t for t in oldest_open])
@@ -360,6 +376,10 @@ class Shipper:
         records, bad = parse_segment(path)
         rows = []
         for r in records:
+            if self._erased(r, self._tombstones):
+                self._images_erased.add(r.get("image_key"))
+                continue
+            self._images_kept.add(r.get("image_key"))
             try:
                 row = schema.to_row(r)
                 row["ts"].date()  # a record without a usable time has no partition to go to
