@@ -11,6 +11,11 @@ the lake (zero loss).
     python bench/gateway_overhead.py           # 2,000 latency samples, 3 load levels x 10 s
     python bench/gateway_overhead.py --quick   # 300 samples, 2 levels x 4 s
 Goals: <= 1 ms added at p50; >= 1,000 logged requests/s on 2 cores.
+
+    python bench/gateway_overhead.py --upstream-vllm [--quick]
+
+replaces the stub with a real vLLM (``make vllm``) serving the tiny Qwen3-VL: the added latency
+is then measured against a real model server, and the load levels are bounded by vLLM itself.
 """
 
 from __future__ import annotations
@@ -79,11 +84,11 @@ def wait_up(port: int, path: str) -> None:
     raise RuntimeError(f"port {port} did not come up")
 
 
-def timed_requests(port: int, n: int) -> np.ndarray:
+def timed_requests(port: int, n: int, model: str = "vloop") -> np.ndarray:
     c = http.client.HTTPConnection("127.0.0.1", port)
     out = []
     for i in range(n):
-        body = BODY.replace(b"bench-user", f"u{i}".encode())
+        body = BODY.replace(b"bench-user", f"u{i}".encode()).replace(b'"vloop"', json.dumps(model).encode())
         t0 = time.perf_counter()
         c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         r = c.getresponse()
@@ -129,6 +134,7 @@ def load(port: int, clients: int, seconds: float) -> tuple[list[str], int, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--upstream-vllm", action="store_true", help="a real vLLM instead of the stub (make vllm)")
     args = ap.parse_args()
     n = 300 if args.quick else 2000
     levels, seconds = ((2, 4), 4) if args.quick else ((2, 4, 8), 10)
@@ -136,20 +142,31 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vloop-bench-"))
     stub_port, gw_port = free_port(), free_port()
     env = {**os.environ, "VLOOP_HOME": str(tmp), "VLOOP_USER_KEY_SECRET": "bench", "VLOOP_ADMIN_TOKEN": "bench"}
-    procs = [subprocess.Popen([sys.executable, "-c", STUB, str(stub_port)]),
-             subprocess.Popen([sys.executable, "-m", "serving", "--model", "stub", "--upstream",
-                               f"http://127.0.0.1:{stub_port}", "--lake", (tmp / "lake").as_uri(),
-                               "--port", str(gw_port), "--ship-interval", "0.5"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb"))]
+    procs, vllm, backend = [], None, "stub"
+    if args.upstream_vllm:
+        from serving.vllm import VllmServer, prepare_model_dir
+        from vloop.tiny import build_tiny_model
+
+        n = 100 if args.quick else 500  # a real model answers in tens of ms, not tens of µs
+        model = prepare_model_dir(build_tiny_model(tmp / "tiny"), tmp / "tiny-vllm")
+        vllm = VllmServer(model, stub_port, tmp / "vllm.log").start()
+        timed_requests(stub_port, 2, model="base")  # vLLM's first request warms it up (~20 s)
+        backend = "vllm"
+    else:
+        procs.append(subprocess.Popen([sys.executable, "-c", STUB, str(stub_port)]))
+    procs.append(subprocess.Popen([sys.executable, "-m", "serving", "--model", "stub", "--upstream",
+                                   f"http://127.0.0.1:{stub_port}", "--lake", (tmp / "lake").as_uri(),
+                                   "--port", str(gw_port), "--ship-interval", "0.5"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "gateway.log", "wb")))
     try:
         wait_up(stub_port, "/v1/models")
         wait_up(gw_port, "/healthz")
-        direct = timed_requests(stub_port, n)
+        direct = timed_requests(stub_port, n, model="base" if vllm else "vloop")
         via = timed_requests(gw_port, n)
         p = lambda a, q: float(np.percentile(a, q)) * 1000
         added50, added99 = p(via, 50) - p(direct, 50), p(via, 99) - p(direct, 99)
         print(f"latency, one request at a time ({len(direct)} each):")
-        print(f"  direct to stub   p50 {p(direct, 50):.2f} ms  p99 {p(direct, 99):.2f} ms")
+        print(f"  direct to {backend:<6} p50 {p(direct, 50):.2f} ms  p99 {p(direct, 99):.2f} ms")
         print(f"  through gateway  p50 {p(via, 50):.2f} ms  p99 {p(via, 99):.2f} ms")
         print(f"  added            p50 {added50:.2f} ms  p99 {added99:.2f} ms (goal <= 1 ms at p50)")
 
@@ -184,11 +201,13 @@ def main() -> None:
               f"duplicates {got.num_rows - len(ids)}")
         sustained = best if lost == 0 else 0.0
         print(f"RESULT added_p50_ms={added50:.3f} added_p99_ms={added99:.3f} sustained_logged_rps={sustained:.0f} "
-              f"lost={lost} direct_p50_ms={p(direct, 50):.3f} gateway_p50_ms={p(via, 50):.3f}")
+              f"lost={lost} direct_p50_ms={p(direct, 50):.3f} gateway_p50_ms={p(via, 50):.3f} backend={backend}")
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
+        if vllm is not None:
+            vllm.stop()
 
 
 if __name__ == "__main__":

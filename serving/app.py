@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import datetime as dt
 import hmac
 import io
@@ -84,6 +85,9 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
     return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
 
 
+UNLOGGED_MEMORY = 100_000  # request ids of unlogged answers remembered for their feedback
+
+
 class Gateway:
     """Owns the engine, routes, opt-outs, spool and shipper of one serving process."""
 
@@ -98,6 +102,8 @@ class Gateway:
         self.routes = RouteStore(cfg.state_dir / "routes.json")
         self.opt_out_path = cfg.state_dir / "opt_out.json"
         self.opted_out: set[str] = set(json.loads(self.opt_out_path.read_text())) if self.opt_out_path.is_file() else set()
+        self.opted_out_pending: set[str] = set()  # added here since the last sync with the lake
+        self.unlogged: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
         self.registry = None
         if self.lake is not None:
@@ -280,7 +286,26 @@ class Gateway:
             except Exception as e:  # the lake or an adapter is unavailable: keep serving, retry
                 self.metrics.inc("vloop_reconcile_failures_total", "failed reconciliations with the registry")
                 log.warning("reconciling with the registry failed: %s", e)
+            try:
+                await asyncio.to_thread(self.sync_opt_outs)
+            except Exception as e:
+                log.warning("reading the lake's opt-outs failed: %s", e)
             await asyncio.sleep(self.cfg.reconcile_interval_s)
+
+    def sync_opt_outs(self) -> None:
+        """The lake's opt-out list is the truth shared by every replica (`vloop privacy opt-out`,
+        another replica's /admin/opt-out): take it, so additions and removals reach this one."""
+        from vloop.privacy import read_opt_outs
+
+        if self.lake is not None:
+            self.opted_out = read_opt_outs(self.lake) | self.opted_out_pending
+            self.opted_out_pending.clear()
+
+    def remember_unlogged(self, request_id: str) -> None:
+        """A request answered but not logged (opted out): feedback about it is not logged either."""
+        self.unlogged[request_id] = None
+        while len(self.unlogged) > UNLOGGED_MEMORY:
+            self.unlogged.popitem(last=False)
 
     def loaded_adapters(self) -> set[str] | None:
         return set(self.local.adapters) if self.local else None
@@ -411,6 +436,7 @@ class Turn:
         elif status == "disconnected":
             m.inc("vloop_requests_disconnected_total", "streamed chat requests the client left midway", arm=self.arm)
         if self.opted_out:
+            gw.remember_unlogged(self.request_id)
             return conf
         q_clean, n_q = redact(self.question)
         a_clean, n_a = redact(text) if text is not None else (None, 0)
@@ -604,6 +630,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if key is None:
             raise ApiError(400, "need 'user': the user id to opt out")
         gw.opted_out.add(key)
+        gw.opted_out_pending.add(key)
         gw.opt_out_path.write_text(json.dumps(sorted(gw.opted_out)))
         if gw.lake is not None:  # the daily DAG and the dataset builder exclude these users
             from vloop.privacy import record_opt_out
@@ -655,7 +682,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             upstream_body = {**{k: v for k, v in body.items() if k not in GATEWAY_ONLY_FIELDS},
                              "messages": upstream_messages(body["messages"], stored),
                              "model": served_model, "logprobs": True,
-                             "top_logprobs": params["top_logprobs"] or None}
+                             "top_logprobs": params["top_logprobs"] or None,
+                             # The gateway's validated settings, so both backends decode alike
+                             # (vLLM would otherwise sample at the model's default temperature).
+                             "max_tokens": params["max_tokens"], "temperature": params["temperature"]}
+            upstream_body.pop("max_completion_tokens", None)
 
         if stream:
             if gw.local is not None:
@@ -711,18 +742,23 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         body = await read_json(request)
-        allowed = {"request_id", "type", "edited_text", "dwell_ms", "rating"}
+        allowed = {"request_id", "type", "edited_text", "dwell_ms", "rating", "user"}
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        # Feedback about a request that was not logged (its user opted out) is not logged either:
+        # known here when this replica answered it, or from the optional "user".
+        ukey = gw.user_key(body, request)
+        opted_out = (request.headers.get("x-vloop-opt-out") == "1" or body.get("request_id") in gw.unlogged
+                     or (ukey is not None and ukey in gw.opted_out))
         edited, n = redact(body.get("edited_text"))
-        event = {"event_id": uuid.uuid4().hex, "ts": gw.now(request), **body,
-                 "edited_text": edited}
+        event = {"event_id": uuid.uuid4().hex, "ts": gw.now(request),
+                 **{k: v for k, v in body.items() if k != "user"}, "edited_text": edited}
         try:
             row = FEEDBACK.to_row(event)
         except RecordError as e:
             raise ApiError(400, str(e)) from None
-        logged = request.headers.get("x-vloop-opt-out") != "1"
+        logged = not opted_out
         if logged:
             gw.spool.append("feedback", row)
         m.inc("vloop_feedback_total", "feedback events received", type=row["type"])

@@ -145,4 +145,4 @@ async def sse_stream(turn, events, model: str, want_logprobs: bool, include_usag
     finally:
         # Neither finished nor failed: the client went away (GeneratorExit or cancellation).
         if not turn.logged:
-            turn.log("disconnected", "".join(text) or None, lps)
+            turn.log("disconnected", "".join(text) or None, lps or None)

@@ -96,7 +96,7 @@ def test_chat_with_an_image_through_the_gateway(gateway, vllm):
 
     # vLLM itself, asked directly, answers the same (greedy): the gateway changed nothing.
     direct = openai_client(vllm.url).chat.completions.create(model="base", messages=msgs, max_tokens=16,
-                                                             logprobs=True)
+                                                             logprobs=True, temperature=0)
     assert direct.choices[0].message.content == answer
     assert [x.logprob for x in direct.choices[0].logprobs.content] == pytest.approx([x.logprob for x in lps], abs=1e-4)
 
@@ -240,7 +240,7 @@ def test_registry_canary_is_served_by_vllm_and_unloaded(gateway, vllm, colours_a
         if arm == "canary":
             assert r.model == ref
             direct = openai_client(vllm.url).chat.completions.create(
-                model=ref, max_tokens=8, messages=messages(data_url(s.image), s.question))
+                model=ref, max_tokens=8, temperature=0, messages=messages(data_url(s.image), s.question))
             assert r.choices[0].message.content == direct.choices[0].message.content
             canary_ids.append(r.id)
     assert set(arms.values()) == {"canary", "champion"}, arms
@@ -248,7 +248,8 @@ def test_registry_canary_is_served_by_vllm_and_unloaded(gateway, vllm, colours_a
     # The adapter really answers: it names the colours it was taught; the base never learned them.
     def answers(model):
         return [openai_client(vllm.url).chat.completions.create(
-            model=model, max_tokens=8, messages=messages(data_url(s.image), s.question)).choices[0].message.content
+            model=model, max_tokens=8, temperature=0,
+            messages=messages(data_url(s.image), s.question)).choices[0].message.content
             for s in yellow]
     taught = ("yellow", "黄色", "white", "白色")
     base_answers, adapter_answers = answers("base"), answers(ref)
