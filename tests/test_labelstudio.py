@@ -140,6 +140,9 @@ def test_wrong_verdict_with_the_model_answer_left_unchanged_is_not_trained_on(la
     assert (pulled["model_answer"] == "red").all()
     day = dt.date(2026, 11, 21)
     daily.put_frame(lake, daily.key(daily.LABELED, day, daily.LABELED_FILE), pulled)
+    # The labelled requests' users, where the dataset builder checks them against opt-outs.
+    daily.put_frame(lake, daily.key(daily.CURATED, pulled["selected_on"].iloc[0] or day, "interactions.parquet"),
+                    pd.DataFrame({"request_id": [r["request_id"] for r in rows], "user_key": "shopper-1"}))
     write_golden(lake)
     m = build_dataset(lake, DatasetConfig(replay_ratio=0, heldout_share=0), today=day)
     assert m["dropped"]["wrong verdict without a correction"] == 1 and m["examples"]["train"] == 1

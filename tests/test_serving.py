@@ -280,6 +280,12 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
         assert srv.post("/admin/opt-out", {"user": "dave"}, token=TOKEN).ok
         dave = srv.post("/v1/chat/completions", chat_body(s, user="dave")).json()
         assert dave["vloop"]["logged"] is False
+        # Feedback about unlogged answers is not logged either (the text could name the user).
+        for rid in (skipped.json()["id"], dave["id"]):
+            r = srv.post("/v1/feedback", {"request_id": rid, "type": "edit", "edited_text": "I am carol, it's blue"})
+            assert r.status_code == 202 and r.json()["logged"] is False
+        r = srv.post("/v1/feedback", {"request_id": "answered-elsewhere", "type": "accept", "user": "dave"})
+        assert r.json()["logged"] is False  # an opted-out user named in the feedback
 
         # Bad requests: clear 4xx, nothing logged.
         assert srv.post("/v1/chat/completions", data=b"{oops", headers={"Content-Type": "application/json"}).status_code == 400
@@ -308,6 +314,7 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
     inter = lake_table(lake, "raw/interactions", INTERACTION.arrow).to_pylist()
     fb = lake_table(lake, "raw/feedback", FEEDBACK.arrow).to_pylist()
     assert [x["request_id"] for x in inter] == [logged["id"]]  # opted-out requests are not there
+    assert {e["request_id"] for e in fb} == {logged["id"], "from-another-replica"}
     from vloop.privacy import read_opt_outs
 
     assert len(read_opt_outs(lake)) == 1  # dave's key, for the daily DAG and the dataset builder
