@@ -154,3 +154,9 @@ def test_report_grounding_auroc_and_wording_against_edits():
     assert s.loc["champion", "bleu_vs_edits"] == pytest.approx(0.5)  # one identical, one disjoint
     assert np.isnan(s.loc["canary", "bleu_vs_edits"]) and s.loc["canary", "edits"] == 0
     assert len(signal_quality(None, {}, edits.iloc[:0])) == 0
+    # Per-item scores average to what the evaluation reports.
+    from vloop.evaluation import scores, sentence_bleu_rouge
+
+    p, r = ["red shoes", "可能是红色", "a b c d"], ["red shoes", "蓝色", "a b c e"]
+    bleu, rouge = sentence_bleu_rouge(p, r)
+    assert np.mean(bleu) == pytest.approx(scores(p, r)["bleu"]) and np.mean(rouge) == pytest.approx(scores(p, r)["rouge_l"])

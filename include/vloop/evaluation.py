@@ -89,6 +89,23 @@ def scores(preds: Sequence[str], refs: Sequence[str]) -> dict:
     }
 
 
+def sentence_bleu_rouge(preds: Sequence[str], refs: Sequence[str]) -> tuple[list[float], list[float]]:
+    """Per item, the sentence BLEU (0-1) and ROUGE-L F1 that :func:`scores` averages; each
+    distinct (prediction, reference) pair is scored once (a day's edits repeat a lot)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+    bleu = sacrebleu.metrics.BLEU(tokenize="zh", effective_order=True)
+    memo: dict = {}
+    for pair in zip(preds, refs):
+        if pair not in memo:
+            p, r = pair
+            memo[pair] = (bleu.sentence_score(p, [r]).score / 100, scorer.score(r, p)["rougeL"].fmeasure)
+    out = [memo[pair] for pair in zip(preds, refs)]
+    return [b for b, _ in out], [r for _, r in out]
+
+
 def breakdown(df: pd.DataFrame) -> dict:
     """``df``: prediction, answer, category, intent → overall and per-group scores."""
     out = {"overall": scores(df["prediction"].tolist(), df["answer"].tolist())}

@@ -427,8 +427,9 @@ def signal_quality(labels: pd.DataFrame | None, grounding: dict, edits: pd.DataF
       (:mod:`vloop.grounding`, ``grounding``: request_id -> score) and, beside it, of confidence,
       for telling right from wrong (0.5 is chance);
     * on the answers users edited, BLEU and ROUGE-L of the answer against the user's edit
-      (:func:`vloop.evaluation.scores`): how far the model's wording was from what users wanted."""
-    from vloop.evaluation import scores
+      (as :func:`vloop.evaluation.scores` computes them): how far the model's wording was from
+      what users wanted."""
+    from vloop.evaluation import sentence_bleu_rouge
     from vloop.model import auroc
 
     judged = labels[labels["verdict"].isin(["correct", "wrong"])] if labels is not None and len(labels) else None
@@ -438,16 +439,20 @@ def signal_quality(labels: pd.DataFrame | None, grounding: dict, edits: pd.DataF
     judged = judged.assign(grounding=judged["request_id"].map(grounding).astype("float64"),
                            right=judged["verdict"] == "correct")
     edits = edits[edits["correction"].fillna("").astype("str").str.strip().ne("")] if len(edits) else edits
+    if len(edits):  # each edit scored once, then averaged per arm
+        bleu, rouge = sentence_bleu_rouge(edits["answer"].fillna("").astype("str").tolist(),
+                                          edits["correction"].astype("str").tolist())
+        edits = edits.assign(bleu=bleu, rouge_l=rouge)
     arms = sorted(set(judged["arm"].dropna()) | set(edits["arm"].dropna() if len(edits) else []))
     rows = []
     for arm in ["all"] + arms:
         j = judged if arm == "all" else judged[judged["arm"] == arm]
         e = edits if arm == "all" or not len(edits) else edits[edits["arm"] == arm]
         g, c = j.dropna(subset=["grounding"]), j.dropna(subset=["confidence"])
-        sc = scores(e["answer"].fillna("").tolist(), e["correction"].tolist()) if len(e) else {}
         rows.append({"arm": arm, "judged": len(j), "grounding_auroc": auroc(g["grounding"], g["right"]),
                      "confidence_auroc": auroc(pd.to_numeric(c["confidence"]), c["right"]), "edits": len(e),
-                     "bleu_vs_edits": sc.get("bleu", float("nan")), "rouge_l_vs_edits": sc.get("rouge_l", float("nan"))})
+                     "bleu_vs_edits": e["bleu"].mean() if len(e) else float("nan"),
+                     "rouge_l_vs_edits": e["rouge_l"].mean() if len(e) else float("nan")})
     if not len(judged) and not len(edits):
         rows = []
     return pd.DataFrame(rows, columns=list(SIGNAL_TYPES)).astype(SIGNAL_TYPES)
