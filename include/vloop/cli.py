@@ -220,6 +220,23 @@ def _cmd_cold_start(args) -> int:
     return 0
 
 
+def _cmd_decoding(args) -> int:
+    from vloop import decoding
+    from vloop.lake import open_lake
+
+    lake = open_lake(args.url) if args.url else open_lake()
+    if args.decoding_command == "ban":
+        p = decoding.ban(lake, args.phrases, actor=args.actor, reason=args.reason)
+    elif args.decoding_command == "unban":
+        p = decoding.unban(lake, args.phrases, actor=args.actor, reason=args.reason)
+    else:
+        p = decoding.current(lake)
+    print(f"decoding policy version {p.version}" + (f" ({p.at}, {p.actor}: {p.reason})" if p.version else ""))
+    print("banned: " + (", ".join(p.banned) or "nothing"))
+    print("exceptions (allowed although they contain a banned phrase): " + (", ".join(p.exceptions) or "none"))
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from serving.cli import serve
 
@@ -309,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     pe.set_defaults(fn=_cmd_privacy_erase)
     po.set_defaults(fn=_cmd_privacy_opt_out)
     psub.add_parser("audit", help="every privacy action: who, when, what, how much").set_defaults(fn=_cmd_privacy_audit)
+
+    dc = sub.add_parser("decoding", help="the banned-phrase policy serving applies (hedges such as 可能, maybe)")
+    dsub = dc.add_subparsers(dest="decoding_command", metavar="ACTION", required=True)
+    db = dsub.add_parser("ban", help="add phrases (candidates: the daily report's phrases users delete)")
+    du = dsub.add_parser("unban", help="remove phrases")
+    dl = dsub.add_parser("list", help="the policy in force")
+    for q in (db, du):
+        q.add_argument("phrases", nargs="+")
+        q.add_argument("--reason", required=True, help="why (kept in the policy's history)")
+        q.add_argument("--actor", default="cli", help="who acts (kept in the history)")
+    for q in (db, du, dl):
+        q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+        q.set_defaults(fn=_cmd_decoding)
 
     cs = sub.add_parser("cold-start", help="the first adapter from an expert seed set (JSONL or CSV: image, "
                         "question, answer, category)")

@@ -270,11 +270,14 @@ def to_device(batch, lm: LoadedModel):
 
 
 def generate(lm: LoadedModel, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 16,
-             top_logprobs: int = 0, temperature: float = 0.0) -> list[Generation]:
-    """Answer each (image, question). Greedy unless ``temperature`` > 0.
+             top_logprobs: int = 0, temperature: float = 0.0, bad_words: Sequence[str] = (),
+             exceptions: Sequence[str] | None = None) -> list[Generation]:
+    """Answer each (image, question). Greedy unless ``temperature`` > 0. ``bad_words``: phrases
+    the answers must not contain, in any tokenisation (:class:`vloop.decoding.BannedPhrases`;
+    ``exceptions``: longer words that stay allowed, by default 不可能).
 
     Log-probabilities come from ``output_logits`` (raw logits), so they describe the model, not
-    the sampling settings.
+    the sampling settings (nor the banned phrases).
     """
     import torch
 
@@ -287,6 +290,13 @@ def generate(lm: LoadedModel, images: Sequence, questions: Sequence[str], *, max
         gen_kwargs.update(do_sample=True, temperature=temperature)
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if bad_words:
+        from transformers import LogitsProcessorList
+
+        from vloop.decoding import DEFAULT_EXCEPTIONS, BannedPhrases
+
+        ban = BannedPhrases.for_tokenizer(tok, bad_words, DEFAULT_EXCEPTIONS if exceptions is None else exceptions)
+        gen_kwargs["logits_processor"] = LogitsProcessorList([ban.at(inputs["input_ids"].shape[1])])
     with torch.inference_mode():
         out = lm.model.generate(**inputs, **gen_kwargs)
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
