@@ -28,6 +28,8 @@ def free_port() -> int:
 
 
 S3_KEYS = {"access_key": "test-access", "secret_key": "test-secret"}
+# The read-only identity Label Studio gets (the server refuses it any write or delete).
+S3_READ_ONLY_KEYS = ("test-reader", "test-reader-secret")
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +40,8 @@ def s3_server(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("seaweedfs")
     try:
-        server = start_seaweedfs(base / "data", **S3_KEYS, log_path=base / "weed.log")
+        server = start_seaweedfs(base / "data", **S3_KEYS, log_path=base / "weed.log",
+                                 read_only_keys=S3_READ_ONLY_KEYS)
     except S3ServerError as e:
         pytest.fail(str(e))
     try:

@@ -78,8 +78,12 @@ def ls_client(label_studio):
         yield ls
 
 
-def test_erase_a_user_everywhere(lake, ls_client, tmp_path):
+def test_erase_a_user_everywhere(lake, ls_client, tmp_path, monkeypatch):
+    from tests.conftest import S3_READ_ONLY_KEYS
+
     ls = ls_client
+    monkeypatch.setenv("VLOOP_LABEL_STUDIO_S3_ACCESS_KEY", S3_READ_ONLY_KEYS[0])  # Label Studio reads only
+    monkeypatch.setenv("VLOOP_LABEL_STUDIO_S3_SECRET_KEY", S3_READ_ONLY_KEYS[1])
     title = f"erasure test {lake.__class__.__name__}"
     for day in (D1, D2):
         simulated_day(lake, day, 300, seed=SEED)

@@ -9,7 +9,8 @@ import pytest
 
 from vloop.labelstudio import (LABEL_CONFIG, LabelStudio, LabelStudioError, image_reference,
                                normalise_annotations, task_payload)
-from vloop.lake import LocalLake
+from tests.conftest import S3_READ_ONLY_KEYS
+from vloop.lake import LakeError, LocalLake, S3Lake
 from vloop.synth import World
 
 
@@ -97,7 +98,7 @@ def test_project_storage_import_without_duplicates_and_pull(label_studio):
         assert pd.notna(got.loc["req-0", "updated_at"])
 
 
-def test_s3_lake_images_reach_the_annotator_presigned(label_studio, s3_lake):
+def test_s3_lake_images_reach_the_annotator_presigned(label_studio, s3_lake, s3_endpoint):
     """MinIO/S3 lake: an S3 import storage (endpoint from Label Studio's own S3_ENDPOINT, since its
     SSRF guard refuses a user-supplied loopback/private endpoint); the task's s3:// reference
     resolves to a presigned URL that serves the lake's bytes."""
@@ -105,7 +106,17 @@ def test_s3_lake_images_reach_the_annotator_presigned(label_studio, s3_lake):
     row = interaction(0, s3_lake)
     with LabelStudio(url, token) as ls:
         pid = ls.ensure_project(f"s3 {s3_lake.bucket}")
-        storage = ls.ensure_storage(pid, s3_lake)
+        # Label Studio is never given the lake's read-write keys; it gets a read-only identity,
+        # which the S3 server refuses any write.
+        with pytest.raises(LabelStudioError, match="read-only"):
+            ls.ensure_storage(pid, s3_lake, read_only_keys=(s3_lake.access_key, s3_lake.secret_key))
+        reader = S3Lake(s3_lake.bucket, "lake", endpoint=s3_endpoint, access_key=S3_READ_ONLY_KEYS[0],
+                        secret_key=S3_READ_ONLY_KEYS[1], max_image_bytes=2**20, max_image_pixels=2**20)
+        assert reader.get_bytes(row["image_key"]) == s3_lake.get_bytes(row["image_key"])
+        with pytest.raises(LakeError):
+            reader.put_bytes("raw/images/forged.png", b"x")
+        storage = ls.ensure_storage(pid, s3_lake, read_only_keys=S3_READ_ONLY_KEYS)
+        # (Label Studio does not echo keys back; the presigned fetch below works with the reader's.)
         assert storage["type"] == "s3" and storage["bucket"] == s3_lake.bucket and storage["presign"]
         ls.import_tasks(pid, [task_payload(row, image_reference(s3_lake, row["image_key"]), "base")])
         task = ls.export(pid, all_tasks=True)[0]

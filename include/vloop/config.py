@@ -37,6 +37,11 @@ class Settings:
     s3_access_key: str | None = _setting("VLOOP_S3_ACCESS_KEY", "S3/MinIO access key", secret=True)
     s3_secret_key: str | None = _setting("VLOOP_S3_SECRET_KEY", "S3/MinIO secret key", secret=True)
     s3_region: str = _setting("VLOOP_S3_REGION", "S3 region (MinIO ignores it)", "us-east-1")
+    label_studio_s3_access_key: str | None = _setting(
+        "VLOOP_LABEL_STUDIO_S3_ACCESS_KEY", "read-only S3 access key Label Studio's storage connection "
+        "gets (it only reads and presigns photos); never the lake's read-write keys", secret=True)
+    label_studio_s3_secret_key: str | None = _setting("VLOOP_LABEL_STUDIO_S3_SECRET_KEY", "its secret key",
+                                                      secret=True)
     lake_public_url: str | None = _setting("VLOOP_LAKE_PUBLIC_URL", "for a local lake: base URL under "
                                            "which a browser can fetch lake keys (e.g. Label Studio "
                                            "local-files serving); unset gives file:// URLs")

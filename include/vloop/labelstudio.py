@@ -247,18 +247,37 @@ class LabelStudio:
         return int(p["id"])
 
     def ensure_storage(self, project: int, lake: Lake, document_root: str | None = None,
-                       s3_endpoint: str | None = None) -> dict | None:
+                       s3_endpoint: str | None = None, read_only_keys: tuple[str, str] | None = None
+                       ) -> dict | None:
         """Register the lake as an import storage of ``project`` (once), so task image references
         resolve in the annotator's browser.
 
         On S3/MinIO the endpoint is left out of the storage by default: Label Studio refuses a
         user-supplied endpoint on a private or loopback address (its SSRF guard), but trusts the
         one its operator sets in its own environment, ``S3_ENDPOINT`` — set that to the MinIO URL
-        where Label Studio runs. Pass ``s3_endpoint`` only for a public endpoint."""
+        where Label Studio runs. Pass ``s3_endpoint`` only for a public endpoint.
+
+        Label Studio only reads (and presigns) photos, so it gets read-only keys:
+        ``read_only_keys`` or ``VLOOP_LABEL_STUDIO_S3_ACCESS_KEY`` / ``_SECRET_KEY``; the lake's
+        read-write keys are refused (a Label Studio user with project admin rights can read a
+        storage's keys back)."""
         if isinstance(lake, S3Lake):
+            if read_only_keys is None:
+                from vloop.config import load_settings
+
+                s = load_settings()
+                read_only_keys = (s.label_studio_s3_access_key, s.label_studio_s3_secret_key)
+            if not all(read_only_keys or ()):
+                raise LabelStudioError(
+                    "Label Studio needs read-only S3 keys for the lake's bucket: set VLOOP_LABEL_STUDIO_S3_ACCESS_KEY "
+                    "and VLOOP_LABEL_STUDIO_S3_SECRET_KEY (on MinIO: a user with the readonly policy; `make up` "
+                    "creates one on its SeaweedFS); the lake's read-write keys are never handed to it")
+            if read_only_keys[0] == lake.access_key:
+                raise LabelStudioError("VLOOP_LABEL_STUDIO_S3_ACCESS_KEY is the lake's own (read-write) key; "
+                                       "give Label Studio a read-only identity")
             kind, body = "s3", {
                 "bucket": lake.bucket, "prefix": lake.prefix.rstrip("/"),
-                "aws_access_key_id": lake.access_key, "aws_secret_access_key": lake.secret_key,
+                "aws_access_key_id": read_only_keys[0], "aws_secret_access_key": read_only_keys[1],
                 "region_name": lake.region, "presign": True, "use_blob_urls": False,
                 "title": "vloop lake", **({"s3_endpoint": s3_endpoint} if s3_endpoint else {})}
         elif isinstance(lake, LocalLake) and document_root:

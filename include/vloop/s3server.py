@@ -16,6 +16,7 @@ which the registry's serving-state log relies on (``tests/test_lake.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -81,7 +82,8 @@ class SeaweedFS:
 
 def start_seaweedfs(data_dir: str | os.PathLike, *, access_key: str, secret_key: str,
                     buckets: tuple[str, ...] = (), s3_port: int | None = None,
-                    log_path: str | os.PathLike | None = None, timeout: float = 90) -> SeaweedFS:
+                    log_path: str | os.PathLike | None = None, timeout: float = 90,
+                    read_only_keys: tuple[str, str] | None = None) -> SeaweedFS:
     """Start ``weed mini`` on 127.0.0.1 with its data under ``data_dir``; returns when S3 answers.
 
     ``buckets`` are created at start (more can be created through the S3 API). ``s3_port`` fixes
@@ -99,6 +101,17 @@ def start_seaweedfs(data_dir: str | os.PathLike, *, access_key: str, secret_key:
         args.append("-bucket=" + ",".join(buckets))
     # weed mini takes the identity of its S3 gateway from these two variables.
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    if read_only_keys:
+        # A second identity that may only read and list (what Label Studio gets): both identities
+        # then come from an S3 config file.
+        config = data_dir.parent / f"{data_dir.name}-s3.json"
+        config.write_text(json.dumps({"identities": [
+            {"name": "vloop", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+             "actions": ["Admin", "Read", "List", "Write", "Tagging"]},
+            {"name": "read-only", "credentials": [{"accessKey": read_only_keys[0], "secretKey": read_only_keys[1]}],
+             "actions": ["Read", "List"]}]}))
+        config.chmod(0o600)
+        args.append(f"-s3.config={config}")
     log_path = Path(log_path) if log_path else data_dir.parent / "weed.log"
     with open(log_path, "ab") as log:
         # Its own session: a Ctrl-C aimed at the test run or the shell does not reach it; stop() does.
@@ -138,7 +151,8 @@ def _wait_ready(server: SeaweedFS, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vloop.s3server --dir D --bucket B [--port N]``: run in the foreground (for
-    ``bin/stack``), credentials from ``VLOOP_S3_ACCESS_KEY`` / ``VLOOP_S3_SECRET_KEY``; prints the
+    ``bin/stack``), credentials from ``VLOOP_S3_ACCESS_KEY`` / ``VLOOP_S3_SECRET_KEY`` (and a read-only
+    identity for Label Studio from ``VLOOP_LABEL_STUDIO_S3_ACCESS_KEY`` / ``_SECRET_KEY``); prints the
     endpoint once it serves, stops the server on SIGTERM/SIGINT."""
     import argparse
 
@@ -152,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         print(f"set {e.args[0]}", file=sys.stderr)
         return 2
+    ro = os.environ.get("VLOOP_LABEL_STUDIO_S3_ACCESS_KEY"), os.environ.get("VLOOP_LABEL_STUDIO_S3_SECRET_KEY")
     server = start_seaweedfs(a.dir, access_key=keys[0], secret_key=keys[1], buckets=tuple(a.bucket),
-                             s3_port=a.port)
+                             s3_port=a.port, read_only_keys=ro if all(ro) else None)
     print(server.endpoint, flush=True)
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
