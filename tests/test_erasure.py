@@ -298,3 +298,27 @@ def test_queue_request_is_idempotent(local_lake):
     assert pending_erasures(local_lake) == ["u1"]
     shutil.rmtree(local_lake.root / "privacy" / "erasure_requests")
     assert pending_erasures(local_lake) == []
+
+
+def test_privacy_maintenance_dag(airflow_db, local_lake, monkeypatch):
+    """The DAG (dag.test()) erases the queued user, then applies retention; both are audited.
+    No Label Studio connection here: the lake is still erased."""
+    from tests.conftest import load_dag
+
+    lake = local_lake
+    monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic", "extra": {"lake_url": lake.url}}))
+    monkeypatch.delenv("AIRFLOW_CONN_VLOOP_LABEL_STUDIO", raising=False)
+    old_day, today = dt.date(2026, 6, 1), dt.date.today()
+    simulated_day(lake, old_day, 40, seed=SEED, pool=5)
+    simulated_day(lake, today, 40, seed=SEED, pool=5)
+    victim = lake.read_partitions("raw/interactions", today, today).to_pandas()["user_key"].iloc[0]
+    request_erasure(lake, victim, actor="app backend")
+
+    dr = load_dag("privacy_maintenance").test()
+    assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"erase": "success", "retention": "success"}
+    assert pending_erasures(lake) == [] and victim in read_tombstones(lake)
+    left = lake.read_partitions("raw/interactions", today, today).to_pandas()
+    assert len(left) and victim not in set(left["user_key"])
+    assert not lake.list(f"raw/interactions/dt={old_day}/")  # older than VLOOP_RETAIN_RAW_DAYS (90)
+    actions = [a["action"] for a in audit_log(lake)]
+    assert actions[-3:] == ["erasure requested", "erase", "retention"]
