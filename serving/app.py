@@ -34,7 +34,8 @@ from PIL import Image
 
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
 from serving.metrics import Metrics
-from serving.streaming import SSEResponse, local_stream_events, logprob_entry, sse_stream, upstream_stream_events
+from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_stream_events, logprob_entry,
+                               sse_stream, upstream_stream_events)
 from serving.routing import Routes, RouteStore
 from vloop.config import Settings
 from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image
@@ -717,6 +718,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 choice = resp["choices"][0]
                 text = choice["message"]["content"] or ""
                 content = (choice.get("logprobs") or {}).get("content") or []
+                if finish_ends_with_stop_token(choice.get("finish_reason"), text, content and content[-1]["token"]):
+                    content = content[:-1]
                 tokens = [c["token"] for c in content]
                 lps = [c["logprob"] for c in content]
                 tops = [[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []] for c in content]

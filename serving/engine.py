@@ -167,7 +167,8 @@ class LocalEngine:
                 for r, g in zip(reqs, gens):
                     r.future.set_result(GenResult(
                         g.text, g.tokens, g.token_ids, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
-                        prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids),
+                        # Generated tokens, the closing stop token included (as vLLM counts).
+                        prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids) + (g.finish_reason == "stop"),
                         finish_reason=g.finish_reason))
             except Exception as e:
                 for r in reqs:

@@ -41,6 +41,13 @@ class Finish:
     usage: dict  # prompt_tokens, completion_tokens
 
 
+def finish_ends_with_stop_token(finish_reason: str | None, text: str, last_token: str | None) -> bool:
+    """Whether the last logprob entry is the closing stop token (vLLM reports ``<|im_end|>``'s
+    logprob; its text is not in the answer). The gateway leaves it out, as the local engine does,
+    so token_logprobs and confidence mean the same on both backends: the answer's own tokens."""
+    return finish_reason == "stop" and bool(last_token) and not text.endswith(last_token)
+
+
 def logprob_entry(token: str, logprob: float, top) -> dict:
     """One position of an OpenAI ``logprobs.content`` list."""
     return {"token": token, "logprob": logprob, "bytes": list(token.encode()),
@@ -74,7 +81,7 @@ async def local_stream_events(engine, fut):
 
 async def upstream_stream_events(engine, resp):
     """Events of an upstream stream opened with ``UpstreamEngine.open_stream``; closes it."""
-    finish, usage, n_tokens = None, None, 0
+    finish, usage, n_tokens, sent = None, None, 0, ""
     try:
         async for event in engine.events(resp):
             if event.get("usage"):
@@ -86,6 +93,9 @@ async def upstream_stream_events(engine, resp):
                 lps = [(c["token"], c["logprob"], [(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
                        for c in content]
                 text = (choice.get("delta") or {}).get("content") or ""
+                sent += text
+                if lps and finish_ends_with_stop_token(choice.get("finish_reason"), sent, lps[-1][0]):
+                    lps = lps[:-1]
                 n_tokens += len(lps)
                 if text or lps:
                     yield Delta(text, lps)

@@ -76,7 +76,8 @@ def test_stream_matches_the_plain_answer_and_is_logged_once(gateway):
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
     assert all(ch.usage is None for ch in chunks[:-1])
     assert usage_chunk.usage.model_dump() == plain.usage.model_dump()
-    assert usage_chunk.usage.completion_tokens == len(streamed_lps)
+    # The closing stop token counts as generated, but has no logprob entry (it is not in the text).
+    assert usage_chunk.usage.completion_tokens == len(streamed_lps) + (finals[0].choices[0].finish_reason == "stop")
 
     # Without include_usage no usage chunk; without logprobs none in the chunks.
     bare = list(c.chat.completions.create(model="vloop", user="ann", messages=messages(s), max_tokens=16,
