@@ -16,11 +16,14 @@ its full-width punctuation). Numbers may carry single spaces, dashes or dots bet
 What counts as what (and why):
 * ID numbers: 18 characters (17 digits + digit/X) or 15 digits whose region starts 1-9 and whose
   birth date is a real date. The checksum is *not* required: a mistyped ID is still personal data.
-* Bank cards: 13-19 digits that pass the Luhn check, or that follow a card word (卡号, card, …)
-  whatever their checksum.
-* Near an order word (订单, order, 物流, tracking, …) a long number is read as an order or parcel
-  number and left alone unless it is a phone number: order numbers are what support chats are
-  full of, and they identify an order, not a person.
+* Bank cards: 14-19 digits starting 3-6 (the card networks' prefixes) that pass the Luhn check,
+  or 13-19 digits after a card word (卡号, card, …) whatever their checksum; barcodes (13 digits)
+  and big round quantities are not cards.
+* Near an order word (订单, 编号, order, tracking, …) a long number is read as an order or parcel
+  number and left alone unless it is a phone number or an ID or card word is there too (订单收件人
+  身份证…): order numbers are what support chats are full of, and identify an order, not a person.
+* Numbers may follow letters ("tel13800138000") and spaces; digit groups may be split by one or two
+  spaces, dashes, dots, tildes or middle dots.
 """
 
 from __future__ import annotations
@@ -33,9 +36,16 @@ import unicodedata
 
 PLACEHOLDERS = {"email": "[EMAIL]", "cn_id": "[CN_ID]", "bank_card": "[BANK_CARD]", "phone": "[PHONE]"}
 
-_SEP = r"[ \-.\u2010\u2011\u2012\u2013\u2014]"  # what people put between digit groups (after NFKC)
-_L = r"(?<![0-9A-Za-z])(?<!\d[ \-.])"  # not inside a longer number or word, grouped or not
-_R = r"(?![0-9A-Za-z])"
+# Between digit groups people type spaces (one or two), dashes of every kind, dots, tildes and
+# middle dots (after NFKC: full-width forms are already ASCII here).
+_SEP = r"(?:\s{0,2}[\-.~·・\u2010-\u2015\u2212]\s{0,2}|\s{1,2})"
+# A number starts where no digit (nor a digit and a dash or dot) comes before it: letters may
+# ("tel13800138000", "ID11010519...") and so may a space ("房间1203 13800138000").
+_NUM_L = r"(?<!\d)(?<!\d[\-.~·・\u2010-\u2015\u2212])"
+_NUM_R = r"(?!\d)"
+# Cards are stricter: not glued to letters (parcel codes such as SF1234567890123).
+_CARD_L = r"(?<![0-9A-Za-z])(?<!\d[ \-.])"
+_CARD_R = r"(?![0-9A-Za-z])"
 
 
 def _digits(n: int) -> str:
@@ -43,27 +53,33 @@ def _digits(n: int) -> str:
     return rf"\d(?:{_SEP}?\d){{{n - 1}}}"
 
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+\s?(?:@|\(at\)|\[at\])\s?[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
-_ID18 = re.compile(_L + rf"\d(?:{_SEP}?\d){{16}}{_SEP}?[\dXx]" + _R)
-_ID15 = re.compile(_L + _digits(15) + _R)
-_CARD = re.compile(_L + rf"\d(?:{_SEP}?\d){{12,18}}" + _R)
-# +86 / 0086 / (+86), then 1[3-9] and nine more digits.
-_CC86 = rf"(?:\(?(?:\+|00)\s?86\)?{_SEP}?\s?)"
-_CN_MOBILE = re.compile(_L.replace("(?<![0-9A-Za-z])", "(?<![0-9A-Za-z+])") + rf"{_CC86}?1[3-9]\d(?:{_SEP}?\d){{8}}" + _R)
-# Landlines: area code 0 + 2-3 digits (or without the 0 after +86), then a 7-8 digit number,
-# optionally an extension (转 / ext / -).
+# Bounded parts keep matching linear in the text's length (an unbounded local part made a long
+# run of letters quadratic).
+_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]{1,64}\s?(?:@|\(at\)|\[at\])\s?[A-Za-z0-9\-]{1,63}"
+                    r"(?:\s?[.。]\s?[A-Za-z0-9\-]{1,63}){0,4}\s?[.。]\s?[A-Za-z]{2,24}(?![A-Za-z])")
+_ID18 = re.compile(_NUM_L + rf"\d(?:{_SEP}?\d){{16}}{_SEP}?[\dXx]" + r"(?![\dXx])")
+_ID15 = re.compile(_NUM_L + _digits(15) + _NUM_R)
+_CARD = re.compile(_CARD_L + rf"\d(?:{_SEP}?\d){{12,18}}" + _CARD_R)
+# +86 / 0086 / (+86) / a bare 86, then 1[3-9] and nine more digits.
+_CC86 = rf"(?:\(?(?:\+|00)?\s?86\)?{_SEP}?)"
+_CN_MOBILE = re.compile(_NUM_L + rf"{_CC86}?1[3-9]\d(?:{_SEP}?\d){{8}}" + _NUM_R)
+# Landlines: area code 0 + 2-3 digits (or, after +86 and an optional "(0)", without the 0), then a
+# 7-8 digit number, optionally an extension (转 / ext / -).
 _EXT = r"(?:\s?(?:转|分机|ext\.?|x|-)\s?\d{1,5})?"
-_LANDLINE = re.compile(
-    rf"(?:{_CC86}\(?[1-9]\d{{1,2}}\)?|{_L}\(?0[1-9]\d{{1,2}}\)?)\s?{_SEP}?\s?\d{{3,4}}{_SEP}?\d{{4}}{_EXT}" + _R)
-_HOTLINE = re.compile(_L + rf"[48]00{_SEP}?\d{{3}}{_SEP}?\d{{4}}" + _R)
+_LANDLINE = re.compile(_NUM_L + rf"(?:{_CC86}(?:\(0\))?\s?\(?[1-9]\d{{1,2}}\)?|\(?0[1-9]\d{{1,2}}\)?)"
+                       rf"(?:{_SEP})?\d(?:{_SEP}?\d){{6,7}}{_EXT}" + _NUM_R)
+_HOTLINE = re.compile(_NUM_L + rf"[48]00(?:{_SEP}?\d){{7}}" + _NUM_R)  # 400/800, any grouping
 _INTL = re.compile(r"(?<![\w+])(?:"
                    r"\+\d{1,3}[ \-.]?\(?\d{1,4}\)?(?:[ \-.]?\d{2,4}){2,4}"  # +country ...
                    r"|\(\d{2,4}\)[ \-.]?\d{3,4}[ \-.]?\d{3,4}"  # (area) 555-0132
                    r"|\d{3}[ \-.]\d{3,4}[ \-.]\d{4}"  # 415-555-0132
                    r")(?!\d)")
 
-_ORDER_WORDS = ("订单", "单号", "运单", "快递", "物流", "发票", "order", "tracking", "parcel", "invoice", "sku")
+_ORDER_WORDS = ("订单", "单号", "运单", "快递单", "物流", "发票号", "编号", "交易号", "流水号", "条码", "条形码",
+                "order", "tracking", "parcel", "invoice", "sku", "barcode")
 _CARD_WORDS = ("卡号", "银行卡", "信用卡", "储蓄卡", "借记卡", "卡", "card", "account", "acct")
+_ID_WORDS = ("身份证", "证件", "实名", "护照", "id")
+_CARD_PREFIXES = "3456"  # Amex/JCB/Diners 3, Visa 4, Mastercard 5, UnionPay/Discover 6
 _CONTEXT = 14  # characters before a number that decide what it is
 
 
@@ -142,8 +158,16 @@ def redact(text: str | None) -> tuple[str | None, int]:
         return lower[max(0, a - _CONTEXT):a]
 
     def order_context(a: int) -> bool:
+        """An order word before the number, and no word saying it is an ID or a card."""
         ctx = before(a)
-        return any(w in ctx for w in _ORDER_WORDS) and not any(w in ctx for w in _CARD_WORDS[:2])
+        return any(w in ctx for w in _ORDER_WORDS) and not any(w in ctx for w in _ID_WORDS + _CARD_WORDS)
+
+    def card(m, d: str) -> bool:
+        if order_context(m.start()) or _id_like(d) or _CN_MOBILE.fullmatch(m.group(0)):
+            return False
+        if any(w in before(m.start()) for w in _CARD_WORDS):
+            return True  # said to be a card: whatever its checksum
+        return d[0] in _CARD_PREFIXES and len(d) >= 14 and _luhn(d)
 
     def claim(pattern, kind, check=lambda m, digits: True):
         for m in pattern.finditer(norm):
@@ -153,15 +177,16 @@ def redact(text: str | None) -> tuple[str | None, int]:
                 spans.append((a, b, kind))
 
     claim(_EMAIL, "email")
-    # Mobile and service numbers before cards (a +86 mobile number can pass the Luhn check); the
-    # boundaries keep them from starting or ending inside a longer number, grouped or not.
-    claim(_CN_MOBILE, "phone")
-    claim(_HOTLINE, "phone")
-    claim(_CARD, "bank_card", lambda m, d: not order_context(m.start()) and not _id_like(d) and (
-        _luhn(d) or any(w in before(m.start()) for w in _CARD_WORDS)))
+    # Longest numbers first, so a phone number is never taken out of the middle of a card (a
+    # +86 mobile number, which can pass the Luhn check, is not a card: see card()).
+    claim(_CARD, "bank_card", card)
     claim(_ID18, "cn_id", lambda m, d: _id_like(d) and not order_context(m.start()))
     claim(_ID15, "cn_id", lambda m, d: _id_like(d) and not order_context(m.start()))
-    claim(_LANDLINE, "phone")
+    claim(_CN_MOBILE, "phone")
+    claim(_HOTLINE, "phone")
+    # A parcel code (运单号 SF0242…) is letters glued to digits after an order word; "Tel010-…" is not.
+    claim(_LANDLINE, "phone", lambda m, d: not (order_context(m.start()) and m.start() > 0
+                                                and norm[m.start() - 1].isascii() and norm[m.start() - 1].isalpha()))
     claim(_INTL, "phone", lambda m, d: not order_context(m.start()))
     if not spans:
         return text, 0
