@@ -8,7 +8,13 @@ A chat request picks its model with ``model``: the routed alias (``vloop``, or t
 id) lets the gateway choose the arm by the user's sticky bucket; an adapter's name asks for it
 directly. The caller's user id comes from the OpenAI ``user`` field (or ``X-User-Id``); it is
 stored only as an HMAC. Every answered request is spooled as an interaction record (PII
-redacted) before the response goes out, unless the user opted out.
+redacted) before the response goes out, unless the user opted out. ``stream: true`` answers with
+server-sent events (serving.streaming), logged once when the stream ends.
+
+With ``--upstream`` the model server is an OpenAI-compatible one (vLLM in production): the
+gateway asks it for its base model's id, sends it the validated sampling settings and the logged
+image as a data URL (it never sees a user's URL), and copies registry adapters from the lake to a
+local directory before asking it to load them.
 """
 
 from __future__ import annotations
