@@ -93,6 +93,7 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
 
 
 UNLOGGED_MEMORY = 100_000  # request ids of unlogged answers remembered for their feedback
+UNLOGGED_PREFIX = "chatcmpl-nolog-"  # the id of an answer that was not logged (opted out)
 
 
 class Gateway:
@@ -300,13 +301,23 @@ class Gateway:
             await asyncio.sleep(self.cfg.reconcile_interval_s)
 
     def sync_opt_outs(self) -> None:
-        """The lake's opt-out list is the truth shared by every replica (`vloop privacy opt-out`,
-        another replica's /admin/opt-out): take it, so additions and removals reach this one."""
-        from vloop.privacy import read_opt_outs
+        """The lake's opt-outs and erased users are the truth shared by every replica (`vloop
+        privacy opt-out`, another replica's /admin/opt-out, an erasure): take them, so additions
+        and removals reach this one and an erased user's new requests are not logged."""
+        from vloop.privacy import excluded_users
 
         if self.lake is not None:
-            self.opted_out = read_opt_outs(self.lake) | self.opted_out_pending
+            self.opted_out = excluded_users(self.lake) | self.opted_out_pending
             self.opted_out_pending.clear()
+
+    async def sync_opt_outs_forever(self, interval_s: float = 5.0) -> None:
+        """For a replica that does not follow the registry: the opt-out sync on its own."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.sync_opt_outs)
+            except Exception as e:
+                log.warning("reading the lake's opt-outs failed: %s", e)
 
     def remember_unlogged(self, request_id: str) -> None:
         """A request answered but not logged (opted out): feedback about it is not logged either."""
@@ -491,6 +502,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 await gw.base_id()
             except EngineError as e:
                 log.warning("could not ask the upstream for its base model yet: %s", e.message)
+        if gw.lake is not None:  # opt-outs and erasures apply from the first request on
+            try:
+                await asyncio.to_thread(gw.sync_opt_outs)
+            except Exception as e:
+                log.warning("could not read the lake's opt-outs yet: %s", e)
+        if gw.lake is not None and not (gw.registry is not None and cfg.reconcile_interval_s > 0):
+            app.state.opt_out_sync = asyncio.create_task(gw.sync_opt_outs_forever())
         if gw.registry is not None and cfg.reconcile_interval_s > 0:
             try:  # serve what the registry says from the first request on (health waits for it)
                 await gw.reconcile()
@@ -500,9 +518,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.on_event("shutdown")
     def _shutdown():
-        task = getattr(app.state, "reconciler", None)
-        if task is not None:
-            task.cancel()
+        for name in ("reconciler", "opt_out_sync"):
+            task = getattr(app.state, name, None)
+            if task is not None:
+                task.cancel()
         gw.close()
 
     @app.exception_handler(ApiError)
@@ -682,7 +701,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             # re-scoring from the lake scores what was served.
             image = Image.open(io.BytesIO(stored.data)).convert("RGB")
 
-        turn = Turn(gw, request_id=f"chatcmpl-{uuid.uuid4().hex}", t0=t0, now=now, user_key=ukey, body=body,
+        # An unlogged answer's id says so, so feedback about it is not logged by any replica.
+        request_id = f"{UNLOGGED_PREFIX if opted_out else 'chatcmpl-'}{uuid.uuid4().hex}"
+        turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, body=body,
                     question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
         served_model = adapter or base
         if gw.local is None:
@@ -758,7 +779,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         # Feedback about a request that was not logged (its user opted out) is not logged either:
         # known here when this replica answered it, or from the optional "user".
         ukey = gw.user_key(body, request)
-        opted_out = (request.headers.get("x-vloop-opt-out") == "1" or body.get("request_id") in gw.unlogged
+        rid = body.get("request_id")
+        opted_out = (request.headers.get("x-vloop-opt-out") == "1" or rid in gw.unlogged
+                     or (isinstance(rid, str) and rid.startswith(UNLOGGED_PREFIX))
                      or (ukey is not None and ukey in gw.opted_out))
         edited, n = redact(body.get("edited_text"))
         event = {"event_id": uuid.uuid4().hex, "ts": gw.now(request),

@@ -114,6 +114,14 @@ def test_erase_a_user_everywhere(lake, ls_client, tmp_path, monkeypatch):
     for day in (D1, D2):
         daily.report(lake, day)
 
+    # Label Studio unreachable (a real client, a closed port): the erasure fails loudly before it
+    # removes anything from the lake, and keeps what it needs for the retry.
+    from vloop.labelstudio import LabelStudioError
+
+    with pytest.raises(LabelStudioError):
+        erase_user(lake, victim, actor="support@shop", label_studio=LabelStudio("http://127.0.0.1:9", "t", retries=0))
+    assert victim in set(lake.read_partitions("raw/interactions", D1, D1).to_pandas()["user_key"])
+    lake.delete(f"privacy/tombstones/{victim}.json")  # compare the retry's work against a clean slate
     before = {k: lake.get_bytes(k) for k in lake.list("")}
     res = erase_user(lake, victim, actor="support@shop", label_studio=ls)
 
@@ -167,6 +175,14 @@ def test_erase_a_user_everywhere(lake, ls_client, tmp_path, monkeypatch):
     assert victim not in set(again["user_key"]) and victim_image not in lake.list("raw/images/")
     fb = lake.read_partitions("raw/feedback", D2, D2).to_pandas()
     assert "victim-fb" not in set(fb["event_id"])
+    # Only the feedback segment, on a replica that never saw the interaction: dropped as well.
+    other = tmp_path / "other-replica"
+    for path, data in backup.items():
+        if path.parent.name == "feedback":
+            (other / "feedback").mkdir(parents=True, exist_ok=True)
+            (other / "feedback" / path.name).write_bytes(data)
+    Shipper(Spool(other), lake).ship_once()
+    assert "victim-fb" not in set(lake.read_partitions("raw/feedback", D2, D2).to_pandas()["event_id"])
     # Selection and training leave them out on a re-run; a second erasure finds nothing.
     run_steps(lake, D2)
     assert victim not in set(daily.get_frame(lake, daily.key(daily.LABELING, D2, "selected.parquet"))["user_key"])
@@ -194,7 +210,11 @@ def test_erasure_queue_and_cli(local_lake, monkeypatch, capsys):
     lake.write_hourly("raw/interactions", __import__("pyarrow").Table.from_pandas(inter, schema=INTERACTION.arrow,
                                                                                    preserve_index=False), D1)
 
-    assert main(["privacy", "erase", "--user", "alice@shop.example", "--actor", "dpo"]) == 0
+    assert main(["privacy", "erase", "--user", "alice@shop.example", "--actor", "dpo"]) == 2  # Label Studio?
+    assert "LABEL_STUDIO_URL" in capsys.readouterr().err
+    assert main(["privacy", "erase", "--user", "", "--no-label-studio"]) == 2  # not the anonymous key
+    capsys.readouterr()
+    assert main(["privacy", "erase", "--user", "alice@shop.example", "--actor", "dpo", "--no-label-studio"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["user_key"] == alice and out["rows_removed"]["raw/interactions"] == (inter["user_key"] == alice).sum()
     assert main(["privacy", "erase", "--user", "bob@shop.example", "--queue"]) == 0
@@ -210,7 +230,7 @@ def test_erasure_queue_and_cli(local_lake, monkeypatch, capsys):
     assert all("alice@shop.example" not in strings_of(lake, k) for k in lake.list(""))
 
     monkeypatch.delenv("VLOOP_USER_KEY_SECRET")
-    assert main(["privacy", "erase", "--user", "carol"]) == 2  # no secret: a clear error, nothing done
+    assert main(["privacy", "erase", "--user", "carol", "--no-label-studio"]) == 2  # no secret: a clear error
 
 
 def test_opt_outs_are_concurrency_safe(lake, monkeypatch, capsys):

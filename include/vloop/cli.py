@@ -132,9 +132,14 @@ def _privacy_target(args):
     if getattr(args, "user_key", None):
         key = args.user_key
     else:
+        if not (args.user or "").strip():
+            raise ValueError("--user is empty (requests without a user id share one key: erasing it would "
+                             "erase every anonymous request)")
         if not s.user_key_secret:
             raise ConfigError("VLOOP_USER_KEY_SECRET is not set: it turns --user into the stored user key")
         key = user_key(args.user, s.user_key_secret)
+        if key == user_key("", s.user_key_secret):
+            raise ValueError("that is the shared key of requests without a user id")
     return open_lake(s.lake_url), key
 
 
@@ -148,6 +153,15 @@ def _label_studio_from_env():
     return LabelStudio(url, token) if url and token else None
 
 
+def _login() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry)
+        return "cli"
+
+
 def _cmd_privacy_erase(args) -> int:
     import json
 
@@ -158,9 +172,9 @@ def _cmd_privacy_erase(args) -> int:
         print(f"queued: {request_erasure(lake, key, actor=args.actor)} (the privacy_maintenance DAG erases it)")
         return 0
     ls = _label_studio_from_env()
-    if ls is None:
-        print("note: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY not set: Label Studio tasks are not touched",
-              file=sys.stderr)
+    if ls is None and not args.no_label_studio:
+        raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so the user's tasks and annotations are "
+                         "deleted too, or pass --no-label-studio where no Label Studio holds vloop's tasks")
     res = erase_user(lake, key, actor=args.actor, label_studio=ls)
     print(json.dumps(res.summary(), indent=2))
     return 0
@@ -321,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         who = q.add_mutually_exclusive_group(required=q is pe)
         who.add_argument("--user", help="the raw user id (hashed with VLOOP_USER_KEY_SECRET; never stored)")
         who.add_argument("--user-key", help="the stored user key instead of the raw id")
-        q.add_argument("--actor", default="cli", help="who acts (kept in the audit log)")
+        q.add_argument("--actor", default=_login(), help="who acts (kept in the audit log; default: your login)")
     pe.add_argument("--queue", action="store_true", help="queue it for the privacy_maintenance DAG instead")
+    pe.add_argument("--no-label-studio", action="store_true",
+                    help="erase without reaching Label Studio (only where none holds vloop's tasks)")
     pe.set_defaults(fn=_cmd_privacy_erase)
     po.set_defaults(fn=_cmd_privacy_opt_out)
     psub.add_parser("audit", help="every privacy action: who, when, what, how much").set_defaults(fn=_cmd_privacy_audit)

@@ -332,8 +332,15 @@ def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dic
     """Every finished annotation not already pulled on another day goes to ``labeled/dt=D/``."""
     from vloop.labelstudio import LABELED_COLUMNS
 
+    from vloop.privacy import erased_request_hashes, read_tombstones, request_hash
+
     project = ls.ensure_project(project_title)
     finished = ls.finished_annotations(project)
+    # An erased user's task still in Label Studio (an erasure that could not reach it) is not
+    # pulled back into the lake.
+    erased = finished["request_id"].map(request_hash).isin(erased_request_hashes(lake)) | \
+        finished["user_key"].isin(read_tombstones(lake))
+    finished = finished[~erased]
     earlier = read_days(lake, LABELED, LABELED_FILE, exclude=day)
     new = finished[~finished["request_id"].isin(set(earlier.get("request_id", [])))]
     put_frame(lake, key(LABELED, day, LABELED_FILE), new[LABELED_COLUMNS].reset_index(drop=True))

@@ -147,7 +147,12 @@ def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
         except Exception:  # the day's curated data was removed: its users cannot be checked
             continue
     users = pd.concat(users) if users else pd.DataFrame(columns=["request_id", "user_key"])
-    return lab.merge(users, on="request_id", how="left")
+    carried = lab.pop("user_key") if "user_key" in lab.columns else None  # labels pulled since tasks carry it
+    lab = lab.merge(users.drop_duplicates("request_id"), on="request_id", how="left")
+    if carried is not None:
+        has = (carried.notna() & carried.astype(str).ne("")).to_numpy()
+        lab["user_key"] = np.where(has, carried.to_numpy(), lab["user_key"].to_numpy())
+    return lab
 
 
 def _recent_curated(lake: Lake, until: dt.date, days: int) -> pd.DataFrame:
@@ -259,7 +264,9 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
     df = df.assign(_rank=df["source"].map(SOURCE_RANK), _pair=pair).sort_values(["_rank", "request_id"])
     dup = df["_pair"].duplicated()
     dropped["duplicate image + question"] = int(dup.sum())
-    df = df[~dup].drop(columns=["_rank", "_pair", "user_key"])
+    df = df[~dup].drop(columns=["_rank", "_pair"])
+    users = df[["request_id", "user_key"]]  # kept beside the snapshot, for erasure (not trained on)
+    df = df.drop(columns=["user_key"])
     df["intent"] = df["intent"].where(df["intent"].notna(), df["question"].map(intent_of)) \
         if "intent" in df.columns else df["question"].map(intent_of)
     df["example_id"] = df["source"] + "-" + df["request_id"].astype(str)
@@ -276,6 +283,7 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
     daily.put_frame(lake, prefix + "train.parquet", train)
     daily.put_frame(lake, prefix + "heldout.parquet", heldout)
     daily.put_frame(lake, prefix + "golden.parquet", golden)
+    daily.put_frame(lake, prefix + "users.parquet", users.reset_index(drop=True))
 
     def counts(col):
         return {str(k): int(v) for k, v in df.groupby(["split", col]).size().items()} if len(df) else {}

@@ -4,18 +4,25 @@
 
 1. a tombstone first (``privacy/tombstones/<key>.json``), so a shipper, a selection or a dataset
    build that runs meanwhile already leaves the user out, and nothing comes back later;
-2. every Parquet object is read; rows with the user's key, and rows about the user's requests
-   (feedback, labels, dataset examples: matched by ``request_id``), are removed and the object is
-   rewritten in place with its schema. Objects that hold nothing of the user's are not touched, so
-   everyone else's data stays byte for byte what it was;
-3. JSON objects that list the user's requests (``pushed.json``, spool quarantine) are rewritten
-   without them; the daily reports of the days the user appeared on are rebuilt from the cleaned
-   data; dataset manifests get the new counts;
-4. images only the user's records referenced are deleted (an image someone else also sent stays);
-5. Label Studio tasks of the user's requests are deleted, with their annotations, in every project;
-6. adapters trained on a dataset that held the user are listed (lineage) and marked for retraining
-   in the registry's history;
-7. one audit record says who erased which key when, and how much went.
+2. every Parquet object is read to find the user's requests (rows with their key: raw, curated,
+   quarantine, selections, labels, the user list beside each dataset snapshot); the hashes of
+   those request ids, and later the days and datasets touched, are kept in
+   ``privacy/erased_requests/<key>.json`` *before* anything is removed, so a run that fails midway
+   and its retry still find everything, and late copies are recognised;
+3. Label Studio tasks of the user (by key or request) are deleted, with their annotations, in
+   every project — before the lake, so a daily pull cannot bring labels back meanwhile;
+4. rows with the user's key, and rows about the user's requests (feedback, labels, dataset
+   examples: matched by ``request_id``), are removed and each such object is rewritten in place
+   with its schema. Objects that hold nothing of the user's are not touched, so everyone else's
+   data stays byte for byte what it was;
+5. JSON objects that mention the user's key or requests anywhere in a string (``pushed.json``, the
+   shipper's quarantine, adapter evaluations naming held-out examples) are rewritten without those
+   entries; dataset manifests get the new counts; the daily reports of the days the user appeared
+   on are rebuilt from the cleaned data (they quote answers and edits);
+6. images only the user's records referenced are deleted (an image someone else also sent stays);
+7. adapters trained on a dataset that held the user are listed (lineage) and marked, once, for
+   retraining in the registry's history;
+8. one audit record says who erased which key when, and how much went.
 
 It is idempotent: a second run finds nothing and removes nothing. Retention
 (:func:`apply_retention`) deletes whole day partitions older than the configured number of days,
@@ -40,16 +47,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vloop.lake import Lake, LakeKeyNotFound
-from vloop.privacy import audit, record_tombstone, read_tombstones, _check_key
+from vloop.privacy import (ERASED_REQUESTS, _check_key, audit, read_tombstones, record_erased_requests,
+                           record_tombstone, request_hash)
 
 log = logging.getLogger(__name__)
 
 IMAGES = "raw/images/"
 QUEUE = "privacy/erasure_requests/"  # one object per pending request (the user key, never the raw id)
 DONE = "privacy/erasure_done/"
-# Never scanned: the privacy records themselves, model files, the registry's history, rollout looks
-# (aggregates), and images (handled by reference).
-SKIP = ("privacy/", "adapters/", "registry/", "rollout/", IMAGES)
+# Never scanned: the privacy records themselves, the registry's history, rollout looks
+# (aggregates), and images (handled by reference). Of adapters/ only the JSON (evaluation metrics
+# name held-out examples by request id) is scanned, not the weights.
+SKIP = ("privacy/", "registry/", "rollout/", IMAGES)
 _DAY = re.compile(r"/dt=(\d{4}-\d{2}-\d{2})/")
 
 
@@ -104,22 +113,29 @@ def _user_mask(table: pa.Table, key: str, request_ids: set[str]) -> pa.Array | N
     return m
 
 
-def _mentions(obj, key: str, request_ids: set[str]) -> bool:
+def _needles(key: str, request_ids: set[str]) -> re.Pattern:
+    """Matches the user key or one of their request ids anywhere inside a string (a raw JSON
+    line kept in quarantine, an example id such as ``label_corrected-<request id>``)."""
+    return re.compile("|".join(re.escape(x) for x in sorted({key} | request_ids, key=len, reverse=True)))
+
+
+def _mentions(obj, needles: re.Pattern) -> bool:
     if isinstance(obj, str):
-        return obj == key or obj in request_ids
+        return bool(needles.search(obj))
     if isinstance(obj, dict):
-        return any(_mentions(v, key, request_ids) for v in obj.values())
+        return any(_mentions(k, needles) or _mentions(v, needles) for k, v in obj.items())
     if isinstance(obj, list):
-        return any(_mentions(v, key, request_ids) for v in obj)
+        return any(_mentions(v, needles) for v in obj)
     return False
 
 
-def _without(obj, key: str, request_ids: set[str]):
-    """``obj`` with every list element that mentions the user removed (recursively)."""
+def _without(obj, needles: re.Pattern):
+    """``obj`` with every list element and dict entry that mentions the user removed (recursively)."""
     if isinstance(obj, dict):
-        return {k: _without(v, key, request_ids) for k, v in obj.items()}
+        return {k: _without(v, needles) for k, v in obj.items()
+                if not _mentions(k, needles) and not (isinstance(v, str) and _mentions(v, needles))}
     if isinstance(obj, list):
-        return [_without(v, key, request_ids) for v in obj if not _mentions(v, key, request_ids)]
+        return [_without(v, needles) for v in obj if not _mentions(v, needles)]
     return obj
 
 
@@ -135,7 +151,8 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
     _check_key(user_key)
     now = now or dt.datetime.now(dt.timezone.utc)
     res = ErasureResult(user_key, already_tombstoned=not record_tombstone(lake, user_key, at=now))
-    keys = [k for k in lake.list("") if not k.startswith(SKIP)]
+    keys = [k for k in lake.list("") if not k.startswith(SKIP)
+            and (not k.startswith("adapters/") or k.endswith(".json"))]
     parquet = [k for k in keys if k.endswith(".parquet")]
 
     # Pass 1: the user's requests and images, wherever a row carries the user key.
@@ -150,6 +167,15 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             request_ids |= _column_set(mine, "request_id")
             images |= _column_set(mine, "image_key")
 
+    # Before anything is removed, what identifies the user's requests is kept (hashed): a run that
+    # fails midway (Label Studio down, a lake error) and its retry still find everything, and a
+    # late copy (a re-shipped segment, an annotation pulled again) is recognised.
+    hashes = record_erased_requests(lake, user_key, {request_hash(r) for r in request_ids})
+    unseen = hashes - {request_hash(r) for r in request_ids}  # erased before: only their hashes are left
+    # Label Studio next: while its tasks exist, a daily pull could bring the labels back.
+    if label_studio is not None:
+        res.label_studio_tasks_deleted = label_studio.delete_tasks_of(user_key, hashes)
+
     # Pass 2: remove the user's rows; note what everyone else's rows still reference.
     others_images: set[str] = set()
     days: set[str] = set()
@@ -158,6 +184,9 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
         mask = _user_mask(t, user_key, request_ids)
         if mask is None:
             continue
+        if unseen and "request_id" in t.column_names:
+            by_hash = pa.array([request_hash(r) in unseen for r in t["request_id"].to_pylist()], pa.bool_())
+            mask = pc.or_(mask, by_hash)
         n = pc.sum(mask).as_py() or 0
         kept = t.filter(pc.invert(mask)) if n else t
         others_images |= _column_set(kept, "image_key")
@@ -185,13 +214,15 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             res.objects_rewritten.append(k)
             res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
 
-    # JSON objects that list the user's requests (pushed.json, the shipper's quarantine).
+    # JSON objects that list the user's requests (pushed.json, the shipper's quarantine, adapter
+    # evaluations naming held-out examples).
+    needles = _needles(user_key, request_ids)
     for k in keys:
-        if not k.endswith(".json") or k.startswith("datasets/"):
+        if not k.endswith(".json") or k.endswith("/manifest.json"):
             continue
         obj = lake.get_json(k)
-        if _mentions(obj, user_key, request_ids):
-            lake.put_json(k, _without(obj, user_key, request_ids))
+        if _mentions(obj, needles):
+            lake.put_json(k, _without(obj, needles))
             res.objects_rewritten.append(k)
             res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + 1
 
@@ -211,13 +242,14 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             m.setdefault("erasures", []).append({"at": now.isoformat(), "examples_removed": n})
             lake.put_json(mk, m)
             res.objects_rewritten.append(mk)
-    res.adapters_to_retrain = _mark_lineage(lake, set(datasets), actor=actor, user_key=user_key)
-
-    if label_studio is not None and request_ids:
-        res.label_studio_tasks_deleted = label_studio.delete_tasks_of(request_ids)
-
+    # Days and datasets go into the erasure record too, so a retry still rebuilds those reports
+    # and marks those adapters (their rows are already gone by then).
+    record = _update_record(lake, user_key, days=days, datasets=set(datasets))
+    res.adapters_to_retrain = _mark_lineage(lake, set(record["datasets"]), actor=actor, user_key=user_key,
+                                            already=set(record.get("adapters", [])))
+    _update_record(lake, user_key, adapters=set(res.adapters_to_retrain))
     if rebuild_reports:
-        res.reports_rebuilt = _rebuild_reports(lake, sorted(days))
+        res.reports_rebuilt = _rebuild_reports(lake, sorted(record["days"]))
 
     audit(lake, "erase", actor=actor, at=now, user_key=user_key, rows_removed=res.total_rows,
           objects_rewritten=len(res.objects_rewritten), images_deleted=res.images_deleted,
@@ -228,16 +260,32 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
     return res
 
 
-def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str) -> list[str]:
-    """Adapters trained on one of ``datasets``: recorded in the registry's history as needing a
-    retrain without the erased data (the next retrain_biweekly run trains on cleaned data)."""
+def _update_record(lake: Lake, user_key: str, **add: set[str]) -> dict:
+    """Add to the lists (days, datasets, adapters) of the user's erasure record; returns it."""
+    k = f"{ERASED_REQUESTS}{user_key}.json"
+    rec = lake.get_json(k)
+    changed = False
+    for name, values in add.items():
+        have = set(rec.get(name, []))
+        if not set(values) <= have:
+            rec[name], changed = sorted(have | set(values)), True
+        rec.setdefault(name, [])
+    if changed:
+        lake.put_json(k, rec)
+    return rec
+
+
+def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, already: set[str]) -> list[str]:
+    """Adapters trained on one of ``datasets``: recorded (once) in the registry's history as
+    needing a retrain without the erased data (the next retrain_biweekly run trains on cleaned
+    data)."""
     from vloop.registry import Registry
 
     if not datasets:
         return []
     reg = Registry(lake)
     refs = sorted(v.ref for v in reg.versions() if v.dataset_id in datasets)
-    for ref in refs:
+    for ref in set(refs) - already:
         reg.record("needs_retraining", {"ref": ref, "user_key": user_key}, actor=actor,
                    reason="trained on data of a user since erased")
     return refs
@@ -276,8 +324,10 @@ def pending_erasures(lake: Lake) -> list[str]:
     return sorted(k[len(QUEUE):].removesuffix(".json") for k in lake.list(QUEUE) if k.endswith(".json"))
 
 
-def work_erasure_queue(lake: Lake, *, actor: str, label_studio=None) -> list[dict]:
-    """Erase every queued user; a request leaves the queue only once its erasure finished."""
+def work_erasure_queue(lake: Lake, *, actor: str, label_studio=None, resweep_days: int = 7) -> list[dict]:
+    """Erase every queued user; a request leaves the queue only once its erasure finished. Users
+    erased in the last ``resweep_days`` are swept again: a daily run or a shipper that read their
+    data before the tombstone existed may have written it back after the first sweep."""
     done = []
     for key in pending_erasures(lake):
         res = erase_user(lake, key, actor=actor, label_studio=label_studio)
@@ -285,6 +335,13 @@ def work_erasure_queue(lake: Lake, *, actor: str, label_studio=None) -> list[dic
         lake.put_json(f"{DONE}{key}.json", {**summary, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
         lake.delete(f"{QUEUE}{key}.json")
         done.append(summary)
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=resweep_days)
+    swept = {d["user_key"] for d in done}
+    for key in sorted(read_tombstones(lake) - swept):
+        if lake.modified(f"privacy/tombstones/{key}.json") >= since:
+            res = erase_user(lake, key, actor=actor, label_studio=label_studio)
+            if res.total_rows or res.label_studio_tasks_deleted or res.images_deleted:
+                done.append({**res.summary(), "resweep": True})
     return done
 
 
@@ -324,6 +381,12 @@ def apply_retention(lake: Lake, policy: RetentionPolicy, *, today: dt.date, acto
             if day < cutoff:
                 deleted[area] = deleted.get(area, 0) + lake.delete_prefix(prefix)
 
+    # The shipper's quarantine has no day partitions: its objects go by their write time.
+    cutoff = dt.datetime.combine(today - dt.timedelta(days=policy.curated_days), dt.time(), dt.timezone.utc)
+    old_spool = [k for k in lake.list("quarantine/spool/") if lake.modified(k) < cutoff]
+    for k in old_spool:
+        lake.delete(k)
+    deleted["quarantine/spool"] = len(old_spool)
     deleted["datasets"] = _expire_datasets(lake, today - dt.timedelta(days=policy.datasets_days))
     deleted["images"] = _expire_images(lake, today - dt.timedelta(days=policy.raw_days))
     summary = {"today": today.isoformat(), "policy": policy.__dict__, "objects_deleted": deleted}

@@ -66,13 +66,15 @@ LABEL_CONFIG = f"""<View>
 LABELED_COLUMNS = ["request_id", "task_id", "annotation_id", "image_key", "question", "model_answer",
                    "corrected_answer", "verdict", "image_quality", "annotator", "lead_time_s",
                    "created_at", "updated_at", "category", "model_version", "base_model", "adapter", "arm",
-                   "confidence", "weak_label", "selected_on"]
+                   "confidence", "weak_label", "selected_on", "user_key"]
 # Column types of an empty labeled/ table (no finished annotations): the same as a full one's.
 LABELED_EMPTY_TYPES = {**dict.fromkeys(LABELED_COLUMNS, "str"), "task_id": "int64", "annotation_id": "int64",
                        "lead_time_s": "float64", "created_at": "datetime64[us, UTC]",
                        "updated_at": "datetime64[us, UTC]", "confidence": "float64"}
 # Interaction fields a task carries so that a label is self-contained (calibration per arm needs them).
-CARRIED = ("category", "base_model", "adapter", "arm", "weak_label", "selected_on")
+# The (pseudonymous) user key lets an erasure find a label and its task long after the raw
+# interaction is gone.
+CARRIED = ("category", "base_model", "adapter", "arm", "weak_label", "selected_on", "user_key")
 
 
 class LabelStudioError(RuntimeError):
@@ -367,13 +369,17 @@ class LabelStudio:
                 return out
             page += 1
 
-    def delete_tasks_of(self, request_ids: set[str]) -> int:
-        """Delete, in every project, the tasks of ``request_ids`` with their annotations and
+    def delete_tasks_of(self, user_key: str, request_id_hashes: set[str]) -> int:
+        """Delete, in every project, the tasks of ``user_key`` or of a request whose
+        :func:`vloop.privacy.request_hash` is in ``request_id_hashes``, with their annotations and
         predictions (an erasure). Returns how many tasks went."""
+        from vloop.privacy import request_hash
+
         n = 0
         for p in self.projects():
             for t in self.export(p["id"], all_tasks=True):
-                if t.get("data", {}).get("request_id") in request_ids:
+                data = t.get("data", {})
+                if data.get("user_key") == user_key or request_hash(data.get("request_id")) in request_id_hashes:
                     self._call("DELETE", f"/api/tasks/{t['id']}")
                     n += 1
         return n

@@ -270,6 +270,35 @@ def record_tombstone(lake, key: str, *, at: dt.datetime | None = None) -> bool:
                                     _json({"user_key": key, "erased_at": _iso(at)}), "application/json")
 
 
+ERASED_REQUESTS = "privacy/erased_requests/"  # per erased user: hashes of their request ids
+
+
+def request_hash(request_id) -> str | None:
+    """SHA-256 of a request id: what the lake keeps about an erased user's requests, so a late
+    copy (a re-shipped spool segment, an annotation pulled again) is recognised and dropped
+    without keeping the list of their requests."""
+    return hashlib.sha256(str(request_id).encode()).hexdigest() if request_id else None
+
+
+def record_erased_requests(lake, key: str, hashes: set[str]) -> set[str]:
+    """Add ``hashes`` to ``key``'s erased-request record; returns all of them."""
+    k = f"{ERASED_REQUESTS}{_check_key(key)}.json"
+    have = set(lake.get_json(k)["request_id_sha256"]) if lake.exists(k) else set()
+    if not hashes <= have:
+        lake.put_json(k, {"user_key": key, "request_id_sha256": sorted(have | hashes)})
+    return have | hashes
+
+
+def erased_request_hashes(lake, key: str | None = None) -> set[str]:
+    """Hashes of erased users' request ids (of one user, or all)."""
+    keys = [f"{ERASED_REQUESTS}{key}.json"] if key else [k for k in lake.list(ERASED_REQUESTS) if k.endswith(".json")]
+    out: set[str] = set()
+    for k in keys:
+        if lake.exists(k):
+            out |= set(lake.get_json(k)["request_id_sha256"])
+    return out
+
+
 def excluded_users(lake) -> set[str]:
     """Users none of whose records may be labelled or trained on: opted out or erased."""
     return read_opt_outs(lake) | read_tombstones(lake)

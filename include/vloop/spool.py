@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, Lake, LakeError, partition_prefix
+from vloop.privacy import request_hash
 from vloop.schema import RECORDS, RecordError
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ class Shipper:
         self.failures = 0
         self._erased_requests: set[str] | None = None  # loaded on the first ship
         self._tombstones: set[str] = set()
+        self._erased_hashes: set[str] = set()
         self._images_kept: set[str] = set()
         self._images_erased: set[str] = set()
 
@@ -326,18 +328,22 @@ class Shipper:
                 with open(self.spool.root / ERASED_REQUESTS, "a") as f:
                     f.write(record["request_id"] + "\n")
             return True
-        return record.get("request_id") in self._erased_requests
+        rid = record.get("request_id")
+        return rid in self._erased_requests or (bool(self._erased_hashes) and request_hash(rid) in self._erased_hashes)
 
     def ship_once(self) -> int:
         """Ship everything sealed now, then advance this spool's watermark. Returns how many
         records went to the lake."""
-        from vloop.privacy import read_tombstones
+        from vloop.privacy import erased_request_hashes, read_tombstones
 
         started = dt.datetime.now(dt.timezone.utc)
         snapshots = {name: s.snapshot() for name, s in self.spool.streams.items()}
         # Erased users (tombstones) are read on every pass with something to ship, so a record
         # sealed after an erasure began never lands.
-        self._tombstones = read_tombstones(self.lake) if any(p for p, _ in snapshots.values()) else set()
+        busy = any(p for p, _ in snapshots.values())
+        self._tombstones = read_tombstones(self.lake) if busy else set()
+        # Requests of users erased earlier (hashed): their feedback may sit in any replica's spool.
+        self._erased_hashes = erased_request_hashes(self.lake) if busy and self._tombstones else set()
         if self._erased_requests is None:
             f = self.spool.root / ERASED_REQUESTS
             self._erased_requests = set(f.read_text().split()) if f.is_file() else set()
