@@ -11,6 +11,13 @@ stored only as an HMAC. Every answered request is spooled as an interaction reco
 redacted) before the response goes out, unless the user opted out. ``stream: true`` answers with
 server-sent events (serving.streaming), logged once when the stream ends.
 
+Banned phrases: the lake's decoding policy (vloop.decoding, re-read every ``--decoding-ttl``
+seconds) together with the request's own vLLM-style ``bad_words`` are never said: the local
+backend enforces them on every tokenisation (the policy's exceptions, e.g. 不可能, stay allowed);
+the upstream gets the merged list as ``bad_words``. An image request's response carries
+``vloop.image_quality`` (vloop.imagequality.summary: flags, NIQE, advice for the app), computed
+in a thread while the model answers; text-only requests skip it.
+
 With ``--upstream`` the model server is an OpenAI-compatible one (vLLM in production): the
 gateway asks it for its base model's id, sends it the validated sampling settings and the logged
 image as a data URL (it never sees a user's URL), and copies registry adapters from the lake to a
@@ -44,6 +51,7 @@ from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_s
                                sse_stream, upstream_stream_events)
 from serving.routing import Routes, RouteStore
 from vloop.config import Settings
+from vloop.decoding import MAX_PHRASE_CHARS, DecodingPolicy, PolicyCache
 from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image
 from vloop.model import Confidence
 from vloop.netguard import FetchError, FetchPolicy, fetch_url
@@ -56,6 +64,7 @@ ROUTED_ALIAS = "vloop"
 # Request fields the gateway consumes and does not pass to an upstream server: the raw user id
 # (only its HMAC is kept), the gateway's metadata, and the streaming switches it sets itself.
 GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "stream", "stream_options"})
+MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.decoding.MAX_PHRASE_CHARS
 
 
 @dataclass
@@ -78,6 +87,9 @@ class ServeConfig:
     # Seconds between reads of the registry's desired serving state (0: never; routes and
     # adapters then change only through the admin routes).
     reconcile_interval_s: float = 5.0
+    # Seconds a replica keeps the lake's decoding policy (banned phrases) before reading it again:
+    # a `vloop decoding ban` takes effect within this, without a restart.
+    decoding_ttl_s: float = 10.0
     # Simulation mode (the demo): requests may carry X-Vloop-Sim-Time to log a simulated clock.
     # Off in production, so no client can ever set a record's timestamp.
     simulation: bool = False
@@ -119,6 +131,8 @@ class Gateway:
 
             self.registry = Registry(self.lake)
         self.applied_seq = 0  # the registry serving state this replica has applied
+        # The lake's banned phrases (none without a lake; the request's bad_words still apply).
+        self.decoding = PolicyCache(self.lake, ttl_s=cfg.decoding_ttl_s) if self.lake is not None else None
         self.reconciled: set[str] = set()  # adapters loaded because the registry said so
         self.reconcile_lock = asyncio.Lock()  # one reconciliation at a time, states in order
         if cfg.upstream:
@@ -169,6 +183,15 @@ class Gateway:
     def is_base(self, model: str) -> bool:
         # --model's value still names the base, so clients set up with the path keep working.
         return model == self.base_name or (self.cfg.model is not None and model == self.cfg.model)
+
+    async def decoding_policy(self) -> DecodingPolicy:
+        """The decoding policy in force. Reading the lake (once per TTL) runs in a thread, so a
+        slow lake never stalls the event loop; in between it is a memory read."""
+        if self.decoding is None:
+            return DecodingPolicy()
+        if self.decoding.stale:
+            return await asyncio.to_thread(self.decoding.get)
+        return self.decoding.get()
 
     def check_admin(self, request: Request) -> None:
         if not self.cfg.admin_token:
@@ -393,6 +416,41 @@ def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
                               "logprobs": bool(body.get("logprobs")), "top_logprobs": top}
 
 
+def parse_bad_words(body: dict) -> tuple[str, ...]:
+    """The request's own ``bad_words`` (vLLM's sampling parameter: phrases the answer must not
+    contain), validated and with whitespace collapsed as the lake's policy stores phrases."""
+    words = body.get("bad_words")
+    if words is None:
+        return ()
+    if not isinstance(words, list):
+        raise ApiError(400, "'bad_words' must be a list of strings")
+    if len(words) > MAX_BAD_WORDS:
+        raise ApiError(400, f"'bad_words' has {len(words)} phrases; at most {MAX_BAD_WORDS} are allowed")
+    out = []
+    for i, w in enumerate(words):
+        if not isinstance(w, str):
+            raise ApiError(400, f"'bad_words'[{i}] must be a string, got {type(w).__name__}")
+        w = " ".join(w.split())
+        if not w:
+            raise ApiError(400, f"'bad_words'[{i}] is empty")
+        if len(w) > MAX_PHRASE_CHARS:
+            raise ApiError(400, f"'bad_words'[{i}] is {len(w)} characters; at most {MAX_PHRASE_CHARS} are allowed")
+        out.append(w)
+    return tuple(out)
+
+
+def image_quality(image: Image.Image) -> dict | None:
+    """``vloop.image_quality`` of a response (flags, NIQE, advice for the app); None when the
+    check itself fails, which must never fail the answer."""
+    from vloop.imagequality import summary
+
+    try:
+        return summary(image)
+    except Exception as e:  # noqa: BLE001 - a side result; the answer goes out regardless
+        log.warning("image quality check failed: %r", e)
+        return None
+
+
 def upstream_messages(messages: list, stored) -> list:
     """The messages as the upstream server gets them: the image part of the last user message
     carries the logged image as a data URL, so the upstream never fetches a user's URL (the
@@ -433,9 +491,18 @@ class Turn:
         self.opted_out = opted_out
         self.created = int(time.time())
         self.logged = False
+        self.image_quality = None  # a task computing vloop.image_quality, for image requests
 
     def extras(self, confidence: float | None) -> dict:
         return {"arm": self.arm, "confidence": confidence, "logged": not self.opted_out}
+
+    async def final_extras(self, confidence: float | None) -> dict:
+        """The response's ``vloop`` fields; an image request's also carry its image quality
+        (computed in a thread while the model answered, so usually ready by now)."""
+        out = self.extras(confidence)
+        if self.image_quality is not None:
+            out["image_quality"] = await self.image_quality
+        return out
 
     def log(self, status: str, text: str | None, lps: list[float] | None) -> float | None:
         """Spool the interaction (unless opted out) and count it; returns the confidence.
@@ -502,6 +569,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 await gw.base_id()
             except EngineError as e:
                 log.warning("could not ask the upstream for its base model yet: %s", e.message)
+        if gw.decoding is not None:  # banned phrases apply from the first request on
+            await gw.decoding_policy()
         if gw.lake is not None:  # opt-outs and erasures apply from the first request on
             try:
                 await asyncio.to_thread(gw.sync_opt_outs)
@@ -552,7 +621,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "base_model": gw.base_name, "spool_segments": gw.spool.depth(),
-                "routes": gw.routes.routes.__dict__}
+                "routes": gw.routes.routes.__dict__,
+                "decoding_policy": (await gw.decoding_policy()).version}
 
     @app.get("/metrics")
     async def metrics():
@@ -676,6 +746,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise ApiError(400, "'stream_options' is an object and only allowed with stream: true")
         include_usage = bool((stream_options or {}).get("include_usage"))
         question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
+        request_bad_words = parse_bad_words(body)
         ukey = gw.user_key(body, request)
         now = gw.now(request)
         opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
@@ -688,7 +759,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             adapter = None if gw.is_base(model) else model
             arm = routes.arm_of_model(adapter) if ukey is not None else "unassigned"
 
-        image = stored = None
+        image = stored = quality = None
         if image_urls:
             data = await asyncio.to_thread(gw.image_bytes, image_urls[0])
             try:
@@ -700,11 +771,18 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             # The model sees exactly the pixels that are logged (the re-encoded image), so a later
             # re-scoring from the lake scores what was served.
             image = Image.open(io.BytesIO(stored.data)).convert("RGB")
+            # Scored in a thread alongside generation (30-130 ms); text-only requests skip it.
+            quality = asyncio.ensure_future(asyncio.to_thread(image_quality, image))
+
+        # The lake's banned phrases and the request's own, with the policy's exceptions (不可能).
+        policy = await gw.decoding_policy()
+        bad_words = tuple(sorted(set(policy.banned) | set(request_bad_words)))
 
         # An unlogged answer's id says so, so feedback about it is not logged by any replica.
         request_id = f"{UNLOGGED_PREFIX if opted_out else 'chatcmpl-'}{uuid.uuid4().hex}"
         turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, body=body,
                     question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
+        turn.image_quality = quality
         served_model = adapter or base
         if gw.local is None:
             upstream_body = {**{k: v for k, v in body.items() if k not in GATEWAY_ONLY_FIELDS},
@@ -715,11 +793,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                              # (vLLM would otherwise sample at the model's default temperature).
                              "max_tokens": params["max_tokens"], "temperature": params["temperature"]}
             upstream_body.pop("max_completion_tokens", None)
+            # vLLM enforces the merged list as its own bad_words (it knows no exceptions).
+            upstream_body.pop("bad_words", None)
+            if bad_words:
+                upstream_body["bad_words"] = list(bad_words)
 
         if stream:
             if gw.local is not None:
                 fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
-                                                 params["temperature"], params["top_logprobs"]))
+                                                 params["temperature"], params["top_logprobs"],
+                                                 bad_words=bad_words, exceptions=policy.exceptions))
                 events = local_stream_events(gw.local, fut)
             else:
                 upstream_body["stream_options"] = {"include_usage": True}
@@ -735,7 +818,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         try:
             if gw.local is not None:
                 fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
-                                                 params["temperature"], params["top_logprobs"]))
+                                                 params["temperature"], params["top_logprobs"],
+                                                 bad_words=bad_words, exceptions=policy.exceptions))
                 result = await asyncio.wrap_future(fut)
                 text, lps, tops, tokens = result.text, result.token_logprobs, result.top_logprobs, result.tokens
                 usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
@@ -766,7 +850,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 logprob_entry(t, lp, top) for t, lp, top in zip(tokens, lps, tops or [[] for _ in tokens])]}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         out = {"id": turn.request_id, "object": "chat.completion", "created": turn.created,
-               "model": served_model, "choices": [choice], "usage": usage, "vloop": turn.extras(conf)}
+               "model": served_model, "choices": [choice], "usage": usage, "vloop": await turn.final_extras(conf)}
         return JSONResponse(out, headers={"X-Request-Id": turn.request_id})
 
     @app.post("/v1/feedback")

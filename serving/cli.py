@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ship-interval", type=float, default=1.0, help="seconds between shipper runs")
     p.add_argument("--reconcile-interval", type=float, default=5.0,
                    help="seconds between reads of the registry's desired serving state (0: never)")
+    p.add_argument("--decoding-ttl", type=float, default=10.0,
+                   help="seconds between reads of the lake's decoding policy (banned phrases)")
     p.add_argument("--simulation", action="store_true",
                    help="simulation mode (the demo): honour X-Vloop-Sim-Time; never in production "
                         "(also on with VLOOP_SIMULATION=1)")
@@ -41,6 +43,7 @@ def serve(args) -> int:
         max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
         fetch=FetchPolicy.from_env(s.fetch_allowlist, max_bytes=s.max_image_bytes),
         ship_interval_s=args.ship_interval, reconcile_interval_s=args.reconcile_interval,
+        decoding_ttl_s=args.decoding_ttl,
         simulation=args.simulation or s.simulation)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise

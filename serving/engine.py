@@ -41,6 +41,11 @@ class GenRequest:
     max_tokens: int = 64
     temperature: float = 0.0
     top_logprobs: int = 0
+    # Phrases the answer must not contain (the lake's decoding policy and the request's own
+    # bad_words), sorted so equal sets share one cached index; and the longer words that stay
+    # allowed (the policy's exceptions, e.g. 不可能).
+    bad_words: tuple[str, ...] = ()
+    exceptions: tuple[str, ...] = ()
     future: Future = field(default_factory=Future)
 
 
@@ -153,8 +158,11 @@ class LocalEngine:
 
         groups: dict[tuple, list[GenRequest]] = {}
         for r in batch:
-            groups.setdefault((r.adapter, r.max_tokens, r.temperature, r.top_logprobs), []).append(r)
-        for (adapter, max_tokens, temperature, top_k), reqs in groups.items():
+            # The banned-phrase processor applies to the whole batch, so requests with their own
+            # bad_words are generated apart from those without (usually all share the policy's).
+            groups.setdefault((r.adapter, r.max_tokens, r.temperature, r.top_logprobs, r.bad_words, r.exceptions),
+                              []).append(r)
+        for (adapter, max_tokens, temperature, top_k, bad_words, exceptions), reqs in groups.items():
             reqs = [r for r in reqs if r.future.set_running_or_notify_cancel()]
             if not reqs:
                 continue
@@ -163,7 +171,9 @@ class LocalEngine:
                     raise EngineError(404, f"model {adapter!r} was unloaded")
                 with self._adapter(adapter):
                     gens = generate(self.lm, [r.image for r in reqs], [r.question for r in reqs],
-                                    max_new_tokens=max_tokens, top_logprobs=top_k, temperature=temperature)
+                                    max_new_tokens=max_tokens, top_logprobs=top_k, temperature=temperature,
+                                    # the index of each tokenizer and phrase is cached (vloop.decoding)
+                                    bad_words=bad_words, exceptions=exceptions)
                 for r, g in zip(reqs, gens):
                     r.future.set_result(GenResult(
                         g.text, g.tokens, g.token_ids, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,

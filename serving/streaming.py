@@ -141,7 +141,7 @@ async def sse_stream(turn, events, model: str, want_logprobs: bool, include_usag
                 logprobs = {"content": [logprob_entry(*x) for x in ev.logprobs]} if want_logprobs else None
                 yield chunk([choice({"content": ev.text}, logprobs)])
         conf = turn.log("ok", "".join(text), lps)
-        yield chunk([choice({}, None, finish.reason)], vloop=turn.extras(conf))
+        yield chunk([choice({}, None, finish.reason)], vloop=await turn.final_extras(conf))
         if include_usage:
             usage = {**finish.usage, "total_tokens": finish.usage["prompt_tokens"] + finish.usage["completion_tokens"]}
             yield chunk([], usage=usage)

@@ -53,7 +53,7 @@ def gateway(vllm, base_model_dir, tmp_path_factory):
     # --model is the base's path, which vLLM does not know: the gateway must use vLLM's own id.
     # The allowlist lets the gateway fetch test images from a loopback web server.
     srv = Server(base_model_dir, (home / "lake").as_uri(), home, {"VLOOP_FETCH_ALLOWLIST": "127.0.0.1"})
-    srv.args += ["--upstream", vllm.url]
+    srv.args += ["--upstream", vllm.url, "--decoding-ttl", "0.5"]
     srv.lake = LocalLake(home / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     yield srv.start()
     srv.stop()
@@ -114,6 +114,18 @@ def test_chat_with_an_image_through_the_gateway(gateway, vllm):
     banned = gateway.post("/v1/chat/completions", chat_body(s, user="ann", max_tokens=16, bad_words=[answer.split()[0]]))
     assert banned.status_code == 200, banned.text
     assert answer.split()[0] not in banned.json()["choices"][0]["message"]["content"].split()
+    # The lake's decoding policy reaches vLLM too (merged into bad_words), after a reload.
+    from vloop.decoding import ban, unban
+
+    p = ban(gateway.lake, [answer.split()[0]], actor="test", reason="policy via vLLM")
+    wait_for(lambda: requests.get(gateway.url + "/healthz", timeout=5).json()["decoding_policy"] == p.version,
+             10, "the policy reload")
+    by_policy = gateway.post("/v1/chat/completions", chat_body(s, user="ann", max_tokens=16))
+    assert answer.split()[0] not in by_policy.json()["choices"][0]["message"]["content"].split()
+    assert "flags" in by_policy.json()["vloop"]["image_quality"]
+    unban(gateway.lake, [answer.split()[0]], actor="test", reason="done")
+    wait_for(lambda: requests.get(gateway.url + "/healthz", timeout=5).json()["decoding_policy"] == p.version + 1,
+             10, "the policy reload")
 
     r404 = gateway.post("/v1/chat/completions", chat_body(s, model="ghost"))
     assert r404.status_code == 404 and "upstream" in r404.json()["error"]["message"]

@@ -132,8 +132,13 @@ class PolicyCache:
     _policy: DecodingPolicy = field(default_factory=DecodingPolicy)
     _read_at: float = float("-inf")
 
+    @property
+    def stale(self) -> bool:
+        """True when the next :meth:`get` reads the lake (an async caller runs it in a thread)."""
+        return time.monotonic() - self._read_at >= self.ttl_s
+
     def get(self) -> DecodingPolicy:
-        if time.monotonic() - self._read_at >= self.ttl_s:
+        if self.stale:
             try:
                 self._policy = current(self.lake)
             except Exception:  # noqa: BLE001 - an unreachable lake must not stop answering
@@ -184,6 +189,51 @@ def variants(phrase: str) -> list[str]:
 _INDEX_CACHE: dict = {}
 
 
+class _VocabIndex:
+    """One tokenizer's token bytes, and the rules of the phrase forms asked for so far. Scanning
+    a 150k-token vocabulary takes a noticeable fraction of a second; serving combines the policy
+    with each request's own ``bad_words``, so the scan and each phrase's rule are done once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # held, so the id() key below is never reused
+        self.tok_bytes = token_bytes(tokenizer)
+        self.by_first: dict[int, list[int]] = {}  # tokens by their first byte: the scans stay small
+        for i, b in enumerate(self.tok_bytes):
+            if b:
+                self.by_first.setdefault(b[0], []).append(i)
+        self.rules: dict[tuple, tuple] = {}
+
+    def rule(self, form: str, exceptions: tuple[str, ...]) -> tuple:
+        key = (form, exceptions)
+        if key not in self.rules:
+            import torch
+
+            pb = form.encode()
+            before = tuple(e.encode()[:e.encode().find(pb)] for e in exceptions
+                           if pb in e.encode() and e.encode().find(pb) > 0)
+            whole = [i for i, b in enumerate(self.tok_bytes) if b and pb in b]
+            rest = {}
+            for k in range(1, len(pb)):
+                ids = [i for i in self.by_first.get(pb[k], []) if self.tok_bytes[i].startswith(pb[k:])]
+                if ids:
+                    rest[k] = torch.tensor(ids, dtype=torch.long)
+            if len(self.rules) > 4096:  # request bad_words are bounded, but their variety is not
+                self.rules.clear()
+            self.rules[key] = (pb, whole, rest, before)
+        return self.rules[key]
+
+
+_VOCAB_CACHE: dict[int, _VocabIndex] = {}
+
+
+def _vocab_index(tokenizer) -> _VocabIndex:
+    if id(tokenizer) not in _VOCAB_CACHE:
+        if len(_VOCAB_CACHE) > 4:
+            _VOCAB_CACHE.clear()
+        _VOCAB_CACHE[id(tokenizer)] = _VocabIndex(tokenizer)
+    return _VOCAB_CACHE[id(tokenizer)]
+
+
 class BannedPhrases:
     """A logits processor (``transformers`` generation) that keeps every phrase of ``banned`` out
     of the decoded answer, whatever tokens would spell it; see the module doc.
@@ -193,30 +243,15 @@ class BannedPhrases:
     in ``input_ids``."""
 
     def __init__(self, tokenizer, banned, exceptions=DEFAULT_EXCEPTIONS, prompt_len: int = 0):
-        import torch
-
         self.prompt_len = prompt_len
         self.banned = tuple(banned)
-        self.tok_bytes = token_bytes(tokenizer)
-        by_first: dict[int, list[int]] = {}  # tokens by their first byte: the scans below stay small
-        for i, b in enumerate(self.tok_bytes):
-            if b:
-                by_first.setdefault(b[0], []).append(i)
+        vocab = _vocab_index(tokenizer)
+        self.tok_bytes = vocab.tok_bytes
         # Per banned byte string: the tokens that hold it whole; for each k, the tokens that start
-        # with its bytes after the first k; and the exception words' text before it.
-        self.rules = []
-        for phrase in self.banned:
-            for form in variants(phrase):
-                pb = form.encode()
-                before = tuple(e.encode()[:e.encode().find(pb)] for e in exceptions
-                               if pb in e.encode() and e.encode().find(pb) > 0)
-                whole = [i for i, b in enumerate(self.tok_bytes) if b and pb in b]
-                rest = {}
-                for k in range(1, len(pb)):
-                    ids = [i for i in by_first.get(pb[k], []) if self.tok_bytes[i].startswith(pb[k:])]
-                    if ids:
-                        rest[k] = torch.tensor(ids, dtype=torch.long)
-                self.rules.append((pb, whole, rest, before))
+        # with its bytes after the first k; and the exception words' text before it. Each rule is
+        # built once per tokenizer (a serving request's own bad_words combine cached rules).
+        self.rules = [rule for phrase in self.banned for form in variants(phrase)
+                      for rule in [vocab.rule(form, tuple(exceptions))]]
 
     @classmethod
     def for_tokenizer(cls, tokenizer, banned, exceptions=DEFAULT_EXCEPTIONS) -> "BannedPhrases":
