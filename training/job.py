@@ -117,23 +117,27 @@ def train(job: TrainJob) -> dict:
     ds = manifest(lake, job.dataset_id)
     examples = load_examples(lake, data)
     cfg = job.lora
+    run_cfg = cfg.resolved()  # device, bf16, gradient checkpointing decided (CUDA: on; CPU: fp32, off)
     torch.manual_seed(cfg.seed)
-    lm = load_model(job.base_model)
-    # bf16 weights on a GPU: gradient checkpointing trades compute for activation memory.
-    model = add_lora(lm.model, cfg, gradient_checkpointing=lm.device != "cpu")
+    lm = load_model(job.base_model, device=run_cfg.device, dtype=run_cfg.dtype)
+    model = add_lora(lm.model, cfg, gradient_checkpointing=run_cfg.gradient_checkpointing)
     out = job.local_dir
     out.mkdir(parents=True, exist_ok=True)
-    log.info("training %s on %d examples of %s (%s)", job.lake_prefix, len(examples), job.dataset_id, lm.device)
+    log.info("training %s on %d examples of %s (%s, %s, gradient checkpointing %s)", job.lake_prefix,
+             len(examples), job.dataset_id, lm.device, "bf16" if run_cfg.bf16 else "fp32",
+             "on" if run_cfg.gradient_checkpointing else "off")
     result = run_sft(model, lm.processor, examples, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                      warmup_steps=cfg.warmup_steps, seed=cfg.seed, log_every=cfg.log_every, log=log.info,
-                     checkpoint=out / "checkpoint.pt", checkpoint_every=job.checkpoint_every)
+                     checkpoint=out / "checkpoint.pt", checkpoint_every=job.checkpoint_every,
+                     autocast_dtype=run_cfg.autocast_dtype)
     adapter = out / "adapter"
     model.save_pretrained(adapter)
     summary = {"adapter": f"{job.adapter_name}@{job.version}", "base_model": str(job.base_model),
                "dataset_id": job.dataset_id, "dataset_sha256": ds["content_sha256"], "examples": len(examples),
                "config": job.to_dict(), "seconds": round(result.seconds, 2), "tokens": result.tokens,
                "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
-               "final_loss": result.losses[-1], "losses": result.losses, "device": str(lm.device)}
+               "final_loss": result.losses[-1], "losses": result.losses, "device": str(lm.device),
+               "bf16": run_cfg.bf16, "gradient_checkpointing": run_cfg.gradient_checkpointing}
     (adapter / "training.json").write_text(json.dumps(summary, indent=2))
     loss_plot(result.losses, adapter / "loss.png")
     files = sorted(adapter.iterdir(), key=lambda p: p.name == ADAPTER_FILES_LAST)
@@ -192,7 +196,7 @@ def evaluate(job: TrainJob) -> dict:
     correct: dict = {}  # (set, who) -> {example_id: 0/1}
     cache = job.local_dir / "eval-cache"
     for who, prefix in (("candidate", job.lake_prefix), ("champion", job.champion_path)):
-        lm = _with_adapter(load_model(job.base_model), lake, prefix, cache)
+        lm = _with_adapter(load_model(job.base_model, device=job.lora.device), lake, prefix, cache)
         for name, df in sets.items():
             if not len(df):
                 continue

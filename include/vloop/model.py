@@ -136,7 +136,8 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | None = None, dt
     device, dtype = pick_device_and_dtype(device, dtype)
     kwargs = dict(dtype=dtype, local_files_only=bool(local_files_only))
     if device.startswith("cuda"):
-        kwargs["device_map"] = "auto"
+        # "cuda": spread over the visible GPUs; "cuda:N": that GPU only (training asks for one).
+        kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
     try:
         model = Qwen3VLForConditionalGeneration.from_pretrained(name, **kwargs)
         processor = processor_class().from_pretrained(name, local_files_only=bool(local_files_only))
