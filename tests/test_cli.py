@@ -56,6 +56,7 @@ def test_lake_check_and_ls(tmp_path, s3_endpoint):
     assert vloop("lake", "ls", env=env).stdout == ""  # the probe was removed
 
 
+@pytest.mark.timeout(1800)  # the base model's pretraining (a session fixture) may run inside it
 def test_demo_runs_the_whole_loop_on_real_services(tmp_path, base_model_dir):
     """`vloop demo`, shortened (one round, small numbers), as a user runs it: real Label Studio and
     serving started and stopped by the demo, the DAGs with dag.test(), simulated shoppers through
