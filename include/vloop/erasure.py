@@ -85,14 +85,6 @@ class ErasureResult:
                 "already_erased_before": self.already_tombstoned}
 
 
-def _read(lake: Lake, key: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(lake.get_bytes(key)))
-
-
-def _write(lake: Lake, key: str, table: pa.Table) -> None:
-    lake.write_parquet(key, table)
-
-
 def _column_set(table: pa.Table, name: str) -> set:
     return set(table.column(name).to_pylist()) - {None} if name in table.column_names else set()
 
@@ -155,14 +147,19 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             and (not k.startswith("adapters/") or k.endswith(".json"))]
     parquet = [k for k in keys if k.endswith(".parquet")]
 
-    # Pass 1: the user's requests and images, wherever a row carries the user key.
+    # Pass 1: the user's requests and images, wherever a row carries the user key. One object in
+    # memory at a time (the passes read again rather than hold the lake).
     request_ids: set[str] = set()
     images: set[str] = set()
-    tables: dict[str, pa.Table] = {}
+    about_users, about_images = [], []  # objects with user or request columns; with images only
     for k in parquet:
-        t = _read(lake, k)
-        tables[k] = t
-        if "user_key" in t.column_names:
+        t = lake.read_parquet(k)
+        cols = set(t.column_names)
+        if cols & {"user_key", "request_id"}:
+            about_users.append(k)
+        elif "image_key" in cols:
+            about_images.append(k)
+        if "user_key" in cols:
             mine = t.filter(_user_mask(t, user_key, set()))
             request_ids |= _column_set(mine, "request_id")
             images |= _column_set(mine, "image_key")
@@ -180,9 +177,10 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
     others_images: set[str] = set()
     days: set[str] = set()
     datasets: dict[str, int] = {}
-    for k, t in tables.items():
+    for k in about_users:
+        t = lake.read_parquet(k)
         mask = _user_mask(t, user_key, request_ids)
-        if mask is None:
+        if mask is None:  # request ids only, and none of theirs known
             continue
         if unseen and "request_id" in t.column_names:
             by_hash = pa.array([request_hash(r) in unseen for r in t["request_id"].to_pylist()], pa.bool_())
@@ -192,7 +190,7 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
         others_images |= _column_set(kept, "image_key")
         if n:
             images |= _column_set(t.filter(mask), "image_key")
-            _write(lake, k, kept)
+            lake.write_parquet(k, kept)
             res.objects_rewritten.append(k)
             res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
             if m := _DAY.search("/" + k):
@@ -203,14 +201,13 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
     only_theirs = images - others_images
 
     # Pass 3: rows keyed by image only (image quality) for images that were only the user's.
-    for k, t in tables.items():
-        if {"user_key", "request_id"} & set(t.column_names) or "image_key" not in t.column_names or not only_theirs:
-            continue
+    for k in about_images if only_theirs else []:
+        t = lake.read_parquet(k)
         mask = pc.fill_null(pc.is_in(t["image_key"].cast(pa.string()),
                                      value_set=pa.array(sorted(only_theirs), pa.string())), False)
         n = pc.sum(mask).as_py() or 0
         if n:
-            _write(lake, k, t.filter(pc.invert(mask)))
+            lake.write_parquet(k, t.filter(pc.invert(mask)))
             res.objects_rewritten.append(k)
             res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
 
@@ -414,8 +411,7 @@ def _expire_images(lake: Lake, before: dt.date) -> int:
     referenced: set[str] = set()
     for k in lake.list(""):
         if k.endswith(".parquet") and not k.startswith(SKIP):
-            t = _read(lake, k)
-            referenced |= _column_set(t, "image_key")
+            referenced |= _column_set(lake.read_parquet(k), "image_key")
     cutoff = dt.datetime.combine(before, dt.time(), dt.timezone.utc)
     n = 0
     for k in lake.list(IMAGES):
@@ -423,7 +419,3 @@ def _expire_images(lake: Lake, before: dt.date) -> int:
             lake.delete(k)
             n += 1
     return n
-
-
-def erased_users(lake: Lake) -> set[str]:
-    return read_tombstones(lake)

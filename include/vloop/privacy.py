@@ -124,16 +124,6 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-
-
-def _valid_cn_id(s: str) -> bool:
-    """The ISO 7064 checksum of an 18-character ID (kept for callers that want a strict check)."""
-    total = sum(int(c) * w for c, w in zip(s[:17], _ID_WEIGHTS))
-    return _ID_CHECK[total % 11] == s[17].upper()
-
-
 def user_key(user_id: str, secret: str | bytes) -> str:
     """The pseudonymous key stored instead of ``user_id``."""
     if not secret:
