@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import datetime as dt
 import hmac
 import io
@@ -104,7 +103,6 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
     return JSONResponse({"error": {"message": message, "type": type_, "code": status}}, status_code=status)
 
 
-UNLOGGED_MEMORY = 100_000  # request ids of unlogged answers remembered for their feedback
 UNLOGGED_PREFIX = "chatcmpl-nolog-"  # the id of an answer that was not logged (opted out)
 
 
@@ -123,7 +121,6 @@ class Gateway:
         self.opt_out_path = cfg.state_dir / "opt_out.json"
         self.opted_out: set[str] = set(json.loads(self.opt_out_path.read_text())) if self.opt_out_path.is_file() else set()
         self.opted_out_pending: set[str] = set()  # added here since the last sync with the lake
-        self.unlogged: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
         self.registry = None
         if self.lake is not None:
@@ -317,10 +314,6 @@ class Gateway:
             except Exception as e:  # the lake or an adapter is unavailable: keep serving, retry
                 self.metrics.inc("vloop_reconcile_failures_total", "failed reconciliations with the registry")
                 log.warning("reconciling with the registry failed: %s", e)
-            try:
-                await asyncio.to_thread(self.sync_opt_outs)
-            except Exception as e:
-                log.warning("reading the lake's opt-outs failed: %s", e)
             await asyncio.sleep(self.cfg.reconcile_interval_s)
 
     def sync_opt_outs(self) -> None:
@@ -333,20 +326,13 @@ class Gateway:
             self.opted_out = excluded_users(self.lake) | self.opted_out_pending
             self.opted_out_pending.clear()
 
-    async def sync_opt_outs_forever(self, interval_s: float = 5.0) -> None:
-        """For a replica that does not follow the registry: the opt-out sync on its own."""
+    async def sync_opt_outs_forever(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(self.sync_opt_outs)
             except Exception as e:
                 log.warning("reading the lake's opt-outs failed: %s", e)
-
-    def remember_unlogged(self, request_id: str) -> None:
-        """A request answered but not logged (opted out): feedback about it is not logged either."""
-        self.unlogged[request_id] = None
-        while len(self.unlogged) > UNLOGGED_MEMORY:
-            self.unlogged.popitem(last=False)
 
     def loaded_adapters(self) -> set[str] | None:
         return set(self.local.adapters) if self.local else None
@@ -521,7 +507,6 @@ class Turn:
         elif status == "disconnected":
             m.inc("vloop_requests_disconnected_total", "streamed chat requests the client left midway", arm=self.arm)
         if self.opted_out:
-            gw.remember_unlogged(self.request_id)
             return conf
         q_clean, n_q = redact(self.question)
         a_clean, n_a = redact(text) if text is not None else (None, 0)
@@ -576,8 +561,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 await asyncio.to_thread(gw.sync_opt_outs)
             except Exception as e:
                 log.warning("could not read the lake's opt-outs yet: %s", e)
-        if gw.lake is not None and not (gw.registry is not None and cfg.reconcile_interval_s > 0):
-            app.state.opt_out_sync = asyncio.create_task(gw.sync_opt_outs_forever())
+            # Every few seconds after, at the pace the registry is followed.
+            app.state.opt_out_sync = asyncio.create_task(
+                gw.sync_opt_outs_forever(cfg.reconcile_interval_s if cfg.reconcile_interval_s > 0 else 5.0))
         if gw.registry is not None and cfg.reconcile_interval_s > 0:
             try:  # serve what the registry says from the first request on (health waits for it)
                 await gw.reconcile()
@@ -861,10 +847,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         # Feedback about a request that was not logged (its user opted out) is not logged either:
-        # known here when this replica answered it, or from the optional "user".
+        # its id says so (whichever replica answered it), or the optional "user" is opted out.
         ukey = gw.user_key(body, request)
         rid = body.get("request_id")
-        opted_out = (request.headers.get("x-vloop-opt-out") == "1" or rid in gw.unlogged
+        opted_out = (request.headers.get("x-vloop-opt-out") == "1"
                      or (isinstance(rid, str) and rid.startswith(UNLOGGED_PREFIX))
                      or (ukey is not None and ukey in gw.opted_out))
         edited, n = redact(body.get("edited_text"))
