@@ -13,18 +13,10 @@ import httpx
 import pytest
 import requests
 
-from tests.test_serving import Server, chat_body, data_url, lake_table, wait_for
+from tests.test_serving import chat_body, data_url, lake_table, server, wait_for  # noqa: F401 (fixture)
 from vloop.lake import open_lake
 from vloop.schema import INTERACTION
 from vloop.synth import World
-
-
-@pytest.fixture(scope="module")
-def gateway(base_model_dir, tmp_path_factory):
-    home = tmp_path_factory.mktemp("stream")
-    srv = Server(base_model_dir, (home / "lake").as_uri(), home).start()
-    yield srv
-    srv.stop()
 
 
 def client(srv):
@@ -53,8 +45,8 @@ def logged(srv, *request_ids) -> dict:
     return {r["request_id"]: r for r in table}
 
 
-def test_stream_matches_the_plain_answer_and_is_logged_once(gateway):
-    c = client(gateway)
+def test_stream_matches_the_plain_answer_and_is_logged_once(server):
+    c = client(server)
     s = World(21).sample(0, intents=("colour",))
     plain = c.chat.completions.create(model="vloop", user="ann", messages=messages(s), max_tokens=16,
                                       logprobs=True, top_logprobs=2)
@@ -85,7 +77,7 @@ def test_stream_matches_the_plain_answer_and_is_logged_once(gateway):
     assert all(ch.choices and ch.usage is None and ch.choices[0].logprobs is None for ch in bare)
     assert "".join(ch.choices[0].delta.content or "" for ch in bare) == text
 
-    rows = logged(gateway, chunks[0].id, bare[0].id, plain.id)
+    rows = logged(server, chunks[0].id, bare[0].id, plain.id)
     rec = rows[chunks[0].id]
     assert rec["status"] == "ok" and rec["answer"] == text and rec["arm"] == "champion"
     assert rec["token_logprobs"] == pytest.approx([x.logprob for x in streamed_lps], abs=1e-5)
@@ -93,8 +85,8 @@ def test_stream_matches_the_plain_answer_and_is_logged_once(gateway):
     assert bare[0].id in rows and plain.id in rows
 
 
-def test_usage_counts_the_prompt_and_length_cuts(gateway):
-    c = client(gateway)
+def test_usage_counts_the_prompt_and_length_cuts(server):
+    c = client(server)
     s = World(22).sample(0, intents=("colour",))
     with_image = c.chat.completions.create(model="vloop", messages=messages(s), max_tokens=1)
     text_only = c.chat.completions.create(model="vloop", messages=messages(s, with_image=False), max_tokens=1)
@@ -111,29 +103,29 @@ def test_usage_counts_the_prompt_and_length_cuts(gateway):
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 32
 
 
-def test_stream_errors_are_plain_4xx_before_the_stream(gateway):
+def test_stream_errors_are_plain_4xx_before_the_stream(server):
     s = World(23).sample(0, intents=("colour",))
-    r = gateway.post("/v1/chat/completions", chat_body(s, model="no-such-adapter", stream=True))
+    r = server.post("/v1/chat/completions", chat_body(s, model="no-such-adapter", stream=True))
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
-    r = gateway.post("/v1/chat/completions", chat_body(s, stream="yes"))
+    r = server.post("/v1/chat/completions", chat_body(s, stream="yes"))
     assert r.status_code == 400 and "'stream'" in r.json()["error"]["message"]
-    r = gateway.post("/v1/chat/completions", chat_body(s, stream_options={"include_usage": True}))
+    r = server.post("/v1/chat/completions", chat_body(s, stream_options={"include_usage": True}))
     assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
 
 
-def test_a_client_leaving_midway_is_logged_as_disconnected(gateway):
+def test_a_client_leaving_midway_is_logged_as_disconnected(server):
     """The client reads the first chunk and hangs up while its request waits behind others in
     the engine: the interaction is logged once, as disconnected, and never generated."""
     s = World(24).sample(0, intents=("colour",))
     # Keep the engine's single worker busy: different max_tokens are generated one after another.
-    busy = [threading.Thread(target=gateway.post, args=("/v1/chat/completions",
+    busy = [threading.Thread(target=server.post, args=("/v1/chat/completions",
                                                          chat_body(s, user=f"b{i}", max_tokens=200 + i,
                                                                    temperature=1.5)))
             for i in range(4)]
     for t in busy:
         t.start()
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", gateway.url + "/v1/chat/completions",
+        with http.stream("POST", server.url + "/v1/chat/completions",
                          json=chat_body(s, user="leaver", stream=True, max_tokens=64)) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             rid = r.headers["x-request-id"]
@@ -142,7 +134,7 @@ def test_a_client_leaving_midway_is_logged_as_disconnected(gateway):
         # leaving the block closes the connection before the answer came
     for t in busy:
         t.join()
-    metrics = requests.get(gateway.url + "/metrics", timeout=10).text
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
     assert 'vloop_requests_disconnected_total{arm="champion"} 1' in metrics
-    rec = logged(gateway, rid)[rid]
+    rec = logged(server, rid)[rid]
     assert rec["status"] == "disconnected" and rec["answer"] is None and rec["token_logprobs"] is None
