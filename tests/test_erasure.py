@@ -342,3 +342,11 @@ def test_privacy_maintenance_dag(airflow_db, local_lake, monkeypatch):
     assert not lake.list(f"raw/interactions/dt={old_day}/")  # older than VLOOP_RETAIN_RAW_DAYS (90)
     actions = [a["action"] for a in audit_log(lake)]
     assert actions[-3:] == ["erasure requested", "erase", "retention"]
+
+
+def test_erasing_a_user_with_nothing_stored(local_lake):
+    """An erasure request for someone who never used the assistant (or on an empty first day)
+    succeeds, removes nothing and still leaves a tombstone and an audit record."""
+    res = erase_user(local_lake, "never-seen", actor="support")
+    assert res.total_rows == 0 and res.images_deleted == 0 and "never-seen" in read_tombstones(local_lake)
+    assert audit_log(local_lake)[-1]["action"] == "erase"

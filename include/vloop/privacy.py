@@ -273,8 +273,9 @@ def request_hash(request_id) -> str | None:
 def record_erased_requests(lake, key: str, hashes: set[str]) -> set[str]:
     """Add ``hashes`` to ``key``'s erased-request record; returns all of them."""
     k = f"{ERASED_REQUESTS}{_check_key(key)}.json"
-    have = set(lake.get_json(k)["request_id_sha256"]) if lake.exists(k) else set()
-    if not hashes <= have:
+    exists = lake.exists(k)
+    have = set(lake.get_json(k)["request_id_sha256"]) if exists else set()
+    if not exists or not hashes <= have:  # also for a user with nothing stored: the record exists
         lake.put_json(k, {"user_key": key, "request_id_sha256": sorted(have | hashes)})
     return have | hashes
 
