@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""Adapter load time, and failed requests while adapters are loaded and unloaded under traffic.
+"""Latency and failures of requests served while LoRA adapters are loaded and unloaded, against
+the same traffic with no swap going on, in the same run.
 
 Builds the tiny Qwen3-VL (pretrained briefly), trains two small LoRA adapters, starts the serving
-container (``python -m serving``) on loopback, keeps steady traffic on the base model and on adapter
-A from client threads, and meanwhile loads and unloads adapter B over and over through the admin
-API. Prints load/unload times and the requests that failed (goal: none).
+container (``python -m serving``) on loopback and keeps steady traffic on the base model and on
+adapter A from client threads. Meanwhile it alternates quiet windows (nothing happens) with swap
+episodes (adapter B loaded through the admin API, kept for a moment, unloaded). Every request's
+start and end are recorded: one that overlaps a swap episode counts as "during a swap", one that
+lies wholly inside a quiet window as "baseline". Both sets come from the same threads, the same
+server and interleaved time, so machine noise hits them alike; the ratios of their p50 and p99
+latencies say what a swap costs the requests in flight. Also prints load/unload times and failed
+requests. Goal: no failures, and a swap p99 close to the baseline p99.
 
-    python bench/adapter_swap.py           # 10 swap cycles
-    python bench/adapter_swap.py --quick   # 3 swap cycles
+    python bench/adapter_swap.py           # 20 swap cycles
+    python bench/adapter_swap.py --quick   # 5 swap cycles
     python bench/adapter_swap.py --upstream-vllm [--quick]
 
 With ``--upstream-vllm`` the gateway fronts a real vLLM (``make vllm``; about a minute to start and
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +44,40 @@ from vloop.pretrain import PretrainConfig, pretrain_base
 from vloop.synth import World
 from vloop.tiny import build_tiny_model
 
+HOLD_S = 0.3  # how long adapter B stays loaded in each swap episode
+MIN_QUIET_S = 1.0  # shortest quiet window; otherwise as long as the episode before it
+CLIENTS = 4  # traffic threads: half on the base model, half on adapter A
+
+
+@dataclass
+class Sample:
+    start: float
+    end: float
+    model: str
+    ok: bool
+    detail: str = ""
+
+
+def overlaps(s: Sample, windows: list[tuple[float, float]]) -> bool:
+    return any(s.start < b and s.end > a for a, b in windows)
+
+
+def inside(s: Sample, windows: list[tuple[float, float]]) -> bool:
+    return any(s.start >= a and s.end <= b for a, b in windows)
+
+
+def latency_ms(samples: list[Sample], q: float) -> float:
+    lat = [(s.end - s.start) * 1000 for s in samples if s.ok]
+    return float(np.percentile(lat, q)) if lat else float("nan")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cycles", type=int, help="swap episodes (default 20, 5 with --quick)")
     ap.add_argument("--upstream-vllm", action="store_true", help="the gateway fronts a real vLLM (make vllm)")
     args = ap.parse_args()
-    cycles = 3 if args.quick else 10
+    cycles = args.cycles or (5 if args.quick else 20)
     tmp = Path(tempfile.mkdtemp(prefix="vloop-swap-"))
     quiet = lambda line: None
     build_tiny_model(tmp / "tiny")
@@ -68,6 +102,10 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))
     auth = {"Authorization": f"Bearer {token}"}
     throughput = {}
+    samples: list[Sample] = []
+    episodes: list[tuple[float, float]] = []  # [load call start, unload call end]
+    quiet_windows: list[tuple[float, float]] = []
+    loads, unloads = [], []
     try:
         for _ in range(120):
             try:
@@ -80,43 +118,58 @@ def main() -> None:
         img = io.BytesIO()
         World(3).sample(0).image.save(img, format="PNG")
         image_url = "data:image/png;base64," + base64.b64encode(img.getvalue()).decode()
-        stop, ok, failed, lock = threading.Event(), [0], [], threading.Lock()
+        stop, lock = threading.Event(), threading.Lock()
 
         def traffic(model):
             s = requests.Session()
             while not stop.is_set():
-                r = s.post(url + "/v1/chat/completions", timeout=60, json={
-                    "model": model, "user": "bench", "max_tokens": 4, "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": image_url}},
-                        {"type": "text", "text": "What colour is this?"}]}]})
+                t0 = time.perf_counter()
+                try:
+                    r = s.post(url + "/v1/chat/completions", timeout=60, json={
+                        "model": model, "user": "bench", "max_tokens": 4, "messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": image_url}},
+                            {"type": "text", "text": "What colour is this?"}]}]})
+                    ok, detail = r.status_code == 200, f"{r.status_code} {r.text[:200]}"
+                except requests.RequestException as e:  # a dropped connection is a failure too, not a dead thread
+                    ok, detail = False, repr(e)[:200]
                 with lock:
-                    if r.status_code == 200:
-                        ok[0] += 1
-                    else:
-                        failed.append((model, r.status_code, r.text[:200]))
+                    samples.append(Sample(t0, time.perf_counter(), model, ok, "" if ok else detail))
 
         base_id = requests.get(url + "/v1/models").json()["data"][0]["id"]
         if vllm is not None:
             throughput = decode_throughput(vllm.url, image_url, {"base": base_id, "adapter": "a"},
                                            n=3 if args.quick else 10)
-        threads = [threading.Thread(target=traffic, args=(m,)) for m in (base_id, "a", base_id, "a")]
+        threads = [threading.Thread(target=traffic, args=(m,)) for m in [base_id, "a"] * (CLIENTS // 2)]
         for t in threads:
             t.start()
-        loads, unloads = [], []
+        # Warm-up outside both sets: a model's first requests allocate and compile.
+        while len(samples) < 2 * CLIENTS:
+            time.sleep(0.05)
+        quiet_s = MIN_QUIET_S
         for i in range(cycles):
-            t0 = time.perf_counter()
+            # A quiet window first (and one after the last episode), as long as an episode, so
+            # both sets get about as many requests from the same stretch of the run.
+            t_q = time.perf_counter()
+            time.sleep(quiet_s)
+            quiet_windows.append((t_q, time.perf_counter()))
+            t_ep = time.perf_counter()
             r = requests.post(url + "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp / "b")},
                               headers=auth)
-            loads.append(time.perf_counter() - t0)
+            loads.append(time.perf_counter() - t_ep)
             assert r.ok, r.text
-            time.sleep(0.3)
+            time.sleep(HOLD_S)
             t0 = time.perf_counter()
             r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=auth)
             unloads.append(time.perf_counter() - t0)
             assert r.ok, r.text
+            episodes.append((t_ep, time.perf_counter()))
+            quiet_s = max(MIN_QUIET_S, episodes[-1][1] - episodes[-1][0])
             print(f"cycle {i + 1}/{cycles}: load {loads[-1] * 1000:.0f} ms, unload {unloads[-1] * 1000:.0f} ms, "
-                  f"{ok[0]} requests answered so far, {len(failed)} failed", flush=True)
-            time.sleep(0.3)
+                  f"{sum(s.ok for s in samples)} requests answered so far, "
+                  f"{sum(not s.ok for s in samples)} failed", flush=True)
+        t_q = time.perf_counter()
+        time.sleep(quiet_s)
+        quiet_windows.append((t_q, time.perf_counter()))
         stop.set()
         for t in threads:
             t.join()
@@ -125,10 +178,28 @@ def main() -> None:
         server.wait(timeout=60)
         if vllm is not None:
             vllm.stop()
+
+    failed = [s for s in samples if not s.ok]
+    during = [s for s in samples if overlaps(s, episodes)]
+    baseline = [s for s in samples if inside(s, quiet_windows) and not overlaps(s, episodes)]
     for f in failed[:5]:
-        print("failed:", f)
-    print(f"load p50 {np.median(loads) * 1000:.0f} ms, unload p50 {np.median(unloads) * 1000:.0f} ms; "
-          f"{ok[0]} requests answered, {len(failed)} failed (goal: none)")
+        print("failed:", f.model, f.detail)
+    print(f"\nload p50 {np.median(loads) * 1000:.0f} ms (max {max(loads) * 1000:.0f}), "
+          f"unload p50 {np.median(unloads) * 1000:.0f} ms; {len(samples) - len(failed)} requests answered, "
+          f"{len(failed)} failed (goal: none)")
+    print(f"{'requests':26} {'n':>5} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for label, group in [("during a swap", during), ("baseline (quiet)", baseline)] + [
+            (f"  {'base' if m == base_id else 'adapter ' + m}, during swap", [s for s in during if s.model == m])
+            for m in (base_id, "a")] + [
+            (f"  {'base' if m == base_id else 'adapter ' + m}, baseline", [s for s in baseline if s.model == m])
+            for m in (base_id, "a")]:
+        print(f"{label:26} {len(group):5} {sum(not s.ok for s in group):7} "
+              f"{latency_ms(group, 50):8.1f} {latency_ms(group, 99):8.1f}")
+    sp50, sp99 = latency_ms(during, 50), latency_ms(during, 99)
+    bp50, bp99 = latency_ms(baseline, 50), latency_ms(baseline, 99)
+    few = min(len(during), len(baseline)) < 100
+    print(f"during a swap vs quiet: p50 x{sp50 / bp50:.2f}, p99 x{sp99 / bp99:.2f}"
+          + (" (under 100 requests in a set: its p99 is about its maximum; run more --cycles)" if few else ""))
     extra = ""
     if throughput:
         ratio = throughput["adapter"] / throughput["base"]
@@ -136,8 +207,12 @@ def main() -> None:
               f"adapter ({ratio:.2f}x)")
         extra = (f" backend=vllm vllm_tok_s_base={throughput['base']:.1f} vllm_tok_s_adapter={throughput['adapter']:.1f}"
                  f" adapter_ratio={ratio:.3f}")
-    print(f"RESULT cycles={cycles} load_p50_ms={np.median(loads) * 1000:.1f} load_max_ms={max(loads) * 1000:.1f} "
-          f"unload_p50_ms={np.median(unloads) * 1000:.1f} requests_ok={ok[0]} requests_failed={len(failed)}{extra}")
+    print(f"RESULT cycles={cycles} swap_n={len(during)} swap_p50_ms={sp50:.1f} swap_p99_ms={sp99:.1f} "
+          f"baseline_n={len(baseline)} baseline_p50_ms={bp50:.1f} baseline_p99_ms={bp99:.1f} "
+          f"p50_ratio={sp50 / bp50:.2f} p99_ratio={sp99 / bp99:.2f} "
+          f"failures={len(failed)} swap_failures={sum(not s.ok for s in during)} "
+          f"requests_ok={len(samples) - len(failed)} load_p50_ms={np.median(loads) * 1000:.1f} "
+          f"load_max_ms={max(loads) * 1000:.1f} unload_p50_ms={np.median(unloads) * 1000:.1f}{extra}")
 
 
 def decode_throughput(vllm_url: str, image_url: str, models: dict, n: int) -> dict:
