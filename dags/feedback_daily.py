@@ -1,30 +1,44 @@
 """
-### feedback_daily — from the day's logs to Label Studio and back
+### feedback_daily — from the day's logs to Label Studio and back, an hour partition at a time
 
-For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`:
+For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`. The steps marked
+*(per hour)* are **mapped** over D's hours (dynamic task mapping, `.expand(hour=…)` over what
+**hours** lists): each mapped task holds one hour of traffic, never the day, and the hours run
+side by side on whatever workers the executor has (LocalExecutor here; Celery or Kubernetes
+workers in production, with the same code and a lake they all reach). The steps that need the
+whole day are **reduces** over the hours' outputs in the lake.
 
 0. **wait_for_shippers** — a gateway that lost the lake for a while ships D's records late: wait
    (a sensor, rescheduled every 5 minutes) until every gateway's shipper watermark
    (`shippers/*.json`) has passed the end of D, or until the grace period after the end of D,
    Variable `vloop_late_data_grace_minutes` (default 120), is over. In simulation mode
    (`VLOOP_SIMULATION=1`) the demo's driver waits for the shipper itself;
-   **remine_previous_day** — D-1 is ingested, validated and mined again, so feedback that
-   arrived after D-1's run counts (its selection and Label Studio tasks stay as they were);
-1. **ingest** — D's interactions and every feedback event about them up to now (late ones count),
-   exact duplicates dropped;
-2. **validate** — Great Expectations suites (`vloop.quality`); bad rows go to `quarantine/dt=D/`
-   with a reason each, the validation result is stored there, and the run **stops** when the bad
-   share is over the Variable `vloop_max_bad_fraction`;
-3. **mine** implicit feedback into weak labels (`vloop.mining`);
-4. **confidence** from the logged log-probs, re-scoring rows without them with `VLOOP_BASE_MODEL`;
-   with that model, also each answer's image-text grounding (`vloop.grounding`);
-5. **image quality** — blurry, dark, blown-out and tiny photos are flagged, and NIQE recorded;
-6. **select** the items most worth an annotator's time under the Variable `vloop_label_budget`;
-7. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a
+   **remine_previous_day** — D-1 is ingested, validated and mined again (hour after hour, in one
+   task), so feedback that arrived after D-1's run counts (its selection and Label Studio tasks
+   stay as they were);
+1. **hours** — the hours of D with interactions (`raw/interactions/dt=D/hour=HH/`); a day
+   without any is one empty hour, `[0]`, so every step below runs instead of being skipped;
+2. **ingest** *(per hour)* — the hour's interactions and every feedback event about them up to
+   now (late ones count), exact duplicates dropped;
+3. **validate_hour** *(per hour)* — Great Expectations suites (`vloop.quality`); bad rows go to
+   `quarantine/dt=D/hour=HH/` with a reason each, with the validation result; the good rows are
+   staged; **validate** (reduce: the quality gate) — ids unique across hours, the day's bad
+   share added up into `quarantine/dt=D/validation.json`, and the run **stops** when it is over
+   the Variable `vloop_max_bad_fraction`; otherwise the staged rows become the curated hours;
+4. **mine** *(per hour)* implicit feedback into weak labels (`vloop.mining`; a question asked again
+   just after the hour's end still counts), **phrasings** (reduce) clusters the hours' badly
+   handled questions;
+5. **confidence** *(per hour)* from the logged log-probs, re-scoring rows without them with
+   `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.grounding`);
+6. **image_quality** *(per hour slot)* — blurry, dark, blown-out and tiny photos are flagged, and
+   NIQE recorded; each of the day's images is checked once, by the slot its key hashes to;
+7. **select** (reduce) the items most worth an annotator's time under the Variable
+   `vloop_label_budget`, for the whole day (read an hour at a time, the best kept);
+8. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a
    prediction; a re-run never creates a duplicate task;
-8. **pull** finished annotations into `labeled/dt=D/`;
-9. **report** — `reports/dt=D/index.html` with the per-arm metrics and plots, error types, edit length
-   per category, phrases users delete, grounding AUROC.
+9. **pull** finished annotations into `labeled/dt=D/`;
+10. **report** (reduce) — `reports/dt=D/index.html` with the per-arm metrics and plots, error
+   types, edit length per category, phrases users delete, grounding AUROC.
 
 A day without traffic (a deployment's first night) is a normal day: every step succeeds on empty
 tables and the report says "no traffic".
@@ -33,14 +47,14 @@ tables and the report says "no traffic".
 today brings, so pull runs after push has finished in *any* state (`trigger_rule="all_done"`):
 also when validate failed the quality gate and everything from mine to push is
 `upstream_failed`. It follows push only so the two never race to create the Label Studio project.
-The report needs the validated day: it waits for select and pull (after push) and runs unless one
-of them failed (`none_failed`), so it runs when push/pull were skipped for want of Label Studio and
-is `upstream_failed` on a day the quality gate stopped.
+The report needs the validated day: it waits for select, phrasings and pull (after push) and runs
+unless one of them failed (`none_failed`), so it runs when push/pull were skipped for want of
+Label Studio and is `upstream_failed` on a day the quality gate stopped.
 
-Every step replaces its own output for D, so re-running a day is safe; trigger with the param
-`day` to (re)process a given day. Without a
-`vloop_label_studio` connection, push and pull are skipped and the report still runs.
-The logic lives in `vloop.daily`; this file is wiring.
+Every step replaces its own output for D (an hour step its hour's), and the gate removes the
+outputs of hours D no longer has, so re-running a day is safe; trigger with the param `day` to
+(re)process a given day. Without a `vloop_label_studio` connection, push and pull are skipped and
+the report still runs. The logic lives in `vloop.daily`; this file is wiring.
 """
 
 from __future__ import annotations
@@ -65,6 +79,14 @@ def _day(context) -> dt.date:
     if context["params"].get("day"):
         return dt.date.fromisoformat(context["params"]["day"])
     return context["data_interval_start"].astimezone(dt.timezone.utc).date()
+
+
+# The mapped instances' names in the UI and logs: hour=07 rather than a bare map index.
+HOUR_LABEL = "hour={{ '%02d' % task.op_kwargs['hour'] }}"
+
+
+def _max_bad_fraction() -> float:
+    return float(Variable.get("vloop_max_bad_fraction", default=0.05))
 
 
 def _lake():
@@ -116,52 +138,61 @@ def feedback_daily():
     @task
     def remine_previous_day(**context):
         from vloop import daily
-        from vloop.quality import QualityGateError
 
-        day, lake = _day(context) - dt.timedelta(days=1), _lake()
-        if not lake.exists(daily.key(daily.CURATED, day, "mined.parquet")):
-            return {"day": day.isoformat(), "remined": False, "why": "never processed"}
-        ingested = daily.ingest(lake, day, daily.run_time(_day(context)))
-        try:
-            daily.validate(lake, day, max_bad_fraction=float(Variable.get("vloop_max_bad_fraction", default=0.05)))
-        except QualityGateError as e:  # its curated tables stay as its own run left them
-            return {"day": day.isoformat(), "remined": False, "why": str(e)}
-        return {**daily.mine_feedback(lake, day), "remined": True, "feedback": ingested["feedback"]}
+        return daily.remine(_lake(), _day(context) - dt.timedelta(days=1), daily.run_time(_day(context)),
+                            max_bad_fraction=_max_bad_fraction())
 
     @task
-    def ingest(**context):
+    def hours(**context) -> list[int]:
         from vloop import daily
 
-        return daily.ingest(_lake(), _day(context), daily.run_time(_day(context)))
+        return daily.day_hours(_lake(), _day(context))
+
+    @task(map_index_template=HOUR_LABEL)
+    def ingest(hour: int, **context):
+        from vloop import daily
+
+        return daily.ingest_hour(_lake(), _day(context), hour, daily.run_time(_day(context)))
+
+    @task(map_index_template=HOUR_LABEL)
+    def validate_hour(hour: int, **context):
+        from vloop import daily
+
+        return daily.validate_hour(_lake(), _day(context), hour, max_bad_fraction=_max_bad_fraction())
 
     @task(retries=0)  # a failed quality gate is a finding, not a glitch: retrying cannot fix the data
-    def validate(**context):
+    def validate(hour_list: list[int], **context):
         from vloop import daily
 
-        return daily.validate(_lake(), _day(context),
-                              max_bad_fraction=float(Variable.get("vloop_max_bad_fraction", default=0.05)))
+        return daily.gate(_lake(), _day(context), list(hour_list), max_bad_fraction=_max_bad_fraction())
 
-    @task
-    def mine(**context):
+    @task(map_index_template=HOUR_LABEL)
+    def mine(hour: int, **context):
         from vloop import daily
 
-        return daily.mine_feedback(_lake(), _day(context))
+        return daily.mine_hour(_lake(), _day(context), hour)
 
     @task
-    def confidence(**context):
+    def phrasings(**context):
+        from vloop import daily
+
+        return daily.mine_day_phrasings(_lake(), _day(context))
+
+    @task(map_index_template=HOUR_LABEL)
+    def confidence(hour: int, **context):
         from vloop import daily
         from vloop.config import load_settings
         from vloop.model import load_model
 
         settings = load_settings()
         loader = (lambda: load_model(settings.base_model)) if settings.base_model else None
-        return daily.score_confidence(_lake(), _day(context), loader)
+        return daily.score_confidence_hour(_lake(), _day(context), hour, loader)
 
-    @task
-    def image_quality(**context):
+    @task(map_index_template=HOUR_LABEL)
+    def image_quality(hour: int, **context):
         from vloop import daily
 
-        return daily.check_images(_lake(), _day(context))
+        return daily.check_images_slot(_lake(), _day(context), hour)
 
     @task
     def select(**context):
@@ -198,14 +229,20 @@ def feedback_daily():
 
     waited = wait_for_shippers()
     waited >> remine_previous_day()  # a leaf: its failure shows on the run, D's steps go on
-    checked = waited >> ingest() >> validate()
-    mined, scored, images = mine(), confidence(), image_quality()
+    hour_list = hours()
+    waited >> hour_list
+    # Mapped steps wait for every instance of the one before (a reduce needs them all anyway).
+    checked = validate(hour_list)
+    ingest.expand(hour=hour_list) >> validate_hour.expand(hour=hour_list) >> checked
+    mined, scored, images = (mine.expand(hour=hour_list), confidence.expand(hour=hour_list),
+                             image_quality.expand(hour=hour_list))
     checked >> [mined, scored, images]
-    chosen = select()
+    clustered, chosen = phrasings(), select()
+    mined >> clustered
     [mined, scored, images] >> chosen
     pulled = pull()
     chosen >> push() >> pulled
-    [chosen, pulled] >> report()
+    [chosen, clustered, pulled] >> report()
 
 
 feedback_daily()

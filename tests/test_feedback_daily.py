@@ -43,7 +43,7 @@ def test_steps_without_airflow(local_lake, base_model_dir):
     loads = []
     summary = run_steps(lake, D1, load_model=lambda: loads.append(1) or load_model(base_model_dir))
 
-    q = daily.get_frame(lake, daily.key("quarantine", D1, "interactions.parquet"))
+    q = daily.read_table(lake, "quarantine", D1, "interactions.parquet")
     assert len(q) == 6 and q["quarantine_reason"].str.contains("confidence out of").all()
     assert q["quarantine_reason"].str.contains("latency out of range").all()
     validation = lake.get_json(daily.key("quarantine", D1, "validation.json"))
@@ -53,15 +53,15 @@ def test_steps_without_airflow(local_lake, base_model_dir):
     assert len(good) == 594 and set(good["request_id"]).isdisjoint(q["request_id"])
     assert len(good) + len(q) == written["interactions"]  # nothing dropped silently
 
-    conf = daily.get_frame(lake, daily.key("curated", D1, "confidence.parquet"))
+    conf = daily.read_table(lake, "curated", D1, "confidence.parquet")
     rescored = conf[conf["confidence_source"] == "rescored"]
     assert loads == [1] and 10 < len(rescored) < 60  # ~5% without logprobs, model loaded once
     assert rescored["confidence"].between(0, 1).all() and conf["confidence"].notna().all()
 
-    chosen = daily.get_frame(lake, daily.key("labeling", D1, "selected.parquet"))
+    chosen = daily.read_table(lake, "labeling", D1, "selected.parquet")
     assert 0 < len(chosen) <= 200 and summary["selected"] == len(chosen)
     assert first_user not in set(chosen["user_key"])  # opted out
-    iq = daily.get_frame(lake, daily.key("curated", D1, "image_quality.parquet"))
+    iq = daily.read_table(lake, "curated", D1, "image_quality.parquet")
     assert iq["poor"].any() and set(chosen["image_key"]).isdisjoint(iq.loc[iq["poor"], "image_key"])
     assert chosen["why"].str.len().gt(0).all()
     pairs = chosen["image_sha256"] + "|" + chosen["question"]
@@ -73,7 +73,7 @@ def test_steps_without_airflow(local_lake, base_model_dir):
     assert wrong(chosen) > wrong(good) + 0.2
 
     report = daily.report(lake, D1)
-    metrics = daily.get_frame(lake, daily.key("reports", D1, "metrics.parquet"))
+    metrics = daily.read_table(lake, "reports", D1, "metrics.parquet")
     assert metrics["requests"].sum() == 594 and report["quarantined"] == 6
     assert 0.3 < metrics["acceptance_rate"].iloc[0] < 0.7
     page = lake.get_bytes(daily.key("reports", D1, "index.html")).decode()
@@ -82,7 +82,7 @@ def test_steps_without_airflow(local_lake, base_model_dir):
     # Selection the next day excludes what was already chosen.
     simulated_day(lake, D2, 300, seed=4)
     run_steps(lake, D2)
-    again = daily.get_frame(lake, daily.key("labeling", D2, "selected.parquet"))
+    again = daily.read_table(lake, "labeling", D2, "selected.parquet")
     assert set(again["request_id"]).isdisjoint(chosen["request_id"])
 
 
@@ -116,8 +116,8 @@ def test_a_day_without_traffic_is_a_normal_day(local_lake):
               [("quarantine", "interactions.parquet"), ("labeling", "selected.parquet"),
                ("reports", "metrics.parquet"), ("reports", "top_errors.parquet")]
     for dataset, name in outputs:
-        empty = daily.get_frame(lake, daily.key(dataset, D1, name))
-        full = daily.get_frame(lake, daily.key(dataset, D2, name))
+        empty = daily.read_table(lake, dataset, D1, name)
+        full = daily.read_table(lake, dataset, D2, name)
         assert len(empty) == 0 and list(empty.columns) == list(full.columns), (dataset, name)
     assert "traffic" not in daily.report(lake, D2)
 
@@ -127,8 +127,11 @@ def test_quality_gate_stops_the_day(local_lake):
     daily.ingest(local_lake, D1, dt.datetime(2026, 11, 21, 1, tzinfo=dt.timezone.utc))
     with pytest.raises(QualityGateError, match="15.0% of interactions"):
         daily.validate(local_lake, D1)
-    assert len(daily.get_frame(local_lake, daily.key("quarantine", D1, "interactions.parquet"))) == 30
-    assert not local_lake.exists(daily.key("curated", D1, "interactions.parquet"))  # nothing downstream
+    assert len(daily.read_table(local_lake, "quarantine", D1, "interactions.parquet")) == 30
+    # Nothing reaches the curated tables (the hours' validated rows stay staged): nothing downstream.
+    assert daily.hour_keys(local_lake, "curated", D1, "validated_interactions.parquet")
+    assert not daily.hour_keys(local_lake, "curated", D1, "interactions.parquet")
+    assert not local_lake.exists(daily.key("curated", D1, "interactions.parquet"))
 
 
 def test_dag_integrity(airflow_db):
@@ -186,13 +189,13 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     ls = LabelStudio(url, token)
     pid = ls.ensure_project(title)
     tasks = ls.export(pid, all_tasks=True)
-    chosen = daily.get_frame(lake, daily.key("labeling", D1, "selected.parquet"))
+    chosen = daily.read_table(lake, "labeling", D1, "selected.parquet")
     assert len(tasks) == len(chosen) == 40
     assert {t["data"]["request_id"] for t in tasks} == set(chosen["request_id"])
     preds = [p for t in tasks for p in ls._call("GET", "/api/predictions", params={"task": t["id"]})]
     # Annotators see model versions as names ("base" or name@version), never the base model's path.
     assert {p["model_version"] for p in preds} <= {"base", "shoes@2"} and preds[0]["result"][0]["type"] == "textarea"
-    assert len(daily.get_frame(lake, daily.key("quarantine", D1, "interactions.parquet"))) == 3
+    assert len(daily.read_table(lake, "quarantine", D1, "interactions.parquet")) == 3
 
     # Annotators work through half of the tasks: wrong answers get the right one typed in.
     truth = {t["data"]["request_id"]: t for t in tasks}
@@ -201,12 +204,12 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     simulated_day(lake, D2, 200, seed=7)
     state, tis = run(D2)
     assert state == "success", tis
-    labeled = daily.get_frame(lake, daily.key("labeled", D2, daily.LABELED_FILE))
+    labeled = daily.read_table(lake, "labeled", D2, daily.LABELED_FILE)
     assert sorted(labeled["request_id"]) == sorted(t["data"]["request_id"] for t in tasks[:20])
     assert (labeled["corrected_answer"] == "the right answer").all() and (labeled["verdict"] == "wrong").all()
     assert labeled["image_key"].notna().all() and labeled["lead_time_s"].eq(7.5).all()
     assert set(labeled["request_id"]) <= set(truth)
-    metrics = daily.get_frame(lake, daily.key("reports", D2, "metrics.parquet"))
+    metrics = daily.read_table(lake, "reports", D2, "metrics.parquet")
     assert metrics["judged"].sum() == 20  # calibration is computed over today's 20 verdicts
 
     # Re-running a day changes nothing, in the lake or in Label Studio.
@@ -237,7 +240,7 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     assert state == "failed" and tis["validate"] == "failed"
     assert all(tis[t] == "upstream_failed" for t in ("mine", "select", "push", "report"))
     assert tis["pull"] == "success"
-    pulled = daily.get_frame(lake, daily.key("labeled", D3, daily.LABELED_FILE))
+    pulled = daily.read_table(lake, "labeled", D3, daily.LABELED_FILE)
     assert list(pulled["request_id"]) == [tasks[20]["data"]["request_id"]]
-    assert len(daily.get_frame(lake, daily.key("quarantine", D3, "interactions.parquet"))) == 20
+    assert len(daily.read_table(lake, "quarantine", D3, "interactions.parquet")) == 20
     ls.close()

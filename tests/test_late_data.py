@@ -35,7 +35,7 @@ def test_late_feedback_is_mined_into_the_previous_day(airflow_db, tmp_path, monk
                                          "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     state, tis = run(D1)
     assert state == "success" and tis["wait_for_shippers"] == tis["remine_previous_day"] == "success", tis
-    before = daily.get_frame(lake, daily.key("curated", D1, "mined.parquet")).set_index("request_id")
+    before = daily.read_table(lake, "curated", D1, "mined.parquet").set_index("request_id")
     quiet = before.index[before["weak_label"] == "unknown"][:8].tolist()
     assert len(quiet) == 8  # answers nobody reacted to on D1
 
@@ -49,7 +49,7 @@ def test_late_feedback_is_mined_into_the_previous_day(airflow_db, tmp_path, monk
                                          "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     state, tis = run(D2)
     assert state == "success" and tis["remine_previous_day"] == "success", tis
-    after = daily.get_frame(lake, daily.key("curated", D1, "mined.parquet")).set_index("request_id")
+    after = daily.read_table(lake, "curated", D1, "mined.parquet").set_index("request_id")
     assert (after.loc[quiet, "weak_label"] == "negative").all() and (after.loc[quiet, "reason"] == "edited").all()
     others = before.index.difference(quiet)
     assert (after.loc[others, "weak_label"] == before.loc[others, "weak_label"]).all()

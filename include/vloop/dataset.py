@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vloop import daily
-from vloop.lake import Lake
+from vloop.lake import Lake, LakeKeyNotFound
 from vloop.privacy import is_user_key
 from vloop.selection import normalise_question
 
@@ -142,8 +142,8 @@ def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
     users = []
     for day in lab["selected_on"].dropna().unique():
         try:
-            users.append(daily.get_frame(lake, daily.key(daily.CURATED, day, "interactions.parquet"))
-                         [["request_id", "user_key"]])
+            users.append(daily.read_table(lake, daily.CURATED, day, "interactions.parquet",
+                                          ["request_id", "user_key"]))
         except Exception:  # the day's curated data was removed: its users cannot be checked
             continue
     users = pd.concat(users) if users else pd.DataFrame(columns=["request_id", "user_key"])
@@ -160,8 +160,8 @@ def _recent_curated(lake: Lake, until: dt.date, days: int) -> pd.DataFrame:
     for d in (until - dt.timedelta(days=i) for i in range(days)):
         try:
             inter, fb = daily.curated(lake, d, daily.LIGHT_COLUMNS)
-            mined = daily.get_frame(lake, daily.key(daily.CURATED, d, "mined.parquet"))
-            conf = daily.get_frame(lake, daily.key(daily.CURATED, d, "confidence.parquet"))
+            mined = daily.read_table(lake, daily.CURATED, d, "mined.parquet")
+            conf = daily.read_table(lake, daily.CURATED, d, "confidence.parquet")
         except Exception:
             continue
         df = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id") \
@@ -187,10 +187,11 @@ def wrong_without_correction(lab: pd.DataFrame) -> pd.Series:
 def _poor_images(lake: Lake, days) -> set[str]:
     poor = set()
     for d in days:
-        k = daily.key(daily.CURATED, d, "image_quality.parquet")
-        if lake.exists(k):
-            iq = daily.get_frame(lake, k)
-            poor |= set(iq.loc[iq["poor"], "image_key"])
+        try:
+            iq = daily.read_table(lake, daily.CURATED, d, "image_quality.parquet")
+        except LakeKeyNotFound:
+            continue
+        poor |= set(iq.loc[iq["poor"], "image_key"])
     return poor
 
 

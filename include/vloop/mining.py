@@ -65,11 +65,15 @@ def repeated_requests(interactions: pd.DataFrame, window_s: float) -> pd.Series:
     return rep.reindex(interactions.index, fill_value=False)
 
 
-def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules | None = None) -> pd.DataFrame:
+def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules | None = None,
+         later: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per interaction: request_id, weak_label, weight, reason, edit_distance, edit_ratio.
 
-    Vectorised over the whole day (a million interactions take seconds): per-request facts from
-    the events first, then the rules applied in order with the first match winning."""
+    Vectorised (a million interactions take seconds): per-request facts from the events first,
+    then the rules applied in order with the first match winning. ``later`` (``session_id``,
+    ``question``, ``ts``) are requests just after these (the next hour's first minutes, when a
+    day is mined an hour at a time): they are not mined, but a question asked again among them
+    counts as repeated, as it would over the whole day."""
     rules = rules or MiningRules()
     inter = interactions.reset_index(drop=True)
     if not len(inter):  # a day without traffic: no rows, the same columns
@@ -103,7 +107,10 @@ def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules 
     rating = pd.to_numeric(per_request("rating", "rating", "last"), errors="coerce")
     first_close = pd.to_datetime(per_request("close", "ts", "min"), utc=True)
     dwell = pd.to_numeric(per_request("dwell", "dwell_ms", "max"), errors="coerce")
-    repeated = repeated_requests(inter, rules.repeat_window_s) if len(inter) else has["edit"]
+    cols = ["session_id", "question", "ts"]
+    asked = inter[cols] if later is None or not len(later) else \
+        pd.concat([inter[cols], later[cols]], ignore_index=True)
+    repeated = repeated_requests(asked, rules.repeat_window_s).iloc[:n]
     quick_close = (first_close - pd.to_datetime(inter["ts"], utc=True)).dt.total_seconds() <= rules.quick_close_s
 
     conditions = [
@@ -165,23 +172,20 @@ def _lang(text: str) -> str:
     return "zh" if re.search(r"[\u3400-\u9fff]", text) else "en"
 
 
-def mine_phrasings(interactions: pd.DataFrame, mined: pd.DataFrame, rules: PhrasingRules | None = None
-                   ) -> pd.DataFrame:
-    """Users' own phrasings of the questions the model handled badly (edited, regenerated or
-    asked again), clustered: one row per cluster with its intent, language, most common wording,
-    how often it was asked and by how many users, and the variants merged into it.
+PHRASING_CANDIDATE_COLUMNS = {"intent": "str", "key": "str", "question": "str", "user_key": "str",
+                              "asked": "int64"}
 
-    Clustering is simple on purpose: questions are normalised (case, punctuation, spacing), then
-    a phrasing joins the first more frequent cluster it is at least ``similarity`` similar to.
-    Only short questions of template intents are kept, and none with digits or a redaction
-    placeholder (``[PHONE]``): a template must not carry anything of a user's."""
-    from rapidfuzz import fuzz
 
+def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: PhrasingRules | None = None
+                        ) -> pd.DataFrame:
+    """The questions :func:`mine_phrasings` clusters, counted per (intent, normalised key,
+    wording, user): small, and additive, so the hours of a day can each count theirs and
+    :func:`cluster_phrasings` of their concatenation is the day's result."""
     from vloop.evaluation import intent_of
     from vloop.selection import normalise_question
 
     rules = rules or PhrasingRules()
-    empty = pd.DataFrame(columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
+    empty = pd.DataFrame(columns=list(PHRASING_CANDIDATE_COLUMNS)).astype(PHRASING_CANDIDATE_COLUMNS)
     if not len(interactions) or not len(mined):
         return empty
     bad = mined.loc[mined["reason"].isin(rules.reasons), "request_id"]
@@ -193,8 +197,25 @@ def mine_phrasings(interactions: pd.DataFrame, mined: pd.DataFrame, rules: Phras
     df["intent"] = df["question"].map(intent_of)
     df = df[df["intent"].isin(rules.intents)]
     df["key"] = df["question"].map(normalise_question)
-    per_key = df.groupby("key").agg(asked=("question", "size"), intent=("intent", "first"),
-                                    phrasing=("question", lambda s: s.value_counts().index[0]))
+    df["user_key"] = df["user_key"].fillna("")
+    out = df.groupby(["intent", "key", "question", "user_key"]).size().rename("asked").reset_index()
+    return out[list(PHRASING_CANDIDATE_COLUMNS)].astype(PHRASING_CANDIDATE_COLUMNS)
+
+
+def cluster_phrasings(candidates: pd.DataFrame, rules: PhrasingRules | None = None) -> pd.DataFrame:
+    """Cluster :func:`phrasing_candidates` (of a day, or of its hours concatenated) into the table
+    :func:`mine_phrasings` describes."""
+    from rapidfuzz import fuzz
+
+    rules = rules or PhrasingRules()
+    if not len(candidates):
+        return pd.DataFrame(columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
+    df = candidates.groupby(["intent", "key", "question", "user_key"], as_index=False)["asked"].sum()
+    wordings = df.groupby(["key", "question"], as_index=False).agg(n=("asked", "sum"), intent=("intent", "first"))
+    # A key's name is its commonest wording (ties: the first in sort order, so every split agrees).
+    top = wordings.sort_values(["key", "n", "question"], ascending=[True, False, True]).drop_duplicates("key")
+    per_key = top.set_index("key")[["question", "intent"]].rename(columns={"question": "phrasing"})
+    per_key["asked"] = df.groupby("key")["asked"].sum()
     per_key = per_key.sort_values(["asked"], ascending=False, kind="stable").head(rules.max_phrasings)
     clusters: list[dict] = []
     for key, r in per_key.iterrows():  # most frequent first: a cluster is named by its commonest wording
@@ -207,7 +228,21 @@ def mine_phrasings(interactions: pd.DataFrame, mined: pd.DataFrame, rules: Phras
     rows = []
     for c in clusters:
         members = df[df["key"].isin(c["keys"])]
+        users = members.loc[members["user_key"] != "", "user_key"]
         rows.append({"intent": c["intent"], "lang": _lang(c["phrasing"]), "phrasing": c["phrasing"],
-                     "asked": len(members), "users": members["user_key"].nunique(),
+                     "asked": int(members["asked"].sum()), "users": users.nunique(),
                      "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5])})
     return pd.DataFrame(rows, columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
+
+
+def mine_phrasings(interactions: pd.DataFrame, mined: pd.DataFrame, rules: PhrasingRules | None = None
+                   ) -> pd.DataFrame:
+    """Users' own phrasings of the questions the model handled badly (edited, regenerated or
+    asked again), clustered: one row per cluster with its intent, language, most common wording,
+    how often it was asked and by how many users, and the variants merged into it.
+
+    Clustering is simple on purpose: questions are normalised (case, punctuation, spacing), then
+    a phrasing joins the first more frequent cluster it is at least ``similarity`` similar to.
+    Only short questions of template intents are kept, and none with digits or a redaction
+    placeholder (``[PHONE]``): a template must not carry anything of a user's."""
+    return cluster_phrasings(phrasing_candidates(interactions, mined, rules), rules)

@@ -70,13 +70,26 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
                 + np.where(neg, cfg.w_feedback * df["weight"].fillna(0).to_numpy(dtype=float), 0)
                 + np.where(weak, cfg.w_grounding, 0)
                 + cfg.w_category * err)
-    df = df.assign(priority=priority)
-    df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
-    dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
-    df = df[~dup_key.duplicated()].head(cfg.budget)
+    df = _best(df.assign(priority=priority), cfg.budget)
     df["why"] = pd.Series([_why(r, cfg, category_error_rate) for r in df.itertuples(index=False)], index=df.index,
                           dtype="str")  # typed even when nothing is chosen (a day without traffic)
     return df.drop(columns=["weak_label", "weight"]).reset_index(drop=True)
+
+
+def _best(df: pd.DataFrame, budget: int) -> pd.DataFrame:
+    """The ``budget`` rows of highest priority (ties: request id), near-duplicates dropped."""
+    df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
+    dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
+    return df[~dup_key.duplicated()].head(budget)
+
+
+def merge_selected(parts: list[pd.DataFrame], budget: int) -> pd.DataFrame:
+    """One selection from the selections of parts of a day (each :func:`select` ed with the same
+    config and day-wide inputs). The same as selecting over the whole day: a row of the day's
+    selection is the best copy of its image + question anywhere, so its part kept it, and fewer
+    than ``budget`` distinct better rows exist in its part, so its part's cut kept it too."""
+    parts = [p for p in parts if len(p)] or parts[:1]
+    return _best(pd.concat(parts, ignore_index=True), budget).reset_index(drop=True)
 
 
 def _why(r, cfg: SelectionConfig, category_error_rate: dict) -> str:

@@ -1,0 +1,163 @@
+"""feedback_daily by the hour: a day split into hour partitions gives the figures the whole day
+gives (quarantine, weak labels, phrasings, selection under one budget, report metrics), and the
+mapped DAG runs under `dag.test()` on a day with traffic in a few hours and on an empty day."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tests.conftest import load_dag
+from vloop import daily
+from vloop.demo import simulated_day
+from vloop.lake import INTERACTIONS_DATASET, partition_prefix
+from vloop.schema import INTERACTION
+
+D = dt.date(2026, 9, 14)
+RUN_TIME = dt.datetime.combine(D + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)
+
+
+def _add_interactions(lake, rows: list[dict], name: str) -> None:
+    """Append ``rows`` to their hours' raw partitions, as a shipper's extra segment would."""
+    table = pa.Table.from_pylist(rows, schema=INTERACTION.arrow)
+    for hour in sorted({r["ts"].hour for r in rows}):
+        part = table.filter(pa.array([r["ts"].hour == hour for r in rows]))
+        lake.write_parquet(partition_prefix(INTERACTIONS_DATASET, D, hour) + name, part)
+
+
+def test_hours_give_the_whole_day_figures(local_lake):
+    from vloop.ingest import ingest_day
+    from vloop.mining import mine, mine_phrasings
+    from vloop.privacy import excluded_users
+    from vloop.quality import validate_feedback, validate_interactions
+    from vloop.report import daily_metrics
+    from vloop.selection import SelectionConfig, select
+
+    lake = local_lake
+    simulated_day(lake, D, 1500, seed=11, pool=60, corrupt=5)
+    raw = lake.read_partitions(INTERACTIONS_DATASET, D, D).to_pylist()
+    # Across an hour boundary: the same question again in the same session 20 s later (mined
+    # "repeated" only if the hour looks past its end), and one request id in two hours with
+    # different answers (quarantined in both only if the gate compares hours).
+    first, second = dict(raw[10]), dict(raw[11])
+    first.update(request_id="cross-1", session_id="s-cross", ts=dt.datetime(2026, 9, 14, 10, 59, 50, tzinfo=dt.timezone.utc))
+    second.update(request_id="cross-2", session_id="s-cross", question=first["question"],
+                  ts=dt.datetime(2026, 9, 14, 11, 0, 10, tzinfo=dt.timezone.utc))
+    twin_a, twin_b = dict(raw[20]), dict(raw[21])
+    twin_a.update(request_id="twin", ts=dt.datetime(2026, 9, 14, 5, 0, tzinfo=dt.timezone.utc))
+    twin_b.update(request_id="twin", ts=dt.datetime(2026, 9, 14, 17, 0, tzinfo=dt.timezone.utc), answer="other")
+    _add_interactions(lake, [first, second, twin_a, twin_b], "extra.parquet")
+
+    cfg = SelectionConfig(budget=25)
+    daily.ingest(lake, D, RUN_TIME)
+    gate = daily.validate(lake, D)
+    daily.mine_feedback(lake, D)
+    daily.score_confidence(lake, D)
+    images = daily.check_images(lake, D)
+    chosen = daily.select_for_labelling(lake, D, cfg)
+    report = daily.report(lake, D)
+    assert gate["hours"] == 24
+
+    # The whole day, at once, through the same library functions.
+    start = dt.datetime.combine(D, dt.time(), dt.timezone.utc)
+    whole = ingest_day(lake, D, RUN_TIME)
+    vi = validate_interactions(whole.interactions, start, start + dt.timedelta(days=1), lake=lake)
+    vf = validate_feedback(whole.feedback)
+    q = daily.read_table(lake, "quarantine", D, "interactions.parquet")
+    assert sorted(q["request_id"]) == sorted(vi.quarantined["request_id"]) and len(q) == 5 + 2
+    assert set(q.loc[q["request_id"] == "twin", "quarantine_reason"]) == {"request_id not unique"}
+    assert gate["quarantined_interactions"] == len(vi.quarantined) and gate["quarantined_feedback"] == len(vf.quarantined)
+    assert gate["bad_fraction_interactions"] == round(vi.bad_fraction, 6)
+
+    inter, fb = daily.curated(lake, D)
+    assert sorted(inter["request_id"]) == sorted(vi.good["request_id"])
+    fb_ref = vf.good[vf.good["request_id"].isin(set(vi.good["request_id"]))]
+    assert sorted(fb["event_id"]) == sorted(fb_ref["event_id"])
+
+    mined = daily.read_table(lake, "curated", D, "mined.parquet").set_index("request_id").sort_index()
+    mined_ref = mine(vi.good, fb_ref).merge(vi.good[["request_id", "category"]], on="request_id", how="left")
+    mined_ref = mined_ref.set_index("request_id").sort_index()
+    pd.testing.assert_frame_equal(mined, mined_ref)
+    assert mined.loc["cross-1", "reason"] == "question repeated in the session"
+
+    phrasings = daily.read_table(lake, "curated", D, "phrasings.parquet")
+    pd.testing.assert_frame_equal(phrasings, mine_phrasings(vi.good, mined_ref.reset_index()))
+    assert len(phrasings)
+
+    iq = daily.read_table(lake, "curated", D, "image_quality.parquet")
+    assert not iq["image_key"].duplicated().any() and set(iq["image_key"]) == set(inter["image_key"])
+    assert images["images"] == inter["image_key"].nunique() == 60  # each photo once, however many hours
+
+    # One budget over the day: the same rows, in the same order, as selecting from the whole day.
+    conf = daily.read_table(lake, "curated", D, "confidence.parquet")
+    cands = vi.good.drop(columns=["confidence"]).merge(conf[["request_id", "confidence", "grounding"]], on="request_id")
+    bad = mined_ref.dropna(subset=["category"])
+    err = bad.assign(bad=bad["weak_label"].isin(["negative", "weak_negative"])).groupby("category")["bad"].mean()
+    ref = select(cands, mined_ref.reset_index(), cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
+                 opted_out_users=excluded_users(lake), already_labelled=set(), category_error_rate=err.to_dict())
+    got = daily.read_table(lake, "labeling", D, "selected.parquet")
+    assert chosen["selected"] == 25 and list(got["request_id"]) == list(ref["request_id"])
+    assert list(got["why"]) == list(ref["why"]) and chosen["candidates"] == len(vi.good)
+
+    metrics = daily.read_table(lake, "reports", D, "metrics.parquet")
+    good = vi.good.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    ref_metrics = daily_metrics(good, fb_ref, mined_ref.reset_index(), None)
+    pd.testing.assert_frame_equal(metrics.drop(columns=["dt"]).reset_index(drop=True), ref_metrics.reset_index(drop=True),
+                                  check_dtype=False)
+    assert report["interactions"] == len(vi.good) and report["quarantined"] == 7
+
+    # Re-running the day with fewer hours leaves no output of the hours it lost.
+    table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
+    lake.write_hourly(INTERACTIONS_DATASET, table.filter(pc.less(pc.hour(table.column("ts")), 12)), D)
+    daily.ingest(lake, D, RUN_TIME)
+    daily.validate(lake, D)
+    assert daily.curated_hours(lake, D) == list(range(12))
+    assert not [k for k in lake.list(partition_prefix("curated", D)) if "/hour=12/" in k or "/hour=23/" in k]
+
+
+def test_mapped_dag_on_a_few_hours_and_on_an_empty_day(airflow_db, local_lake, monkeypatch):
+    lake = local_lake
+    monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",
+                                                              "extra": {"lake_url": lake.root.as_uri()}}))
+    monkeypatch.delenv("AIRFLOW_CONN_VLOOP_LABEL_STUDIO", raising=False)
+    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_LATE_DATA_GRACE_MINUTES", "0")  # the days are long over
+    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_LABEL_BUDGET", "10")
+    dag = load_dag("feedback_daily")
+
+    def run(day):
+        dr = dag.test(logical_date=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc))
+        return dr.state, dr.get_task_instances()
+
+    # Traffic in three hours only: three mapped instances of each hour step, named by their hour.
+    simulated_day(lake, D, 90, seed=2, pool=12)
+    table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
+    start = pd.Timestamp(dt.datetime.combine(D, dt.time(), dt.timezone.utc))
+    ts = [start + pd.Timedelta(hours=(2, 9, 17)[i % 3], seconds=i) for i in range(table.num_rows)]
+    lake.write_hourly(INTERACTIONS_DATASET, table.set_column(table.schema.get_field_index("ts"), "ts",
+                                                             pa.array(ts, INTERACTION.arrow.field("ts").type)), D)
+    state, tis = run(D)
+    by_task: dict[str, list] = {}
+    for ti in tis:
+        by_task.setdefault(ti.task_id, []).append(ti)
+    assert state == "success", {ti.task_id: ti.state for ti in tis}
+    for step in ("ingest", "validate_hour", "mine", "confidence", "image_quality"):
+        assert sorted(ti.map_index for ti in by_task[step]) == [0, 1, 2], step
+        assert {ti.state for ti in by_task[step]} == {"success"}, step
+    assert sorted(ti.rendered_map_index for ti in by_task["ingest"]) == ["hour=02", "hour=09", "hour=17"]
+    assert {ti.task_id: ti.state for ti in tis if ti.task_id in ("push", "pull")} == {"push": "skipped", "pull": "skipped"}
+    assert daily.curated_hours(lake, D) == [2, 9, 17]
+    assert len(daily.read_table(lake, "curated", D, "interactions.parquet")) == 90
+    assert 0 < len(daily.read_table(lake, "labeling", D, "selected.parquet")) <= 10  # one budget for the day
+    assert lake.exists(daily.key("reports", D, "index.html"))
+
+    # A day without traffic: one empty hour, every task succeeds, the report says so.
+    empty = D + dt.timedelta(days=3)
+    state, tis = run(empty)
+    assert state == "success" and {ti.state for ti in tis} == {"success", "skipped"}
+    assert {ti.task_id for ti in tis if ti.state == "skipped"} == {"push", "pull"}
+    assert [ti.map_index for ti in tis if ti.task_id == "mine"] == [0]
+    assert "No traffic" in lake.get_bytes(daily.key("reports", empty, "index.html")).decode()
