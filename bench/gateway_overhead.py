@@ -8,8 +8,12 @@ difference per percentile is the added latency. Then client processes with keep-
 connections push as hard as they can for a fixed time; every acknowledged request id must reach
 the lake (zero loss).
 
-Each is done twice: text-only requests, and requests carrying one phone photo (a 768x1024 JPEG of
-about 160 KB with an EXIF orientation tag, in a data URL), since real traffic carries a photo.
+Each is done twice: text-only requests, and requests carrying a phone photo in a data URL, since
+real traffic carries one. The photos are 768x1024 JPEGs of 50-200 KB (six of them: different
+detail and quality; half with an EXIF orientation tag, half with camera make, serial and GPS for
+the gateway to strip), and **every request's photo is a different picture**: one entry of the
+JPEG's quantisation table is changed per request, which changes every decoded pixel a little, so
+nothing is cached or written once per content hash that real traffic would not allow.
 
     python bench/gateway_overhead.py           # 2,000 latency samples, 3 load levels x 10 s, per kind
     python bench/gateway_overhead.py --quick   # 300 samples, 2 levels x 4 s, per kind
@@ -69,9 +73,11 @@ BODY = json.dumps({"model": "vloop", "user": "bench-user", "max_tokens": 8,
                    "messages": [{"role": "user", "content": "What colour are these shoes?"}]}).encode()
 
 
-def phone_photo(seed: int = 0, fine_noise: float = 7.0) -> bytes:
-    """A phone-photo-like JPEG: 768x1024, smooth colour regions plus sensor-like noise, quality 85,
-    an EXIF orientation tag (6: rotate on display), about 160 KB, which is what apps upload."""
+def phone_photo(seed: int = 0, fine_noise: float = 7.0, quality: int = 85, orientation: int | None = 6,
+                private: bool = False) -> bytes:
+    """A phone-photo-like JPEG: 768x1024, smooth colour regions plus sensor-like noise (more noise,
+    more bytes: 50-200 KB), optionally an EXIF orientation tag (6: rotate on display) and camera
+    make, serial number and GPS position (what the gateway must strip)."""
     import io
 
     from PIL import Image
@@ -81,18 +87,56 @@ def phone_photo(seed: int = 0, fine_noise: float = 7.0) -> bytes:
     pixels = np.asarray(low).astype(np.float32) + rng.normal(0, fine_noise, (1024, 768, 3))
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     exif = img.getexif()
-    exif[0x0112] = 6
+    if orientation:
+        exif[0x0112] = orientation
+    if private:
+        exif[0x010F], exif[0xA431] = "BenchPhone", "SN-0042-1337"
+        exif[0x8825] = {1: "N", 2: (39.0, 54.0, 26.0), 3: "E", 4: (116.0, 23.0, 29.0)}
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85, exif=exif)
+    img.save(buf, "JPEG", quality=quality, exif=exif)
     return buf.getvalue()
 
 
-def image_body(photo: bytes) -> bytes:
-    import base64
+# (noise, quality, orientation, private): 50-200 KB, half rotated, half carrying a GPS position
+PHOTO_MIX = [(1.0, 70, 6, False), (2.0, 80, None, True), (4.0, 82, 6, True),
+             (6.0, 85, None, False), (7.0, 85, 6, False), (8.5, 85, None, True)]
 
-    url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
-    return json.dumps({"model": "vloop", "user": "bench-user", "max_tokens": 8, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour are these shoes?"}]}]}).encode()
+
+class Bodies:
+    """Chat request bodies: ``bodies(i, user)`` is the i-th. With photos, the i-th body carries
+    photo ``i % len(photos)`` with two entries of its quantisation table set from ``i``: a valid
+    JPEG of a slightly different picture (a different content hash) for every request, built
+    by swapping four base64 characters instead of re-encoding the whole photo."""
+
+    def __init__(self, photos: list[bytes] | None = None, extra: dict | None = None):
+        self.photos = []
+        for photo in photos or []:
+            import base64
+
+            dqt = photo.index(b"\xff\xdb") + 5  # the first 8-bit table's 64 entries start here
+            at = next(o for o in range(dqt + 56, dqt + 62) if o % 3 == 0)  # a 3-byte base64 group
+            url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+            body = json.dumps(
+                {"model": "vloop", "user": "bench-user", "max_tokens": 8, **(extra or {}), "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "@URL@"}},
+                    {"type": "text", "text": "What colour are these shoes?"}]}]}).encode()
+            head, tail = body.split(b"@URL@")
+            cut = len("data:image/jpeg;base64,") + at // 3 * 4
+            self.photos.append((head + url[:cut].encode(), url[cut + 4:].encode() + tail, photo[at:at + 3]))
+        self.sizes_kb = [len(p) // 1024 for p in photos or []]
+
+    def __call__(self, i: int, user: str, model: str = "vloop") -> bytes:
+        import base64
+
+        if not self.photos:
+            body = BODY
+        else:
+            head, tail, group = self.photos[i % len(self.photos)]
+            v = i // len(self.photos)
+            patched = bytes([1 + v // 255 % 255, 1 + v % 255]) + group[2:]
+            body = head + base64.b64encode(patched) + tail
+        body = body.replace(b"bench-user", user.encode(), 1)
+        return body if model == "vloop" else body.replace(b'"vloop"', json.dumps(model).encode(), 1)
 
 
 def free_port() -> int:
@@ -114,11 +158,11 @@ def wait_up(port: int, path: str) -> None:
     raise RuntimeError(f"port {port} did not come up")
 
 
-def timed_requests(port: int, n: int, model: str = "vloop", template: bytes = BODY) -> np.ndarray:
+def timed_requests(port: int, n: int, model: str = "vloop", bodies: Bodies = Bodies(), first: int = 0) -> np.ndarray:
     c = http.client.HTTPConnection("127.0.0.1", port)
     out = []
     for i in range(n):
-        body = template.replace(b"bench-user", f"u{i}".encode(), 1).replace(b'"vloop"', json.dumps(model).encode(), 1)
+        body = bodies(first + i, f"u{i}", model)
         t0 = time.perf_counter()
         c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         r = c.getresponse()
@@ -128,11 +172,11 @@ def timed_requests(port: int, n: int, model: str = "vloop", template: bytes = BO
     return np.array(out[n // 10:])  # drop warm-up
 
 
-def _load_worker(port, seconds, worker, q, template=BODY):
+def _load_worker(port, seconds, worker, q, bodies: Bodies, first: int):
     c = http.client.HTTPConnection("127.0.0.1", port)
     ids, errors, end, i = [], 0, time.time() + seconds, 0
     while time.time() < end:
-        body = template.replace(b"bench-user", f"w{worker}-{i}".encode(), 1)
+        body = bodies(first + worker * 1_000_000 + i, f"w{worker}-{i}")
         i += 1
         try:
             c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -148,9 +192,9 @@ def _load_worker(port, seconds, worker, q, template=BODY):
     q.put((ids, errors))
 
 
-def load(port: int, clients: int, seconds: float, template: bytes = BODY) -> tuple[list[str], int, float]:
+def load(port: int, clients: int, seconds: float, bodies: Bodies, first: int) -> tuple[list[str], int, float]:
     q = mp.Queue()
-    procs = [mp.Process(target=_load_worker, args=(port, seconds, w, q, template)) for w in range(clients)]
+    procs = [mp.Process(target=_load_worker, args=(port, seconds, w, q, bodies, first)) for w in range(clients)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -192,20 +236,30 @@ def main() -> None:
         wait_up(stub_port, "/v1/models")
         wait_up(gw_port, "/healthz")
         p = lambda a, q: float(np.percentile(a, q)) * 1000
-        photo = phone_photo()
-        kinds = {"text": (BODY, 1.0), "image": (image_body(photo), 2.0)}  # body, goal in ms at p50
+        photos = [phone_photo(seed, *mix) for seed, mix in enumerate(PHOTO_MIX)]
+        kinds = {"text": (Bodies(), 1.0), "image": (Bodies(photos), 2.0)}  # bodies, goal in ms at p50
+        # What an app pays for asking for vloop.image_quality (a reduced decode): latency only.
+        asked = Bodies(photos, extra={"vloop": {"image_quality": True}})
         added, direct_p50, via_p50 = {}, {}, {}
-        for kind, (template, goal) in kinds.items():
-            direct = timed_requests(stub_port, n, model="base" if vllm else "vloop", template=template)
-            via = timed_requests(gw_port, n, template=template)
+        for kind, (bodies, goal) in kinds.items():
+            # The gateway's requests carry pictures it has not seen (the stub's are the same ones).
+            direct = timed_requests(stub_port, n, model="base" if vllm else "vloop", bodies=bodies)
+            via = timed_requests(gw_port, n, bodies=bodies, first=n)
             added[kind] = (p(via, 50) - p(direct, 50), p(via, 99) - p(direct, 99))
             direct_p50[kind], via_p50[kind] = p(direct, 50), p(via, 50)
-            what = "text only" if kind == "text" else f"one {len(photo) // 1024} KB 768x1024 JPEG with EXIF"
+            what = "text only" if kind == "text" else \
+                f"a different 768x1024 JPEG each ({min(bodies.sizes_kb)}-{max(bodies.sizes_kb)} KB, half rotated, half with GPS)"
             print(f"latency, {what}, one request at a time ({len(direct)} each):")
             print(f"  direct to {backend:<6} p50 {p(direct, 50):.2f} ms  p99 {p(direct, 99):.2f} ms")
             print(f"  through gateway  p50 {p(via, 50):.2f} ms  p99 {p(via, 99):.2f} ms")
             print(f"  added            p50 {added[kind][0]:.2f} ms  p99 {added[kind][1]:.2f} ms "
                   f"(goal <= {goal:g} ms at p50)", flush=True)
+
+        direct = timed_requests(stub_port, n, model="base" if vllm else "vloop", bodies=asked)
+        via = timed_requests(gw_port, n, bodies=asked, first=2 * n)
+        quality_added = p(via, 50) - p(direct, 50)
+        print(f"latency, the same photos with vloop.image_quality asked for: added p50 {quality_added:.2f} ms, "
+              f"p99 {p(via, 99) - p(direct, 99):.2f} ms (no goal: an app's choice)", flush=True)
 
         from vloop.lake import INTERACTIONS_DATASET, open_lake
         from vloop.schema import INTERACTION
@@ -214,9 +268,9 @@ def main() -> None:
         lake = open_lake((tmp / "lake").as_uri())
         best = dict.fromkeys(kinds, 0.0)
         acked_all = []
-        for kind, (template, _) in kinds.items():
-            for clients in levels:
-                ids, errors, elapsed = load(gw_port, clients, seconds, template)
+        for kind, (bodies, _) in kinds.items():
+            for level, clients in enumerate(levels):
+                ids, errors, elapsed = load(gw_port, clients, seconds, bodies, first=(level + 1) * 10_000_000)
                 acked_all += ids
                 rate = len(ids) / elapsed
                 print(f"load, {kind}: {clients} client processes for {seconds}s: {rate:,.0f} req/s acknowledged, "
@@ -224,7 +278,7 @@ def main() -> None:
                 if errors == 0:
                     best[kind] = max(best[kind], rate)
         # Zero loss: every acknowledged id is in the lake once the shipper has caught up.
-        expected = len(acked_all) + n * len(kinds)  # the timed requests through the gateway too
+        expected = len(acked_all) + n * (len(kinds) + 1)  # the timed requests through the gateway too
         today = dt.datetime.now(dt.timezone.utc).date()
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -241,7 +295,7 @@ def main() -> None:
         print(f"RESULT added_p50_ms={added['text'][0]:.3f} added_p99_ms={added['text'][1]:.3f} "
               f"sustained_logged_rps={best['text'] if ok else 0:.0f} image_added_p50_ms={added['image'][0]:.3f} "
               f"image_added_p99_ms={added['image'][1]:.3f} image_logged_rps={best['image'] if ok else 0:.0f} "
-              f"lost={lost} image_kb={len(photo) // 1024} backend={backend}")
+              f"lost={lost} image_quality_added_p50_ms={quality_added:.3f} image_kb={min(kinds['image'][0].sizes_kb)}-{max(kinds['image'][0].sizes_kb)} backend={backend}")
     finally:
         for proc in procs:
             proc.terminate()

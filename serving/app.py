@@ -14,9 +14,11 @@ server-sent events (serving.streaming), logged once when the stream ends.
 Banned phrases: the lake's decoding policy (vloop.decoding, re-read every ``--decoding-ttl``
 seconds) together with the request's own vLLM-style ``bad_words`` are never said: the local
 backend enforces them on every tokenisation (the policy's exceptions, e.g. 不可能, stay allowed);
-the upstream gets the merged list as ``bad_words``. An image request's response carries
-``vloop.image_quality`` (vloop.imagequality.summary: flags, NIQE, advice for the app), computed
-in a thread while the model answers; text-only requests skip it.
+the upstream gets the merged list as ``bad_words``. An image request that asks for it
+(``"vloop": {"image_quality": true}`` in the body; the ``openai`` client's ``extra_body``) gets
+``vloop.image_quality`` (vloop.imagequality.quick_summary: flags and advice for the app), computed
+in a thread while the model answers; it is opt-in because it decodes the photo, the one thing the
+hot path otherwise never does (see vloop.images: metadata is stripped without a decode).
 
 With ``--upstream`` the model server is an OpenAI-compatible one (vLLM in production): the
 gateway asks it for its base model's id, sends it the validated sampling settings and the logged
@@ -27,11 +29,9 @@ local directory before asking it to load them.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import datetime as dt
 import hmac
-import io
 import json
 import logging
 import shutil
@@ -40,9 +40,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+import pybase64
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from PIL import Image
 
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
 from serving.metrics import Metrics
@@ -51,7 +52,7 @@ from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_s
 from serving.routing import Routes, RouteStore
 from vloop.config import Settings
 from vloop.decoding import MAX_PHRASE_CHARS, DecodingPolicy, PolicyCache
-from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image
+from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image, open_image
 from vloop.model import Confidence
 from vloop.netguard import FetchError, FetchPolicy, fetch_url
 from vloop.privacy import redact, user_key as hmac_user_key
@@ -61,8 +62,9 @@ from vloop.spool import Shipper, Spool
 log = logging.getLogger(__name__)
 ROUTED_ALIAS = "vloop"
 # Request fields the gateway consumes and does not pass to an upstream server: the raw user id
-# (only its HMAC is kept), the gateway's metadata, and the streaming switches it sets itself.
-GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "stream", "stream_options"})
+# (only its HMAC is kept), the gateway's metadata and options, and the streaming switches it sets itself.
+GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "vloop", "stream", "stream_options"})
+GATEWAY_OPTIONS = {"image_quality": bool}  # the request's "vloop" object: what an app may ask for
 MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.decoding.MAX_PHRASE_CHARS
 
 
@@ -337,21 +339,26 @@ class Gateway:
     def loaded_adapters(self) -> set[str] | None:
         return set(self.local.adapters) if self.local else None
 
-    def image_bytes(self, url: str) -> bytes:
+    async def image_bytes(self, url: str) -> bytes:
+        """The bytes of a request's image: a data URL's decoded in place (microseconds), an http(s)
+        URL fetched in a thread through the SSRF guard."""
         if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if ";base64" not in header:
-                raise ApiError(400, "image data URLs must be base64-encoded")
-            if len(payload) * 3 // 4 > self.cfg.max_image_bytes:
-                raise ApiError(413, f"image is over the limit of {self.cfg.max_image_bytes:,} bytes")
-            try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "image data URL is not valid base64") from None
+            return self.data_url_bytes(url)
         try:
-            return fetch_url(url, self.cfg.fetch)
+            return await asyncio.to_thread(fetch_url, url, self.cfg.fetch)
         except FetchError as e:
             raise ApiError(400, f"image_url refused: {e}") from None
+
+    def data_url_bytes(self, url: str) -> bytes:
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, "image data URLs must be base64-encoded")
+        if len(payload) * 3 // 4 > self.cfg.max_image_bytes:
+            raise ApiError(413, f"image is over the limit of {self.cfg.max_image_bytes:,} bytes")
+        try:
+            return pybase64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image data URL is not valid base64") from None
 
 
 def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
@@ -425,21 +432,38 @@ def parse_bad_words(body: dict) -> tuple[str, ...]:
     return tuple(out)
 
 
-def image_quality(image: Image.Image) -> dict | None:
-    """``vloop.image_quality`` of a response (flags, NIQE, advice for the app); None when the
+def parse_options(body: dict) -> dict:
+    """The request's ``vloop`` object (gateway options), validated; unknown keys are refused so a
+    typo does not silently do nothing."""
+    opts = body.get("vloop")
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "'vloop' must be an object")
+    for k, v in opts.items():
+        if k not in GATEWAY_OPTIONS:
+            raise ApiError(400, f"unknown 'vloop' option {k!r}; known: {', '.join(GATEWAY_OPTIONS)}")
+        if not isinstance(v, GATEWAY_OPTIONS[k]):
+            raise ApiError(400, f"'vloop.{k}' must be a {GATEWAY_OPTIONS[k].__name__}")
+    return opts
+
+
+def image_quality(data: bytes) -> dict | None:
+    """``vloop.image_quality`` of a response (flags and advice for the app); None when the
     check itself fails, which must never fail the answer."""
-    from vloop.imagequality import summary
+    from vloop.imagequality import quick_summary
 
     try:
-        return summary(image)
+        return quick_summary(data)
     except Exception as e:  # noqa: BLE001 - a side result; the answer goes out regardless
         log.warning("image quality check failed: %r", e)
         return None
 
 
-def upstream_messages(messages: list, stored) -> list:
+def upstream_messages(messages: list, stored, data_url: str | None = None) -> list:
     """The messages as the upstream server gets them: the image part of the last user message
-    carries the logged image as a data URL, so the upstream never fetches a user's URL (the
+    carries the logged image as a data URL (``data_url`` when the caller has it already: the
+    user's own, when stripping changed nothing), so the upstream never fetches a user's URL (the
     gateway's SSRF-guarded fetch stays the only one) and answers from exactly the logged pixels.
     Images elsewhere in the conversation, and any part type but text and image_url, are refused."""
     last_user = max(i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user")
@@ -455,7 +479,7 @@ def upstream_messages(messages: list, stored) -> list:
                 if kind == "image_url":
                     if i != last_user:
                         raise ApiError(400, "only the last user message may carry an image")
-                    url = f"data:{stored.content_type};base64,{base64.b64encode(stored.data).decode()}"
+                    url = data_url or f"data:{stored.content_type};base64,{pybase64.b64encode_as_string(stored.data)}"
                     part = {"type": "image_url", "image_url": {"url": url}}
                 elif kind != "text":
                     raise ApiError(400, f"unsupported content part type {kind!r}")
@@ -478,6 +502,11 @@ class Turn:
         self.created = int(time.time())
         self.logged = False
         self.image_quality = None  # a task computing vloop.image_quality, for image requests
+        # The image being written to the spool (Spool.stage_image in a thread) while the model answers.
+        self.image_staging: asyncio.Future | None = None
+        if stored is not None and not opted_out:
+            self.image_staging = asyncio.ensure_future(
+                asyncio.to_thread(gw.spool.stage_image, image_key(stored.sha256, stored.ext), stored.data))
 
     def extras(self, confidence: float | None) -> dict:
         return {"arm": self.arm, "confidence": confidence, "logged": not self.opted_out}
@@ -524,10 +553,33 @@ class Turn:
             "status": status, "redactions": n_q + n_a,
         }
         row = INTERACTION.to_row(record)
-        if stored:
-            gw.spool.put_image(record["image_key"], stored.data)
+        if stored:  # the image before the record that names it
+            gw.spool.commit_image(record["image_key"], self.staged_image())
         gw.spool.append("interactions", row)
         return conf
+
+    def staged_image(self):
+        """The staged copy of the request's image; written now if staging has not finished (its
+        copy is then dropped when it does)."""
+        f = self.image_staging
+        if f is not None and f.done() and not f.cancelled() and f.exception() is None:
+            return f.result()
+        if f is not None:
+            f.add_done_callback(self._discard_staged)
+        return self.gw.spool.stage_image(image_key(self.stored.sha256, self.stored.ext), self.stored.data)
+
+    def _discard_staged(self, f: asyncio.Future) -> None:
+        if not f.cancelled() and f.exception() is None:
+            self.gw.spool.discard_image(f.result())
+
+    def not_logged(self) -> None:
+        """The request ends without a record: its staged image goes too."""
+        self.logged = True
+        if self.image_staging is not None:
+            if self.image_staging.done():
+                self._discard_staged(self.image_staging)
+            else:
+                self.image_staging.add_done_callback(self._discard_staged)
 
     def engine_failed(self, e: Exception) -> None:
         """The request ends with ``e``: logged as an error when the model failed (not when the
@@ -538,7 +590,8 @@ class Turn:
             self.log("error", None, None)
         if isinstance(e, EngineError) and e.status == 404 and self.adapter is None and not self.gw.local:
             self.gw.engine.forget_base()  # the upstream may have restarted under another name
-        self.logged = True
+        if not self.logged:
+            self.not_logged()
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
@@ -572,11 +625,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             app.state.reconciler = asyncio.create_task(gw.reconcile_forever())
 
     @app.on_event("shutdown")
-    def _shutdown():
+    async def _shutdown():
         for name in ("reconciler", "opt_out_sync"):
             task = getattr(app.state, name, None)
             if task is not None:
                 task.cancel()
+        if gw.local is None:
+            await gw.engine.aclose()
         gw.close()
 
     @app.exception_handler(ApiError)
@@ -597,8 +652,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             if len(raw) > cfg.max_request_bytes:
                 raise ApiError(413, f"request body is over the limit of {cfg.max_request_bytes:,} bytes")
         try:
-            body = json.loads(bytes(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = msgspec.json.decode(raw)  # ~5x the standard library's speed on a 200 KB photo
+        except msgspec.DecodeError:
             raise ApiError(400, "request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -733,6 +788,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         include_usage = bool((stream_options or {}).get("include_usage"))
         question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
         request_bad_words = parse_bad_words(body)
+        options = parse_options(body)
         ukey = gw.user_key(body, request)
         now = gw.now(request)
         opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
@@ -745,20 +801,24 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             adapter = None if gw.is_base(model) else model
             arm = routes.arm_of_model(adapter) if ukey is not None else "unassigned"
 
-        image = stored = quality = None
+        image = stored = quality = data_url = None
         if image_urls:
-            data = await asyncio.to_thread(gw.image_bytes, image_urls[0])
-            try:
+            data = await gw.image_bytes(image_urls[0])
+            try:  # no decode: metadata is cut out of the file (vloop.images), ~0.15 ms for a photo
                 stored = normalise_image(data, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+                # The model sees exactly the pixels that are logged, so a later re-scoring from the
+                # lake scores what was served; only the local backend decodes here (vLLM does its own).
+                if gw.local is not None:
+                    image = (await asyncio.to_thread(open_image, stored.data, max_bytes=cfg.max_image_bytes,
+                                                     max_pixels=cfg.max_image_pixels)).convert("RGB")
             except ImageTooLarge as e:
                 raise ApiError(413, str(e)) from None
             except ImageError as e:
                 raise ApiError(400, f"image: {e}") from None
-            # The model sees exactly the pixels that are logged (the re-encoded image), so a later
-            # re-scoring from the lake scores what was served.
-            image = Image.open(io.BytesIO(stored.data)).convert("RGB")
-            # Scored in a thread alongside generation (30-130 ms); text-only requests skip it.
-            quality = asyncio.ensure_future(asyncio.to_thread(image_quality, image))
+            if stored.data is data and image_urls[0].startswith(f"data:{stored.content_type};base64,"):
+                data_url = image_urls[0]  # nothing to strip: forward the user's own data URL
+            if options.get("image_quality"):  # in a thread alongside generation
+                quality = asyncio.ensure_future(asyncio.to_thread(image_quality, stored.data))
 
         # The lake's banned phrases and the request's own, with the policy's exceptions (不可能).
         policy = await gw.decoding_policy()
@@ -766,13 +826,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
         # An unlogged answer's id says so, so feedback about it is not logged by any replica.
         request_id = f"{UNLOGGED_PREFIX if opted_out else 'chatcmpl-'}{uuid.uuid4().hex}"
-        turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, body=body,
-                    question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
-        turn.image_quality = quality
         served_model = adapter or base
         if gw.local is None:
             upstream_body = {**{k: v for k, v in body.items() if k not in GATEWAY_ONLY_FIELDS},
-                             "messages": upstream_messages(body["messages"], stored),
+                             "messages": upstream_messages(body["messages"], stored, data_url),
                              "model": served_model, "logprobs": True,
                              "top_logprobs": params["top_logprobs"] or None,
                              # The gateway's validated settings, so both backends decode alike
@@ -784,6 +841,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             if bad_words:
                 upstream_body["bad_words"] = list(bad_words)
 
+        # Past every check of the request: from here on it ends logged, whatever happens.
+        turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, body=body,
+                    question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
+        turn.image_quality = quality
         if stream:
             if gw.local is not None:
                 fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],

@@ -46,8 +46,7 @@ def serve(args) -> int:
         decoding_ttl_s=args.decoding_ttl,
         simulation=args.simulation or s.simulation)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 

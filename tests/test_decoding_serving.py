@@ -27,7 +27,8 @@ from PIL import Image
 from tests.conftest import free_port
 from tests.test_serving import Server, chat_body, wait_for
 from vloop.decoding import ban, contains_banned, current, unban
-from vloop.imagequality import summary
+from vloop.imagequality import quick_summary
+from vloop.images import normalise_image
 from vloop.lake import open_lake
 from vloop.synth import World
 
@@ -149,25 +150,32 @@ def test_bad_bad_words_are_refused(gateway, bad_words, message):
         assert message in r.json()["error"]["message"]
 
 
-def test_image_quality_in_the_response(gateway):
+def test_image_quality_in_the_response_when_asked(gateway):
     s = SAMPLES[0]
     dark = SimpleNamespace(image=Image.eval(s.image.convert("RGB"), lambda v: v // 8), question=s.question)
-    _, extras = ask(gateway, s)
-    # The very check the library makes, on the very pixels logged (PNG stays lossless).
-    assert extras["image_quality"] == summary(s.image.convert("RGB"))
-    assert set(extras["image_quality"]) == {"flags", "poor", "niqe", "advice"}
+    asked = {"vloop": {"image_quality": True}}
+    _, extras = ask(gateway, s, **asked)
+    # The very check the library makes, on the very bytes logged (PNG: the user's pixels, metadata cut).
+    logged = normalise_image(s.image_bytes(), max_bytes=2**24, max_pixels=2**24).data
+    assert extras["image_quality"] == quick_summary(logged)
+    assert set(extras["image_quality"]) == {"flags", "poor", "advice"}  # NIQE: the daily check's
     assert "dark" not in extras["image_quality"]["flags"]
 
-    for extras in (ask(gateway, dark)[1], ask_streamed(gateway, dark)[1]):
+    for extras in (ask(gateway, dark, **asked)[1], ask_streamed(gateway, dark, **asked)[1]):
         q = extras["image_quality"]
         assert "dark" in q["flags"] and q["poor"] is True and "frontal photo" in q["advice"]
-        assert q["niqe"] is None or q["niqe"] > 0
         assert extras["arm"] and "confidence" in extras  # beside the other vloop fields
 
-    text_only = {"model": "vloop", "user": "alice", "max_tokens": 4,
+    # Opt-in: the photo is not decoded for it otherwise.
+    assert "image_quality" not in ask(gateway, dark)[1]
+    text_only = {"model": "vloop", "user": "alice", "max_tokens": 4, **asked,
                  "messages": [{"role": "user", "content": s.question}]}
     r = gateway.post("/v1/chat/completions", text_only)
     assert r.status_code == 200 and "image_quality" not in r.json()["vloop"]
+    for bad, message in (({"image_qualty": True}, "unknown 'vloop' option"), ({"image_quality": "yes"}, "bool"),
+                         ("on", "must be an object")):
+        r = gateway.post("/v1/chat/completions", chat_body(s, vloop=bad))
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 # -- the upstream path: what the gateway sends vLLM --------------------------------------------------
@@ -227,14 +235,19 @@ def test_upstream_gets_the_merged_bad_words(tmp_path):
     srv.start()
     try:
         s = SAMPLES[0]
-        r = srv.post("/v1/chat/completions", chat_body(s, bad_words=["probably", "maybe"]))
+        r = srv.post("/v1/chat/completions", chat_body(s, bad_words=["probably", "maybe"], vloop={"image_quality": True}))
         assert r.status_code == 200, r.text
         assert upstream.bodies[-1]["bad_words"] == sorted({"maybe", "probably", "可能"})  # policy ∪ request
         assert "dark" not in r.json()["vloop"]["image_quality"]["flags"]  # image quality on this path too
+        assert "vloop" not in upstream.bodies[-1]  # the gateway's options stay with the gateway
+        # Nothing to strip from this PNG: vLLM gets the user's own data URL, not a copy of it.
+        image_part = upstream.bodies[-1]["messages"][0]["content"][0]
+        assert image_part["image_url"]["url"] == chat_body(s)["messages"][0]["content"][0]["image_url"]["url"]
 
         ban(lake, ["大概"], actor="test", reason="more")
         wait_policy(srv, 2)
-        r = requests.post(srv.url + "/v1/chat/completions", json=chat_body(s, stream=True), timeout=30)
+        r = requests.post(srv.url + "/v1/chat/completions", json=chat_body(s, stream=True, vloop={"image_quality": True}),
+                          timeout=30)
         assert r.status_code == 200 and b"image_quality" in r.content
         assert upstream.bodies[-1]["stream"] is True
         assert upstream.bodies[-1]["bad_words"] == sorted({"maybe", "大概", "可能"})

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image, ImageOps
 
 from tests.conftest import S3_KEYS, free_port
+from vloop.images import open_image
 from vloop.lake import open_lake
 from vloop.schema import FEEDBACK, INTERACTION
 from vloop.synth import World
@@ -305,6 +307,20 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
             body["messages"][0]["content"][0]["image_url"]["url"] = url
             r = srv.post("/v1/chat/completions", body)
             assert r.status_code == 400 and "refused" in r.json()["error"]["message"], url
+        # A phone photo with a GPS position and a serial number, shown turned (EXIF orientation 6),
+        # and a refused request's photo (an unknown adapter: 404, no record, so no image either).
+        exif = Image.Exif()
+        exif[0x010F], exif[0xA431], exif[0x8825], exif[0x0112] = "SecretCam", "SN-4242", {2: (39.0, 54.0, 26.0)}, 6
+        buf = io.BytesIO()
+        World(8).sample(2).image.convert("RGB").save(buf, "JPEG", quality=90, exif=exif.tobytes())
+        photo = buf.getvalue()
+        body = chat_body(s, user="erin")
+        body["messages"][0]["content"][0]["image_url"]["url"] = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+        turned = srv.post("/v1/chat/completions", body)
+        assert turned.status_code == 200, turned.text
+        refused = srv.post("/v1/chat/completions", chat_body(World(8).sample(3), model="no-such-adapter"))
+        assert refused.status_code == 404, refused.text
+
         metrics = requests.get(srv.url + "/metrics").text
         assert 'vloop_requests_total{arm="champion",logged="true"}' in metrics
         assert "vloop_request_latency_seconds_bucket" in metrics and "vloop_spool_segments" in metrics
@@ -313,7 +329,18 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
     lake = open_lake((tmp_path / "lake").as_uri())
     inter = lake_table(lake, "raw/interactions", INTERACTION.arrow).to_pylist()
     fb = lake_table(lake, "raw/feedback", FEEDBACK.arrow).to_pylist()
-    assert [x["request_id"] for x in inter] == [logged["id"]]  # opted-out requests are not there
+    assert [x["request_id"] for x in inter] == [logged["id"], turned.json()["id"]]  # no opted-out request
+    # Images: exactly the logged requests' (not the refused one's), nothing half-written left behind.
+    assert sorted(lake.list("raw/images/")) == sorted({x["image_key"] for x in inter})
+    assert list((tmp_path / "spool" / "images").iterdir()) == []
+    # The photo: its pixels exactly, shown the way the user saw it, with no metadata but which way up.
+    erin = inter[1]
+    stored = lake.get_bytes(erin["image_key"])
+    assert b"SecretCam" not in stored and b"SN-4242" not in stored
+    assert dict(Image.open(io.BytesIO(stored)).getexif()) == {0x0112: 6}
+    seen = ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB")
+    assert (erin["image_w"], erin["image_h"]) == seen.size
+    assert open_image(stored, max_bytes=2**24, max_pixels=2**24).convert("RGB").tobytes() == seen.tobytes()
     assert {e["request_id"] for e in fb} == {logged["id"], "from-another-replica"}
     from vloop.privacy import read_opt_outs
 

@@ -65,7 +65,9 @@ class ImageQuality:
         return bool(self.flags)
 
 
-def assess(img: Image.Image, t: QualityThresholds | None = None) -> ImageQuality:
+def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[int, int] | None = None) -> ImageQuality:
+    """The flags of ``img``; ``size`` is the picture's real size when ``img`` is a reduced decode
+    of it (the resolution flag goes by the real size, the rest by the pixels at hand)."""
     t = t or QualityThresholds()
     grey_full = np.asarray(img.convert("L"), dtype=np.float32)
     small = np.asarray(img.convert("L").resize((128, 128)), dtype=np.float32)
@@ -80,9 +82,10 @@ def assess(img: Image.Image, t: QualityThresholds | None = None) -> ImageQuality
         flags.append("dark")
     if blown > t.max_blown_out:
         flags.append("glare")
-    if min(img.size) < t.min_side:
+    width, height = size or img.size
+    if min(width, height) < t.min_side:
         flags.append("low_resolution")
-    return ImageQuality(sharpness, brightness, blown, img.width, img.height, flags)
+    return ImageQuality(sharpness, brightness, blown, width, height, flags)
 
 
 # -- NIQE -----------------------------------------------------------------------------------------
@@ -273,6 +276,25 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     return float(math.sqrt(max(0.0, d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))
 
 
+def quick_summary(data: bytes, t: QualityThresholds | None = None) -> dict:
+    """:func:`summary` for the serving hot path, from an image file's bytes: the flags come from a
+    reduced grey decode (a JPEG is decoded at a quarter of its size straight from its DCT
+    coefficients, ~1.3 ms for a phone photo instead of ~20 ms for the full check), and NIQE, which
+    needs every pixel, is computed only when a threshold makes it decide a flag (``max_niqe``).
+    The daily check (vloop.daily) records the full figures for every image."""
+    import io
+
+    t = t or QualityThresholds()
+    with Image.open(io.BytesIO(data)) as img:
+        size = img.size
+        if t.max_niqe is not None:
+            from PIL import ImageOps
+
+            return summary(ImageOps.exif_transpose(img).convert("RGB"), t)
+        img.draft("L", (size[0] // 4, size[1] // 4))  # a no-op for formats other than JPEG
+        return _summary(assess(img.convert("L"), t, size=size), None, t)
+
+
 def summary(img: Image.Image, t: QualityThresholds | None = None) -> dict:
     """The image check as JSON for an API response (``vloop.image_quality``): ``flags``,
     ``poor``, ``niqe`` (None when it cannot be computed) and ``advice`` for the app to show when
@@ -283,12 +305,19 @@ def summary(img: Image.Image, t: QualityThresholds | None = None) -> dict:
         score = niqe(img)
     except ValueError:  # smaller than two NIQE patches a side: already flagged low_resolution
         score = float("nan")
+    return _summary(q, score, t)
+
+
+def _summary(q: ImageQuality, score: float | None, t: QualityThresholds) -> dict:
+    """The response form of a check; ``score`` None: NIQE was not computed (the key is left out)."""
     flags = list(q.flags)
-    if t.max_niqe is not None and score == score and score > t.max_niqe:
+    if t.max_niqe is not None and score is not None and score == score and score > t.max_niqe:
         flags.append("distorted")
     advice = None
     if flags:
         advice = ("The photo is " + ", ".join(f.replace("_", " ") for f in flags)
                   + ": a clearer, well-lit, frontal photo of the product will get a better answer.")
-    return {"flags": flags, "poor": bool(flags), "niqe": None if score != score else round(score, 3),
-            "advice": advice}
+    out = {"flags": flags, "poor": bool(flags), "advice": advice}
+    if score is not None:
+        out["niqe"] = None if score != score else round(score, 3)
+    return out

@@ -194,8 +194,8 @@ def _strip_jpeg(data: bytes, max_pixels: int) -> tuple[bytes, int, int, int]:
     if scans == 0:
         raise corrupt("has no image scan")
     out.append(b"\xff\xd9")
-    if orientation != 1:  # the one tag kept, right after SOI (APP0 JFIF may follow; decoders accept either)
-        out.insert(1, _orientation_segment(orientation))
+    if orientation != 1:  # the one tag kept, after SOI and the JFIF header where there is one
+        out.insert(2 if len(out) > 1 and out[1].startswith(b"\xff\xe0") else 1, _orientation_segment(orientation))
     clean = b"".join(out)
     return (data if clean == data else clean), size[0], size[1], orientation
 

@@ -356,7 +356,7 @@ class Lake(ABC):
 
     # -- images -----------------------------------------------------------------------------
     def put_image(self, data: bytes) -> StoredImage:
-        """Store an image content-addressed (sha256 of the re-encoded, EXIF-free bytes).
+        """Store an image content-addressed (sha256 of its metadata-free bytes, vloop.images).
 
         Raises :class:`vloop.images.ImageError` (or ``ImageTooLarge``) before anything is written.
         Storing the same picture twice writes it once.

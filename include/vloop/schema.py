@@ -200,7 +200,7 @@ INTERACTION = RecordSchema("interaction", [
     Field("user_key", pa.string(), True, "HMAC of the user id; never the raw id", dictionary=True),
     Field("session_id", pa.string(), False, "the app's session id", dictionary=True),
     Field("category", pa.string(), False, "product category, e.g. shoes or bags", dictionary=True),
-    Field("image_sha256", pa.string(), False, "sha256 of the re-encoded image"),
+    Field("image_sha256", pa.string(), False, "sha256 of the stored, metadata-free image"),
     Field("image_key", pa.string(), False, "lake key of the image"),
     Field("image_w", pa.int32(), False, "image width in pixels"),
     Field("image_h", pa.int32(), False, "image height in pixels"),

@@ -207,6 +207,7 @@ class Spool:
         self.id = spool_id(self.root)
         self.images = self.root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
+        self.sweep_staged(max_age_s=0)  # staged by a process that died before logging them
         self.streams = {name: SpoolStream(self.root, name, max_segment_bytes=max_segment_bytes,
                                           max_segment_age_s=max_segment_age_s) for name in STREAMS}
         self.fsync_interval_s = fsync_interval_s
@@ -234,12 +235,43 @@ class Spool:
 
     def put_image(self, key: str, data: bytes) -> None:
         """Keep an image until the shipper uploads it (atomic: temp file + rename)."""
-        path = self.images / key.replace("/", "__")
+        self.commit_image(key, self.stage_image(key, data))
+
+    def stage_image(self, key: str, data: bytes) -> Path | None:
+        """Write an image under a hidden temporary name the shipper ignores; :meth:`commit_image`
+        publishes it once its record is logged, :meth:`discard_image` drops it when none will be.
+        The gateway stages in a thread while the model answers (creating a file is the costly
+        part), so the image is in the spool before its record without the wait on the request's
+        path. None when the image is spooled already."""
+        path = self._image_path(key)
         if path.exists():
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            return None
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        return tmp
+
+    def commit_image(self, key: str, staged: Path | None) -> None:
+        if staged is not None:
+            os.replace(staged, self._image_path(key))
+
+    @staticmethod
+    def discard_image(staged: Path | None) -> None:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+    def sweep_staged(self, max_age_s: float = 3600) -> None:
+        """Drop staged images older than ``max_age_s`` (a request that ended without a record,
+        e.g. its task was cancelled, leaves one; nothing will ever commit it)."""
+        cutoff = time.time() - max_age_s
+        for p in self.images.glob(".*.tmp"):
+            try:
+                if max_age_s <= 0 or p.stat().st_mtime < cutoff:
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
+    def _image_path(self, key: str) -> Path:
+        return self.images / key.replace("/", "__")
 
     def pending_images(self) -> list[tuple[str, Path]]:
         return [(p.name.replace("__", "/"), p) for p in sorted(self.images.iterdir()) if not p.name.startswith(".")]
@@ -279,6 +311,7 @@ class Shipper:
         # one PUT per pass would be one a second: every watermark_interval_s is enough.
         self.watermark_interval_s = watermark_interval_s
         self._watermark_at = float("-inf")
+        self._swept_at = time.monotonic()
         self.interval_s, self.max_backoff_s = interval_s, max_backoff_s
         self.on_failure = on_failure or (lambda e: None)
         self.on_shipped = on_shipped or (lambda stream, n: None)
@@ -349,6 +382,9 @@ class Shipper:
             self._erased_requests = set(f.read_text().split()) if f.is_file() else set()
         self._images_kept, self._images_erased = set(), set()
         # Images first: every record in the segments listed above has its image on disk by now.
+        if time.monotonic() - self._swept_at > 600:
+            self.spool.sweep_staged()
+            self._swept_at = time.monotonic()
         uploaded = set()
         for key, path in self.spool.pending_images():
             if not self.lake.exists(key):
