@@ -107,14 +107,14 @@ def test_daily_confidence_step_grounds_answers_and_selection_uses_it(lm, local_l
     daily.validate(local_lake, DAY)
     daily.mine_feedback(local_lake, DAY)
     summary = daily.score_confidence(local_lake, DAY, lambda: lm, batch_size=8)
-    conf = daily.get_frame(local_lake, daily.key("curated", DAY, "confidence.parquet"))
+    conf = daily.read_table(local_lake, daily.CURATED, DAY, "confidence.parquet")
     inter, _ = daily.curated(local_lake, DAY)
     answered = inter["image_key"].notna() & inter["answer"].notna()
     assert summary["grounded"] == int(answered.sum()) > 0
     assert np.isfinite(conf.loc[answered.to_numpy(), "grounding"]).all()
     # Without a model the column is there, empty.
     daily.score_confidence(local_lake, DAY)
-    assert daily.get_frame(local_lake, daily.key("curated", DAY, "confidence.parquet"))["grounding"].isna().all()
+    assert daily.read_table(local_lake, daily.CURATED, DAY, "confidence.parquet")["grounding"].isna().all()
     daily.score_confidence(local_lake, DAY, lambda: lm, batch_size=8)
     daily.check_images(local_lake, DAY)
     # Every accepted answer counts as weakly grounded under an absurd threshold: each is chosen, saying why.

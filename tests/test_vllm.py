@@ -120,7 +120,7 @@ def test_chat_with_an_image_through_the_gateway(gateway, vllm):
     p = ban(gateway.lake, [answer.split()[0]], actor="test", reason="policy via vLLM")
     wait_for(lambda: requests.get(gateway.url + "/healthz", timeout=5).json()["decoding_policy"] == p.version,
              10, "the policy reload")
-    by_policy = gateway.post("/v1/chat/completions", chat_body(s, user="ann", max_tokens=16))
+    by_policy = gateway.post("/v1/chat/completions", chat_body(s, user="ann", max_tokens=16, vloop={"image_quality": True}))
     assert answer.split()[0] not in by_policy.json()["choices"][0]["message"]["content"].split()
     assert "flags" in by_policy.json()["vloop"]["image_quality"]
     unban(gateway.lake, [answer.split()[0]], actor="test", reason="done")

@@ -113,7 +113,7 @@ def read_table(lake: Lake, dataset: str, day: dt.date | str, name: str,
     if not parts:
         return get_frame(lake, key(dataset, day, name), columns)
     tables = [lake.read_parquet(parts[h], columns=columns) for h in sorted(parts)]
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def _days_back(day: dt.date, n: int) -> list[dt.date]:

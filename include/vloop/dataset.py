@@ -144,7 +144,7 @@ def labels(lake: Lake, cfg: DatasetConfig) -> pd.DataFrame:
         try:
             users.append(daily.read_table(lake, daily.CURATED, day, "interactions.parquet",
                                           ["request_id", "user_key"]))
-        except Exception:  # the day's curated data was removed: its users cannot be checked
+        except LakeKeyNotFound:  # the day's curated data was removed: its users cannot be checked
             continue
     users = pd.concat(users) if users else pd.DataFrame(columns=["request_id", "user_key"])
     carried = lab.pop("user_key") if "user_key" in lab.columns else None  # labels pulled since tasks carry it
