@@ -161,3 +161,30 @@ def test_mapped_dag_on_a_few_hours_and_on_an_empty_day(airflow_db, local_lake, m
     assert {ti.task_id for ti in tis if ti.state == "skipped"} == {"push", "pull"}
     assert [ti.map_index for ti in tis if ti.task_id == "mine"] == [0]
     assert "No traffic" in lake.get_bytes(daily.key("reports", empty, "index.html")).decode()
+
+
+def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_lake):
+    """A JPEG keeps its orientation tag in the lake (vloop.images): the check measures the photo
+    the way it is shown. An object no decoder reads (corrupt in storage, or compressed data that
+    intake, which checks only the file's structure, let through) is flagged, not the day's end."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    day = dt.date(2026, 11, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
+        buf, "JPEG", exif=exif.tobytes())
+    turned = local_lake.put_image(buf.getvalue()).key
+    broken = "raw/images/00/" + "0" * 64 + ".jpg"
+    local_lake.put_bytes(broken, b"\xff\xd8\xff\xe0 not really a photo")
+    daily.put_frame(local_lake, daily.hour_key(daily.CURATED, day, 5, "interactions.parquet"),
+                    pd.DataFrame({"request_id": ["a", "b"], "image_key": [turned, broken]}))
+    summary = daily.check_images(local_lake, day)
+    iq = daily.read_table(local_lake, daily.CURATED, day, "image_quality.parquet").set_index("image_key")
+    assert summary["images"] == 2 and summary["poor"] == 1
+    assert (iq.loc[turned, "width"], iq.loc[turned, "height"]) == (64, 96) and not iq.loc[turned, "poor"]
+    assert iq.loc[broken, "poor"] and iq.loc[broken, "flags"] == "unreadable"

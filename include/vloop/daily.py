@@ -498,9 +498,10 @@ def image_slot(image_key: str, hours: list[int]) -> int:
 def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> dict:
     """Image quality of the day's images whose key hashes to ``hour``'s slot (:func:`image_slot`):
     the hours' image keys are read one hour at a time (one column), and each image once."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from vloop.imagequality import assess, niqe
+    from vloop.images import EXIF_ORIENTATION
 
     hours = curated_hours(lake, day) or [hour]
     mine: set[str] = set()
@@ -510,12 +511,23 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
     rows = []
     t0 = time.perf_counter()
     for i, k in enumerate(sorted(mine), 1):
-        with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
-            q = assess(img, thresholds)
-            try:  # NIQE beside the flags (higher is worse); none for a photo under two patches a side
-                score = niqe(img)
-            except ValueError:
-                score = float("nan")
+        try:
+            with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
+                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a JPEG keeps its orientation tag
+                    img = ImageOps.exif_transpose(img)
+                q = assess(img, thresholds)
+                try:  # NIQE beside the flags (higher is worse); none for a photo under two patches a side
+                    score = niqe(img)
+                except ValueError:
+                    score = float("nan")
+        except (OSError, SyntaxError, ValueError) as e:
+            # Intake checks a file's structure, not every byte of its compressed data: a photo no
+            # decoder can read is poor (never sent to annotators or training), not the day's failure.
+            log.warning("image %s cannot be decoded: %s", k, e)
+            rows.append({"image_key": k, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
+                         "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0,
+                         "niqe": float("nan")})
+            continue
         rows.append({"image_key": k, "poor": q.poor, "flags": ",".join(q.flags), "sharpness": q.sharpness,
                      "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
                      "niqe": score})

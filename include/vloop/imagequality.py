@@ -69,8 +69,9 @@ def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[
     """The flags of ``img``; ``size`` is the picture's real size when ``img`` is a reduced decode
     of it (the resolution flag goes by the real size, the rest by the pixels at hand)."""
     t = t or QualityThresholds()
-    grey_full = np.asarray(img.convert("L"), dtype=np.float32)
-    small = np.asarray(img.convert("L").resize((128, 128)), dtype=np.float32)
+    grey = img.convert("L")
+    grey_full = np.asarray(grey, dtype=np.float32)
+    small = np.asarray(grey.resize((128, 128)), dtype=np.float32)
     lap = (small[:-2, 1:-1] + small[2:, 1:-1] + small[1:-1, :-2] + small[1:-1, 2:] - 4 * small[1:-1, 1:-1])
     sharpness = float(lap.var())
     brightness = float(grey_full.mean())
