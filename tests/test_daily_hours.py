@@ -188,3 +188,10 @@ def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_l
     assert summary["images"] == 2 and summary["poor"] == 1
     assert (iq.loc[turned, "width"], iq.loc[turned, "height"]) == (64, 96) and not iq.loc[turned, "poor"]
     assert iq.loc[broken, "poor"] and iq.loc[broken, "flags"] == "unreadable"
+    # NIQE (~10x the flags' cost) only where a threshold makes it a flag.
+    assert iq["niqe"].isna().all()
+    from vloop.imagequality import QualityThresholds
+
+    daily.check_images(local_lake, day, QualityThresholds(max_niqe=0.0))
+    iq = daily.read_table(local_lake, daily.CURATED, day, "image_quality.parquet").set_index("image_key")
+    assert iq.loc[turned, "niqe"] > 0 and "distorted" in iq.loc[turned, "flags"] and iq.loc[turned, "poor"]

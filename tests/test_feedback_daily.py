@@ -192,6 +192,8 @@ def test_feedback_daily_dag_end_to_end(airflow_db, label_studio, base_model_dir,
     chosen = daily.read_table(lake, "labeling", D1, "selected.parquet")
     assert len(tasks) == len(chosen) == 40
     assert {t["data"]["request_id"] for t in tasks} == set(chosen["request_id"])
+    # Annotators read the image check with NIQE, computed for the photos they get (the day's check skips it).
+    assert any("NIQE" in t["data"]["image_flags"] for t in tasks)
     preds = [p for t in tasks for p in ls._call("GET", "/api/predictions", params={"task": t["id"]})]
     # Annotators see model versions as names ("base" or name@version), never the base model's path.
     assert {p["model_version"] for p in preds} <= {"base", "shoes@2"} and preds[0]["result"][0]["type"] == "textarea"

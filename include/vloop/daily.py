@@ -498,11 +498,9 @@ def image_slot(image_key: str, hours: list[int]) -> int:
 def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> dict:
     """Image quality of the day's images whose key hashes to ``hour``'s slot (:func:`image_slot`):
     the hours' image keys are read one hour at a time (one column), and each image once."""
-    from PIL import Image, ImageOps
+    from vloop.imagequality import QualityThresholds
 
-    from vloop.imagequality import assess, niqe
-    from vloop.images import EXIF_ORIENTATION
-
+    thresholds = thresholds or QualityThresholds()
     hours = curated_hours(lake, day) or [hour]
     mine: set[str] = set()
     for h in hours:
@@ -511,26 +509,9 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
     rows = []
     t0 = time.perf_counter()
     for i, k in enumerate(sorted(mine), 1):
-        try:
-            with Image.open(io.BytesIO(lake.get_bytes(k))) as img:
-                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a JPEG keeps its orientation tag
-                    img = ImageOps.exif_transpose(img)
-                q = assess(img, thresholds)
-                try:  # NIQE beside the flags (higher is worse); none for a photo under two patches a side
-                    score = niqe(img)
-                except ValueError:
-                    score = float("nan")
-        except (OSError, SyntaxError, ValueError) as e:
-            # Intake checks a file's structure, not every byte of its compressed data: a photo no
-            # decoder can read is poor (never sent to annotators or training), not the day's failure.
-            log.warning("image %s cannot be decoded: %s", k, e)
-            rows.append({"image_key": k, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
-                         "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0,
-                         "niqe": float("nan")})
-            continue
-        rows.append({"image_key": k, "poor": q.poor, "flags": ",".join(q.flags), "sharpness": q.sharpness,
-                     "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
-                     "niqe": score})
+        # NIQE costs ~10x the flags per photo: here only when a threshold makes it a flag; what
+        # annotators read is computed for the photos they get (push_to_label_studio).
+        rows.append(image_check(lake, k, thresholds, with_niqe=thresholds.max_niqe is not None))
         if i % 2000 == 0:
             log.info("checked %d/%d images (%.0f/s)", i, len(mine), i / (time.perf_counter() - t0))
     out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
@@ -538,6 +519,39 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
         out = out.astype(IMAGE_QUALITY_TYPES)
     put_frame(lake, hour_key(CURATED, day, hour, "image_quality.parquet"), out)
     return {"day": day.isoformat(), "hour": hour, "images": len(out), "poor": int(out["poor"].sum())}
+
+
+def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool) -> dict:
+    """One image's row of ``image_quality.parquet``, measured as shown (a JPEG's orientation tag
+    applied). Intake checks a file's structure, not every byte of its compressed data: a photo no
+    decoder reads is flagged ``unreadable`` (poor: never sent to annotators or training), not the
+    day's failure."""
+    from PIL import Image, ImageOps
+
+    from vloop.imagequality import assess, niqe
+    from vloop.images import EXIF_ORIENTATION
+
+    score = float("nan")
+    try:
+        with Image.open(io.BytesIO(lake.get_bytes(image_key))) as img:
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            q = assess(img, thresholds)
+            if with_niqe:
+                try:  # none for a photo under two NIQE patches a side
+                    score = niqe(img)
+                except ValueError:
+                    pass
+    except (OSError, SyntaxError, ValueError) as e:
+        log.warning("image %s cannot be decoded: %s", image_key, e)
+        return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
+                "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0, "niqe": score}
+    flags = list(q.flags)
+    if thresholds is not None and thresholds.max_niqe is not None and score == score and score > thresholds.max_niqe:
+        flags.append("distorted")
+    return {"image_key": image_key, "poor": bool(flags), "flags": ",".join(flags), "sharpness": q.sharpness,
+            "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
+            "niqe": score}
 
 
 def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
@@ -628,6 +642,11 @@ def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
 
     chosen = get_frame(lake, key(LABELING, day, "selected.parquet"))
     iq = read_table(lake, CURATED, day, "image_quality.parquet").set_index("image_key")
+    # NIQE for what annotators will read, if the day's check did not compute it (the default).
+    need = [k for k in chosen["image_key"].dropna().unique()
+            if k in iq.index and pd.isna(iq.at[k, "niqe"]) and "unreadable" not in str(iq.at[k, "flags"])]
+    for k in need:
+        iq.at[k, "niqe"] = image_check(lake, k, None, with_niqe=True)["niqe"]
     poor, flags = iq["poor"].to_dict(), image_flags_text(iq)
     project = ls.ensure_project(project_title)
     ls.ensure_storage(project, lake, document_root)
