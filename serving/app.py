@@ -575,11 +575,8 @@ class Turn:
     def not_logged(self) -> None:
         """The request ends without a record: its staged image goes too."""
         self.logged = True
-        if self.image_staging is not None:
-            if self.image_staging.done():
-                self._discard_staged(self.image_staging)
-            else:
-                self.image_staging.add_done_callback(self._discard_staged)
+        if self.image_staging is not None:  # (a finished future runs the callback at once too)
+            self.image_staging.add_done_callback(self._discard_staged)
 
     def engine_failed(self, e: Exception) -> None:
         """The request ends with ``e``: logged as an error when the model failed (not when the

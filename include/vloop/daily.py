@@ -528,7 +528,7 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool) -> dict
     day's failure."""
     from PIL import Image, ImageOps
 
-    from vloop.imagequality import assess, niqe
+    from vloop.imagequality import assess, flags_with_niqe, niqe
     from vloop.images import EXIF_ORIENTATION
 
     score = float("nan")
@@ -546,9 +546,7 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool) -> dict
         log.warning("image %s cannot be decoded: %s", image_key, e)
         return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
                 "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0, "niqe": score}
-    flags = list(q.flags)
-    if thresholds is not None and thresholds.max_niqe is not None and score == score and score > thresholds.max_niqe:
-        flags.append("distorted")
+    flags = flags_with_niqe(q.flags, score, thresholds)
     return {"image_key": image_key, "poor": bool(flags), "flags": ",".join(flags), "sharpness": q.sharpness,
             "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
             "niqe": score}

@@ -309,11 +309,15 @@ def summary(img: Image.Image, t: QualityThresholds | None = None) -> dict:
     return _summary(q, score, t)
 
 
+def flags_with_niqe(flags: list[str], score: float | None, t: QualityThresholds | None) -> list[str]:
+    """``flags`` plus "distorted" when NIQE was computed and is over ``t.max_niqe``."""
+    over = t is not None and t.max_niqe is not None and score is not None and score == score and score > t.max_niqe
+    return [*flags, "distorted"] if over else list(flags)
+
+
 def _summary(q: ImageQuality, score: float | None, t: QualityThresholds) -> dict:
     """The response form of a check; ``score`` None: NIQE was not computed (the key is left out)."""
-    flags = list(q.flags)
-    if t.max_niqe is not None and score is not None and score == score and score > t.max_niqe:
-        flags.append("distorted")
+    flags = flags_with_niqe(q.flags, score, t)
     advice = None
     if flags:
         advice = ("The photo is " + ", ".join(f.replace("_", " ") for f in flags)
