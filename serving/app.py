@@ -46,14 +46,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
-from serving.metrics import Metrics
+from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_stream_events, logprob_entry,
                                sse_stream, upstream_stream_events)
 from serving.routing import Routes, RouteStore
 from vloop.config import Settings
 from vloop.decoding import MAX_PHRASE_CHARS, DecodingPolicy, PolicyCache
 from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image, open_image
-from vloop.model import Confidence
+from vloop.model import MAX_QUESTION_CHARS, Confidence
 from vloop.netguard import FetchError, FetchPolicy, fetch_url
 from vloop.privacy import redact, user_key as hmac_user_key
 from vloop.schema import FEEDBACK, INTERACTION, RecordError
@@ -66,6 +66,9 @@ ROUTED_ALIAS = "vloop"
 GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "vloop", "stream", "stream_options"})
 GATEWAY_OPTIONS = {"image_quality": bool}  # the request's "vloop" object: what an app may ask for
 MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.decoding.MAX_PHRASE_CHARS
+# A request's metadata, as OpenAI limits it: at most 16 pairs, keys up to 64 characters, string
+# values up to 512 (session_id and category are stored with every record).
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 
 @dataclass
@@ -362,38 +365,63 @@ class Gateway:
 
 
 def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
-    """(question text, image URLs, sampling params) of the last user message, validated."""
+    """(question text, image URLs, sampling params) of the last user message, validated.
+
+    Every message is checked, not only the one the model reads, so both backends refuse the same
+    requests: the local one answers the last user message alone, the upstream gets them all."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "'messages' must be a non-empty list")
-    users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-    if not users:
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'messages'[{i}] must be an object")
+        if not isinstance(m.get("role"), str):
+            raise ApiError(400, f"'messages'[{i}].role must be a string")
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if last_user is None:
         raise ApiError(400, "'messages' has no user message")
-    content = users[-1].get("content")
     texts, images = [], []
-    if isinstance(content, str):
-        texts.append(content)
-    elif isinstance(content, list):
-        for part in content:
+    for i, m in enumerate(msgs):
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = content
+        elif content is None and i != last_user:
+            parts = []  # e.g. an assistant turn that only called a tool
+        else:
+            raise ApiError(400, f"'messages'[{i}].content must be a string or a list of parts")
+        for part in parts:
             if not isinstance(part, dict):
                 raise ApiError(400, "message content parts must be objects")
-            if part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
-            elif part.get("type") == "image_url":
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"'messages'[{i}]: a text part's 'text' must be a string")
+                if i == last_user:
+                    texts.append(part["text"])
+            elif kind == "image_url":
+                # The local model sees one image, the last user message's; an earlier one would be
+                # silently dropped there (and vLLM would see what is never logged): refused on both.
+                if i != last_user:
+                    raise ApiError(400, "only the last user message may carry an image")
                 iu = part.get("image_url")
                 url = iu.get("url") if isinstance(iu, dict) else iu
                 if not isinstance(url, str):
                     raise ApiError(400, "image_url part needs a url")
                 images.append(url)
             else:
-                raise ApiError(400, f"unsupported content part type {part.get('type')!r}")
-    else:
-        raise ApiError(400, "message content must be a string or a list of parts")
+                raise ApiError(400, f"unsupported content part type {kind!r}")
     if len(images) > 1:
         raise ApiError(400, "at most one image per request is supported")
     question = " ".join(t for t in texts if t).strip()
     if not question:
         raise ApiError(400, "the user message has no text")
+    if len(question) > MAX_QUESTION_CHARS:
+        # The model's own limit (vloop.model.check_question): checked here so the request is
+        # refused alone instead of failing in the engine, inside a batch of other users' requests.
+        raise ApiError(400, f"the question is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,} "
+                            "are allowed")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
     temperature = body.get("temperature", 0.0)
     top = body.get("top_logprobs", 0) or 0
@@ -407,6 +435,33 @@ def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
         raise ApiError(400, "top_logprobs requires logprobs: true")
     return question, images, {"max_tokens": max_tokens, "temperature": float(temperature),
                               "logprobs": bool(body.get("logprobs")), "top_logprobs": top}
+
+
+def parse_metadata(body: dict) -> dict[str, str]:
+    """The request's ``metadata`` (the app's ``session_id`` and ``category`` go into the record),
+    validated up front with OpenAI's limits, so a bad value is refused before the model answers
+    rather than failing the record afterwards. Null values count as absent."""
+    meta = body.get("metadata")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ApiError(400, f"'metadata' must be an object of strings, got {type(meta).__name__}")
+    if len(meta) > MAX_METADATA_PAIRS:
+        raise ApiError(400, f"'metadata' has {len(meta)} keys; at most {MAX_METADATA_PAIRS} are allowed")
+    out = {}
+    for k, v in meta.items():
+        if len(k) > MAX_METADATA_KEY_CHARS:
+            raise ApiError(400, f"a 'metadata' key is {len(k):,} characters; at most {MAX_METADATA_KEY_CHARS} "
+                                "are allowed")
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise ApiError(400, f"'metadata.{k}' must be a string, got {type(v).__name__}")
+        if len(v) > MAX_METADATA_VALUE_CHARS:
+            raise ApiError(400, f"'metadata.{k}' is {len(v):,} characters; at most {MAX_METADATA_VALUE_CHARS} "
+                                "are allowed")
+        out[k] = v
+    return out
 
 
 def parse_bad_words(body: dict) -> tuple[str, ...]:
@@ -494,9 +549,10 @@ class Turn:
     ends (answered, failed, or for a stream, the client gone midway)."""
 
     def __init__(self, gw: Gateway, *, request_id: str, t0: float, now: dt.datetime, user_key: str | None,
-                 body: dict, question: str, stored, base: str, adapter: str | None, arm: str, opted_out: bool):
+                 meta: dict[str, str], question: str, stored, base: str, adapter: str | None, arm: str,
+                 opted_out: bool):
         self.gw, self.request_id, self.t0, self.now, self.user_key = gw, request_id, t0, now, user_key
-        self.meta = body.get("metadata") or {}
+        self.meta = meta  # validated by parse_metadata
         self.question, self.stored, self.base, self.adapter, self.arm = question, stored, base, adapter, arm
         self.opted_out = opted_out
         self.created = int(time.time())
@@ -631,13 +687,26 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             await gw.engine.aclose()
         gw.close()
 
+    def count_refused(request, status: int) -> None:
+        # Chat requests refused as bad input: counted apart, never against an arm's error rate.
+        if status < 500 and request.url.path == "/v1/chat/completions":
+            m.inc("vloop_requests_refused_total", "chat requests refused as bad input (4xx)", status=str(status))
+
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
+        count_refused(request, e.status)
         return _error(e.status, e.message, e.type)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request, e: EngineError):
+        count_refused(request, e.status)
         return _error(e.status, e.message, "invalid_request_error" if e.status < 500 else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        # A bug, not the client's doing: an OpenAI-style 500 error body (Starlette re-raises the
+        # exception after this, so its traceback still reaches the server log, not the client).
+        return _error(500, f"internal error ({type(e).__name__}); see the server log", "server_error")
 
     async def read_json(request: Request) -> dict:
         length = request.headers.get("content-length")
@@ -652,6 +721,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             body = msgspec.json.decode(raw)  # ~5x the standard library's speed on a 200 KB photo
         except msgspec.DecodeError:
             raise ApiError(400, "request body is not valid JSON") from None
+        except UnicodeDecodeError:  # invalid UTF-8 inside a string (msgspec raises this, not DecodeError)
+            raise ApiError(400, "request body is not valid UTF-8") from None
+        except RecursionError:  # e.g. 100,000 nested lists: refused, never a 500
+            raise ApiError(400, "request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         return body
@@ -664,7 +737,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(m.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -786,17 +859,23 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         question, image_urls, params = parse_chat(body, cfg.max_tokens_limit)
         request_bad_words = parse_bad_words(body)
         options = parse_options(body)
+        meta = parse_metadata(body)
         ukey = gw.user_key(body, request)
         now = gw.now(request)
         opted_out = request.headers.get("x-vloop-opt-out") == "1" or ukey in gw.opted_out
         routes = gw.routes.routes
         model = body.get("model") or ROUTED_ALIAS
+        if not isinstance(model, str):
+            raise ApiError(400, f"'model' must be a string, got {type(model).__name__}")
         base = await gw.base_id()
         if model == ROUTED_ALIAS:  # the gateway picks the arm by the user's sticky bucket
             arm, adapter = routes.arm_for(ukey)
         else:  # an explicit model: the base, or an adapter by name
             adapter = None if gw.is_base(model) else model
             arm = routes.arm_of_model(adapter) if ukey is not None else "unassigned"
+            if gw.local is not None and adapter is not None and adapter not in gw.local.adapters:
+                # Refused before its photo is staged (the engine checks again on submission).
+                raise EngineError(404, f"model {adapter!r} does not exist; see GET /v1/models")
 
         image = stored = quality = data_url = None
         if image_urls:
@@ -839,14 +918,18 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 upstream_body["bad_words"] = list(bad_words)
 
         # Past every check of the request: from here on it ends logged, whatever happens.
-        turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, body=body,
+        turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, meta=meta,
                     question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
         turn.image_quality = quality
         if stream:
             if gw.local is not None:
-                fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
-                                                 params["temperature"], params["top_logprobs"],
-                                                 bad_words=bad_words, exceptions=policy.exceptions))
+                try:
+                    fut = gw.local.submit(GenRequest(image, question, adapter, params["max_tokens"],
+                                                     params["temperature"], params["top_logprobs"],
+                                                     bad_words=bad_words, exceptions=policy.exceptions))
+                except EngineError as e:  # refused on submission: the staged image goes too
+                    turn.engine_failed(e)
+                    raise
                 events = local_stream_events(gw.local, fut)
             else:
                 upstream_body["stream_options"] = {"include_usage": True}

@@ -85,8 +85,14 @@ class LocalEngine:
 
     # -- public API (any thread) ----------------------------------------------------------
     def submit(self, req: GenRequest) -> Future:
+        from vloop.model import InputError, check_question
+
         if req.adapter is not None and req.adapter not in self.adapters:
             raise EngineError(404, f"model {req.adapter!r} does not exist; see GET /v1/models")
+        try:  # refused here, alone, rather than inside a batch of other requests
+            check_question(req.question)
+        except InputError as e:
+            raise EngineError(400, str(e)) from None
         self._queue.put(("gen", req))
         return req.future
 
@@ -158,8 +164,6 @@ class LocalEngine:
             self._generate(batch)
 
     def _generate(self, batch: list[GenRequest]) -> None:
-        from vloop.model import generate
-
         groups: dict[tuple, list[GenRequest]] = {}
         for r in batch:
             # The banned-phrase processor applies to the whole batch, so requests with their own
@@ -170,24 +174,41 @@ class LocalEngine:
             reqs = [r for r in reqs if r.future.set_running_or_notify_cancel()]
             if not reqs:
                 continue
-            try:
-                if adapter is not None and adapter not in self.adapters:
-                    raise EngineError(404, f"model {adapter!r} was unloaded")
-                with self._adapter(adapter):
-                    gens = generate(self.lm, [r.image for r in reqs], [r.question for r in reqs],
-                                    max_new_tokens=max_tokens, top_logprobs=top_k, temperature=temperature,
-                                    # the index of each tokenizer and phrase is cached (vloop.decoding)
-                                    bad_words=bad_words, exceptions=exceptions)
-                for r, g in zip(reqs, gens):
-                    r.future.set_result(GenResult(
-                        g.text, g.tokens, g.token_ids, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
-                        # Generated tokens, the closing stop token included (as vLLM counts).
-                        prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids) + (g.finish_reason == "stop"),
-                        finish_reason=g.finish_reason))
-            except Exception as e:
+            if adapter is not None and adapter not in self.adapters:
                 for r in reqs:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+                    r.future.set_exception(EngineError(404, f"model {adapter!r} was unloaded"))
+                continue
+            self._generate_group(reqs, adapter, dict(max_new_tokens=max_tokens, top_logprobs=top_k,
+                                                     temperature=temperature, bad_words=bad_words,
+                                                     exceptions=exceptions))
+
+    def _generate_group(self, reqs: list[GenRequest], adapter: str | None, kw: dict) -> None:
+        """Answer ``reqs`` in one forward batch. If the batch fails it is split in halves and each
+        half tried again, so one bad request fails alone and never takes other users' requests
+        down with it (a failure that is not any one request's fails each of them in turn)."""
+        from vloop.model import InputError, generate
+
+        try:
+            with self._adapter(adapter):
+                # the index of each tokenizer and phrase is cached (vloop.decoding)
+                gens = generate(self.lm, [r.image for r in reqs], [r.question for r in reqs], **kw)
+        except Exception as e:
+            if len(reqs) > 1:
+                log.warning("a batch of %d failed (%r); splitting it to isolate the cause", len(reqs), e)
+                half = len(reqs) // 2
+                self._generate_group(reqs[:half], adapter, kw)
+                self._generate_group(reqs[half:], adapter, kw)
+                return
+            if isinstance(e, InputError):  # the request's own input: a 400, not a model failure
+                e = EngineError(400, str(e))
+            reqs[0].future.set_exception(e)
+            return
+        for r, g in zip(reqs, gens):
+            r.future.set_result(GenResult(
+                g.text, g.tokens, g.token_ids, g.token_logprobs, g.top_logprobs, g.confidence.geo_mean_prob,
+                # Generated tokens, the closing stop token included (as vLLM counts).
+                prompt_tokens=g.prompt_tokens, completion_tokens=len(g.token_ids) + (g.finish_reason == "stop"),
+                finish_reason=g.finish_reason))
 
     def _adapter(self, name: str | None):
         """Context: the model answers with adapter ``name`` (None: adapters disabled)."""
