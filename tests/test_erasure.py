@@ -266,11 +266,14 @@ def test_opt_outs_are_concurrency_safe(lake, monkeypatch, capsys):
     monkeypatch.setenv("VLOOP_LAKE_URL", lake.url if not hasattr(lake, "bucket") else "file:///nonexistent")
     if hasattr(lake, "bucket"):
         return  # the CLI reads VLOOP_LAKE_URL; its S3 settings are exercised by the lake tests
-    assert main(["privacy", "opt-out", "add", "--user-key", "cli-user"]) == 0
+    from vloop.privacy import user_key
+
+    cli_user = user_key("cli-user", "s3cret")  # --user-key takes only a whole key as the gateway makes it
+    assert main(["privacy", "opt-out", "add", "--user-key", cli_user]) == 0
     assert main(["privacy", "opt-out", "list"]) == 0
-    assert "cli-user" in capsys.readouterr().out.split()
-    assert main(["privacy", "opt-out", "remove", "--user-key", "cli-user"]) == 0
-    assert "cli-user" not in read_opt_outs(lake)
+    assert cli_user in capsys.readouterr().out.split()
+    assert main(["privacy", "opt-out", "remove", "--user-key", cli_user]) == 0
+    assert cli_user not in read_opt_outs(lake)
 
 
 def test_retention_deletes_exactly_what_is_older(lake):
@@ -350,3 +353,94 @@ def test_erasing_a_user_with_nothing_stored(local_lake):
     res = erase_user(local_lake, "never-seen", actor="support")
     assert res.total_rows == 0 and res.images_deleted == 0 and "never-seen" in read_tombstones(local_lake)
     assert audit_log(local_lake)[-1]["action"] == "erase"
+
+
+def lake_bytes(lake) -> dict[str, bytes]:
+    return {k: lake.get_bytes(k) for k in lake.list("")}
+
+
+def test_cli_refuses_a_user_key_that_is_not_whole(local_lake, monkeypatch, capsys):
+    """`--user-key` takes only what user_key (HMAC-SHA256, 64 lowercase hex) produces. A key cut
+    short (the log prints 12 characters), one character off, in capitals or a test token is
+    refused with a clear message, and nothing in the lake changes — no tombstone, no audit record,
+    no rewritten object. On the previous main any 1-128 character token was accepted: the
+    truncated key was erased (exit 0), tombstoned and matched as a substring."""
+    from vloop.cli import main
+    from vloop.privacy import user_key
+
+    lake = local_lake
+    monkeypatch.setenv("VLOOP_LAKE_URL", lake.url)
+    monkeypatch.setenv("VLOOP_USER_KEY_SECRET", "s3cret")
+    simulated_day(lake, D1, 60, seed=SEED)
+    inter = lake.read_partitions("raw/interactions", D1, D1).to_pandas()
+    alice = user_key("alice@shop.example", "s3cret")
+    inter["user_key"] = inter["user_key"].replace({inter["user_key"].iloc[0]: alice})
+    lake.delete_prefix("raw/interactions/")
+    lake.write_hourly("raw/interactions", __import__("pyarrow").Table.from_pandas(inter, schema=INTERACTION.arrow,
+                                                                                   preserve_index=False), D1)
+    lake.put_json("labeling/dt=2026-10-05/pushed.json", {"request_ids": sorted(inter["request_id"])})
+    before = lake_bytes(lake)
+    for bad in (alice[:12], alice[:-1], alice + "0", alice.upper(), inter["user_key"].iloc[-1], " "):
+        assert main(["privacy", "erase", "--user-key", bad, "--no-label-studio"]) == 2, bad
+        err = capsys.readouterr().err
+        assert "not a whole user key" in err and "64 lowercase hex" in err, err
+    assert main(["privacy", "erase", "--user-key", alice[:12], "--queue"]) == 2
+    assert main(["privacy", "opt-out", "add", "--user-key", alice[:12]]) == 2
+    assert "not a whole user key" in capsys.readouterr().err
+    assert lake_bytes(lake) == before  # nothing changed at all
+    # The whole key is accepted and erases exactly that user.
+    assert main(["privacy", "erase", "--user-key", alice, "--no-label-studio"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows_removed"]["raw/interactions"] == (inter["user_key"] == alice).sum() > 0
+
+
+def test_erasure_matches_whole_values_never_substrings(local_lake):
+    """Erasing user A leaves every JSON object that names user B as it was, where B's key and
+    request ids have A's as a prefix (cust-7 / cust-71, r-7 / r-71 / r-7b); A's own entries go. A
+    mistyped short key ("00") erases nothing of anyone: day manifests (file names with hour=00),
+    the shippers' watermarks and config/ stay byte for byte. On the previous main the JSON pass
+    matched substrings: it stripped B's entries with A's, and "00" struck the hour=00 files (and any
+    other name with "00" in it) from the day manifests, hiding everyone's rows."""
+    import pyarrow as pa
+
+    lake = local_lake
+    simulated_day(lake, D1, 60, seed=SEED)
+    lake.put_json("shippers/gw-00a1b2c3.json", {"spool": "gw-00a1b2c3", "shipped_through": "2026-10-05T00:00:00+00:00"})
+    lake.put_json("config/decoding.json", {"version": 100, "banned": ["可能", "maybe"], "author": "ops-007"})
+    lake.write_parquet("curated/dt=2026-10-05/people.parquet", pa.table({
+        "user_key": ["cust-7", "cust-71", "cust-71"], "request_id": ["r-7", "r-71", "r-7b"],
+        "question": ["a", "b", "c"]}))
+    lake.put_json("labeling/dt=2026-10-05/pushed.json", {"day": "2026-10-05", "request_ids": ["r-7", "r-71", "r-7b"]})
+    line_b = '{"user_key": "cust-71", "request_id": "r-7b", "question": "hi'  # torn lines kept raw
+    line_a = '{"user_key": "cust-7", "request_id": "r-7", "quest'
+    lake.put_json("quarantine/spool/interactions/seg-1.json", [
+        {"record": {"user_key": "cust-7", "request_id": "r-7"}, "reason": "bad ts"},
+        {"record": {"user_key": "cust-71", "request_id": "r-71"}, "reason": "bad ts"},
+        {"line": 3, "text": line_b, "reason": "not JSON"}, {"line": 4, "text": line_a, "reason": "not JSON"}])
+    lake.put_json("quarantine/spool/interactions/seg-2.json", [
+        {"record": {"user_key": "cust-71", "request_id": "r-71"}, "reason": "bad ts"}])
+    lake.put_json("adapters/shoes/v1/metrics.json", {"heldout": {"example_id": [
+        "label_corrected-r-7", "label_corrected-r-71", "replay-r-7b", "golden-7"]}})
+    before = lake_bytes(lake)
+    assert any("hour=00/" in f for k in before if k.endswith("_manifest.json")
+               for f in json.loads(before[k])["files"])  # a short key "00" would hit these file names
+
+    res = erase_user(lake, "cust-7", actor="support", rebuild_reports=False)
+    assert lake.get_json("labeling/dt=2026-10-05/pushed.json")["request_ids"] == ["r-71", "r-7b"]
+    seg = lake.get_json("quarantine/spool/interactions/seg-1.json")
+    assert [e.get("record", {}).get("request_id") or e["text"] for e in seg] == ["r-71", line_b]
+    assert lake.get_json("adapters/shoes/v1/metrics.json")["heldout"]["example_id"] == [
+        "label_corrected-r-71", "replay-r-7b", "golden-7"]
+    assert lake.read_parquet("curated/dt=2026-10-05/people.parquet")["request_id"].to_pylist() == ["r-71", "r-7b"]
+    assert set(res.objects_rewritten) == {"curated/dt=2026-10-05/people.parquet", "labeling/dt=2026-10-05/pushed.json",
+                                          "quarantine/spool/interactions/seg-1.json", "adapters/shoes/v1/metrics.json"}
+    after = lake_bytes(lake)
+    for k, data in before.items():  # everything else, B's own objects included, byte for byte
+        if k not in res.objects_rewritten:
+            assert after[k] == data, k
+
+    for typo in ("00", "cust"):  # a mistyped short key (a prefix of A's and B's): nothing of anyone's goes
+        snapshot = {k: v for k, v in lake_bytes(lake).items() if not k.startswith("privacy/")}
+        res = erase_user(lake, typo, actor="support", rebuild_reports=False)
+        assert res.total_rows == 0 and res.objects_rewritten == [], typo
+        assert {k: v for k, v in lake_bytes(lake).items() if not k.startswith("privacy/")} == snapshot, typo

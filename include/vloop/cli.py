@@ -126,11 +126,19 @@ def _privacy_target(args):
     VLOOP_USER_KEY_SECRET, never stored), ``--user-key`` the stored key itself."""
     from vloop.config import ConfigError, load_settings
     from vloop.lake import open_lake
-    from vloop.privacy import user_key
+    from vloop.privacy import is_hmac_user_key, user_key
 
     s = load_settings()
-    if getattr(args, "user_key", None):
-        key = args.user_key
+    if getattr(args, "user_key", None) is not None:
+        key = args.user_key.strip()
+        if not is_hmac_user_key(key):
+            # A shortened or mistyped key would name no one (or, matched loosely, someone else).
+            raise ValueError(f"--user-key {key!r} is not a whole user key: it must be the 64 lowercase hex "
+                             f"characters of HMAC-SHA256 that the gateway stores (this one has {len(key)}; logs "
+                             f"print only the first 12). Copy it from the lake or `vloop privacy audit`, or "
+                             f"pass --user with the raw id")
+        if s.user_key_secret and key == user_key("", s.user_key_secret):
+            raise ValueError("that is the shared key of requests without a user id")
     else:
         if not (args.user or "").strip():
             raise ValueError("--user is empty (requests without a user id share one key: erasing it would "
@@ -334,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (pe, po):
         who = q.add_mutually_exclusive_group(required=q is pe)
         who.add_argument("--user", help="the raw user id (hashed with VLOOP_USER_KEY_SECRET; never stored)")
-        who.add_argument("--user-key", help="the stored user key instead of the raw id")
+        who.add_argument("--user-key", help="the stored user key instead of the raw id: all 64 hex characters")
         q.add_argument("--actor", default=_login(), help="who acts (kept in the audit log; default: your login)")
     pe.add_argument("--queue", action="store_true", help="queue it for the privacy_maintenance DAG instead")
     pe.add_argument("--no-label-studio", action="store_true",

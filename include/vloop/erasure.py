@@ -15,10 +15,13 @@
    examples: matched by ``request_id``), are removed and each such object is rewritten in place
    with its schema. Objects that hold nothing of the user's are not touched, so everyone else's
    data stays byte for byte what it was;
-5. JSON objects that mention the user's key or requests anywhere in a string (``pushed.json``, the
-   shipper's quarantine, adapter evaluations naming held-out examples) are rewritten without those
-   entries; dataset manifests get the new counts; the daily reports of the days the user appeared
-   on are rebuilt from the cleaned data (they quote answers and edits);
+5. JSON objects that name the user's key or one of their requests (``pushed.json``, the shipper's
+   quarantine, adapter evaluations naming held-out examples) are rewritten without those entries.
+   Only whole values count — a string equal to the key or a request id, an example id
+   ``<source>-<request id>``, or such a value quoted in a raw JSON line — never a substring: a key
+   cut short would otherwise strip other users' entries and the file names in day manifests.
+   Dataset manifests get the new counts; the daily reports of the days the user appeared on are
+   rebuilt from the cleaned data (they quote answers and edits);
 6. images only the user's records referenced are deleted (an image someone else also sent stays);
 7. adapters trained on a dataset that held the user are listed (lineage) and marked, once, for
    retraining in the registry's history;
@@ -105,15 +108,40 @@ def _user_mask(table: pa.Table, key: str, request_ids: set[str]) -> pa.Array | N
     return m
 
 
-def _needles(key: str, request_ids: set[str]) -> re.Pattern:
-    """Matches the user key or one of their request ids anywhere inside a string (a raw JSON
-    line kept in quarantine, an example id such as ``label_corrected-<request id>``)."""
-    return re.compile("|".join(re.escape(x) for x in sorted({key} | request_ids, key=len, reverse=True)))
+_SOURCE = re.compile(r"[A-Za-z0-9_]+")  # an example id's source: label_corrected, user_edit, replay, …
+_JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
-def _mentions(obj, needles: re.Pattern) -> bool:
+class _Needles:
+    """Whether a string *is* the user key or one of their request ids — whole values only, never
+    a substring (a truncated key "u00001" must not match "u000012", nor a request id "r-1" match
+    "r-12"). Two shapes hold such a value whole inside: an example id ``<source>-<request id>``
+    (dataset examples, paired evaluation results) and a raw JSON line the shipper quarantined,
+    whose quoted strings are compared one by one."""
+
+    def __init__(self, key: str, request_ids: set[str]):
+        self.values = {key} | set(request_ids)
+
+    def __call__(self, s: str, _depth: int = 0) -> bool:
+        if s in self.values:
+            return True
+        source, dash, rest = s.partition("-")
+        if dash and rest in self.values and _SOURCE.fullmatch(source):
+            return True
+        if _depth == 0 and '"' in s:  # a raw line: its quoted values, each whole
+            for m in _JSON_STRING.finditer(s):
+                try:
+                    value = json.loads(f'"{m.group(1)}"')
+                except ValueError:
+                    continue
+                if self(value, 1):
+                    return True
+        return False
+
+
+def _mentions(obj, needles: _Needles) -> bool:
     if isinstance(obj, str):
-        return bool(needles.search(obj))
+        return needles(obj)
     if isinstance(obj, dict):
         return any(_mentions(k, needles) or _mentions(v, needles) for k, v in obj.items())
     if isinstance(obj, list):
@@ -121,7 +149,7 @@ def _mentions(obj, needles: re.Pattern) -> bool:
     return False
 
 
-def _without(obj, needles: re.Pattern):
+def _without(obj, needles: _Needles):
     """``obj`` with every list element and dict entry that mentions the user removed (recursively)."""
     if isinstance(obj, dict):
         return {k: _without(v, needles) for k, v in obj.items()
@@ -213,7 +241,7 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
 
     # JSON objects that list the user's requests (pushed.json, the shipper's quarantine, adapter
     # evaluations naming held-out examples).
-    needles = _needles(user_key, request_ids)
+    needles = _Needles(user_key, request_ids)
     for k in keys:
         if not k.endswith(".json") or k.endswith("/manifest.json"):
             continue
@@ -252,7 +280,7 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
           objects_rewritten=len(res.objects_rewritten), images_deleted=res.images_deleted,
           label_studio_tasks_deleted=res.label_studio_tasks_deleted,
           adapters_to_retrain=res.adapters_to_retrain)
-    log.info("erased %s: %d rows in %d objects, %d images, %d Label Studio tasks", user_key[:12],
+    log.info("erased %s…: %d rows in %d objects, %d images, %d Label Studio tasks", user_key[:12],
              res.total_rows, len(res.objects_rewritten), res.images_deleted, res.label_studio_tasks_deleted)
     return res
 
