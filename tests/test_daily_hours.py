@@ -98,7 +98,8 @@ def test_hours_give_the_whole_day_figures(local_lake):
     bad = mined_ref.dropna(subset=["category"])
     err = bad.assign(bad=bad["weak_label"].isin(["negative", "weak_negative"])).groupby("category")["bad"].mean()
     ref = select(cands, mined_ref.reset_index(), cfg=cfg, poor_images=set(iq.loc[iq["poor"], "image_key"]),
-                 opted_out_users=excluded_users(lake), already_labelled=set(), category_error_rate=err.to_dict())
+                 opted_out_users=excluded_users(lake), already_labelled=set(), category_error_rate=err.to_dict(),
+                 salt=str(D))
     got = daily.read_table(lake, "labeling", D, "selected.parquet")
     assert chosen["selected"] == 25 and list(got["request_id"]) == list(ref["request_id"])
     assert list(got["why"]) == list(ref["why"]) and chosen["candidates"] == len(vi.good)

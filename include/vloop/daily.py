@@ -586,10 +586,11 @@ def category_error_rates(lake: Lake, day: dt.date) -> dict[str, float]:
 
 def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     """The reduce that picks the day's items under one budget. It reads the day an hour at a time
-    and keeps the best ``budget`` so far: each hour's best (after its own near-duplicates are
-    dropped) can only lose to better rows, so the result is the whole day's selection."""
+    and keeps what the day's selection can still need (the best priority rows so far and the audit
+    pool, :class:`vloop.selection.SelectionPart`): each hour's contribution can only lose to
+    better rows, so the result is the whole day's selection."""
     from vloop.privacy import excluded_users
-    from vloop.selection import SelectionConfig, merge_selected, select
+    from vloop.selection import SelectionConfig, finish_selection, merge_parts, select_part
 
     cfg = cfg or SelectionConfig()
     poor = read_table(lake, CURATED, day, "image_quality.parquet", ["image_key", "poor"])
@@ -607,13 +608,13 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
         cands = inter.drop(columns=["confidence"]).merge(
             conf[[c for c in ("request_id", "confidence", "grounding") if c in conf.columns]], on="request_id")
         candidates += len(cands)
-        chosen = select(cands, mined, cfg=cfg, poor_images=poor_images, opted_out_users=opted_out,
-                        already_labelled=already, category_error_rate=err)
-        chosen = chosen.merge(mined[["request_id", "weak_label"]], on="request_id", how="left")
-        best = chosen if best is None else merge_selected([best, chosen], cfg.budget)
-    chosen = best.assign(selected_on=day.isoformat())
+        part = select_part(cands, mined, cfg=cfg, poor_images=poor_images, opted_out_users=opted_out,
+                           already_labelled=already, category_error_rate=err, salt=day.isoformat())
+        best = part if best is None else merge_parts([best, part], cfg)
+    chosen = finish_selection([best], cfg).assign(selected_on=day.isoformat())
     put_frame(lake, key(LABELING, day, "selected.parquet"), chosen)
-    return {"day": day.isoformat(), "candidates": candidates, "selected": len(chosen)}
+    return {"day": day.isoformat(), "candidates": candidates, "selected": len(chosen),
+            "audit": int((chosen["pick"] == "audit").sum())}
 
 
 # -- 7. push --------------------------------------------------------------------------------------
@@ -732,6 +733,11 @@ def report(lake: Lake, day: dt.date) -> dict:
     grounding = dict(zip(scored["request_id"], scored["grounding"])) if "grounding" in scored.columns else {}
     quality = answer_quality(inter, fb, mined, labels if len(labels) else None,
                              read_days(lake, REPORTS, "edit_length.parquet", days=earlier), grounding=grounding)
+    from vloop.report import selection_hit_rates
+
+    recent = _days_back(day, HISTORY_DAYS)
+    quality["selection"] = selection_hit_rates(read_days(lake, LABELING, "selected.parquet", days=recent),
+                                               read_days(lake, LABELED, LABELED_FILE, days=recent))
     for name, table in quality.items():
         put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
     history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))

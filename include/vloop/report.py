@@ -563,7 +563,41 @@ def experiment_plot(looks: pd.DataFrame) -> str | None:
 
 
 # Headings and notes of the answer-quality tables (see answer_quality), in page order.
+def selection_hit_rates(selected: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Per selection day: how many of the priority picks annotators judged wrong (the selection's
+    hit rate) beside the random audit picks judged wrong (the day's base rate: what a random pick
+    would have found), each with its 95% Wilson interval, and their ratio. Picks from before the
+    audit existed (no ``pick`` column) count as priority; "unclear" verdicts count as neither."""
+    from vloop.retrain import wilson_interval
+
+    cols = ["selected_on", "priority_judged", "hit_rate", "hit_rate_lo", "hit_rate_hi", "audit_judged",
+            "base_rate", "base_rate_lo", "base_rate_hi", "hit_over_base"]
+    if not len(selected) or not len(labels) or "verdict" not in labels.columns:
+        return pd.DataFrame(columns=cols)
+    sel = selected[["request_id", "selected_on"] + (["pick"] if "pick" in selected.columns else [])]
+    sel = sel.assign(pick=sel["pick"].fillna("priority") if "pick" in sel.columns else "priority")
+    judged = labels[labels["verdict"].isin(["correct", "wrong"])][["request_id", "verdict"]]
+    df = sel.drop_duplicates("request_id").merge(judged.drop_duplicates("request_id"), on="request_id")
+    rows = []
+    for day, g in df.groupby("selected_on"):
+        row = {"selected_on": day}
+        for pick, name in (("priority", "hit_rate"), ("audit", "base_rate")):
+            h = g[g["pick"] == pick]
+            n, x = len(h), int((h["verdict"] == "wrong").sum())
+            lo, hi = wilson_interval(x, n)
+            row.update({f"{pick}_judged" if pick == "audit" else "priority_judged": n,
+                        name: x / n if n else float("nan"), f"{name}_lo": lo, f"{name}_hi": hi})
+        row["hit_over_base"] = row["hit_rate"] / row["base_rate"] if row["base_rate"] else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols).sort_values("selected_on", ascending=False).reset_index(drop=True)
+
+
 QUALITY_SECTIONS = {
+    "selection": ("Is the selection worth the annotators' time?",
+                  "Per selection day: the share of priority picks annotators judged wrong (hit rate) beside the "
+                  "share of the random audit picks judged wrong (base rate: what a random pick of that day would "
+                  "have found), with 95% Wilson intervals. A hit rate near the base rate means the priority "
+                  "signals are not finding errors; the audit is <code>audit_share</code> of the budget."),
     "error_types": ("Top error types (per day and per arm)",
                     "Every answer a user edited or an annotator judged wrong, typed by rules over the question's "
                     "intent, the answer and the correction (vloop.errortypes); an answer may have several types."),

@@ -12,11 +12,18 @@ Priority adds up four signals (weights in :class:`SelectionConfig`):
 
 Excluded: opted-out users, already-labelled requests, poor images, and near-duplicates — the same
 image (by content hash) with the same normalised question keeps only its highest-priority copy.
-Each chosen row says why it was chosen.
+Each chosen row says why it was chosen, and whether priority or the audit picked it (``pick``).
+
+The **audit**: ``audit_share`` of the budget goes to a uniform random sample of the eligible rows
+(the smallest values of a salted hash of the request id: a uniform sample that parts of a day can
+pick independently and merge exactly). What annotators find in it is the day's base rate of wrong
+answers — what a random pick would have found — so the daily report can show whether the priority
+picks are worth it (their hit rate against the base rate), in production, not only in simulation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -35,6 +42,18 @@ class SelectionConfig:
     w_category: float = 0.5
     low_grounding: float = 0.0  # log-probability (nats): the image made the answer no more likely
     w_grounding: float = 0.8
+    audit_share: float = 0.1  # of the budget: a uniform random sample (the base rate; see the module doc)
+
+    @property
+    def audit_budget(self) -> int:
+        return int(round(self.budget * self.audit_share))
+
+    @property
+    def priority_budget(self) -> int:
+        return self.budget - self.audit_budget
+
+
+AUDIT_WHY = "random audit (measures the day's base rate)"
 
 
 def normalise_question(q: str) -> str:
@@ -43,11 +62,32 @@ def normalise_question(q: str) -> str:
 
 def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfig | None = None,
            poor_images: set[str] = frozenset(), opted_out_users: set[str] = frozenset(),
-           already_labelled: set[str] = frozenset(), category_error_rate: dict[str, float] | None = None
-           ) -> pd.DataFrame:
-    """The chosen rows of ``candidates`` (interaction columns), highest priority first, with
-    ``priority`` and ``why`` columns."""
+           already_labelled: set[str] = frozenset(), category_error_rate: dict[str, float] | None = None,
+           salt: str = "") -> pd.DataFrame:
+    """The chosen rows of ``candidates`` (interaction columns): the priority picks, highest first,
+    then the audit sample, with ``priority``, ``pick`` (priority / audit), ``why`` and the mined
+    ``weak_label`` columns.
+    ``salt`` (the day) seeds the audit sample."""
     cfg = cfg or SelectionConfig()
+    part = select_part(candidates, mined, cfg=cfg, poor_images=poor_images, opted_out_users=opted_out_users,
+                       already_labelled=already_labelled, category_error_rate=category_error_rate, salt=salt)
+    return finish_selection([part], cfg)
+
+
+@dataclass
+class SelectionPart:
+    """What one part of a day (an hour) contributes to the day's selection: its best priority
+    rows and its audit pool (its ``budget`` smallest-hash eligible rows). Parts merge exactly
+    (:func:`merge_parts`): memory stays at a few budgets' rows, however large the day."""
+    priority: pd.DataFrame
+    pool: pd.DataFrame
+    category_error_rate: dict
+
+
+def select_part(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfig,
+                poor_images: set[str] = frozenset(), opted_out_users: set[str] = frozenset(),
+                already_labelled: set[str] = frozenset(), category_error_rate: dict[str, float] | None = None,
+                salt: str = "") -> SelectionPart:
     df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
     # Opted-out and erased users never reach a person; nor does a row without a user key, which
     # cannot be checked against them (fail closed).
@@ -70,26 +110,63 @@ def select(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: SelectionConfi
                 + np.where(neg, cfg.w_feedback * df["weight"].fillna(0).to_numpy(dtype=float), 0)
                 + np.where(weak, cfg.w_grounding, 0)
                 + cfg.w_category * err)
-    df = _best(df.assign(priority=priority), cfg.budget)
-    df["why"] = pd.Series([_why(r, cfg, category_error_rate) for r in df.itertuples(index=False)], index=df.index,
-                          dtype="str")  # typed even when nothing is chosen (a day without traffic)
-    return df.drop(columns=["weak_label", "weight"]).reset_index(drop=True)
+    df = df.assign(priority=priority, _audit_key=audit_keys(df["request_id"], salt))
+    # The audit pool keeps ``budget`` rows, not ``audit_budget``: the day's priority picks (at most
+    # ``priority_budget``) are taken out of it before the audit is drawn.
+    pool = df.nsmallest(cfg.budget if cfg.audit_budget else 0, "_audit_key")
+    return SelectionPart(_best(df, cfg.priority_budget), pool, category_error_rate)
+
+
+def merge_parts(parts: list[SelectionPart], cfg: SelectionConfig) -> SelectionPart:
+    """One part from several (the same as selecting over their rows at once)."""
+    prio = [p.priority for p in parts if len(p.priority)] or [parts[0].priority]
+    pool = [p.pool for p in parts if len(p.pool)] or [parts[0].pool]
+    return SelectionPart(_best(pd.concat(prio, ignore_index=True), cfg.priority_budget),
+                         pd.concat(pool, ignore_index=True).nsmallest(cfg.budget if cfg.audit_budget else 0,
+                                                                      "_audit_key"),
+                         parts[0].category_error_rate)
+
+
+def finish_selection(parts: list[SelectionPart], cfg: SelectionConfig) -> pd.DataFrame:
+    """The day's selection from its parts: priority picks, then the audit sample drawn from the
+    rest (a near-copy of a priority pick is not audited: it would be labelled twice)."""
+    part = merge_parts(parts, cfg) if len(parts) > 1 else parts[0]
+    prio = part.priority.reset_index(drop=True)
+    taken = set(prio["request_id"]) | set(_dup_key(prio))
+    pool = part.pool[~part.pool["request_id"].isin(taken) & ~_dup_key(part.pool).isin(taken)]
+    pool = pool[~_dup_key(pool).duplicated()]
+    audit = pool.nsmallest(cfg.audit_budget, "_audit_key")
+    err = part.category_error_rate
+    prio["why"] = pd.Series([_why(r, cfg, err) for r in prio.itertuples(index=False)], index=prio.index,
+                            dtype="str")  # typed even when nothing is chosen (a day without traffic)
+    prio["pick"] = pd.Series("priority", index=prio.index, dtype="str")
+    audit = audit.assign(why=pd.Series(AUDIT_WHY, index=audit.index, dtype="str"),
+                         pick=pd.Series("audit", index=audit.index, dtype="str"))
+    out = pd.concat([prio, audit], ignore_index=True) if len(audit) else prio
+    return out.drop(columns=["weight", "_audit_key"]).reset_index(drop=True)
+
+
+def audit_keys(request_ids: pd.Series, salt: str) -> np.ndarray:
+    """A uniform pseudo-random number per request id, fixed by ``salt``: the rows with the k
+    smallest keys are a uniform random sample of k, and samples of parts merge into the sample
+    of the whole."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}|{r}".encode(), digest_size=8).digest(), "big")
+                     for r in request_ids.astype(str)], dtype=np.uint64)
+
+
+def uniform_sample(df: pd.DataFrame, n: int, *, salt: str) -> pd.DataFrame:
+    """``n`` rows of ``df`` drawn uniformly at random (seeded by ``salt``; see :func:`audit_keys`)."""
+    return df.assign(_k=audit_keys(df["request_id"], salt)).nsmallest(n, "_k").drop(columns="_k")
+
+
+def _dup_key(df: pd.DataFrame) -> pd.Series:
+    return df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
 
 
 def _best(df: pd.DataFrame, budget: int) -> pd.DataFrame:
     """The ``budget`` rows of highest priority (ties: request id), near-duplicates dropped."""
     df = df[df["priority"] > 0].sort_values(["priority", "request_id"], ascending=[False, True])
-    dup_key = df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
-    return df[~dup_key.duplicated()].head(budget)
-
-
-def merge_selected(parts: list[pd.DataFrame], budget: int) -> pd.DataFrame:
-    """One selection from the selections of parts of a day (each :func:`select` ed with the same
-    config and day-wide inputs). The same as selecting over the whole day: a row of the day's
-    selection is the best copy of its image + question anywhere, so its part kept it, and fewer
-    than ``budget`` distinct better rows exist in its part, so its part's cut kept it too."""
-    parts = [p for p in parts if len(p)] or parts[:1]
-    return _best(pd.concat(parts, ignore_index=True), budget).reset_index(drop=True)
+    return df[~_dup_key(df).duplicated()].head(budget)
 
 
 def _why(r, cfg: SelectionConfig, category_error_rate: dict) -> str:
