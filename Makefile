@@ -62,8 +62,9 @@ $(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt requirements/vl
 test: setup vllm
 	$(PY) -m pytest
 
-## demo: the main job on embedded defaults (a local lake under ./var)
-demo: $(STAMP)
+## demo: the main job on embedded defaults (a local lake under ./var); it starts Label Studio, so
+## it needs both venvs (a fresh clone's first `make demo` builds them)
+demo: setup
 	$(VENV)/bin/vloop demo
 
 ## up / down: the local stack on loopback (Label Studio, serving, Airflow), PIDs under var/run

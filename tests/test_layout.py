@@ -53,7 +53,23 @@ def test_readme_keeps_exactly_two_setup_commands():
     assert commands == ["make demo", "make test"]
 
 
-SIMULATION = {"synth", "tiny", "pretrain", "demo", "demo_loop"}  # vloop's simulation modules
+def test_make_demo_on_a_fresh_clone_builds_every_venv_it_needs(tmp_path):
+    """`make demo` starts Label Studio from its own venv: on a clone without venvs, make's plan
+    (``make -n``, nothing run) builds both before the demo."""
+    import shutil
+
+    for name in ("Makefile", "requirements.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "requirements", tmp_path / "requirements")
+    r = subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    plan = r.stdout
+    assert re.search(r"-m venv \.venv\s", plan)
+    assert "venv .venv-labelstudio" in plan and "requirements/labelstudio.txt" in plan
+    assert plan.index("requirements/labelstudio.txt") < plan.index("vloop demo")
+
+
+SIMULATION = {"synth", "tiny", "pretrain", "demo", "demo_loop", "efficacy"}  # vloop's simulation modules
 # Production modules that still reach the simulation, each with why; the test fails when one is
 # fixed (drop it here) or a new one appears. Entry points that dispatch to the demo's commands:
 KNOWN_SIMULATION_IMPORTS = {
