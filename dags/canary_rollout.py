@@ -1,7 +1,8 @@
 """
 ### canary_rollout — judge the live canary every hour: widen, promote, roll back or halt
 
-While a canary is live (the registry's serving state names one; otherwise the run is skipped):
+While a canary is live (the registry's serving state names one; otherwise the run starts the next
+approved version, or is skipped when none waits):
 
 1. **look** — per-arm users, requests, accepts, edits, errors and p95 latency since the current
    stage began, from the lake's raw logs (`vloop.canary.arm_counts`, the daily report's outcome
@@ -9,10 +10,18 @@ While a canary is live (the registry's serving state names one; otherwise the ru
    edit rate (per-user, cluster-robust), a sample-ratio-mismatch check and guardrails;
 2. **act** — *promote*: widen to the next stage (10% → 50% by default; the sequence restarts at
    each stage), and past the last one move the champion alias (the old champion is retired, still
-   loadable); *rollback*: take the canary off; after `max_hours` without a decision the canary is
-   retired as inconclusive; *halt* (sample-ratio mismatch): nothing changes and the task fails, so
-   a person is alerted. Every look is stored under `rollout/<experiment>/looks/`, every action is a
-   registry event with its figures. Serving replicas follow the registry within seconds.
+   loadable); *rollback*: take the canary off (a guardrail or a significant regression wins over a
+   sample-ratio mismatch); after `max_hours` without a decision the canary is retired as
+   inconclusive; *halt* (sample-ratio mismatch, or counts that cannot be right): the canary is
+   taken off (the champion serves everyone) and the task fails, so a person is alerted. Every look
+   is stored under `rollout/<experiment>/looks/`, every action is a registry event with its
+   figures. Serving replicas follow the registry within seconds;
+3. **next** — when the experiment ends, or a run finds none live, the newest `approved` version
+   (one that passed retrain_biweekly's gate while another canary ran) is started as the next
+   canary at the first of the stages in Variable `vloop_rollout_stages`.
+
+Counts are kept as hourly snapshots under `rollout/<experiment>/counts/`, so a look reads only the
+raw logs of the hours since the last one.
 
 Manual rollback: trigger with `rollback: true`, a `reason` and optionally `to` (`name@version` or
 `base`); the same as `vloop rollout rollback`. The logic lives in `vloop.canary`; this is wiring.
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, Variable, dag, task
 
 from vloop.config import load_settings
 
@@ -74,12 +83,18 @@ def canary_rollout():
             except ValueError as e:  # no reason, unknown version: retrying cannot help
                 raise AirflowFailException(str(e)) from e
             return {"action": "manual rollback", "seq": state.seq, "champion": state.champion}
-        result = canary.step(_lake(), canary.config_from_params(p), actor="canary_rollout",
+        from dataclasses import replace
+
+        # The stages of a canary started from the queue, as retrain_biweekly's deploy uses.
+        stages = canary.parse_stages(Variable.get("vloop_rollout_stages", default="0.1,0.5,1.0"))
+        result = canary.step(_lake(), replace(canary.config_from_params(p), stages=stages), actor="canary_rollout",
                              now=canary.simulated_now(p["now"]))
         if result.action == "skipped":
-            raise AirflowSkipException("no canary is live")
+            raise AirflowSkipException("no canary is live and none is approved and waiting")
         if result.action == "halted":
-            raise AirflowFailException(f"experiment halted, nothing changed: {result.decision.reason}")
+            nxt = f"; {result.started} started from the queue" if result.started else ""
+            raise AirflowFailException(f"experiment halted, canary taken off (the champion serves everyone)"
+                                       f"{nxt}: {result.decision.reason}")
         return result.summary
 
     look()

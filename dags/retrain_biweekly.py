@@ -15,13 +15,14 @@ Every 14 days (or on a manual trigger, with params):
 5. **gate** — on the golden set the candidate must beat the champion by a margin, significantly on
    the same items (McNemar's exact test, one-sided, at `gate_alpha`), and not regress any category
    beyond a tolerance (`vloop.retrain.gate_decision`; its figures go into the registry's history);
-6. **register** — the version goes into the registry with its lineage; a rejected one is recorded
-   as `rejected` with the reason, and the champion stays;
+6. **register** — the version goes into the registry with its lineage; one that passed the gate
+   is `approved`, a rejected one is recorded as `rejected` with the reason, and the champion stays;
 7. **deploy_canary** — the registry's serving state makes it the canary of a new experiment at
-   the first of the stages in Variable `vloop_rollout_stages` (`0.1,0.5,1.0` by default; skipped
-   while another canary's experiment runs); every serving replica follows,
-   and the one of connection `vloop_serving` is asked to apply it at once, so an adapter it cannot
-   load fails here. From then on `canary_rollout` judges it.
+   the first of the stages in Variable `vloop_rollout_stages` (`0.1,0.5,1.0` by default); every
+   serving replica follows, and the one of connection `vloop_serving` is asked to apply it at once,
+   so an adapter it cannot load fails here. While another canary's experiment runs it is queued
+   (skipped, saying so): it waits as `approved` and `canary_rollout` starts it when that experiment
+   ends. From then on `canary_rollout` judges it.
 
 Logic lives in `vloop.retrain`, `vloop.dataset`, `vloop.registry` and `training`; this file is wiring.
 """
@@ -178,8 +179,9 @@ def retrain_biweekly():
         # The gate's figures (n, discordant b/c, difference and interval, p) go into the history.
         reg.record("gate", {"ref": v.ref, "figures": {k: x for k, x in decision.items() if k != "reason"}},
                    actor="retrain_biweekly", reason=decision["reason"])
-        if not decision["passed"]:
-            reg.set_status(v.ref, "rejected", actor="retrain_biweekly", reason=decision["reason"])
+        # Approved: it waits for a free canary slot if another experiment runs (vloop.canary.start_next).
+        reg.set_status(v.ref, "approved" if decision["passed"] else "rejected", actor="retrain_biweekly",
+                       reason=decision["reason"])
         return {"ref": v.ref, **decision}
 
     @task
@@ -187,24 +189,21 @@ def retrain_biweekly():
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from vloop.canary import ReleaseConfig, parse_stages
-        from vloop.registry import Registry
+        from vloop.canary import ReleaseConfig, parse_stages, simulated_now
         from vloop.retrain import deploy_canary
 
         if not registered["passed"]:
             raise AirflowSkipException(f"{registered['ref']} rejected: {registered['reason']}; the champion stays")
-        live = Registry(_lake()).serving_state().canary
-        if live:
-            raise AirflowSkipException(f"{live} is still the live canary; {registered['ref']} waits (registered as "
-                                       "a candidate) until canary_rollout ends that experiment")
         conn = BaseHook.get_connection("vloop_serving")
         url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
         stages = parse_stages(Variable.get("vloop_rollout_stages", default="0.1,0.5,1.0"))
-        from vloop.canary import simulated_now
-
-        return deploy_canary(_lake(), registered["ref"], actor="retrain_biweekly", reason=registered["reason"],
-                             serving_url=url, token=conn.password, cfg=ReleaseConfig(stages=stages),
-                             now=simulated_now(context["params"].get("now")))
+        out = deploy_canary(_lake(), registered["ref"], actor="retrain_biweekly", reason=registered["reason"],
+                            serving_url=url, token=conn.password, cfg=ReleaseConfig(stages=stages),
+                            now=simulated_now(context["params"].get("now")))
+        if out.get("queued"):
+            raise AirflowSkipException(f"{out['live']} is still the live canary; {out['ref']} is queued (approved) "
+                                       "and canary_rollout starts it when that experiment ends")
+        return out
 
     decision = gate()
     check_labels() >> build_dataset() >> train() >> evaluate() >> decision

@@ -139,6 +139,66 @@ def test_sample_ratio_mismatch_halts():
     print(d.reason)
 
 
+def with_guardrail_columns(frame, rng, error_rates, p95_ms):
+    """A counts frame with ``errors`` (Binomial on the requests) and ``latency_p95_ms`` per arm."""
+    frame = frame.copy()
+    frame["errors"] = [rng.binomial(int(n), error_rates[arm]) for arm, n in zip(frame["arm"], frame["requests"])]
+    frame["latency_p95_ms"] = [p95_ms[arm] for arm in frame["arm"]]
+    return frame
+
+
+def test_broken_canary_with_a_sample_ratio_mismatch_is_taken_off():
+    """A canary at 7% of the users instead of 10%, with a 43% error rate and a 5 s p95: a split
+    mismatch most often means replicas that failed to load the canary, exactly when it is broken.
+    The guardrails win over the SRM check once the canary has ``guardrail_min_requests``; before
+    that a halt may come first, and a halt takes the canary off too (vloop.canary.step). Either way
+    the experiment ends within the first hours, and no look, however late, halts it instead."""
+    rng = np.random.default_rng(12)
+    errors, p95 = {"champion": 0.01, "canary": 0.43}, {"champion": 800.0, "canary": 5000.0}
+    policy = RolloutPolicy()
+    actions = []
+    for _ in range(20):
+        cumulative = simulate_counts(rng, hours=HORIZON_HOURS, canary_share=0.07)
+        for look in range(HORIZON_HOURS):
+            d = decide(with_guardrail_columns(counts_frame(cumulative, look), rng, errors, p95), policy)
+            if d.action != "continue":
+                break
+        canary_requests = cumulative[look][1][STATS.index("requests")]
+        if canary_requests >= policy.guardrail_min_requests:
+            assert d.action == "rollback" and d.guardrails == ["error_rate", "latency_p95"], d.reason
+        else:  # too few canary requests for a guardrail yet: the mismatch alone decided
+            assert d.action == "halt" and "sample-ratio mismatch" in d.reason, d.reason
+        assert look <= 2, (look, d.reason)
+        actions.append(d.action)
+    print(f"\nbroken canary at 7% vs 10%: {actions.count('rollback')} rolled back by the guardrails, "
+          f"{actions.count('halt')} halted (taken off) before they had {policy.guardrail_min_requests} requests")
+    assert actions.count("rollback") >= 15
+    # Late in the experiment the split is far off (p ~ 1e-11 and below), and still the guardrails decide.
+    late = decide(with_guardrail_columns(counts_frame(cumulative, HORIZON_HOURS - 1), rng, errors, p95))
+    assert late.srm_p < 1e-6 and late.action == "rollback" and late.guardrails == ["error_rate", "latency_p95"]
+    # A significant regression beats the mismatch as well.
+    worse = decide(frame(champion=dict(users=9300, requests=27900, accepted=15345, edited=5580),
+                         canary=dict(users=700, requests=2100, accepted=700, edited=420)))
+    assert worse.srm_p < 1e-10 and worse.action == "rollback" and worse.metrics["acceptance"].worse
+
+
+def test_max_hours_wins_over_a_sample_ratio_mismatch():
+    """At 500 hours a mismatched canary is retired as inconclusive, not halted (again)."""
+    mismatched = dict(champion=dict(users=9300, requests=27900, accepted=15345, edited=5580, hours=500.0),
+                      canary=dict(users=700, requests=2100, accepted=1155, edited=420, hours=500.0))
+    d = decide(frame(**mismatched))
+    assert d.srm_p < 1e-10 and d.action == "rollback" and d.inconclusive, d.reason
+    assert "sample-ratio mismatch" in d.reason
+    # Before max_hours it is a halt, and never a promotion, however much better the canary looks.
+    better = dict(mismatched, canary=dict(mismatched["canary"], accepted=1800, hours=48.0),
+                  champion=dict(mismatched["champion"], hours=48.0))
+    d = decide(frame(**better))
+    assert d.action == "halt" and d.metrics["acceptance"].better
+    # A canary that gets no users at all, at max_hours: retired too.
+    d = decide(frame(champion=dict(CHAMPION, hours=500.0)))
+    assert d.action == "rollback" and d.inconclusive
+
+
 # --- the variance ------------------------------------------------------------------------------
 
 

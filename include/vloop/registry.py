@@ -17,7 +17,9 @@ rewritten, so two writers at once cannot corrupt the registry or lose each other
   promotions therefore never leave two champions. Serving replicas reconcile from the newest
   entry; "what served when" is the entry in force at that time.
 
-A version's status is one of ``candidate``, ``canary``, ``champion``, ``retired``, ``rejected``;
+A version's status is one of ``candidate``, ``approved`` (passed the gate, waiting for the running
+experiment to end before it is served as a canary: :func:`vloop.canary.start_next`), ``canary``,
+``champion``, ``retired``, ``rejected``;
 aliases (``champion``, ``canary``) point at a ``name@version``. Moving the champion alias retires
 the previous champion (its files stay, so it can be restored); each fact is also an event.
 """
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from vloop.lake import Lake
 
 PREFIX = "registry"
-STATUSES = ("candidate", "canary", "champion", "retired", "rejected")
+STATUSES = ("candidate", "approved", "canary", "champion", "retired", "rejected")
 ALIASES = ("champion", "canary")
 
 

@@ -176,13 +176,23 @@ def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url:
     """Put ``ref`` in front of users as the canary of a new experiment (:func:`vloop.canary.start`:
     the registry's serving state, which every replica follows). With ``serving_url``, that replica
     applies it at once (``POST /admin/reconcile``) so a version it cannot load fails the deploy
-    here, and the canary is taken off again with the reason; the champion is untouched either way."""
+    here, and the canary is taken off again with the reason; the champion is untouched either way.
+
+    While another canary's experiment runs, ``ref`` is queued instead of dropped: it waits in the
+    registry as ``approved`` and ``canary_rollout`` starts it when that experiment ends; the answer
+    is then ``{"queued": True, "ref": ..., "live": <the running canary>}``."""
     import httpx
 
     from vloop import canary
 
     registry = Registry(lake)
-    state = canary.start(registry, ref, actor=actor, reason=reason, cfg=cfg, now=now)
+    head = registry.serving_state()
+    if head.canary and head.canary != ref:
+        if registry.state().statuses.get(ref) != "approved":
+            registry.set_status(ref, "approved", actor=actor, reason=reason)
+        return {"queued": True, "ref": ref, "live": head.canary, "seq": head.seq}
+    # Already the canary: canary_rollout started it from the queue (or a retry): check it loads.
+    state = head if head.canary == ref else canary.start(registry, ref, actor=actor, reason=reason, cfg=cfg, now=now)
     if not serving_url:
         return {"seq": state.seq, "canary": ref, "canary_share": state.canary_share}
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -48,20 +48,28 @@ metric is rolled back at the first look that shows it; promotion needs ``min_hou
 ``min_requests`` per arm as well, so a full daily cycle is seen before the champion changes.
 
 Checks in order: input errors raise ``ValueError``; counts no set of users can produce (more users
-than requests, impossible moments) → halt; a missing arm or an arm without users → continue (unless
-the user counts themselves already show a sample-ratio mismatch, or ``max_hours`` has passed);
-sample-ratio mismatch (chi-square goodness of fit of canary vs champion users against
-``expected_canary_share``; p < ``srm_p``) → halt, because an assignment bug invalidates every other
-figure; guardrails (error rate up by more than ``max_error_rate_increase``, p95 latency up by more
-than ``max_latency_p95_ratio``; point estimates, once the canary has ``guardrail_min_requests``) →
-rollback; a metric significantly worse → rollback; enough time and
-traffic, a metric significantly better and none worse → promote; ``max_hours`` without a decision →
-rollback marked ``inconclusive`` (keep the champion, retire the canary); else continue.
+than requests, impossible moments) → halt; a missing arm or an arm without users → continue
+(``max_hours`` passed → inconclusive rollback; else a user split that already shows a sample-ratio
+mismatch → halt); guardrails (error rate up by more than ``max_error_rate_increase``, p95 latency
+up by more than ``max_latency_p95_ratio``; point estimates, once the canary has
+``guardrail_min_requests``) → rollback; a metric significantly worse → rollback; ``max_hours``
+passed while the split is mismatched → inconclusive rollback; sample-ratio mismatch (chi-square
+goodness of fit of canary vs champion users against ``expected_canary_share``; p < ``srm_p``) →
+halt; enough time and traffic, a metric significantly better and none worse → promote;
+``max_hours`` without a decision → rollback marked ``inconclusive`` (keep the champion, retire the
+canary); else continue.
+
+Why the guardrails, a regression and ``max_hours`` come before the SRM check: each of them ends
+with the champion serving everyone, which is safe whatever the split; a mismatch most often means
+some replicas failed to load the canary, exactly when it is likely broken, so it must not shield a
+broken canary from them. The SRM check still comes before a promotion, because a mismatched split
+invalidates the comparison. A halt is not "change nothing": :func:`vloop.canary.step` takes the
+canary off (share 0, the champion serves everyone) and the DAG task fails as the alert.
 
 Error rates that are *not* in the α budget: the SRM check is a fixed-level test repeated at every
 look, so an A/A experiment is halted now and then (about 2–3% over a week of hourly looks in the
-simulation; a halt stops the experiment for a person to look, it changes no model); guardrails
-are business limits on point estimates, not tests.
+simulation; a halt takes the canary off and waits for a person, it promotes nothing and rejects
+no version); guardrails are business limits on point estimates, not tests.
 """
 
 from __future__ import annotations
@@ -301,17 +309,13 @@ def decide(counts: pd.DataFrame, policy: RolloutPolicy | None = None) -> Decisio
     empty = [name for name in ARMS if users[name] == 0]
     if empty:
         what = " and ".join(f"{name} {'has no users' if name in arms else 'row is missing'}" for name in empty)
-        if srm < policy.srm_p:
-            return Decision("halt", f"halt: sample-ratio mismatch, {what}: {srm_text}", srm_p=srm, **base)
-        if hours >= policy.max_hours:
+        if hours >= policy.max_hours:  # out of time wins: the canary comes off either way
             return Decision("rollback", f"inconclusive after {hours:.0f} hours: {what}", srm_p=srm,
                             inconclusive=True, **base)
+        if srm < policy.srm_p:
+            return Decision("halt", f"halt: sample-ratio mismatch, {what}: {srm_text}", srm_p=srm, **base)
         return Decision("continue", f"continue: {what} after {hours:.1f} h, nothing to compare yet",
                         srm_p=srm, **base)
-
-    # 3. An assignment that is not the configured split invalidates every other figure.
-    if srm < policy.srm_p:
-        return Decision("halt", f"halt: sample-ratio mismatch, {srm_text}", srm_p=srm, **base)
 
     champion, canary = arms["champion"], arms["canary"]
     metrics: dict[str, MetricResult] = {}
@@ -332,7 +336,9 @@ def decide(counts: pd.DataFrame, policy: RolloutPolicy | None = None) -> Decisio
     figures = _figures(metrics, users, hours, alpha_m)
     base.update(metrics=metrics, srm_p=srm)
 
-    # 4. Guardrails: limits on the point estimates, once the canary has some traffic.
+    # 3. Guardrails: limits on the point estimates, once the canary has some traffic. Judged before
+    # the SRM check: rolling back is safe whatever the split, and a mismatch (replicas that could
+    # not load the canary) is when a canary is most likely broken.
     tripped, trip_text = [], []
     if canary["requests"] >= policy.guardrail_min_requests:
         if "errors" in champion and "errors" in canary:
@@ -354,11 +360,20 @@ def decide(counts: pd.DataFrame, policy: RolloutPolicy | None = None) -> Decisio
         return Decision("rollback", f"rollback: guardrail tripped, {'; '.join(trip_text)}; {figures}",
                         guardrails=tripped, **base)
 
-    # 5. Significantly worse on either metric: roll back at once.
+    # 4. Significantly worse on either metric: roll back at once (before the SRM check, as above).
     worse = [name for name, m in metrics.items() if m.worse]
     if worse:
         return Decision("rollback", f"rollback: canary significantly worse on {' and '.join(worse)}: "
                         f"{figures}", **base)
+
+    # 5. An assignment that is not the configured split invalidates the comparison: no promotion
+    # on it. Out of time still retires the canary as inconclusive; otherwise halt (the canary is
+    # taken off by vloop.canary.step and a person is alerted).
+    if srm < policy.srm_p:
+        if hours >= policy.max_hours:
+            return Decision("rollback", f"inconclusive after {hours:.0f} hours with a sample-ratio mismatch, "
+                            f"{srm_text}; {figures}", inconclusive=True, **base)
+        return Decision("halt", f"halt: sample-ratio mismatch, {srm_text}; {figures}", **base)
 
     # 6. Promote: enough time and traffic, better on one metric, worse on none.
     better = [name for name, m in metrics.items() if m.better]
