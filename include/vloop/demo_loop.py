@@ -157,7 +157,9 @@ def start_services(home: Path, lake_url: str, model: Path, secrets: dict) -> tup
     if not exe.exists():
         raise RuntimeError(f"{exe} is missing: run `make setup` (it builds Label Studio's own venv)")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLOOP_", "AIRFLOW"))}
-    ls = Service("label-studio", [str(exe), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(ls_port)], {
+    # --internal-host is Label Studio's bind address; --host only names it in URLs it generates.
+    ls = Service("label-studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
+                                  "--host", "127.0.0.1", "--port", str(ls_port)], {
         **base_env, "LABEL_STUDIO_BASE_DATA_DIR": str(home / "label-studio"),
         "LABEL_STUDIO_USERNAME": os.environ.get("LABEL_STUDIO_USERNAME", "admin@vloop.local"),
         "LABEL_STUDIO_PASSWORD": secrets["LABEL_STUDIO_PASSWORD"],
