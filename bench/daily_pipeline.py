@@ -122,7 +122,7 @@ def generate(root: str, rows: int, photos: int, workers: int) -> None:
             "answer": np.where(right, answer[b], wrong), "token_logprobs": [[float(x)] * 3 for x in lp],
             "confidence": np.where(bad, 1.5, conf), "latency_ms": latency,
             "base_model": ["sim-base"] * n, "adapter": [None] * n, "arm": ["champion"] * n, "status": ["ok"] * n,
-            "redactions": [0] * n,
+            "redactions": [0] * n, "app": [None] * n,
         }
         kinds = np.where(right, rng.choice(["accept", "dwell", "close"], n, p=[0.8, 0.15, 0.05]),
                          rng.choice(["edit", "regenerate", "skip", "close"], n, p=[0.5, 0.2, 0.2, 0.1]))

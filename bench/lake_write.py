@@ -75,6 +75,7 @@ def make_table(n: int, seed: int = 0) -> pa.Table:
         "arm": pa.array(np.array(["champion", "canary", "holdout"])[rng.choice(3, n, p=[.85, .1, .05])]),
         "status": pa.array(np.full(n, "ok")),
         "redactions": pa.array(np.zeros(n, np.int32)),
+        "app": pa.nulls(n, pa.string()),
     }
     sha = cols["image_sha256"].to_numpy(zero_copy_only=False).astype(str)
     cols["image_key"] = pa.array(np.char.add(np.char.add("raw/images/", sha), ".jpg"))

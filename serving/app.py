@@ -31,20 +31,24 @@ from __future__ import annotations
 import asyncio
 import binascii
 import datetime as dt
+import hashlib
 import hmac
 import json
 import logging
+import re
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import pybase64
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 
+from serving.auth import ApiKeys, FeedbackTokens, TokenError, derive_secret
 from serving.engine import EngineError, GenRequest, LocalEngine, UpstreamEngine
 from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_stream_events, logprob_entry,
@@ -69,6 +73,11 @@ MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.decoding.MA
 # A request's metadata, as OpenAI limits it: at most 16 pairs, keys up to 64 characters, string
 # values up to 512 (session_id and category are stored with every record).
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+FEEDBACK_TOKEN_HEADER = "X-Vloop-Feedback-Token"
+# Request ids whose feedback events this replica remembers (event ids for dedupe, the count for
+# the per-answer bound); the oldest are forgotten first. In memory, per replica.
+FEEDBACK_MEMORY = 50_000
+STATIC = Path(__file__).with_name("static")
 
 
 @dataclass
@@ -97,6 +106,15 @@ class ServeConfig:
     # Simulation mode (the demo): requests may carry X-Vloop-Sim-Time to log a simulated clock.
     # Off in production, so no client can ever set a record's timestamp.
     simulation: bool = False
+    # Feedback tokens (serving.auth): the key every replica shares (default: derived from
+    # user_key_secret), the one before a rotation, their lifetime, and events per answer.
+    feedback_secret: str | None = None
+    feedback_secret_previous: str | None = None
+    feedback_token_ttl_s: int = 7 * 86400
+    feedback_max_events: int = 20
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys({}))  # empty: no client authentication
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call chat and feedback
+    playground: bool = False  # serve /playground
 
 
 class ApiError(Exception):
@@ -121,6 +139,10 @@ class Gateway:
             raise ValueError("VLOOP_USER_KEY_SECRET must be set: user ids are stored only as HMACs")
         self.cfg = cfg
         self.metrics = Metrics()
+        secret = cfg.feedback_secret.encode() if cfg.feedback_secret else derive_secret(cfg.user_key_secret)
+        previous = [cfg.feedback_secret_previous.encode()] if cfg.feedback_secret_previous else []
+        self.tokens = FeedbackTokens(secret, previous, ttl_s=cfg.feedback_token_ttl_s)
+        self.feedback_seen: OrderedDict[str, set[str]] = OrderedDict()  # request id -> event ids taken
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.routes = RouteStore(cfg.state_dir / "routes.json")
         self.opt_out_path = cfg.state_dir / "opt_out.json"
@@ -202,6 +224,44 @@ class Gateway:
         token = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.cfg.admin_token.encode()):
             raise ApiError(401, "admin route: missing or wrong bearer token", "authentication_error")
+
+    def check_app(self, request: Request, body: dict | None = None) -> str | None:
+        """The calling app's name, from its API key (``Authorization: Bearer``; feedback may
+        also carry it as ``api_key`` in the body, as ``navigator.sendBeacon`` sets no headers).
+        None when no keys are configured; 401 when they are and the key is missing or unknown."""
+        keys = self.cfg.api_keys
+        if not keys:
+            return None
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        if key is None and body is not None and isinstance(body.get("api_key"), str):
+            key = body["api_key"]
+        app = keys.app_for(key)
+        if app is None:
+            self.metrics.inc("vloop_auth_refused_total", "requests refused for a missing or unknown API key",
+                             route=request.url.path)
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'" if not key else
+                           "unknown API key", "authentication_error")
+        return app
+
+    def take_feedback(self, request_id: str, event_id: str) -> bool:
+        """Count one event against its answer's bound; False if this event id was taken already
+        (a retry: answered as accepted, logged once). 429 past the bound."""
+        seen = self.feedback_seen.get(request_id)
+        if seen is None:
+            seen = self.feedback_seen[request_id] = set()
+            if len(self.feedback_seen) > FEEDBACK_MEMORY:
+                self.feedback_seen.popitem(last=False)
+        else:
+            self.feedback_seen.move_to_end(request_id)
+        if event_id in seen:
+            return False
+        if len(seen) >= self.cfg.feedback_max_events:
+            self.metrics.inc("vloop_feedback_refused_total", "feedback events refused, by reason", reason="flood")
+            raise ApiError(429, f"this answer has had {len(seen)} feedback events, the most one answer takes",
+                           "rate_limit_error")
+        seen.add(event_id)
+        return True
 
     def user_key(self, body: dict, request: Request) -> str | None:
         """The HMAC of the caller's user id; None when the request names no user."""
@@ -550,8 +610,12 @@ class Turn:
 
     def __init__(self, gw: Gateway, *, request_id: str, t0: float, now: dt.datetime, user_key: str | None,
                  meta: dict[str, str], question: str, stored, base: str, adapter: str | None, arm: str,
-                 opted_out: bool):
+                 opted_out: bool, app: str | None = None):
         self.gw, self.request_id, self.t0, self.now, self.user_key = gw, request_id, t0, now, user_key
+        self.app = app
+        # Given with every answer, logged or not, so an app never has to tell them apart; feedback
+        # about an unlogged answer is then accepted and dropped (its id says so).
+        self.feedback_token = gw.tokens.issue(request_id, user_key)
         self.meta = meta  # validated by parse_metadata
         self.question, self.stored, self.base, self.adapter, self.arm = question, stored, base, adapter, arm
         self.opted_out = opted_out
@@ -565,7 +629,8 @@ class Turn:
                 asyncio.to_thread(gw.spool.stage_image, image_key(stored.sha256, stored.ext), stored.data))
 
     def extras(self, confidence: float | None) -> dict:
-        return {"arm": self.arm, "confidence": confidence, "logged": not self.opted_out}
+        return {"arm": self.arm, "confidence": confidence, "logged": not self.opted_out,
+                "feedback_token": self.feedback_token}
 
     async def final_extras(self, confidence: float | None) -> dict:
         """The response's ``vloop`` fields; an image request's also carry its image quality
@@ -606,7 +671,7 @@ class Turn:
             "image_w": stored.width if stored else None, "image_h": stored.height if stored else None,
             "question": q_clean, "answer": a_clean, "token_logprobs": lps, "confidence": conf,
             "latency_ms": latency_ms, "base_model": self.base, "adapter": self.adapter, "arm": self.arm,
-            "status": status, "redactions": n_q + n_a,
+            "status": status, "redactions": n_q + n_a, "app": self.app,
         }
         row = INTERACTION.to_row(record)
         if stored:  # the image before the record that names it
@@ -652,6 +717,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="vloop serving", version="0.1.0")
     app.state.gateway = gw
     m = gw.metrics
+    if cfg.cors_origins:
+        # Only the configured origins: a page elsewhere cannot read answers with a user's cookies
+        # or keys (there are none to ride on, but the allow-list keeps it that way).
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-User-Id", FEEDBACK_TOKEN_HEADER],
+                           expose_headers=["X-Request-Id", FEEDBACK_TOKEN_HEADER], max_age=600)
 
     @app.on_event("startup")
     async def _startup():
@@ -738,6 +811,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(m.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/sdk/vloop-feedback.js")
+    async def feedback_sdk():
+        return FileResponse(STATIC / "vloop-feedback.js", media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=300"})
+
+    if cfg.playground:  # off unless asked: it is a page anyone who reaches the gateway can use
+        @app.get("/playground")
+        async def playground():
+            return HTMLResponse((STATIC / "playground.html").read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
     async def models():
@@ -848,6 +931,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         t0 = time.perf_counter()
+        app_name = gw.check_app(request)  # before the body is read: an unknown caller costs nothing
         body = await read_json(request)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -919,8 +1003,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
         # Past every check of the request: from here on it ends logged, whatever happens.
         turn = Turn(gw, request_id=request_id, t0=t0, now=now, user_key=ukey, meta=meta,
-                    question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out)
+                    question=question, stored=stored, base=base, adapter=adapter, arm=arm, opted_out=opted_out,
+                    app=app_name)
         turn.image_quality = quality
+        headers = {"X-Request-Id": turn.request_id, FEEDBACK_TOKEN_HEADER: turn.feedback_token}
         if stream:
             if gw.local is not None:
                 try:
@@ -940,7 +1026,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                     raise
                 events = upstream_stream_events(gw.engine, resp)
             return SSEResponse(sse_stream(turn, events, served_model, params["logprobs"], include_usage),
-                               headers={"X-Request-Id": turn.request_id, "Cache-Control": "no-cache"})
+                               headers={**headers, "Cache-Control": "no-cache"})
 
         try:
             if gw.local is not None:
@@ -978,34 +1064,59 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         out = {"id": turn.request_id, "object": "chat.completion", "created": turn.created,
                "model": served_model, "choices": [choice], "usage": usage, "vloop": await turn.final_extras(conf)}
-        return JSONResponse(out, headers={"X-Request-Id": turn.request_id})
+        return JSONResponse(out, headers=headers)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
-        body = await read_json(request)
-        allowed = {"request_id", "type", "edited_text", "dwell_ms", "rating", "user"}
+        body = await read_json(request)  # read first: a beacon's API key comes in the body
+        gw.check_app(request, body)
+        allowed = {"request_id", "type", "edited_text", "dwell_ms", "rating", "user", "event_id",
+                   "feedback_token", "api_key"}
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-        # Feedback about a request that was not logged (its user opted out) is not logged either:
-        # its id says so (whichever replica answered it), or the optional "user" is opted out.
         ukey = gw.user_key(body, request)
         rid = body.get("request_id")
-        opted_out = (request.headers.get("x-vloop-opt-out") == "1"
-                     or (isinstance(rid, str) and rid.startswith(UNLOGGED_PREFIX))
+        if not isinstance(rid, str) or not rid:
+            raise ApiError(400, "need 'request_id': the answer's id")
+        # Only whoever was given the answer may react to it (forged events could promote a bad
+        # canary or poison training data): its token, from the body (sendBeacon) or the header.
+        try:
+            gw.tokens.verify(body.get("feedback_token") or request.headers.get(FEEDBACK_TOKEN_HEADER), rid, ukey)
+        except TokenError as e:
+            m.inc("vloop_feedback_refused_total", "feedback events refused, by reason", reason=e.reason)
+            raise ApiError(e.status, e.message,
+                           "authentication_error" if e.status == 401 else "permission_error") from None
+        client_id = body.get("event_id")
+        if client_id is None:
+            event_id = uuid.uuid4().hex
+        elif isinstance(client_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", client_id):
+            # Scoped to the answer, so one client's ids can never collide with another answer's
+            # events in the lake; the same (answer, id) is the same event, however often sent.
+            event_id = hashlib.sha256(f"{rid}/{client_id}".encode()).hexdigest()[:32]
+        else:
+            raise ApiError(400, "'event_id' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        # Feedback about a request that was not logged (its user opted out) is not logged either:
+        # its id says so (whichever replica answered it), or the optional "user" is opted out.
+        opted_out = (request.headers.get("x-vloop-opt-out") == "1" or rid.startswith(UNLOGGED_PREFIX)
                      or (ukey is not None and ukey in gw.opted_out))
         edited, n = redact(body.get("edited_text"))
-        event = {"event_id": uuid.uuid4().hex, "ts": gw.now(request),
-                 **{k: v for k, v in body.items() if k != "user"}, "edited_text": edited}
+        event = {"event_id": event_id, "ts": gw.now(request),
+                 **{k: v for k, v in body.items() if k not in ("user", "feedback_token", "api_key")},
+                 "event_id": event_id, "edited_text": edited}
         try:
             row = FEEDBACK.to_row(event)
         except RecordError as e:
             raise ApiError(400, str(e)) from None
+        fresh = gw.take_feedback(rid, event_id)  # 429 past the bound; False for a retry
         logged = not opted_out
-        if logged:
+        if fresh and logged:
             gw.spool.append("feedback", row)
-        m.inc("vloop_feedback_total", "feedback events received", type=row["type"])
-        return JSONResponse({"event_id": row["event_id"], "status": "accepted", "logged": logged},
-                            status_code=202)
+        if fresh:
+            m.inc("vloop_feedback_total", "feedback events received", type=row["type"])
+        else:
+            m.inc("vloop_feedback_duplicates_total", "feedback events sent again (same event_id), not logged twice")
+        return JSONResponse({"event_id": row["event_id"], "status": "accepted" if fresh else "duplicate",
+                             "logged": logged}, status_code=202)
 
     return app

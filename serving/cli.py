@@ -22,13 +22,27 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--simulation", action="store_true",
                    help="simulation mode (the demo): honour X-Vloop-Sim-Time; never in production "
                         "(also on with VLOOP_SIMULATION=1)")
+    p.add_argument("--playground", action="store_true",
+                   help="serve the /playground page (also on with VLOOP_PLAYGROUND=1)")
     return p
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(args) -> int:
     import uvicorn
 
     from serving.app import ServeConfig, create_app
+    from serving.auth import ApiKeys
     from vloop.config import load_settings
     from vloop.netguard import FetchPolicy
 
@@ -44,8 +58,17 @@ def serve(args) -> int:
         fetch=FetchPolicy.from_env(s.fetch_allowlist, max_bytes=s.max_image_bytes),
         ship_interval_s=args.ship_interval, reconcile_interval_s=args.reconcile_interval,
         decoding_ttl_s=args.decoding_ttl,
-        simulation=args.simulation or s.simulation)
+        simulation=args.simulation or s.simulation,
+        feedback_secret=s.feedback_secret, feedback_secret_previous=s.feedback_secret_previous,
+        feedback_token_ttl_s=s.feedback_token_ttl_s, feedback_max_events=s.feedback_max_events,
+        api_keys=ApiKeys.parse(s.api_keys, s.api_keys_file),
+        cors_origins=tuple(o.strip().rstrip("/") for o in (s.cors_origins or "").split(",") if o.strip()),
+        playground=args.playground or s.playground)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.api_keys and not is_loopback(args.host):
+        logging.getLogger("serving").warning(
+            "listening on %s with no API keys: anyone who reaches this port can chat and send feedback; "
+            "set VLOOP_API_KEYS or VLOOP_API_KEYS_FILE", args.host)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -61,6 +61,7 @@ def app_traffic(replicas, start: dt.datetime, hours: int, users: int, seed: int)
             right = normalise_answer(r.choices[0].message.content) == normalise_answer(s.answer)
             fb = {"request_id": r.id, "type": "accept"} if right else \
                 {"request_id": r.id, "type": "edit", "edited_text": s.answer}
+            fb["feedback_token"] = r.model_extra["vloop"]["feedback_token"]  # good on either replica
             httpx.post(replicas[u % 2].url + "/v1/feedback", json=fb, headers=sim, timeout=30).raise_for_status()
             t = tally.setdefault(arm, [0, 0])
             t[0], t[1] = t[0] + 1, t[1] + right

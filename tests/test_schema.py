@@ -25,7 +25,7 @@ def test_arrow_schemas_follow_the_contract():
     assert s.names == ["request_id", "ts", "user_key", "session_id", "category", "image_sha256",
                        "image_key", "image_w", "image_h", "question", "answer", "token_logprobs",
                        "confidence", "latency_ms", "base_model", "adapter", "arm", "status",
-                       "redactions"]
+                       "redactions", "app"]
     assert s.field("ts").type == pa.timestamp("us", tz="UTC")
     assert s.field("token_logprobs").type == pa.list_(pa.float32())
     assert not s.field("request_id").nullable and s.field("adapter").nullable
@@ -97,3 +97,17 @@ def test_feedback_rules(event, ok_or_reason):
 def test_not_a_mapping():
     with pytest.raises(RecordError, match="expected a mapping"):
         FEEDBACK.to_row(["e1"])
+
+
+def test_files_written_before_the_app_field_still_read(tmp_path):
+    """`app` came after data existed: a file without the column reads with app = null."""
+    from vloop.lake import LocalLake
+
+    lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
+    row = INTERACTION.to_row(interaction())
+    del row["app"]
+    old = pa.schema([f for f in INTERACTION.arrow if f.name != "app"])
+    lake.write_partition("raw/interactions", pa.Table.from_pylist([row], schema=old), TS.date())
+    t = lake.read_partitions("raw/interactions", TS.date(), schema=INTERACTION.arrow)
+    assert t.schema == INTERACTION.arrow and t.column("app").to_pylist() == [None]
+    assert t.column("request_id").to_pylist() == ["r1"]

@@ -39,6 +39,15 @@ def data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
+def minted(request_id, user=None, **kw):
+    """A feedback token as any replica with the tests' secret would issue it (what another
+    replica's answer carries)."""
+    from serving.auth import FeedbackTokens, derive_secret
+    from vloop.privacy import user_key
+
+    return FeedbackTokens(derive_secret(SECRET), **kw).issue(request_id, user_key(user or "", SECRET))
+
+
 def chat_body(sample, model="vloop", user="alice", **kw):
     return {"model": model, "user": user, "max_tokens": 8, **kw,
             "messages": [{"role": "user", "content": [
@@ -141,7 +150,9 @@ def test_chat_and_feedback_land_in_the_lake(backend, base_model_dir, tmp_path, s
         assert out["choices"][0]["message"]["content"]
         lps = out["choices"][0]["logprobs"]["content"]
         assert lps and all(c["logprob"] <= 0 and len(c["top_logprobs"]) == 2 for c in lps)
-        f = srv.post("/v1/feedback", {"request_id": rid, "type": "edit", "edited_text": "it is red"})
+        assert r.headers["X-Vloop-Feedback-Token"] == out["vloop"]["feedback_token"]
+        f = srv.post("/v1/feedback", {"request_id": rid, "type": "edit", "edited_text": "it is red",
+                                      "feedback_token": out["vloop"]["feedback_token"]})
         assert f.status_code == 202, f.text
     finally:
         srv.stop()  # a clean stop drains the spool into the lake
@@ -276,17 +287,20 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
         body["messages"][0]["content"][1]["text"] = f"mail {planted[0]} or call {planted[1]}, id {planted[2]}, what colour?"
         logged = srv.post("/v1/chat/completions", body).json()
         srv.post("/v1/feedback", {"request_id": logged["id"], "type": "edit",
-                                  "edited_text": f"pay with {planted[3]}"})
+                                  "edited_text": f"pay with {planted[3]}"},
+                 headers={"X-Vloop-Feedback-Token": logged["vloop"]["feedback_token"]})
         skipped = srv.post("/v1/chat/completions", chat_body(s, user="carol"), headers={"X-Vloop-Opt-Out": "1"})
         assert skipped.status_code == 200 and skipped.json()["vloop"]["logged"] is False
         assert srv.post("/admin/opt-out", {"user": "dave"}, token=TOKEN).ok
         dave = srv.post("/v1/chat/completions", chat_body(s, user="dave")).json()
         assert dave["vloop"]["logged"] is False
         # Feedback about unlogged answers is not logged either (the text could name the user).
-        for rid in (skipped.json()["id"], dave["id"]):
-            r = srv.post("/v1/feedback", {"request_id": rid, "type": "edit", "edited_text": "I am carol, it's blue"})
+        for answer in (skipped.json(), dave):
+            r = srv.post("/v1/feedback", {"request_id": answer["id"], "type": "edit", "edited_text": "I am carol, it's blue",
+                                          "feedback_token": answer["vloop"]["feedback_token"]})
             assert r.status_code == 202 and r.json()["logged"] is False
-        r = srv.post("/v1/feedback", {"request_id": "answered-elsewhere", "type": "accept", "user": "dave"})
+        r = srv.post("/v1/feedback", {"request_id": "answered-elsewhere", "type": "accept", "user": "dave",
+                                      "feedback_token": minted("answered-elsewhere", "dave")})
         assert r.json()["logged"] is False  # an opted-out user named in the feedback
 
         # Bad requests: clear 4xx, nothing logged.
@@ -298,9 +312,10 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
         assert r.status_code == 413 and "pixels" in r.text
         r = srv.post("/v1/chat/completions", data=b"x" * (21 * 2**20), headers={"Content-Type": "application/json"})
         assert r.status_code == 413
-        r = srv.post("/v1/feedback", {"request_id": "r", "type": "like"})
+        r = srv.post("/v1/feedback", {"request_id": "r", "type": "like", "feedback_token": minted("r")})
         assert r.status_code == 400 and "not one of" in r.text
-        assert srv.post("/v1/feedback", {"request_id": "from-another-replica", "type": "accept"}).status_code == 202
+        assert srv.post("/v1/feedback", {"request_id": "from-another-replica", "type": "accept",
+                                         "feedback_token": minted("from-another-replica")}).status_code == 202
         # SSRF: loopback, private and metadata targets are refused before any connection.
         for url in (f"{srv.url}/healthz", "http://10.0.0.1/a.png", "http://169.254.169.254/latest/meta-data"):
             body = chat_body(s)

@@ -71,6 +71,22 @@ class Settings:
     simulation: bool = _setting("VLOOP_SIMULATION", "simulation mode (1/0): the demo's synthetic world may "
                                 "stand in for production data (a generated golden set, a simulated "
                                 "clock); never set it in production", False)
+    feedback_secret: str | None = _setting("VLOOP_FEEDBACK_SECRET", "HMAC key of feedback tokens, the same on "
+                                           "every replica (default: derived from VLOOP_USER_KEY_SECRET)",
+                                           secret=True)
+    feedback_secret_previous: str | None = _setting("VLOOP_FEEDBACK_SECRET_PREVIOUS", "the key before a "
+                                                    "rotation: its tokens are still accepted", secret=True)
+    feedback_token_ttl_s: int = _setting("VLOOP_FEEDBACK_TOKEN_TTL_S", "seconds a feedback token stays valid",
+                                         7 * 86400)
+    feedback_max_events: int = _setting("VLOOP_FEEDBACK_MAX_EVENTS", "feedback events one answer takes (per "
+                                        "replica); more are refused with 429", 20)
+    api_keys: str | None = _setting("VLOOP_API_KEYS", "per-app API keys, \"key:app,key2:app2\"; when set (or "
+                                    "the file is), chat and feedback need one", secret=True)
+    api_keys_file: Path | None = _setting("VLOOP_API_KEYS_FILE", "file of 'KEY APP' lines (a key may be "
+                                          "stored as sha256:<hex>)")
+    cors_origins: str | None = _setting("VLOOP_CORS_ORIGINS", "comma-separated browser origins allowed to "
+                                        "call chat and feedback (CORS); none by default")
+    playground: bool = _setting("VLOOP_PLAYGROUND", "serve the /playground page (1/0)", False)
 
     def __post_init__(self):
         # Derived defaults: one home, everything else under it unless set explicitly.

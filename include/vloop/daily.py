@@ -93,7 +93,9 @@ def get_frame(lake: Lake, k: str, columns: list[str] | None = None) -> pd.DataFr
 
 # Every interaction column but the per-token log-probabilities: the steps after validation that
 # do not need them skip reading a million Python lists.
-LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n != "token_logprobs"]
+# Without the log-probabilities (heavy), nor `app`: curated files from before it have no such
+# column, and naming a column a file lacks fails the read (the report reads it apart, app_metrics).
+LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n not in ("token_logprobs", "app")]
 
 
 def hour_keys(lake: Lake, dataset: str, day: dt.date | str, name: str) -> dict[int, str]:
@@ -704,6 +706,33 @@ def _experiment(lake: Lake, day: dt.date, summary: dict) -> str | None:
 
 
 # -- 9. report ------------------------------------------------------------------------------------
+def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
+    """Per app (the API key's name, VLOOP_API_KEYS): requests and the shares accepted, edited and
+    negative (mined). Two columns of the curated interactions; a file from before the ``app``
+    column counts as no app. Empty when no request of the day named an app."""
+    from vloop.lake import LakeError
+
+    parts = hour_keys(lake, CURATED, day, "interactions.parquet")
+    frames = []
+    for k in [parts[h] for h in sorted(parts)] or [key(CURATED, day, "interactions.parquet")]:
+        try:
+            frames.append(get_frame(lake, k, ["request_id", "app"]))
+        except LakeKeyNotFound:
+            continue
+        except LakeError:  # no app column: written before it existed
+            frames.append(get_frame(lake, k, ["request_id"]).assign(app=None))
+    inter = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "app"])
+    if not inter["app"].notna().any():
+        return pd.DataFrame(columns=["app", "requests", "accepted", "edited", "negative"])
+    df = inter.merge(mined[["request_id", "weak_label", "reason"]], on="request_id", how="left")
+    df["app"] = df["app"].fillna("(no key)")
+    g = df.groupby("app").agg(requests=("request_id", "size"),
+                              accepted=("reason", lambda r: (r == "accepted").mean()),
+                              edited=("reason", lambda r: (r == "edited").mean()),
+                              negative=("weak_label", lambda w: w.isin(["negative", "weak_negative"]).mean()))
+    return g.reset_index()
+
+
 def report(lake: Lake, day: dt.date) -> dict:
     """Metrics, top errors and the HTML page for ``day``: a reduce that reads the whole day's
     curated tables (without the log-probabilities), so its memory follows the day. A day without interactions is reported
@@ -740,6 +769,9 @@ def report(lake: Lake, day: dt.date) -> dict:
                                                read_days(lake, LABELED, LABELED_FILE, days=recent))
     for name, table in quality.items():
         put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
+    apps = app_metrics(lake, day, mined)
+    if len(apps):  # only deployments with API keys name apps
+        put_frame(lake, key(REPORTS, day, "apps.parquet"), apps)
     history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
     validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
     summary = {
@@ -747,6 +779,9 @@ def report(lake: Lake, day: dt.date) -> dict:
         "quarantined": validation["quarantined_interactions"] + validation["quarantined_feedback"],
         "labels pulled": len(labels),
     }
+    if len(apps):
+        summary["apps"] = "; ".join(f"{r.app}: {r.requests} requests, {r.edited:.0%} edited, {r.accepted:.0%} "
+                                    f"accepted" for r in apps.itertuples())
     if not validation["interactions"]:  # a normal day (a deployment's first night): empty tables, a note
         summary["traffic"] = NO_TRAFFIC
     for name in ("selected.parquet", "pushed.json"):

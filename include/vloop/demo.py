@@ -145,6 +145,7 @@ def simulated_day(lake: Lake, day: dt.date, n: int = 1000, *, seed: int = 0, poo
         "latency_ms": rng.gamma(4, 40, n),
         "base_model": [base_model] * n, "adapter": [adapter if c else None for c in canary],
         "arm": np.where(canary, "canary", "champion"), "status": ["ok"] * n, "redactions": [0] * n,
+        "app": [None] * n,
     }
     for i in range(min(corrupt, n)):
         inter["confidence"][i], inter["latency_ms"][i] = 1.5, -1.0

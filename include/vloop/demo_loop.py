@@ -294,7 +294,10 @@ class Shoppers:
                 wrong = r2 < cfg.wrong_edit
                 event = {"type": "edit", "edited_text": "grey" if wrong else s.answer}
             if event:
-                http.post("/v1/feedback", json={"request_id": rid, **event}, headers=later).raise_for_status()
+                # The token the answer came with: the gateway takes no feedback without it.
+                http.post("/v1/feedback", json={"request_id": rid, **event,
+                                                "feedback_token": out["vloop"]["feedback_token"]},
+                          headers=later).raise_for_status()
             return rid, s.answer, arm, right
 
         with ThreadPoolExecutor(cfg.concurrency) as pool:

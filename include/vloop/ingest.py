@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from vloop.lake import FEEDBACK_DATASET, Lake
 from vloop.lake import INTERACTIONS_DATASET as INTERACTIONS
-from vloop.schema import FEEDBACK, INTERACTION
+from vloop.schema import FEEDBACK, INTERACTION, conform
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _hour_interactions(lake: Lake, day: dt.date, hour: int) -> pa.Table:
             t = lake.read_parquet(k)
             tables.append(t.filter(pc.equal(pc.hour(t.column("ts")), hour)))
     target = INTERACTION.arrow
-    tables = [t.select(target.names).cast(target) for t in tables]
+    tables = [conform(t, target) for t in tables]  # old files lack newer optional columns
     return pa.concat_tables(tables) if tables else target.empty_table()
 
 
@@ -106,7 +106,7 @@ def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids
         for k in lake.partition_keys(FEEDBACK_DATASET, day, last):
             pf = pq.ParquetFile(pa.BufferReader(lake.get_bytes(k)))
             for batch in pf.iter_batches(batch_size=FEEDBACK_BATCH_ROWS):
-                batch = pa.Table.from_batches([batch]).select(target.names).cast(target)
+                batch = conform(pa.Table.from_batches([batch]), target)
                 keep = pc.and_(pc.is_in(batch.column("request_id"), value_set=request_ids),
                                pc.less_equal(batch.column("ts"), until))
                 keep = pc.fill_null(keep, False)

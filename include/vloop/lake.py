@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from vloop.config import Settings, load_settings
 from vloop.images import image_key, normalise_image
-from vloop.schema import RECORDS
+from vloop.schema import RECORDS, conform
 
 # Where the raw records live (DESIGN.md, "Lake layout"); images go under raw/images/ (vloop.images).
 INTERACTIONS_DATASET = "raw/interactions"
@@ -347,7 +347,7 @@ class Lake(ABC):
         with ThreadPoolExecutor(WRITE_THREADS) as pool:
             tables = [t for day in days for t in self._read_day(dataset, day, columns, pool)]
         if target is not None:
-            tables = [t.select(target.names).cast(target) for t in tables]
+            tables = [conform(t, target) for t in tables]  # old files lack newer optional columns
             if not tables:
                 return target.empty_table()
         if not tables:

@@ -112,6 +112,16 @@ class RecordSchema:
         return self.arrow.empty_table()
 
 
+def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``target``'s columns and types. A nullable column the table lacks
+    (a field added to the schema after the file was written, e.g. ``app``) is read as nulls, so
+    old files keep reading; a missing required one is still an error (KeyError)."""
+    for f in target:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(target.names).cast(target)
+
+
 def _convert(record: str, f: Field, value: Any) -> Any:
     t = f.type
     if pa.types.is_string(t):
@@ -214,6 +224,9 @@ INTERACTION = RecordSchema("interaction", [
     Field("arm", pa.string(), True, "rollout arm", choices=ARMS, dictionary=True),
     Field("status", pa.string(), True, "ok, error or disconnected", choices=STATUSES, dictionary=True),
     Field("redactions", pa.int32(), False, "how many PII spans were replaced by placeholders"),
+    # Added after data existed: files written before it lack the column (see conform).
+    Field("app", pa.string(), False, "the app whose API key made the request (VLOOP_API_KEYS); null "
+          "without keys", dictionary=True),
 ])
 
 FEEDBACK = RecordSchema("feedback", [
