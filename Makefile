@@ -13,7 +13,7 @@ VLLM_STAMP := $(VLLM_VENV)/.setup-stamp
 PIP_CERT ?= $(shell $(PYTHON) -m pip config get global.cert 2>/dev/null)
 export VLOOP_HOME ?= $(CURDIR)/var
 
-.PHONY: setup vllm test demo up down constraints bench-quick clean
+.PHONY: setup vllm test browser demo up down constraints bench-quick clean
 
 ## setup: create/update .venv (Airflow + vloop + tests) and .venv-labelstudio (the LS server)
 setup: $(STAMP) $(LS_STAMP)
@@ -61,6 +61,14 @@ $(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt requirements/vl
 ## test: the whole suite (.ci/run calls this)
 test: setup vllm
 	$(PY) -m pytest
+
+## browser: headless Chromium and its driver from Debian's packages (apt-get as root, only where
+## missing), then the browser test of the playground and vloop-feedback.js
+browser: setup
+	@command -v chromium >/dev/null && test -x /usr/bin/chromedriver || \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver || \
+	      { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }; }
+	$(PY) -m pytest tests/test_browser.py
 
 ## demo: the main job on embedded defaults (a local lake under ./var); it starts Label Studio, so
 ## it needs both venvs (a fresh clone's first `make demo` builds them)
