@@ -176,14 +176,15 @@ def _load_worker(port, seconds, worker, q, bodies: Bodies, first: int):
     c = http.client.HTTPConnection("127.0.0.1", port)
     ids, errors, end, i = [], 0, time.time() + seconds, 0
     while time.time() < end:
-        body = bodies(first + worker * 1_000_000 + i, f"w{worker}-{i}")
+        number = first + worker * 1_000_000 + i
+        body = bodies(number, f"w{worker}-{i}")
         i += 1
         try:
             c.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
             r = c.getresponse()
             data = r.read()
             if r.status == 200:
-                ids.append(json.loads(data)["id"])
+                ids.append((json.loads(data)["id"], number))  # which body: to check the photo stored
             else:
                 errors += 1
         except OSError:
@@ -192,7 +193,7 @@ def _load_worker(port, seconds, worker, q, bodies: Bodies, first: int):
     q.put((ids, errors))
 
 
-def load(port: int, clients: int, seconds: float, bodies: Bodies, first: int) -> tuple[list[str], int, float]:
+def load(port: int, clients: int, seconds: float, bodies: Bodies, first: int) -> tuple[list[tuple[str, int]], int, float]:
     q = mp.Queue()
     procs = [mp.Process(target=_load_worker, args=(port, seconds, w, q, bodies, first)) for w in range(clients)]
     t0 = time.perf_counter()
@@ -203,6 +204,62 @@ def load(port: int, clients: int, seconds: float, bodies: Bodies, first: int) ->
         p.join()
     elapsed = time.perf_counter() - t0
     return [i for ids, _ in results for i in ids], sum(e for _, e in results), elapsed
+
+
+def sent_photo(body: bytes) -> bytes:
+    import base64
+
+    url = json.loads(body)["messages"][0]["content"][0]["image_url"]["url"]
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def jpeg_picture(data: bytes) -> bytes:
+    """A JPEG without its APPn and COM segments (EXIF, GPS, comments): what defines its pixels.
+    Equal for two files, their decoded pixels are equal."""
+    out, i = bytearray(data[:2]), 2
+    while i < len(data) and data[i] == 0xFF:
+        marker, size = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:  # start of scan: the rest is image data
+            return bytes(out + data[i:])
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):
+            out += data[i:i + 2 + size]
+        i += 2 + size
+    return bytes(out)
+
+
+def check_images(lake, got, acked: dict[str, tuple["Bodies", int]], decode_every: int = 25) -> tuple[int, list[str]]:
+    """The image behind every acknowledged photo request: present, its bytes hashing to its key, and
+    the picture that was sent (the JPEG's picture segments equal; every ``decode_every``-th one also
+    decoded and compared pixel by pixel). Returns (verified, problems)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    key_of = dict(zip(got.column("request_id").to_pylist(), got.column("image_key").to_pylist()))
+    verified, problems = 0, []
+    for n, (rid, (bodies, number)) in enumerate(sorted(acked.items())):
+        key = key_of.get(rid)
+        try:
+            data = lake.get_bytes(key) if key else None
+        except Exception:
+            data = None
+        if data is None:
+            problems.append(f"{rid}: image {key} missing")
+            continue
+        if hashlib.sha256(data).hexdigest() not in key:
+            problems.append(f"{rid}: {key} does not hash to its key")
+            continue
+        photo = sent_photo(bodies(number, "x"))
+        if jpeg_picture(data) != jpeg_picture(photo):
+            problems.append(f"{rid}: {key} is not the picture sent")
+            continue
+        if n % decode_every == 0 and not np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
+                                                        np.asarray(Image.open(io.BytesIO(photo)))):
+            problems.append(f"{rid}: {key} decodes to other pixels")
+            continue
+        verified += 1
+    return verified, problems
 
 
 def main() -> None:
@@ -267,11 +324,14 @@ def main() -> None:
 
         lake = open_lake((tmp / "lake").as_uri())
         best = dict.fromkeys(kinds, 0.0)
-        acked_all = []
+        acked_all, acked_photos = [], {}
         for kind, (bodies, _) in kinds.items():
             for level, clients in enumerate(levels):
-                ids, errors, elapsed = load(gw_port, clients, seconds, bodies, first=(level + 1) * 10_000_000)
+                sent, errors, elapsed = load(gw_port, clients, seconds, bodies, first=(level + 1) * 10_000_000)
+                ids = [rid for rid, _ in sent]
                 acked_all += ids
+                if kind == "image":
+                    acked_photos.update((rid, (bodies, number)) for rid, number in sent)
                 rate = len(ids) / elapsed
                 print(f"load, {kind}: {clients} client processes for {seconds}s: {rate:,.0f} req/s acknowledged, "
                       f"{errors} errors", flush=True)
@@ -283,7 +343,7 @@ def main() -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
             got = lake.read_partitions(INTERACTIONS_DATASET, today - dt.timedelta(days=1), today,
-                                       columns=["request_id"], schema=INTERACTION.arrow)
+                                       columns=["request_id", "image_key"], schema=INTERACTION.arrow)
             if got.num_rows >= expected:
                 break
             time.sleep(1)
@@ -291,11 +351,14 @@ def main() -> None:
         lost = len(set(acked_all) - ids)
         print(f"lake: {got.num_rows:,} records for {expected:,} acknowledged requests; lost {lost}, "
               f"duplicates {got.num_rows - len(ids)}")
-        ok = lost == 0
+        verified, problems = check_images(lake, got, acked_photos)
+        print(f"images: {verified:,} of {len(acked_photos):,} acknowledged photo requests verified (present, "
+              f"hash, picture sent){'; ' + '; '.join(problems[:5]) if problems else ''}", flush=True)
+        ok = lost == 0 and not problems
         print(f"RESULT added_p50_ms={added['text'][0]:.3f} added_p99_ms={added['text'][1]:.3f} "
               f"sustained_logged_rps={best['text'] if ok else 0:.0f} image_added_p50_ms={added['image'][0]:.3f} "
               f"image_added_p99_ms={added['image'][1]:.3f} image_logged_rps={best['image'] if ok else 0:.0f} "
-              f"lost={lost} image_quality_added_p50_ms={quality_added:.3f} image_kb={min(kinds['image'][0].sizes_kb)}-{max(kinds['image'][0].sizes_kb)} backend={backend}")
+              f"lost={lost} images_bad={len(problems)} image_quality_added_p50_ms={quality_added:.3f} image_kb={min(kinds['image'][0].sizes_kb)}-{max(kinds['image'][0].sizes_kb)} backend={backend}")
     finally:
         for proc in procs:
             proc.terminate()

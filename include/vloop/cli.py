@@ -32,6 +32,14 @@ def _cmd_lake_check(args) -> int:
     from vloop.lake import open_lake
 
     lake = open_lake(args.url)
+    if args.images:  # a day's photos: present, hashing to their keys, decodable
+        import json
+
+        from vloop.spool import check_images
+
+        res = check_images(lake, args.images, repair=args.repair)
+        print(json.dumps(res, indent=1))
+        return 0 if not res["missing"] and not res["bad"] else 1
     key = f"_health/probe-{uuid.uuid4().hex}"
     payload = uuid.uuid4().bytes
     lake.put_bytes(key, payload)
@@ -288,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=_cmd_lake_ls)
     chk = lsub.add_parser("check", help="write, read back and delete a probe object")
     chk.set_defaults(fn=_cmd_lake_check)
+    chk.add_argument("--images", metavar="DAY", help="instead, re-verify the images DAY's interactions name "
+                     "(present, bytes hashing to the key, decodable)")
+    chk.add_argument("--repair", action="store_true", help="with --images: move bad lake copies to "
+                     "quarantine/images/, so the next good copy a gateway ships replaces them")
     for q in (ls, chk):
         q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
 

@@ -22,7 +22,11 @@
    cut short would otherwise strip other users' entries and the file names in day manifests.
    Dataset manifests get the new counts; the daily reports of the days the user appeared on are
    rebuilt from the cleaned data (they quote answers and edits);
-6. images only the user's records referenced are deleted (an image someone else also sent stays);
+6. images only the user's records referenced are deleted (an image someone else also sent stays),
+   and only once no record anywhere can still name them: lake rows, and — through the shippers'
+   watermarks (:func:`vloop.spool.image_delete_cutoff`) — records still in any replica's spool or
+   yet to come from a request being answered. Younger ones, and images of the user's records the
+   shippers dropped (``privacy/erased_images/<key>/``), wait there for the next daily run;
 7. adapters trained on a dataset that held the user are listed (lineage) and marked, once, for
    retraining in the registry's history;
 8. one audit record says who erased which key when, and how much went.
@@ -52,6 +56,7 @@ import pyarrow.parquet as pq
 from vloop.lake import Lake, LakeKeyNotFound
 from vloop.privacy import (ERASED_REQUESTS, _check_key, audit, read_tombstones, record_erased_requests,
                            record_tombstone, request_hash)
+from vloop.spool import ERASED_IMAGES, image_delete_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class ErasureResult:
     rows_removed: dict[str, int] = field(default_factory=dict)  # top-level area -> rows
     objects_rewritten: list[str] = field(default_factory=list)
     images_deleted: int = 0
+    images_waiting: int = 0  # only the user's, but too recent to delete yet (next run)
     label_studio_tasks_deleted: int = 0
     reports_rebuilt: list[str] = field(default_factory=list)
     adapters_to_retrain: list[str] = field(default_factory=list)
@@ -83,6 +89,7 @@ class ErasureResult:
     def summary(self) -> dict:
         return {"user_key": self.user_key, "rows_removed": dict(sorted(self.rows_removed.items())),
                 "objects_rewritten": len(self.objects_rewritten), "images_deleted": self.images_deleted,
+                "images_waiting": self.images_waiting,
                 "label_studio_tasks_deleted": self.label_studio_tasks_deleted,
                 "reports_rebuilt": self.reports_rebuilt, "adapters_to_retrain": self.adapters_to_retrain,
                 "already_erased_before": self.already_tombstoned}
@@ -171,6 +178,9 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
     _check_key(user_key)
     now = now or dt.datetime.now(dt.timezone.utc)
     res = ErasureResult(user_key, already_tombstoned=not record_tombstone(lake, user_key, at=now))
+    # Read before the rows are: see image_delete_cutoff. With the notes of images waiting.
+    image_cutoff = image_delete_cutoff(lake, now=now)
+    image_notes = lake.list(f"{ERASED_IMAGES}{user_key}/")
     keys = [k for k in lake.list("") if not k.startswith(SKIP)
             and (not k.startswith("adapters/") or k.endswith(".json"))]
     parquet = [k for k in keys if k.endswith(".parquet")]
@@ -209,6 +219,7 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
         t = lake.read_parquet(k)
         mask = _user_mask(t, user_key, request_ids)
         if mask is None:  # request ids only, and none of theirs known
+            others_images |= _column_set(t, "image_key")
             continue
         if unseen and "request_id" in t.column_names:
             by_hash = pa.array([request_hash(r) in unseen for r in t["request_id"].to_pylist()], pa.bool_())
@@ -226,6 +237,8 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             if k.startswith("datasets/"):
                 ds = k.split("/")[1]
                 datasets[ds] = datasets.get(ds, 0) + n
+    for k in image_notes:  # images waiting from an earlier run, or of records a shipper dropped
+        images |= set(lake.get_json(k).get("images", []))
     only_theirs = images - others_images
 
     # Pass 3: rows keyed by image only (image quality) for images that were only the user's.
@@ -251,10 +264,21 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             res.objects_rewritten.append(k)
             res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + 1
 
+    waiting = set()
     for img in sorted(only_theirs):
-        if lake.exists(img):
+        if not lake.exists(img):
+            continue
+        if lake.modified(img) < image_cutoff:
             lake.delete(img)
             res.images_deleted += 1
+        else:  # written since the oldest watermark: a record in some spool may still name it
+            waiting.add(img)
+    if waiting:
+        lake.put_json(f"{ERASED_IMAGES}{user_key}/waiting.json", {"user_key": user_key, "images": sorted(waiting)})
+    for k in image_notes:
+        if not (waiting and k.endswith("/waiting.json")):
+            lake.delete(k)
+    res.images_waiting = len(waiting)
 
     for ds, n in sorted(datasets.items()):  # manifests keep describing what the snapshot holds
         mk = f"datasets/{ds}/manifest.json"
@@ -362,8 +386,10 @@ def work_erasure_queue(lake: Lake, *, actor: str, label_studio=None, resweep_day
         done.append(summary)
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=resweep_days)
     swept = {d["user_key"] for d in done}
+    # Also users with images waiting (too recent last time, or dropped by a shipper since).
+    waiting = {k[len(ERASED_IMAGES):].split("/")[0] for k in lake.list(ERASED_IMAGES)}
     for key in sorted(read_tombstones(lake) - swept):
-        if lake.modified(f"privacy/tombstones/{key}.json") >= since:
+        if key in waiting or lake.modified(f"privacy/tombstones/{key}.json") >= since:
             res = erase_user(lake, key, actor=actor, label_studio=label_studio)
             if res.total_rows or res.label_studio_tasks_deleted or res.images_deleted:
                 done.append({**res.summary(), "resweep": True})
@@ -434,8 +460,9 @@ def _expire_datasets(lake: Lake, before: dt.date) -> int:
 
 
 def _expire_images(lake: Lake, before: dt.date) -> int:
-    """Images referenced by no remaining row, last written before ``before`` (a younger one may be
-    an image the shipper uploaded just ahead of its records)."""
+    """Images referenced by no remaining row, last written before ``before`` and before every
+    shipper's watermark (a younger one may be named by a record still in a spool)."""
+    spooled_cutoff = image_delete_cutoff(lake)  # before the rows are read
     referenced: set[str] = set()
     for k in lake.list(""):
         if k.endswith(".parquet") and not k.startswith(SKIP):
@@ -443,7 +470,7 @@ def _expire_images(lake: Lake, before: dt.date) -> int:
     cutoff = dt.datetime.combine(before, dt.time(), dt.timezone.utc)
     n = 0
     for k in lake.list(IMAGES):
-        if k not in referenced and lake.modified(k) < cutoff:
+        if k not in referenced and lake.modified(k) < min(cutoff, spooled_cutoff):
             lake.delete(k)
             n += 1
     return n

@@ -10,7 +10,13 @@ The :class:`Shipper` turns each sealed segment into Parquet objects in the lake,
 partition it touches, named after the segment (``raw/interactions/dt=…/hour=…/<segment>.parquet``),
 and only then deletes it. Shipping the same segment twice rewrites the same objects, so after a
 crash mid-ship nothing is lost or stored twice. Images wait in the spool as content-addressed
-files and are uploaded before the segments that reference them. When the lake is unreachable,
+files and are uploaded before the segments that reference them. An image file and its directory
+entry are fsynced before the record naming it is appended, so a record that survives a power loss
+has its image too; the shipper checks every image's bytes against the hash in its key before
+upload (a mismatch goes to ``quarantine/spool/images/``, and the record keeps pointing at the key
+until the next good copy of the photo fills it), and uploads every good copy even when the key is
+in the lake already: that repairs a bad or missing lake copy and refreshes the object's time,
+which is what makes deleting an image safe (:func:`image_delete_cutoff`). When the lake is unreachable,
 serving goes on, the spool grows and the shipper retries with exponential backoff. A record that
 does not fit its schema, or a line that is not a JSON record at all (a torn write, a bad disk
 block), goes to ``quarantine/spool/`` in the lake with the reason, never blocking the rest.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +60,12 @@ WATERMARKS = "shippers/"  # in the lake: one <spool id>.json per gateway spool
 # How long after its timestamp a record may still be appended: the gateway stamps an interaction
 # when the request arrives and spools it once the answer is out (generation, image upload).
 RECORD_LAG = dt.timedelta(minutes=5)
+# Images of erased users' records the shipper dropped: candidates for erasure, never deleted here
+# (another user's record for the same photo may still be in an open segment or another replica).
+ERASED_IMAGES = "privacy/erased_images/"
+# Margin on top of the shippers' watermarks before an unreferenced image may go: the lake's clock
+# (object times) and the gateways' clocks (record times) are different clocks.
+IMAGE_GRACE = dt.timedelta(minutes=15)
 
 
 class SpoolLocked(RuntimeError):
@@ -182,6 +195,20 @@ def parse_segment(path: Path) -> tuple[list[dict], list[dict]]:
     return rows, bad
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def key_sha256(key: str) -> str | None:
+    """The content hash an image key names (``raw/images/ab/<sha256>.<ext>``), or None."""
+    stem = key.rsplit("/", 1)[-1].split(".", 1)[0]
+    return stem.lower() if len(stem) == 64 and all(c in "0123456789abcdefABCDEF" for c in stem) else None
+
+
 def spool_id(root: Path) -> str:
     """This spool's stable identity (``<host>-<random>``, kept in ``root/.id``): names its
     watermark in the lake across restarts."""
@@ -247,12 +274,18 @@ class Spool:
         if path.exists():
             return None
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on disk before any record can name them
         return tmp
 
     def commit_image(self, key: str, staged: Path | None) -> None:
+        """Publish a staged image: rename, then fsync the directory so the name survives a power
+        loss too. Called before the record is appended: a durable record never names a lost image."""
         if staged is not None:
             os.replace(staged, self._image_path(key))
+            _fsync_dir(self.images)
 
     @staticmethod
     def discard_image(staged: Path | None) -> None:
@@ -321,8 +354,8 @@ class Shipper:
         self._erased_requests: set[str] | None = None  # loaded on the first ship
         self._tombstones: set[str] = set()
         self._erased_hashes: set[str] = set()
-        self._images_kept: set[str] = set()
-        self._images_erased: set[str] = set()
+        self._images_erased: dict[str, set[str]] = {}  # user key -> images of their dropped records
+        self._announced = False  # whether this process has made sure the lake has our watermark
 
     def start(self) -> "Shipper":
         self._thread.start()
@@ -380,26 +413,27 @@ class Shipper:
         if self._erased_requests is None:
             f = self.spool.root / ERASED_REQUESTS
             self._erased_requests = set(f.read_text().split()) if f.is_file() else set()
-        self._images_kept, self._images_erased = set(), set()
+        self._images_erased = {}
+        if not self._announced:
+            self._announce(started, snapshots)
         # Images first: every record in the segments listed above has its image on disk by now.
         if time.monotonic() - self._swept_at > 600:
             self.spool.sweep_staged()
             self._swept_at = time.monotonic()
-        uploaded = set()
         for key, path in self.spool.pending_images():
-            if not self.lake.exists(key):
-                ctype = "image/jpeg" if key.endswith(".jpg") else "image/png"
-                self.lake.put_bytes(key, path.read_bytes(), ctype)
-                uploaded.add(key)
-            path.unlink()
+            self._ship_image(key, path)
         shipped = 0
         for name, (paths, _) in snapshots.items():
             for path in paths:
                 n = self._ship_segment(name, path)
                 shipped += n
                 self.on_shipped(name, n)
-        for key in (uploaded & self._images_erased) - self._images_kept:  # sent only by erased users
-            self.lake.delete(key)
+        # Images of erased users' records are not deleted here: the same photo may be named by
+        # someone else's record in an open segment, another replica's spool or a request still
+        # answering. They are noted for the erasure, which deletes them once nothing refers to them.
+        for user, keys in sorted(self._images_erased.items()):
+            self.lake.put_json(f"{ERASED_IMAGES}{user}/{self.spool.id}-{time.time_ns()}.json",
+                               {"user_key": user, "images": sorted(keys), "spool": self.spool.id})
         # Whatever was sealed is in the lake; the open segments hold records from their oldest on.
         oldest_open = [t for _, t in snapshots.values() if t is not None]
         through = min([started - RECORD_LAG] + [t for t in oldest_open])
@@ -410,6 +444,36 @@ class Shipper:
             self._watermark_at = time.monotonic()
         return shipped
 
+    def _announce(self, started: dt.datetime, snapshots) -> None:
+        """Before this spool's first upload, make sure the lake has a watermark for it no later
+        than its oldest record could be: image deletion waits for every watermark, and a spool
+        the lake does not know of yet would otherwise not be waited for."""
+        key = f"{WATERMARKS}{self.spool.id}.json"
+        if not self.lake.exists(key):
+            opened = [int(p.name.split("-")[1]) / 1e9 for paths, _ in snapshots.values() for p in paths
+                      if p.name.startswith("seg-") and p.name.split("-")[1].isdigit()]
+            first = min([started] + [dt.datetime.fromtimestamp(t, dt.timezone.utc) for t in opened])
+            self.lake.put_json(key, {"spool": self.spool.id, "shipped_through": (first - RECORD_LAG).isoformat(),
+                                     "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        self._announced = True
+
+    def _ship_image(self, key: str, path: Path) -> None:
+        """Upload one spooled image if its bytes hash to its key; a mismatch (a file cut short by
+        a crash, a bad block) is quarantined, never uploaded. Every good copy is uploaded, also
+        when the key exists: it repairs a bad lake copy and marks the image as in use now."""
+        data = path.read_bytes()
+        want = key_sha256(key)
+        got = hashlib.sha256(data).hexdigest()
+        if want is not None and got != want:
+            self.lake.put_json(f"quarantine/spool/images/{self.spool.id}-{want}-{time.time_ns()}.json", {
+                "image_key": key, "reason": "the spooled bytes do not hash to the key", "sha256": got,
+                "bytes": len(data), "spool": self.spool.id, "at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            log.warning("%s: spooled copy does not match its hash (%d bytes); quarantined", key, len(data))
+        else:
+            ctype = "image/jpeg" if key.endswith(".jpg") else "image/png"
+            self.lake.put_bytes(key, data, ctype)
+        path.unlink()
+
     def _ship_segment(self, name: str, path: Path) -> int:
         """One sealed segment into the lake, then off the disk. Lines and records that cannot be
         shipped go to ``quarantine/spool/<stream>/<segment>.json`` with their reasons; a lake
@@ -419,9 +483,9 @@ class Shipper:
         rows = []
         for r in records:
             if self._erased(r, self._tombstones):
-                self._images_erased.add(r.get("image_key"))
+                if r.get("image_key") and r.get("user_key"):
+                    self._images_erased.setdefault(r["user_key"], set()).add(r["image_key"])
                 continue
-            self._images_kept.add(r.get("image_key"))
             try:
                 row = schema.to_row(r)
                 row["ts"].date()  # a record without a usable time has no partition to go to
@@ -490,3 +554,72 @@ def day_is_shipped(lake: Lake, day: dt.date, *, now: dt.datetime, grace: dt.time
     if now >= end + grace:
         return True, f"grace period of {grace} after {day} is over; going on without: {why}"
     return False, why
+
+
+def image_delete_cutoff(lake: Lake, *, now: dt.datetime | None = None, grace: dt.timedelta = IMAGE_GRACE,
+                        stale_after: dt.timedelta = dt.timedelta(days=7)) -> dt.datetime:
+    """Images last written to the lake before this time may be deleted once no lake row refers
+    to them; younger ones may not, whatever the lake's rows say.
+
+    Why it is safe: a record not yet in the lake has a time at or after its spool's watermark,
+    and its photo's spooled copy is uploaded after the record's time (the shipper uploads every
+    good copy, even of a key it finds in the lake), so the image's lake time is after that
+    watermark. An image older than every watermark (less a grace for the clocks) is thus named
+    by no record in any spool's open or sealed segments, nor by one still to come from a request
+    being answered: such a request's copy is uploaded later and writes the image again. Read the
+    cutoff *before* listing the rows that refer to images. Watermarks not updated for
+    ``stale_after`` (a retired gateway) are not waited for, as in :func:`shippers_caught_up`."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    marks = [now]
+    for key in lake.list(WATERMARKS):
+        if not key.endswith(".json"):
+            continue
+        try:
+            mark = lake.get_json(key)
+            shipped = dt.datetime.fromisoformat(mark["shipped_through"])
+            updated = dt.datetime.fromisoformat(mark["updated_at"])
+        except (LakeError, KeyError, ValueError, TypeError):
+            return dt.datetime.min.replace(tzinfo=dt.timezone.utc)  # unknown: delete nothing
+        if now - updated <= stale_after:
+            marks.append(shipped)
+    return min(marks) - grace
+
+
+def check_images(lake: Lake, day: dt.date | str, *, decode: bool = True, repair: bool = False) -> dict:
+    """Re-verify the images the interactions of ``day`` name: each present, its bytes hashing to
+    its key and (``decode``) readable as an image. ``repair`` moves a bad lake copy aside
+    (``quarantine/images/``, a note, and the object deleted), so the next good copy a shipper
+    uploads puts it right. Returns counts and the bad and missing keys."""
+    from vloop.images import ImageError, open_image
+
+    day = dt.date.fromisoformat(day) if isinstance(day, str) else day
+    table = lake.read_partitions(INTERACTIONS_DATASET, day, day, columns=["image_key"],
+                                 schema=RECORDS["interaction"].arrow)
+    keys = sorted({k for k in table.column("image_key").to_pylist() if k})
+    out = {"day": day.isoformat(), "records": table.num_rows, "images": len(keys), "ok": 0,
+           "missing": [], "bad": [], "repaired": []}
+    for key in keys:
+        try:
+            data = lake.get_bytes(key)
+        except LakeError:
+            out["missing"].append(key)
+            continue
+        why = None
+        if hashlib.sha256(data).hexdigest() != key_sha256(key):
+            why = "bytes do not hash to the key"
+        elif decode:
+            try:
+                open_image(data, max_bytes=lake.max_image_bytes, max_pixels=lake.max_image_pixels).load()
+            except (ImageError, OSError, ValueError) as e:
+                why = f"unreadable: {e}"
+        if why is None:
+            out["ok"] += 1
+            continue
+        out["bad"].append({"image_key": key, "reason": why, "bytes": len(data)})
+        if repair:
+            lake.put_json(f"quarantine/images/{key_sha256(key) or key.replace('/', '_')}-{time.time_ns()}.json",
+                          {"image_key": key, "reason": why, "bytes": len(data),
+                           "at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            lake.delete(key)
+            out["repaired"].append(key)
+    return out
