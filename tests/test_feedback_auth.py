@@ -159,3 +159,27 @@ def test_daily_report_per_app_metrics(tmp_path):
     got = app_metrics(lake, day, mined).set_index("app")
     assert got.loc["shop"].tolist() == [2, 0.5, 0.5, 0.5]
     assert got.loc["(no key)", "requests"] == 2 and got.loc["other", "negative"] == 0
+
+
+def test_a_retry_that_reached_two_replicas_counts_once(tmp_path):
+    """Serving's event-id dedupe is per replica: the daily ingest drops a copy that differs only in
+    its arrival time (the earliest stays); distinct events with their own ids all stay."""
+    import datetime as dt
+
+    from vloop.ingest import ingest_day
+    from vloop.lake import LocalLake
+
+    lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
+    t0 = dt.datetime(2026, 11, 3, 12, tzinfo=dt.timezone.utc)
+    lake.write_partition("raw/interactions", INTERACTION.to_table([{
+        "request_id": "r1", "ts": t0, "user_key": "k", "question": "colour?", "answer": "red",
+        "base_model": "tiny", "arm": "champion", "status": "ok"}]), t0.date())
+    ev = lambda eid, s, **kw: {"event_id": eid, "request_id": "r1", "ts": t0 + dt.timedelta(seconds=s),  # noqa: E731
+                               "type": "edit", "edited_text": "blue", **kw}
+    lake.write_partition("raw/feedback", FEEDBACK.to_table([ev("e1", 9), ev("e1", 5), ev("e2", 7),
+                                                            ev("e3", 8, edited_text="green"), ev("e3", 8)]), t0.date())
+    batch = ingest_day(lake, t0.date(), t0 + dt.timedelta(hours=1))
+    got = sorted((e.event_id, e.ts.second, e.edited_text) for e in batch.feedback.itertuples())
+    # e3's two rows differ in content: not a retry, both kept (the quality gate flags the id).
+    assert got == [("e1", 5, "blue"), ("e2", 7, "blue"), ("e3", 8, "blue"), ("e3", 8, "green")]
+    assert batch.duplicates_dropped == 1

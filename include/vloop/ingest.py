@@ -25,23 +25,32 @@ class DayBatch:
     duplicates_dropped: int
 
 
-def _dedupe(df: pd.DataFrame, id_column: str) -> tuple[pd.DataFrame, int]:
-    """Drop rows identical in every column (lists compared by value). Exact duplicates share
-    their id, so only rows whose id repeats are compared in full."""
+# A feedback event sent again (the client's retry with the same event_id, serving's dedupe being per
+# replica) differs only in when it arrived: the same event, counted once (the earliest kept).
+RETRY_VARIES = ("ts",)
+
+
+def _dedupe(df: pd.DataFrame, id_column: str, ignore: tuple[str, ...] = ()) -> tuple[pd.DataFrame, int]:
+    """Drop rows identical in every column but ``ignore`` (lists compared by value), keeping the
+    earliest by ``ts`` when ``ignore`` is given. Exact duplicates share their id, so only rows
+    whose id repeats are compared in full."""
     if not len(df):
         return df, 0
     repeated = df[id_column].duplicated(keep=False).to_numpy()
     if not repeated.any():
         return df, 0
-    sub = df[repeated]
-    key = sub.copy()
+    positions = np.flatnonzero(repeated)
+    if ignore:
+        positions = positions[np.argsort(df["ts"].to_numpy()[positions], kind="stable")]
+    sub = df.iloc[positions]
+    key = sub.drop(columns=list(ignore))
     for c in key.columns[key.dtypes == object]:  # list cells (token_logprobs) compared as tuples
         first = key[c].dropna().head(1).tolist()
         if first and not isinstance(first[0], str):
             key[c] = key[c].map(lambda v: tuple(v) if v is not None and not isinstance(v, str) else v)
     drop = key.duplicated().to_numpy()
     keep = np.ones(len(df), dtype=bool)
-    keep[np.flatnonzero(repeated)[drop]] = False
+    keep[positions[drop]] = False
     return df[keep].reset_index(drop=True), int((~keep).sum())
 
 
@@ -53,7 +62,7 @@ def ingest_day(lake: Lake, day: dt.date, run_time: dt.datetime) -> DayBatch:
     if len(fb):
         fb = fb[(fb["ts"] <= pd.Timestamp(run_time)) & fb["request_id"].isin(set(inter["request_id"]))]
     inter, d1 = _dedupe(inter, "request_id")
-    fb, d2 = _dedupe(fb.reset_index(drop=True), "event_id")
+    fb, d2 = _dedupe(fb.reset_index(drop=True), "event_id", ignore=RETRY_VARIES)
     return DayBatch(inter, fb, d1 + d2)
 
 
@@ -122,5 +131,5 @@ def ingest_hour(lake: Lake, day: dt.date, hour: int, run_time: dt.datetime) -> D
     inter = _hour_interactions(lake, day, hour)
     fb = _feedback_about(lake, day, run_time, pc.unique(inter.column("request_id").drop_null()))
     inter, d1 = _dedupe(inter.to_pandas(), "request_id")
-    fb, d2 = _dedupe(fb.to_pandas().reset_index(drop=True), "event_id")
+    fb, d2 = _dedupe(fb.to_pandas().reset_index(drop=True), "event_id", ignore=RETRY_VARIES)
     return DayBatch(inter, fb, d1 + d2)
