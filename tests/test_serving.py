@@ -369,43 +369,78 @@ def test_privacy_opt_out_pii_and_limits(base_model_dir, tmp_path):
     assert any("[BANK_CARD]" in (e["edited_text"] or "") for e in fb)
 
 
-def test_kill_9_loses_no_acknowledged_record(base_model_dir, tmp_path):
-    lake_url = (tmp_path / "lake").as_uri()
-    srv = Server(base_model_dir, lake_url, tmp_path).start()
-    s = World(9).sample(0, intents=("colour",))
-    acked, stop = [], threading.Event()
+def distinct_photo(sample, n: int):
+    """``sample``'s picture with ``n`` written into its top row of pixels: a different photo (a
+    different content hash) for every request."""
+    img = sample.image.convert("RGB").copy()
+    for bit in range(24):
+        img.putpixel((bit, 0), (255, 255, 255) if n >> bit & 1 else (0, 0, 0))
+    return img
 
-    def traffic(worker):
-        i = 0
+
+def test_kill_9_loses_no_acknowledged_record(base_model_dir, tmp_path):
+    """kill -9 three times under load, every request with its own photo: every acknowledged record
+    is in the lake once, and the image behind each is there, hashes to its key and has the pixels
+    that were sent (a record that outlives a crash must not point at a lost or cut-short photo)."""
+    import hashlib
+    from itertools import count
+
+    import numpy as np
+
+    lake_url = (tmp_path / "lake").as_uri()
+    srv = Server(base_model_dir, lake_url, tmp_path)
+    s = World(9).sample(0, intents=("colour",))
+    acked, sent, numbers = [], {}, count()
+
+    def traffic(worker, stop):
         while not stop.is_set():
+            n = next(numbers)
+            img = distinct_photo(s, n)
+            body = chat_body(s, user=f"w{worker}-{n}")
+            body["messages"][0]["content"][0]["image_url"]["url"] = data_url(img)
             try:
-                r = srv.post("/v1/chat/completions", chat_body(s, user=f"w{worker}-{i}"))
+                r = srv.post("/v1/chat/completions", body)
             except requests.RequestException:
                 return
             if r.status_code == 200:
+                sent[r.json()["id"]] = np.asarray(img)
                 acked.append(r.json()["id"])
-            i += 1
 
-    threads = [threading.Thread(target=traffic, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(acked) >= 40, 60, "traffic")
-    srv.proc.send_signal(signal.SIGKILL)
-    srv.proc.wait()
-    stop.set()
-    for t in threads:
-        t.join()
+    for _ in range(3):
+        srv.start()  # the same spool and state each time: what the dead process left is shipped
+        stop, first = threading.Event(), len(acked)
+        threads = [threading.Thread(target=traffic, args=(w, stop)) for w in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(acked) >= first + 20, 60, "traffic")
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
     n_acked = len(acked)
-    srv.start()  # same spool and state: unshipped segments are shipped after the restart
+    srv.start()
     try:
         lake = open_lake(lake_url)
         wait_for(lambda: len(lake_table(lake, "raw/interactions", INTERACTION.arrow)) >= n_acked, 60, "shipping")
         time.sleep(1)
     finally:
         srv.stop()
-    ids = lake_table(lake, "raw/interactions", INTERACTION.arrow).column("request_id").to_pylist()
+    table = lake_table(lake, "raw/interactions", INTERACTION.arrow)
+    ids = table.column("request_id").to_pylist()
     assert set(acked) <= set(ids)
     assert len(ids) == len(set(ids))  # exactly once
+    keys = dict(zip(ids, table.column("image_key").to_pylist()))
+    verified = 0
+    for rid in acked:
+        data = lake.get_bytes(keys[rid])  # present
+        assert hashlib.sha256(data).hexdigest() in keys[rid], rid  # the bytes the key names
+        got = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert np.array_equal(got, sent[rid]), rid  # the pixels that were sent
+        verified += 1
+    assert len({keys[r] for r in acked}) == n_acked  # distinct photos
+    print(f"kill -9 x3: {n_acked} acknowledged, {len(set(acked) & set(ids))} found once in the lake, "
+          f"{verified} images verified (present, hash, pixels)")
 
 
 def test_adapter_loads_from_a_lake_prefix(server, adapters):
