@@ -5,7 +5,8 @@
    `vloop privacy erase --queue` or the app's backend): each user is removed from every lake
    partition, dataset snapshot, image and Label Studio task (connection `vloop_label_studio`,
    when configured), a tombstone keeps them out of later shipping, selection and training, and
-   adapters trained on their data are marked for retraining (`vloop.erasure.erase_user`).
+   adapters trained on their data are marked for retraining. The whole queue is one pass over the
+   lake (`vloop.erasure.erase_users`), not a scan per user.
 2. **retention** — deletes day partitions older than the `VLOOP_RETAIN_*_DAYS` settings and images
    nothing references any more (`vloop.erasure.apply_retention`).
 

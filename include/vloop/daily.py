@@ -390,11 +390,12 @@ def mined_counts(mined: pd.DataFrame) -> pd.DataFrame:
 
 def mine_day_phrasings(lake: Lake, day: dt.date) -> dict:
     """The reduce of the hours' phrasing candidates: ``curated/dt=D/phrasings.parquet``."""
-    from vloop.mining import cluster_phrasings
+    from vloop.mining import PHRASING_ARROW, cluster_phrasings
 
     candidates = read_table(lake, CURATED, day, "phrasing_candidates.parquet")
     phrasings = cluster_phrasings(candidates)
-    put_frame(lake, key(CURATED, day, "phrasings.parquet"), phrasings)
+    # With the request ids its wordings came from (PHRASING_ARROW), so an erasure can match them.
+    put_frame(lake, key(CURATED, day, "phrasings.parquet"), phrasings, PHRASING_ARROW)
     return {"day": day.isoformat(), "phrasings": len(phrasings)}
 
 

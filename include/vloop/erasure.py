@@ -35,14 +35,21 @@ It is idempotent: a second run finds nothing and removes nothing. Retention
 (:func:`apply_retention`) deletes whole day partitions older than the configured number of days,
 and images nothing references any more once they are older than the raw-data limit.
 
-The scan reads every Parquet object once (erasure requests are rare and batched by the
-``privacy_maintenance`` DAG); at a scale where that is too slow, an index from user key to objects
-is the next step.
+The scan reads every Parquet object once per step however many users it erases: the
+``privacy_maintenance`` DAG erases its whole queue in one pass (:func:`erase_users`); at a scale
+where even that is too slow, an index from user key to objects is the next step.
+
+Registry versions embed their evaluation's metrics (paired per-example results by example id):
+those are cleaned like the adapter's own ``metrics.json`` (:func:`clean_metrics`: an id goes with
+its paired entries, the figures are marked). A day's phrasings keep the request ids their
+wordings came from and are rebuilt from the cleaned candidates. :data:`LAYOUT` declares every
+kind of object the lake holds and how erasure treats it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import io
 import json
 import logging
@@ -63,10 +70,53 @@ log = logging.getLogger(__name__)
 IMAGES = "raw/images/"
 QUEUE = "privacy/erasure_requests/"  # one object per pending request (the user key, never the raw id)
 DONE = "privacy/erasure_done/"
-# Never scanned: the privacy records themselves, the registry's history, rollout looks
-# (aggregates), and images (handled by reference). Of adapters/ only the JSON (evaluation metrics
-# name held-out examples by request id) is scanned, not the weights.
-SKIP = ("privacy/", "registry/", "rollout/", IMAGES)
+# Never scanned as rows: the privacy records themselves, the registry (its versions' metrics are
+# cleaned on their own), and images (handled by reference). Of adapters/ only the JSON (evaluation
+# metrics name held-out examples by request id) is scanned, not the weights. rollout/ is: its
+# hourly count snapshots hold request ids.
+SKIP = ("privacy/", "registry/", IMAGES)
+REGISTRY_VERSIONS = "registry/versions/"  # read for the metrics each version embeds
+METRICS = "metrics.json"  # an adapter's evaluation: paired per-example results by example id
+PHRASINGS = "phrasings.parquet"  # a day's clustered wordings, with the requests they came from
+
+# Every kind of object the lake holds (shell patterns, first match wins) and how an erasure
+# treats it. tests/test_erasure.py lists a demo-like lake and fails on a key no pattern declares:
+# a new kind of object must be covered here, or declared free of personal data, before it ships.
+LAYOUT: tuple[tuple[str, str], ...] = (
+    ("privacy/*", "privacy: the erasure's own records (tombstones, request hashes, audit) name the key"),
+    ("raw/images/*", "images: deleted once only erased users' records referenced them"),
+    ("raw/*/_manifest.json", "json: a day's file list, scanned for whole values"),
+    ("raw/*.parquet", "rows"),
+    ("curated/dt=*/phrasings.parquet", "phrasings: rebuilt from the cleaned candidates (request_ids)"),
+    ("curated/*/mined_counts.parquet", "free: interactions and bad ones per category"),
+    ("curated/*/image_quality.parquet", "image rows: rows about images only erased users sent"),
+    ("curated/*.parquet", "rows"),
+    ("quarantine/*.parquet", "rows"),
+    ("quarantine/*.json", "json: validation results, the shipper's quarantined records"),
+    ("labeling/*.parquet", "rows"),
+    ("labeling/*.json", "json: request ids pushed to Label Studio"),
+    ("labeled/*.parquet", "rows"),
+    ("reports/dt=*", "report: the days the users appeared on are rebuilt from the cleaned data"),
+    ("reports/loop/*", "free: the demo's loop report, figures per round"),
+    ("datasets/golden/*", "free: the golden set, curated product photos and questions"),
+    ("datasets/*/manifest.json", "manifest: recounted, the erasure noted"),
+    ("datasets/*.parquet", "rows"),
+    ("adapters/*/" + METRICS, "metrics: example ids removed with their paired entries, figures marked"),
+    ("adapters/*.json", "json: training settings and adapter config, scanned for whole values"),
+    ("adapters/*", "lineage: weights and model card; the adapter is marked for retraining"),
+    ("registry/versions/*", "metrics: the evaluation each version embeds, cleaned as adapters' metrics"),
+    ("registry/events/*", "free: statuses, aliases, gate figures (aggregates); lineage events name the key"),
+    ("registry/serving/*", "free: serving states (version names, shares, experiment salt)"),
+    ("rollout/*/counts/*.parquet", "rows"),
+    ("rollout/*", "free: looks, aggregates per arm"),
+    ("shippers/*", "free: a spool's watermark"),
+    ("config/*", "free: decoding settings and their history"),
+)
+
+
+def coverage(key: str) -> str | None:
+    """How an erasure treats ``key`` (:data:`LAYOUT`), or None where nothing declares it."""
+    return next((how for pattern, how in LAYOUT if fnmatch.fnmatchcase(key, pattern)), None)
 _DAY = re.compile(r"/dt=(\d{4}-\d{2}-\d{2})/")
 
 
@@ -99,11 +149,12 @@ def _column_set(table: pa.Table, name: str) -> set:
     return set(table.column(name).to_pylist()) - {None} if name in table.column_names else set()
 
 
-def _user_mask(table: pa.Table, key: str, request_ids: set[str]) -> pa.Array | None:
-    """True for the rows of ``table`` that are the user's (by key or by one of their requests)."""
+def _user_mask(table: pa.Table, keys: set[str], request_ids: set[str]) -> pa.Array | None:
+    """True for the rows of ``table`` that are the users' (by key or by one of their requests)."""
     masks = []
     if "user_key" in table.column_names:
-        masks.append(pc.fill_null(pc.equal(table["user_key"].cast(pa.string()), key), False))
+        masks.append(pc.fill_null(pc.is_in(table["user_key"].cast(pa.string()),
+                                           value_set=pa.array(sorted(keys), pa.string())), False))
     if "request_id" in table.column_names and request_ids:
         masks.append(pc.fill_null(pc.is_in(table["request_id"].cast(pa.string()),
                                            value_set=pa.array(sorted(request_ids), pa.string())), False))
@@ -126,8 +177,8 @@ class _Needles:
     (dataset examples, paired evaluation results) and a raw JSON line the shipper quarantined,
     whose quoted strings are compared one by one."""
 
-    def __init__(self, key: str, request_ids: set[str]):
-        self.values = {key} | set(request_ids)
+    def __init__(self, keys: set[str], request_ids: set[str]):
+        self.values = set(keys) | set(request_ids)
 
     def __call__(self, s: str, _depth: int = 0) -> bool:
         if s in self.values:
@@ -175,21 +226,37 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
                now: dt.datetime | None = None, rebuild_reports: bool = True) -> ErasureResult:
     """Remove everything of ``user_key`` (see the module docstring). ``label_studio`` is a
     :class:`vloop.labelstudio.LabelStudio` client, or None where no Label Studio is configured."""
-    _check_key(user_key)
+    return erase_users(lake, [user_key], actor=actor, label_studio=label_studio, now=now,
+                       rebuild_reports=rebuild_reports)[0]
+
+
+def erase_users(lake: Lake, user_keys: list[str], *, actor: str, label_studio=None,
+                now: dt.datetime | None = None, rebuild_reports: bool = True) -> list[ErasureResult]:
+    """Erase several users in one pass over the lake (the queue's way): one listing, and each
+    object read once per step whatever the number of users, where erasing them one by one would
+    scan the whole lake once each. The lake ends as the one-by-one erasures leave it; each user
+    gets their own result, tombstone, erasure record and audit record."""
+    user_keys = list(dict.fromkeys(_check_key(k) for k in user_keys))
+    if not user_keys:
+        return []
     now = now or dt.datetime.now(dt.timezone.utc)
-    res = ErasureResult(user_key, already_tombstoned=not record_tombstone(lake, user_key, at=now))
+    wanted = set(user_keys)
+    results = {u: ErasureResult(u, already_tombstoned=not record_tombstone(lake, u, at=now)) for u in user_keys}
     # Read before the rows are: see image_delete_cutoff. With the notes of images waiting.
     image_cutoff = image_delete_cutoff(lake, now=now)
-    image_notes = lake.list(f"{ERASED_IMAGES}{user_key}/")
-    keys = [k for k in lake.list("") if not k.startswith(SKIP)
+    image_notes = {u: lake.list(f"{ERASED_IMAGES}{u}/") for u in user_keys}
+    listing = lake.list("")
+    keys = [k for k in listing if not k.startswith(SKIP)
             and (not k.startswith("adapters/") or k.endswith(".json"))]
+    # Registry versions embed their evaluation's metrics (example ids of held-out labels).
+    versions = [k for k in listing if k.startswith(REGISTRY_VERSIONS) and k.endswith(".json")]
     parquet = [k for k in keys if k.endswith(".parquet")]
 
-    # Pass 1: the user's requests and images, wherever a row carries the user key. One object in
-    # memory at a time (the passes read again rather than hold the lake).
-    request_ids: set[str] = set()
-    images: set[str] = set()
-    about_users, about_images = [], []  # objects with user or request columns; with images only
+    # Pass 1: the users' requests and images, wherever a row carries one of their keys. One
+    # object in memory at a time (the passes read again rather than hold the lake).
+    request_ids: dict[str, set[str]] = {u: set() for u in user_keys}
+    images: dict[str, set[str]] = {u: set() for u in user_keys}
+    about_users, about_images, phrasings = [], [], []  # user or request columns; images only; phrasings
     for k in parquet:
         t = lake.read_parquet(k)
         cols = set(t.column_names)
@@ -197,90 +264,129 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
             about_users.append(k)
         elif "image_key" in cols:
             about_images.append(k)
+        if "request_ids" in cols or k.endswith("/" + PHRASINGS):
+            phrasings.append(k)
         if "user_key" in cols:
-            mine = t.filter(_user_mask(t, user_key, set()))
-            request_ids |= _column_set(mine, "request_id")
-            images |= _column_set(mine, "image_key")
+            mine = t.filter(_user_mask(t, wanted, set()))
+            for u, r, img in zip(mine["user_key"].to_pylist(), _values(mine, "request_id"), _values(mine, "image_key")):
+                if r is not None:
+                    request_ids[u].add(r)
+                if img is not None:
+                    images[u].add(img)
 
-    # Before anything is removed, what identifies the user's requests is kept (hashed): a run that
+    # Before anything is removed, what identifies the users' requests is kept (hashed): a run that
     # fails midway (Label Studio down, a lake error) and its retry still find everything, and a
     # late copy (a re-shipped segment, an annotation pulled again) is recognised.
-    hashes = record_erased_requests(lake, user_key, {request_hash(r) for r in request_ids})
-    unseen = hashes - {request_hash(r) for r in request_ids}  # erased before: only their hashes are left
+    hashes = {u: record_erased_requests(lake, u, {request_hash(r) for r in request_ids[u]}) for u in user_keys}
+    # Erased before: only their hashes are left.
+    unseen = {h: u for u in user_keys for h in hashes[u] - {request_hash(r) for r in request_ids[u]}}
     # Label Studio next: while its tasks exist, a daily pull could bring the labels back.
     if label_studio is not None:
-        res.label_studio_tasks_deleted = label_studio.delete_tasks_of(user_key, hashes)
+        for u in user_keys:
+            results[u].label_studio_tasks_deleted = label_studio.delete_tasks_of(u, hashes[u])
 
-    # Pass 2: remove the user's rows; note what everyone else's rows still reference.
+    def area_add(u: str, k: str, n: int = 1) -> None:
+        res = results[u]
+        res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
+        if k not in res.objects_rewritten:
+            res.objects_rewritten.append(k)
+
+    # Pass 2: remove the users' rows; note what everyone else's rows still reference.
+    all_ids = set().union(*request_ids.values())
+    owner = {r: u for u in user_keys for r in request_ids[u]}
     others_images: set[str] = set()
-    days: set[str] = set()
-    datasets: dict[str, int] = {}
+    days: dict[str, set[str]] = {u: set() for u in user_keys}
+    datasets: dict[str, dict[str, int]] = {u: {} for u in user_keys}
+    candidates_changed: set[str] = set()  # days whose phrasing candidates lost rows
     for k in about_users:
         t = lake.read_parquet(k)
-        mask = _user_mask(t, user_key, request_ids)
+        mask = _user_mask(t, wanted, all_ids)
         if mask is None:  # request ids only, and none of theirs known
             others_images |= _column_set(t, "image_key")
             continue
         if unseen and "request_id" in t.column_names:
-            by_hash = pa.array([request_hash(r) in unseen for r in t["request_id"].to_pylist()], pa.bool_())
+            by_hash = pa.array([r is not None and request_hash(r) in unseen for r in t["request_id"].to_pylist()],
+                               pa.bool_())
             mask = pc.or_(mask, by_hash)
         n = pc.sum(mask).as_py() or 0
         kept = t.filter(pc.invert(mask)) if n else t
         others_images |= _column_set(kept, "image_key")
-        if n:
-            images |= _column_set(t.filter(mask), "image_key")
-            lake.write_parquet(k, kept)
-            res.objects_rewritten.append(k)
-            res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
-            if m := _DAY.search("/" + k):
-                days.add(m.group(1))
+        if not n:
+            continue
+        gone = t.filter(mask)
+        day = m.group(1) if (m := _DAY.search("/" + k)) else None
+        for u, img in zip(_owners(gone, wanted, owner, unseen), _values(gone, "image_key")):
+            area_add(u, k)
+            if img is not None:
+                images[u].add(img)
+            if day:
+                days[u].add(day)
             if k.startswith("datasets/"):
                 ds = k.split("/")[1]
-                datasets[ds] = datasets.get(ds, 0) + n
-    for k in image_notes:  # images waiting from an earlier run, or of records a shipper dropped
-        images |= set(lake.get_json(k).get("images", []))
-    only_theirs = images - others_images
+                datasets[u][ds] = datasets[u].get(ds, 0) + 1
+        lake.write_parquet(k, kept)
+        if day and k.endswith("/phrasing_candidates.parquet"):
+            candidates_changed.add(day)
+    for u in user_keys:  # images waiting from an earlier run, or of records a shipper dropped
+        for k in image_notes[u]:
+            images[u] |= set(lake.get_json(k).get("images", []))
+    only_theirs = set().union(*images.values()) - others_images
+    image_owner = {img: u for u in user_keys for img in images[u]}  # the last one's erasure deletes it
 
-    # Pass 3: rows keyed by image only (image quality) for images that were only the user's.
+    # Pass 3: rows keyed by image only (image quality) for images that were only the users'.
     for k in about_images if only_theirs else []:
         t = lake.read_parquet(k)
         mask = pc.fill_null(pc.is_in(t["image_key"].cast(pa.string()),
                                      value_set=pa.array(sorted(only_theirs), pa.string())), False)
-        n = pc.sum(mask).as_py() or 0
-        if n:
+        if pc.sum(mask).as_py():
+            for img in t.filter(mask)["image_key"].to_pylist():
+                area_add(image_owner[img], k)
             lake.write_parquet(k, t.filter(pc.invert(mask)))
-            res.objects_rewritten.append(k)
-            res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + n
 
-    # JSON objects that list the user's requests (pushed.json, the shipper's quarantine, adapter
-    # evaluations naming held-out examples).
-    needles = _Needles(user_key, request_ids)
-    for k in keys:
-        if not k.endswith(".json") or k.endswith("/manifest.json"):
-            continue
+    # The day's phrasings: clusters of wordings with the requests they came from. A day whose
+    # clusters name one of the requests, or whose candidates just lost rows (phrasings written
+    # before they kept request ids), is rebuilt from its cleaned candidates.
+    for k in phrasings:
+        _erase_phrasings(lake, k, all_ids, owner, unseen, candidates_changed, days, area_add)
+
+    # JSON objects that list the users' requests (pushed.json, the shipper's quarantine, adapter
+    # evaluations naming held-out examples), and the registry versions' copies of those metrics.
+    needles = _Needles(wanted, all_ids)
+    theirs = {u: _Needles({u}, request_ids[u]) for u in user_keys}
+    for k in [k for k in keys if k.endswith(".json") and not k.endswith("/manifest.json")] + versions:
         obj = lake.get_json(k)
-        if _mentions(obj, needles):
+        if not _mentions(obj, needles):
+            continue
+        who = [u for u in user_keys if _mentions(obj, theirs[u])]
+        if k.startswith(REGISTRY_VERSIONS):
+            # Written once by the registry, rewritten only here: the example ids must go.
+            lake.put_json(k, _without({**obj, "metrics": clean_metrics(obj.get("metrics") or {}, needles)}, needles))
+        elif k.endswith("/" + METRICS):
+            lake.put_json(k, clean_metrics(obj, needles))
+        else:
             lake.put_json(k, _without(obj, needles))
-            res.objects_rewritten.append(k)
-            res.rows_removed[_area(k)] = res.rows_removed.get(_area(k), 0) + 1
+        for u in who:
+            area_add(u, k)
 
-    waiting = set()
+    waiting: dict[str, set[str]] = {u: set() for u in user_keys}
     for img in sorted(only_theirs):
         if not lake.exists(img):
             continue
         if lake.modified(img) < image_cutoff:
             lake.delete(img)
-            res.images_deleted += 1
+            results[image_owner[img]].images_deleted += 1
         else:  # written since the oldest watermark: a record in some spool may still name it
-            waiting.add(img)
-    if waiting:
-        lake.put_json(f"{ERASED_IMAGES}{user_key}/waiting.json", {"user_key": user_key, "images": sorted(waiting)})
-    for k in image_notes:
-        if not (waiting and k.endswith("/waiting.json")):
-            lake.delete(k)
-    res.images_waiting = len(waiting)
+            waiting[image_owner[img]].add(img)
+    for u in user_keys:
+        if waiting[u]:
+            lake.put_json(f"{ERASED_IMAGES}{u}/waiting.json", {"user_key": u, "images": sorted(waiting[u])})
+        for k in image_notes[u]:
+            if not (waiting[u] and k.endswith("/waiting.json")):
+                lake.delete(k)
+        results[u].images_waiting = len(waiting[u])
 
-    for ds, n in sorted(datasets.items()):  # manifests keep describing what the snapshot holds
+    touched = {ds for u in user_keys for ds in datasets[u]}
+    for ds in sorted(touched):  # manifests keep describing what the snapshot holds
         mk = f"datasets/{ds}/manifest.json"
         if lake.exists(mk):
             m = lake.get_json(mk)
@@ -288,25 +394,139 @@ def erase_user(lake: Lake, user_key: str, *, actor: str, label_studio=None,
                 sk = f"datasets/{ds}/{split}.parquet"
                 if lake.exists(sk):
                     m["examples"][split] = pq.read_metadata(io.BytesIO(lake.get_bytes(sk))).num_rows
-            m.setdefault("erasures", []).append({"at": now.isoformat(), "examples_removed": n})
+            for u in user_keys:  # one entry per erasure, as one-by-one erasures write them
+                if ds in datasets[u]:
+                    m.setdefault("erasures", []).append({"at": now.isoformat(), "examples_removed": datasets[u][ds]})
+                    results[u].objects_rewritten.append(mk)
             lake.put_json(mk, m)
-            res.objects_rewritten.append(mk)
     # Days and datasets go into the erasure record too, so a retry still rebuilds those reports
     # and marks those adapters (their rows are already gone by then).
-    record = _update_record(lake, user_key, days=days, datasets=set(datasets))
-    res.adapters_to_retrain = _mark_lineage(lake, set(record["datasets"]), actor=actor, user_key=user_key,
-                                            already=set(record.get("adapters", [])))
-    _update_record(lake, user_key, adapters=set(res.adapters_to_retrain))
-    if rebuild_reports:
-        res.reports_rebuilt = _rebuild_reports(lake, sorted(record["days"]))
+    all_days: set[str] = set()
+    registered = None
+    for u in user_keys:
+        record = _update_record(lake, u, days=days[u], datasets=set(datasets[u]))
+        all_days |= set(record["days"])
+        if record["datasets"] and registered is None:
+            from vloop.registry import Registry
 
-    audit(lake, "erase", actor=actor, at=now, user_key=user_key, rows_removed=res.total_rows,
-          objects_rewritten=len(res.objects_rewritten), images_deleted=res.images_deleted,
-          label_studio_tasks_deleted=res.label_studio_tasks_deleted,
-          adapters_to_retrain=res.adapters_to_retrain)
-    log.info("erased %s…: %d rows in %d objects, %d images, %d Label Studio tasks", user_key[:12],
-             res.total_rows, len(res.objects_rewritten), res.images_deleted, res.label_studio_tasks_deleted)
-    return res
+            registered = Registry(lake).versions()
+        results[u].adapters_to_retrain = _mark_lineage(lake, set(record["datasets"]), actor=actor, user_key=u,
+                                                       already=set(record.get("adapters", [])),
+                                                       versions=registered or [])
+        _update_record(lake, u, adapters=set(results[u].adapters_to_retrain))
+    reports = _rebuild_reports(lake, sorted(all_days)) if rebuild_reports else []
+
+    for u in user_keys:
+        res = results[u]
+        res.reports_rebuilt = [d for d in reports if d in set(_update_record(lake, u)["days"])]
+        audit(lake, "erase", actor=actor, at=now, user_key=u, rows_removed=res.total_rows,
+              objects_rewritten=len(res.objects_rewritten), images_deleted=res.images_deleted,
+              label_studio_tasks_deleted=res.label_studio_tasks_deleted,
+              adapters_to_retrain=res.adapters_to_retrain)
+        log.info("erased %s…: %d rows in %d objects, %d images, %d Label Studio tasks", u[:12],
+                 res.total_rows, len(res.objects_rewritten), res.images_deleted, res.label_studio_tasks_deleted)
+    return [results[u] for u in user_keys]
+
+
+def _values(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _owners(gone: pa.Table, wanted: set[str], owner: dict[str, str], unseen: dict[str, str]) -> list[str]:
+    """Whose each removed row was: its user key, else the user of its request (known, or by hash)."""
+    out = []
+    for u, r in zip(_values(gone, "user_key"), _values(gone, "request_id")):
+        out.append(u if u in wanted else owner.get(r) or unseen[request_hash(r)])
+    return out
+
+
+def _erase_phrasings(lake: Lake, k: str, all_ids: set[str], owner: dict[str, str], unseen: dict[str, str],
+                     candidates_changed: set[str], days: dict[str, set[str]], area_add) -> None:
+    from vloop import daily
+    from vloop.mining import PHRASING_ARROW, cluster_phrasings
+
+    t = lake.read_parquet(k)
+    day = m.group(1) if (m := _DAY.search("/" + k)) else None
+    hit: dict[int, str] = {}  # row -> a user whose request it names
+    if "request_ids" in t.column_names:
+        for i, ids in enumerate(t["request_ids"].to_pylist()):
+            for r in ids or []:
+                if r in all_ids or request_hash(r) in unseen:
+                    hit[i] = owner.get(r) or unseen[request_hash(r)]
+                    break
+    if not hit and day not in candidates_changed:
+        return
+    rebuilt = None
+    try:
+        candidates = daily.read_table(lake, daily.CURATED, day, "phrasing_candidates.parquet") if day else None
+    except LakeKeyNotFound:
+        candidates = None
+    if candidates is not None and (len(candidates) or not hit):
+        rebuilt = pa.Table.from_pandas(cluster_phrasings(candidates)[PHRASING_ARROW.names], schema=PHRASING_ARROW,
+                                       preserve_index=False)
+    if rebuilt is None:  # the candidates are gone: drop the clusters that name the users' requests
+        rebuilt = t.filter(pa.array([i not in hit for i in range(t.num_rows)], pa.bool_()))
+    lake.write_parquet(k, rebuilt)
+    users = set(hit.values()) or {u for u, d in days.items() if day in d}
+    for u in users:
+        area_add(u, k, max(1, sum(1 for v in hit.values() if v == u)))
+
+
+def clean_metrics(metrics: dict, needles: "_Needles") -> dict:
+    """An evaluation's metrics (``metrics.json``, and its copy in a registry version) without the
+    erased examples. A paired list loses each erased example id *together with* the entries at the
+    same position in ``candidate_correct``/``champion_correct`` (every list of its length), so the
+    gate's paired test stays aligned and recomputes on what is left; those figures are written
+    beside it (``paired_after_erasure``). The per-set aggregates (exact match, F1, by category)
+    need the predictions to recompute: they are marked as computed with examples since erased
+    (``erased_examples``: per set, how many)."""
+    m = json.loads(json.dumps(metrics))
+    removed: dict[str, int] = {}
+    paired: dict[str, dict] = {}
+
+    def clean(name: str, p) -> None:
+        ids = p.get("example_id") if isinstance(p, dict) else None
+        if not isinstance(ids, list):
+            return
+        keep = [i for i, x in enumerate(ids) if not (isinstance(x, str) and needles(x))]
+        paired[name] = p
+        if len(keep) == len(ids):
+            return
+        for f, vals in list(p.items()):
+            if isinstance(vals, list) and len(vals) == len(ids):
+                p[f] = [vals[i] for i in keep]
+        removed[name] = removed.get(name, 0) + len(ids) - len(keep)
+
+    for name, p in (m.get("paired") or {}).items():
+        clean(name, p)
+    for name, s in (m.get("sets") or {}).items():
+        if isinstance(s, dict):
+            clean(name, s.get("paired"))
+    if removed:
+        erased = m.setdefault("erased_examples", {})
+        for name, n in removed.items():
+            erased[name] = erased.get(name, 0) + n
+        m["erased_examples_note"] = ("the sets' figures were computed with these examples, since erased; the "
+                                     "paired lists no longer hold them and paired_after_erasure is computed "
+                                     "from what is left")
+        after = m.setdefault("paired_after_erasure", {})
+        for name in removed:
+            after[name] = _paired_figures(paired[name])
+    return _without(m, needles)
+
+
+def _paired_figures(p: dict) -> dict:
+    from vloop.retrain import mcnemar_exact_p
+
+    cand = [bool(x) for x in p.get("candidate_correct", [])]
+    champ = [bool(x) for x in p.get("champion_correct", [])]
+    n = min(len(cand), len(champ))
+    b = sum(x and not y for x, y in zip(cand, champ))
+    c = sum(y and not x for x, y in zip(cand, champ))
+    em_c, em_h = (sum(cand[:n]) / n, sum(champ[:n]) / n) if n else (None, None)
+    return {"n": n, "b": b, "c": c, "candidate": None if em_c is None else round(em_c, 6),
+            "champion": None if em_h is None else round(em_h, 6),
+            "difference": None if em_c is None else round(em_c - em_h, 6), "p": mcnemar_exact_p(b, c) if n else None}
 
 
 def _update_record(lake: Lake, user_key: str, **add: set[str]) -> dict:
@@ -324,16 +544,17 @@ def _update_record(lake: Lake, user_key: str, **add: set[str]) -> dict:
     return rec
 
 
-def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, already: set[str]) -> list[str]:
+def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, already: set[str],
+                  versions: list | None = None) -> list[str]:
     """Adapters trained on one of ``datasets``: recorded (once) in the registry's history as
     needing a retrain without the erased data (the next retrain_biweekly run trains on cleaned
-    data)."""
+    data). ``versions``: the registry's versions, read once for a queue of users."""
     from vloop.registry import Registry
 
     if not datasets:
         return []
     reg = Registry(lake)
-    refs = sorted(v.ref for v in reg.versions() if v.dataset_id in datasets)
+    refs = sorted(v.ref for v in (versions if versions is not None else reg.versions()) if v.dataset_id in datasets)
     for ref in set(refs) - already:
         reg.record("needs_retraining", {"ref": ref, "user_key": user_key}, actor=actor,
                    reason="trained on data of a user since erased")
@@ -376,23 +597,27 @@ def pending_erasures(lake: Lake) -> list[str]:
 def work_erasure_queue(lake: Lake, *, actor: str, label_studio=None, resweep_days: int = 7) -> list[dict]:
     """Erase every queued user; a request leaves the queue only once its erasure finished. Users
     erased in the last ``resweep_days`` are swept again: a daily run or a shipper that read their
-    data before the tombstone existed may have written it back after the first sweep."""
-    done = []
-    for key in pending_erasures(lake):
-        res = erase_user(lake, key, actor=actor, label_studio=label_studio)
-        summary = res.summary()
-        lake.put_json(f"{DONE}{key}.json", {**summary, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
-        lake.delete(f"{QUEUE}{key}.json")
-        done.append(summary)
+    data before the tombstone existed may have written it back after the first sweep.
+
+    All of them, queued and swept again, are erased together in one pass over the lake
+    (:func:`erase_users`), not one whole-lake scan each."""
+    pending = pending_erasures(lake)
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=resweep_days)
-    swept = {d["user_key"] for d in done}
     # Also users with images waiting (too recent last time, or dropped by a shipper since).
     waiting = {k[len(ERASED_IMAGES):].split("/")[0] for k in lake.list(ERASED_IMAGES)}
-    for key in sorted(read_tombstones(lake) - swept):
-        if key in waiting or lake.modified(f"privacy/tombstones/{key}.json") >= since:
-            res = erase_user(lake, key, actor=actor, label_studio=label_studio)
-            if res.total_rows or res.label_studio_tasks_deleted or res.images_deleted:
-                done.append({**res.summary(), "resweep": True})
+    resweep = [key for key in sorted(read_tombstones(lake) - set(pending))
+               if key in waiting or lake.modified(f"privacy/tombstones/{key}.json") >= since]
+    results = erase_users(lake, pending + resweep, actor=actor, label_studio=label_studio)
+    done = []
+    for res in results[:len(pending)]:
+        summary = res.summary()
+        lake.put_json(f"{DONE}{res.user_key}.json",
+                      {**summary, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        lake.delete(f"{QUEUE}{res.user_key}.json")
+        done.append(summary)
+    for res in results[len(pending):]:
+        if res.total_rows or res.label_studio_tasks_deleted or res.images_deleted:
+            done.append({**res.summary(), "resweep": True})
     return done
 
 

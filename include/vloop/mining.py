@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 
 @dataclass
@@ -163,7 +164,12 @@ class PhrasingRules:
 
 
 PHRASING_COLUMNS = {"intent": "str", "lang": "str", "phrasing": "str", "asked": "int64", "users": "int64",
-                    "variants": "str"}
+                    "variants": "str", "request_ids": "object"}
+# The day's phrasings as stored: request_ids (the requests each cluster's wordings came from) is a
+# list, so an erasure can find the clusters a user's wording is in and rebuild them without it.
+PHRASING_ARROW = pa.schema([("intent", pa.string()), ("lang", pa.string()), ("phrasing", pa.string()),
+                            ("asked", pa.int64()), ("users", pa.int64()), ("variants", pa.string()),
+                            ("request_ids", pa.list_(pa.string()))])
 
 
 def _lang(text: str) -> str:
@@ -173,7 +179,7 @@ def _lang(text: str) -> str:
 
 
 PHRASING_CANDIDATE_COLUMNS = {"intent": "str", "key": "str", "question": "str", "user_key": "str",
-                              "asked": "int64"}
+                              "request_id": "str", "asked": "int64"}
 
 
 def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: PhrasingRules | None = None
@@ -189,7 +195,8 @@ def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: 
     if not len(interactions) or not len(mined):
         return empty
     bad = mined.loc[mined["reason"].isin(rules.reasons), "request_id"]
-    df = interactions.loc[interactions["request_id"].isin(set(bad)), ["question", "user_key"]].dropna(subset=["question"])
+    df = interactions.loc[interactions["request_id"].isin(set(bad)), ["question", "user_key", "request_id"]] \
+        .dropna(subset=["question"])
     q = df["question"].astype("str").str.strip()
     df = df[(q.str.len() <= rules.max_chars) & ~q.str.contains(r"[\d\[\]]", regex=True)].assign(question=q)
     if not len(df):
@@ -198,7 +205,7 @@ def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: 
     df = df[df["intent"].isin(rules.intents)]
     df["key"] = df["question"].map(normalise_question)
     df["user_key"] = df["user_key"].fillna("")
-    out = df.groupby(["intent", "key", "question", "user_key"]).size().rename("asked").reset_index()
+    out = df.groupby(["intent", "key", "question", "user_key", "request_id"]).size().rename("asked").reset_index()
     return out[list(PHRASING_CANDIDATE_COLUMNS)].astype(PHRASING_CANDIDATE_COLUMNS)
 
 
@@ -210,6 +217,8 @@ def cluster_phrasings(candidates: pd.DataFrame, rules: PhrasingRules | None = No
     rules = rules or PhrasingRules()
     if not len(candidates):
         return pd.DataFrame(columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
+    if "request_id" not in candidates:  # hours mined before candidates kept their request ids
+        candidates = candidates.assign(request_id="")
     df = candidates.groupby(["intent", "key", "question", "user_key"], as_index=False)["asked"].sum()
     wordings = df.groupby(["key", "question"], as_index=False).agg(n=("asked", "sum"), intent=("intent", "first"))
     # A key's name is its commonest wording (ties: the first in sort order, so every split agrees).
@@ -231,7 +240,9 @@ def cluster_phrasings(candidates: pd.DataFrame, rules: PhrasingRules | None = No
         users = members.loc[members["user_key"] != "", "user_key"]
         rows.append({"intent": c["intent"], "lang": _lang(c["phrasing"]), "phrasing": c["phrasing"],
                      "asked": int(members["asked"].sum()), "users": users.nunique(),
-                     "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5])})
+                     "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5]),
+                     "request_ids": sorted(set(candidates.loc[candidates["key"].isin(c["keys"]), "request_id"]
+                                               .dropna().astype(str)) - {""})})
     return pd.DataFrame(rows, columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
 
 
