@@ -7,8 +7,8 @@ question):
 * ``label_confirmed`` — an annotator judged it correct (the model's answer is kept);
 * ``user_edit`` (optional, ``use_user_edits``) — a user's own correction, a weaker signal: only a
   ``user_edit_share`` of them is kept;
-* ``replay`` — accepted answers the model was confident about, ``replay_ratio`` per new label,
-  so the adapter does not forget what the base already knew.
+* ``replay`` — accepted answers the model was confident about, ``replay_ratio`` per new example
+  (labels and users' edits alike), so the adapter does not forget what the base already knew.
 
 Excluded: users who opted out or were erased, photos flagged poor (by the automatic check or an
 annotator), "unclear" verdicts, "wrong" verdicts whose corrected answer is still the model's
@@ -230,6 +230,7 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
             "answer": lab["corrected_answer"].str.strip(), "category": lab["category"], "user_key": lab["user_key"],
             "intent": lab["intent"] if "intent" in lab.columns else None}))
     n_labels = sum(len(p) for p in parts)
+    n_new = n_labels  # what replay is measured against: labels, and users' edits when used
     if len(recent):
         recent = recent[~recent["image_key"].isin(poor)]
         if cfg.use_user_edits:
@@ -239,8 +240,9 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
                                        "image_key": ed["image_key"], "question": ed["question"],
                                        "answer": ed["edited_text"].str.strip(), "category": ed["category"],
                                        "user_key": ed["user_key"]}))
+            n_new += len(ed)
         rp = recent[(recent["weak_label"] == "positive") & (recent["confidence"] >= cfg.replay_min_confidence)]
-        want = int(round(cfg.replay_ratio * n_labels))
+        want = int(round(cfg.replay_ratio * n_new))
         if want and len(rp):
             rp = rp.iloc[rng.permutation(len(rp))[:want]]
             parts.append(pd.DataFrame({"source": "replay", "request_id": rp["request_id"], "image_key": rp["image_key"],

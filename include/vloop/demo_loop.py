@@ -561,6 +561,25 @@ def _fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else v
 
 
+def efficacy_section(lake) -> str:
+    """The loop report's "is it worth its cost" section: the last ``bench/loop_efficacy.py
+    --report`` figures and plots (``reports/efficacy/``), or a line saying how to get them."""
+    import base64
+    import html
+
+    if not lake.exists("reports/efficacy/latest.json"):
+        return ("<h2>Is the loop worth its cost?</h2><p>Not measured on this lake yet: "
+                "<code>python bench/loop_efficacy.py --quick --report</code> adds it here.</p>")
+    latest = lake.get_json("reports/efficacy/latest.json")
+    figs = "".join(f"<li>{html.escape(k)}: <b>{html.escape(str(_fmt(v)))}</b></li>" for k, v in latest["figures"].items())
+    imgs = "".join(f'<img alt="{name}" src="data:image/png;base64,'
+                   f'{base64.b64encode(lake.get_bytes("reports/efficacy/" + name)).decode()}">'
+                   for name in ("efficacy_curve.png", "efficacy_drift.png") if lake.exists("reports/efficacy/" + name))
+    return (f"<h2>Is the loop worth its cost? (bench/loop_efficacy.py)</h2><p>Active selection against random "
+            f"labels and users' edits, on the same simulated traffic; the time until a new product line is "
+            f"answered well.</p><ul>{figs}</ul>{imgs}")
+
+
 def _states(states: dict) -> str:
     from collections import Counter
 
@@ -670,6 +689,7 @@ Acceptance on the first simulated day {before['acceptance']:.3f}
 <h2>Rounds: data, gate, outcome, cost</h2>{table([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in tl.rounds])}
 <h2>Rollout decisions</h2>{'<img src="' + exp_png + '">' if exp_png else ''}{table(tl.looks)}
 <h2>What was sent to annotators, and why</h2>{table(why)}
+{efficacy_section(lake)}
 <h2>Steps</h2>{table(tl.steps)}
 <p>{html.escape(json.dumps(asdict(cfg)))}</p></body></html>"""
     key = f"reports/loop/{before['day']}/index.html"
