@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Param, Variable, dag, task
+from vloop_assets import SERVING, SERVING_CHANGES
 
 from vloop.config import load_settings
 
@@ -66,7 +67,8 @@ def _lake():
     },
 )
 def canary_rollout():
-    @task
+    # A look that changes what is served (and a manual rollback) updates the vloop_serving asset.
+    @task(outlets=[SERVING_CHANGES])
     def look(**context):
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -82,6 +84,7 @@ def canary_rollout():
                 raise  # another writer moved the state meanwhile: the retry re-reads it
             except ValueError as e:  # no reason, unknown version: retrying cannot help
                 raise AirflowFailException(str(e)) from e
+            context["outlet_events"][SERVING_CHANGES].add(SERVING, extra={"seq": state.seq, "action": "rollback"})
             return {"action": "manual rollback", "seq": state.seq, "champion": state.champion}
         from dataclasses import replace
 
@@ -95,6 +98,9 @@ def canary_rollout():
             nxt = f"; {result.started} started from the queue" if result.started else ""
             raise AirflowFailException(f"experiment halted, canary taken off (the champion serves everyone)"
                                        f"{nxt}: {result.decision.reason}")
+        if result.action != "continue":  # widened, promoted, rolled back, retired, or started from the queue
+            context["outlet_events"][SERVING_CHANGES].add(SERVING, extra={"seq": result.state.seq,
+                                                                         "action": result.action})
         return result.summary
 
     look()

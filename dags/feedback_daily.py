@@ -37,7 +37,8 @@ whole day are **reduces** over the hours' outputs in the lake.
    `vloop_label_budget`, for the whole day (read an hour at a time, the best kept);
 8. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a
    prediction; a re-run never creates a duplicate task;
-9. **pull** finished annotations into `labeled/dt=D/`;
+9. **pull** finished annotations into `labeled/dt=D/`; when any are new, it updates the asset
+   `vloop_labels`, on which `retrain_biweekly` is scheduled;
 10. **report** (reduce) — `reports/dt=D/index.html` with the per-arm metrics and plots, error
    types, edit length per category, phrases users delete, grounding AUROC.
 
@@ -64,6 +65,7 @@ import datetime as dt
 
 from airflow.sdk import Param, Variable, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
+from vloop_assets import LABELS, NEW_LABELS
 
 DEFAULT_ARGS = {
     "owner": "vloop",
@@ -183,10 +185,8 @@ def feedback_daily():
     def confidence(hour: int, **context):
         from vloop import daily
         from vloop.config import load_settings
-        from vloop.model import load_model
 
-        settings = load_settings()
-        loader = (lambda: load_model(settings.base_model)) if settings.base_model else None
+        loader = daily.base_model_loader(load_settings().base_model)  # loaded once per process
         return daily.score_confidence_hour(_lake(), _day(context), hour, loader)
 
     @task(map_index_template=HOUR_LABEL)
@@ -214,13 +214,17 @@ def feedback_daily():
                                               document_root=hook.document_root)
 
     # Whatever push's state (a failed quality gate leaves it upstream_failed): see the docstring.
-    @task(pool="vloop_label_studio", trigger_rule="all_done")
+    # New labels update the vloop_labels asset, which retrain_biweekly is scheduled on.
+    @task(pool="vloop_label_studio", trigger_rule="all_done", outlets=[NEW_LABELS])
     def pull(**context):
         from vloop import daily
 
         hook = _label_studio()
         with hook.get_client() as ls:
-            return daily.pull_annotations(_lake(), _day(context), ls, project_title=hook.project_title)
+            out = daily.pull_annotations(_lake(), _day(context), ls, project_title=hook.project_title)
+        if out.get("new"):
+            context["outlet_events"][NEW_LABELS].add(LABELS, extra={"day": out["day"], "new": out["new"]})
+        return out
 
     @task(trigger_rule="none_failed")  # runs when push/pull were skipped for want of Label Studio
     def report(**context):

@@ -1,7 +1,9 @@
 """
 ### retrain_biweekly — a new LoRA adapter from the labels, served as a canary if it earns it
 
-Every 14 days (or on a manual trigger, with params):
+Every 14 days, or when `feedback_daily`'s pull updates the asset `vloop_labels` (new labels),
+or on a manual trigger with params (an asset-triggered run starts with the default params);
+`deploy_canary` updates the asset `vloop_serving`:
 
 1. **check_labels** — skips the run, saying why, when fewer labels than `min_new_labels` (Variable
    `vloop_min_new_labels`) arrived since the last registered adapter;
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Param, Variable, dag, task
+from airflow.sdk import AssetOrTimeSchedule, DeltaDataIntervalTimetable, Param, Variable, dag, task
+from vloop_assets import LABELS, SERVING
 
 DEFAULT_ARGS = {
     "owner": "vloop",
@@ -59,7 +62,6 @@ def _job(context, ti):
 def _run_training(context, stage: str) -> dict:
     import json
     import os
-    import subprocess
     import sys
     import tempfile
 
@@ -71,17 +73,20 @@ def _run_training(context, stage: str) -> dict:
                    VLOOP_S3_SECRET_KEY=lake.secret_key or "")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job.to_dict(), f)
-    # Output streams into the task log as it comes (progress lines with loss and tokens/s).
-    proc = subprocess.run([sys.executable, "-m", "training", "--config", f.name, "--stage", stage],
-                          stdout=subprocess.PIPE, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"training stage {stage} exited with {proc.returncode}; the champion is untouched")
-    return json.loads(proc.stdout)
+    from vloop.retrain import run_streaming
+
+    # Progress (loss, tokens/s) streams into the task log as it comes, at info level.
+    code, out = run_streaming([sys.executable, "-m", "training", "--config", f.name, "--stage", stage], env=env)
+    if code:
+        raise RuntimeError(f"training stage {stage} exited with {code}; the champion is untouched")
+    return json.loads(out)
 
 
 @dag(
     dag_id="retrain_biweekly",
-    schedule=dt.timedelta(days=14),
+    # Every 14 days, or as soon as pull lands new labels (check_labels still skips the run when
+    # they are fewer than vloop_min_new_labels), so a burst of annotations need not wait.
+    schedule=AssetOrTimeSchedule(timetable=DeltaDataIntervalTimetable(dt.timedelta(days=14)), assets=LABELS),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
@@ -184,7 +189,7 @@ def retrain_biweekly():
                        reason=decision["reason"])
         return {"ref": v.ref, **decision}
 
-    @task
+    @task(outlets=[SERVING])  # succeeds only when the canary was deployed (queued and rejected skip)
     def deploy_canary(registered: dict, **context):
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowSkipException

@@ -91,7 +91,8 @@ def _cmd_rollout_status(args) -> int:
     print(st["counts"][["arm", "users", "requests", "accepted", "edited", "errors", "hours"]].to_string(index=False))
     for name, m in d.metrics.items():
         print(f"{name:10} champion {m.champion:.3f}  canary {m.canary:.3f}  difference {m.diff:+.3f} "
-              f"[{m.lower:+.3f}, {m.upper:+.3f}] (always-valid)")
+              # A difference of two rates lies in [-1, 1]; the interval's far side can overshoot.
+              f"[{max(m.lower, -1.0):+.3f}, {min(m.upper, 1.0):+.3f}] (always-valid)")
     print(f"now: {d.action} — {d.reason}")
     return 0
 

@@ -214,3 +214,25 @@ def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url:
 
 def today() -> dt.date:
     return dt.datetime.now(dt.timezone.utc).date()
+
+
+def run_streaming(cmd: list[str], env: dict | None = None, echo=print) -> tuple[int, str]:
+    """Run ``cmd``; return (exit code, its stdout). Its stderr (progress, library warnings) is
+    echoed line by line as it comes through ``echo`` — in an Airflow task, ``print`` lands in the
+    task log at info level, where a child's raw stderr would be logged as errors. Third-party
+    FutureWarnings are shown once per place rather than at every call (``PYTHONWARNINGS``)."""
+    import os
+    import subprocess
+    import threading
+
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONWARNINGS", "once::FutureWarning")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out: list[str] = []
+    # stdout is read on a thread so neither pipe can fill up and stall the child.
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    for line in proc.stderr:
+        echo(line.rstrip("\n"))
+    reader.join()
+    return proc.wait(), "".join(out)
