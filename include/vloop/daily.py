@@ -477,6 +477,27 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
             **{k: int(v) for k, v in out["confidence_source"].value_counts().items()}}
 
 
+def base_model_loader(name_or_path: str | None) -> Callable[[], object] | None:
+    """The ``load_model`` argument of :func:`score_confidence_hour` for the base model
+    ``VLOOP_BASE_MODEL`` (None without one): the model is loaded once per process, so a worker
+    that runs several hour tasks (``dag.test()``, a warm worker) pays the load once, not per hour.
+    A model directory replaced on disk (its config's mtime changes) is loaded again."""
+    if not name_or_path:
+        return None
+    from pathlib import Path
+
+    config = Path(name_or_path) / "config.json"
+    stamp = config.stat().st_mtime_ns if config.is_file() else None
+    return functools.partial(_load_model_once, str(name_or_path), stamp)
+
+
+@functools.lru_cache(maxsize=1)  # one model at a time: an 8B model twice would not fit a worker
+def _load_model_once(name_or_path: str, stamp) -> object:
+    from vloop.model import load_model
+
+    return load_model(name_or_path)
+
+
 def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
                      batch_size: int = 32, grounding: bool = True) -> dict:
     """Every curated hour of ``day`` through :func:`score_confidence_hour`, the model (when one is

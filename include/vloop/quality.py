@@ -10,6 +10,7 @@ and the run fails when the bad fraction is over the threshold.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +42,14 @@ class ValidationOutcome:
     result: dict  # the Great Expectations validation result, JSON-ready
 
 
-def expectations(cfg: QualityConfig, start: dt.datetime, end: dt.datetime):
-    """The suite: (expectation, human-readable reason) pairs."""
+def interval_parameters(start: dt.datetime, end: dt.datetime) -> dict[str, float]:
+    """The suite parameters of the interval [start, end) a batch's timestamps must fall in."""
+    return {"start_s": start.timestamp(), "end_s": end.timestamp() - 1e-6}
+
+
+def expectations(cfg: QualityConfig):
+    """The suite: (expectation, human-readable reason) pairs. The interval's bounds are suite
+    parameters (:func:`interval_parameters`), so one suite serves every day."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -55,8 +62,8 @@ def expectations(cfg: QualityConfig, start: dt.datetime, end: dt.datetime):
          "question empty or too long"),
         (E.ExpectColumnValuesToBeBetween(column="answer_len", min_value=0, max_value=cfg.max_answer_chars),
          "answer too long"),
-        (E.ExpectColumnValuesToBeBetween(column="ts_epoch_s", min_value=start.timestamp(),
-                                         max_value=end.timestamp() - 1e-6), "timestamp outside the interval"),
+        (E.ExpectColumnValuesToBeBetween(column="ts_epoch_s", min_value={"$PARAMETER": "start_s"},
+                                         max_value={"$PARAMETER": "end_s"}), "timestamp outside the interval"),
         (E.ExpectColumnValuesToBeBetween(column="latency_ms", min_value=0, max_value=cfg.max_latency_ms),
          "latency out of range"),
         (E.ExpectColumnValuesToBeBetween(column="confidence", min_value=0, max_value=1), "confidence out of [0, 1]"),
@@ -116,32 +123,56 @@ def feedback_expectations(cfg: QualityConfig):
     ]
 
 
-def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, suite) -> ValidationOutcome:
-    """Validate ``batch`` (``df`` plus derived columns, same index) and split ``df`` by the result."""
-    import great_expectations as gx
+@dataclass(frozen=True)
+class _Validation:
+    context: object  # the Great Expectations context that holds it
+    definition: object  # its ValidationDefinition
+    columns: list[str]  # the columns the suite looks at
+    reasons: dict  # (expectation type, column) -> reason
 
-    # Only the columns the suite looks at: GE fingerprints (pickles) the whole batch it is given.
-    batch = batch[sorted({exp.column for exp, _ in suite})]
+
+@functools.lru_cache(maxsize=4)
+def _validations(limits: tuple) -> dict[str, _Validation]:
+    """Both suites and their validation definitions in one ephemeral Great Expectations context,
+    built once per process and per set of limits (``QualityConfig`` but its gate threshold).
+    Building them cost ~45 ms a call, two calls an hour task, 48 a day under ``dag.test()``."""
+    import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    cfg = QualityConfig(0.0, *limits)
     ctx = gx.get_context(mode="ephemeral")
     # Task logs and the demo get a line per step, not a progress bar per metric.
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    asset = ctx.data_sources.add_pandas("vloop").add_dataframe_asset(suite_name)
-    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name))
-    reasons_by_type = {}
-    for exp, reason in suite:
-        gx_suite.add_expectation(exp)
-        reasons_by_type[(exp.expectation_type, exp.column)] = reason
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(
-        name=suite_name, data=asset.add_batch_definition_whole_dataframe("day"), suite=gx_suite))
-    res = vd.run(batch_parameters={"dataframe": batch}, result_format={"result_format": "COMPLETE"})
+    source = ctx.data_sources.add_pandas("vloop")
+    out = {}
+    for name, suite in ((SUITE_NAME, expectations(cfg)), (FEEDBACK_SUITE_NAME, feedback_expectations(cfg))):
+        asset = source.add_dataframe_asset(name)
+        gx_suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+        for exp, _ in suite:
+            gx_suite.add_expectation(exp)
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(
+            name=name, data=asset.add_batch_definition_whole_dataframe("day"), suite=gx_suite))
+        out[name] = _Validation(ctx, vd, sorted({exp.column for exp, _ in suite}),
+                                {(exp.expectation_type, exp.column): reason for exp, reason in suite})
+    return out
 
+
+def _run_suite(df: pd.DataFrame, batch: pd.DataFrame, suite_name: str, cfg: QualityConfig,
+               parameters: dict | None = None) -> ValidationOutcome:
+    """Validate ``batch`` (``df`` plus derived columns, same index) and split ``df`` by the result."""
+    v = _validations((cfg.max_question_chars, cfg.max_answer_chars, cfg.max_latency_ms))[suite_name]
+    # Only the columns the suite looks at: GE fingerprints (pickles) the whole batch it is given.
+    res = v.definition.run(batch_parameters={"dataframe": batch[v.columns]}, expectation_parameters=parameters,
+                           result_format={"result_format": "COMPLETE"})
+    # The context keeps every result it ran in memory: dropped, or a long-lived process piles them up.
+    store = v.context.validation_results_store
+    for k in store.list_keys():
+        store.remove_key(k)
     reasons: dict[int, list[str]] = {}
     for r in res.results:
         if r.success:
             continue
-        reason = reasons_by_type[(r.expectation_config.type, r.expectation_config.kwargs.get("column"))]
+        reason = v.reasons[(r.expectation_config.type, r.expectation_config.kwargs.get("column"))]
         for i in r.result.get("unexpected_index_list") or []:
             reasons.setdefault(int(i), []).append(reason)
     bad_idx = sorted(reasons)
@@ -172,7 +203,7 @@ def validate_interactions(df: pd.DataFrame, start: dt.datetime, end: dt.datetime
     """Run the suite on ``df`` (interaction rows of the interval [start, end)) and split it."""
     cfg = cfg or QualityConfig()
     df = df.reset_index(drop=True)
-    return _run_suite(df, derived_columns(df, lake), SUITE_NAME, expectations(cfg, start, end))
+    return _run_suite(df, derived_columns(df, lake), SUITE_NAME, cfg, interval_parameters(start, end))
 
 
 def validate_feedback(df: pd.DataFrame, cfg: QualityConfig | None = None) -> ValidationOutcome:
@@ -182,7 +213,7 @@ def validate_feedback(df: pd.DataFrame, cfg: QualityConfig | None = None) -> Val
     batch = df.assign(edited_len=df["edited_text"].fillna("").str.len().astype("float64"),
                       dwell_ms=pd.to_numeric(df["dwell_ms"], errors="coerce").astype("float64"),
                       rating=pd.to_numeric(df["rating"], errors="coerce").astype("float64"))
-    return _run_suite(df, batch, FEEDBACK_SUITE_NAME, feedback_expectations(cfg))
+    return _run_suite(df, batch, FEEDBACK_SUITE_NAME, cfg)
 
 
 def check_gate(outcome: ValidationOutcome, cfg: QualityConfig | None = None) -> None:
