@@ -220,6 +220,25 @@ def run(root: str, workers: int) -> dict:
             "selected": selected["selected"]}
 
 
+def niqe_rate(root: str, n: int = 500) -> float:
+    """Photos/s of the daily check's NIQE (vloop.imagequality.niqe_reduced, as image_check calls
+    it: from the decoded photo, or a JPEG's bytes) on one core, over ``n`` of the lake's photos."""
+    import io
+
+    from PIL import Image
+
+    from vloop.imagequality import niqe_reduced
+
+    lake = _lake(root)
+    keys = sorted(k for k in lake.list("raw/images/"))[:n]
+    blobs = [lake.get_bytes(k) for k in keys]
+    t = time.perf_counter()
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as img:
+            niqe_reduced(b if img.format == "JPEG" else img)
+    return len(blobs) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=None)
@@ -238,12 +257,14 @@ def main() -> None:
         print(f"simulated in {time.perf_counter() - t:.0f}s; running feedback_daily's steps on "
               f"{args.workers} workers", flush=True)
         r = run(root, args.workers)
+        r["niqe_per_s"] = niqe_rate(root)
     print(f"total {r['total']:.1f} s (goal <= 60 s at 1M rows) for {r['interactions']:,} interactions in "
           f"{r['hours']} hour tasks per step, {r['quarantined']:,} quarantined, {r['selected']} selected")
     print(f"largest mapped task: {r['peak_task_kind']} {r['peak_task']:.0f} MB peak RSS "
           f"(a task reading no data peaks at {r['baseline']:.0f} MB); largest reduce {r['peak_reduce']:.0f} MB")
     print(f"RESULT total_s={r['total']:.1f} peak_task_mb={r['peak_task']:.0f} rows={rows} photos={photos} "
-          f"hours={r['hours']} workers={args.workers} peak_reduce_mb={r['peak_reduce']:.0f}")
+          f"hours={r['hours']} workers={args.workers} peak_reduce_mb={r['peak_reduce']:.0f} "
+          f"niqe_per_s={r['niqe_per_s']:.0f}")
 
 
 if __name__ == "__main__":

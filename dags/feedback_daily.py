@@ -30,9 +30,10 @@ whole day are **reduces** over the hours' outputs in the lake.
    handled questions;
 5. **confidence** *(per hour)* from the logged log-probs, re-scoring rows without them with
    `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.grounding`);
-6. **image_quality** *(per hour slot)* — blurry, dark, blown-out and tiny photos are flagged (and
-   NIQE computed when a NIQE threshold is set; otherwise only for the photos pushed to annotators,
-   as it costs ~10x the flags); each of the day's images is checked once, by the slot its key hashes to;
+6. **image_quality** *(per hour slot)* — blurry, dark, blown-out and tiny photos are flagged, and
+   NIQE is computed for every photo from a reduced decode ("distorted" above the default threshold,
+   shown to annotators and in the report); each of the day's images is checked once, by the slot
+   its key hashes to;
 7. **select** (reduce) the items most worth an annotator's time under the Variable
    `vloop_label_budget`, for the whole day (read an hour at a time, the best kept);
 8. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a

@@ -189,8 +189,11 @@ def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_l
     assert summary["images"] == 2 and summary["poor"] == 1
     assert (iq.loc[turned, "width"], iq.loc[turned, "height"]) == (64, 96) and not iq.loc[turned, "poor"]
     assert iq.loc[broken, "poor"] and iq.loc[broken, "flags"] == "unreadable"
-    # NIQE (~10x the flags' cost) only where a threshold makes it a flag.
-    assert iq["niqe"].isna().all()
+    # NIQE on every photo by default; over the default threshold a photo is flagged "distorted"
+    # (annotators and the report see it) but poor only under a threshold the deployment set.
+    assert iq.loc[turned, "niqe"] > 0 and pd.isna(iq.loc[broken, "niqe"])
+    assert "distorted" in iq.loc[turned, "flags"] and not iq.loc[turned, "poor"]  # random pixels: far from pristine
+    assert "1 distorted (NIQE)" in daily.image_summary(local_lake, day)
     from vloop.imagequality import QualityThresholds
 
     daily.check_images(local_lake, day, QualityThresholds(max_niqe=0.0))

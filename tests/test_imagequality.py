@@ -118,3 +118,61 @@ def test_summary_for_the_serving_response_is_json_ready():
     tiny = summary(Image.new("RGB", (32, 32), "red"))
     assert tiny["niqe"] is None and "low_resolution" in tiny["flags"]
     json.dumps(tiny, allow_nan=False)  # no NaN reaches a client
+
+
+# -- NIQE on every photo of the daily check: a reduced decode -----------------------------------------
+def _file(img, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _distorted_set(size):
+    """Per seed: a clean scene then blur, noise and JPEG at three strengths each (as file bytes;
+    JPEG ones decoded at a reduced scale by niqe_reduced)."""
+    out = []
+    for seed in TEST_SEEDS:
+        img = textured_scene(seed, size)
+        out.append([_file(img)] + [_file(img.filter(ImageFilter.GaussianBlur(r * size / 256))) for r in (1, 2, 4)]
+                   + [_file(_noisy(img, s)) for s in (5, 15, 30)] + [_file(img, "JPEG", quality=q) for q in (50, 20, 5)])
+    return out
+
+
+def test_reduced_niqe_ranks_photos_as_the_full_resolution_score():
+    from scipy.stats import spearmanr
+
+    from vloop.imagequality import NIQE_SIDE, niqe_reduced
+
+    files = [f for size in (256, 512) for per_seed in _distorted_set(size) for f in per_seed]
+    full = [niqe(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
+    reduced = [niqe_reduced(f) for f in files]
+    rho = spearmanr(full, reduced)[0]
+    assert rho >= 0.9, rho
+    # A photo no larger than NIQE_SIDE is scored as it is; a decoded image gives what its bytes give.
+    small = textured_scene(TEST_SEEDS[0], NIQE_SIDE)
+    assert niqe_reduced(_file(small)) == pytest.approx(niqe(small)) == pytest.approx(niqe_reduced(small))
+
+
+@pytest.mark.parametrize("size", (256, 512))
+def test_reduced_niqe_rises_with_blur_noise_and_jpeg(size):
+    from vloop.imagequality import niqe_reduced
+
+    for files in _distorted_set(size):
+        clean, rest = niqe_reduced(files[0]), files[1:]
+        for name, level_files in (("blur", rest[0:3]), ("noise", rest[3:6]), ("jpeg", rest[6:9])):
+            scores = [clean] + [niqe_reduced(f) for f in level_files]
+            assert all(a < b for a, b in zip(scores, scores[1:])), (size, name, scores)
+
+
+def test_default_niqe_threshold_comes_from_pristine_scenes():
+    """DEFAULT_MAX_NIQE is the 0.99 quantile of held-out pristine scenes' reduced-decode NIQE
+    (seeds 1000-1199), rounded up to a tenth; recomputed here on the first 50 of them."""
+    from vloop.imagequality import DEFAULT_MAX_NIQE, QualityThresholds, flags_with_niqe, is_poor, niqe_reduced
+
+    scores = [niqe_reduced(textured_scene(1000 + i, 256)) for i in range(50)]
+    assert np.quantile(scores, 0.99) <= DEFAULT_MAX_NIQE < 1.25 * max(scores)
+    blurred = niqe_reduced(textured_scene(1000, 256).filter(ImageFilter.GaussianBlur(1)))
+    assert blurred > DEFAULT_MAX_NIQE
+    flags = flags_with_niqe([], blurred, QualityThresholds(), default=DEFAULT_MAX_NIQE)
+    assert flags == ["distorted"] and not is_poor(flags, QualityThresholds())  # shown, not poor by default
+    assert is_poor(flags_with_niqe([], blurred, QualityThresholds(max_niqe=5.0)), QualityThresholds(max_niqe=5.0))

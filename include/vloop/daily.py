@@ -533,9 +533,8 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
     rows = []
     t0 = time.perf_counter()
     for i, k in enumerate(sorted(mine), 1):
-        # NIQE costs ~10x the flags per photo: here only when a threshold makes it a flag; what
-        # annotators read is computed for the photos they get (push_to_label_studio).
-        rows.append(image_check(lake, k, thresholds, with_niqe=thresholds.max_niqe is not None))
+        # NIQE on every photo, from a reduced decode (vloop.imagequality.niqe_reduced).
+        rows.append(image_check(lake, k, thresholds))
         if i % 2000 == 0:
             log.info("checked %d/%d images (%.0f/s)", i, len(mine), i / (time.perf_counter() - t0))
     out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
@@ -545,33 +544,32 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
     return {"day": day.isoformat(), "hour": hour, "images": len(out), "poor": int(out["poor"].sum())}
 
 
-def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool) -> dict:
+def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) -> dict:
     """One image's row of ``image_quality.parquet``, measured as shown (a JPEG's orientation tag
     applied). Intake checks a file's structure, not every byte of its compressed data: a photo no
     decoder reads is flagged ``unreadable`` (poor: never sent to annotators or training), not the
     day's failure."""
     from PIL import Image, ImageOps
 
-    from vloop.imagequality import assess, flags_with_niqe, niqe
+    from vloop.imagequality import DEFAULT_MAX_NIQE, assess, flags_with_niqe, is_poor, niqe_reduced
     from vloop.images import EXIF_ORIENTATION
 
     score = float("nan")
     try:
-        with Image.open(io.BytesIO(lake.get_bytes(image_key))) as img:
+        data = lake.get_bytes(image_key)
+        with Image.open(io.BytesIO(data)) as img:
+            jpeg = img.format == "JPEG"  # decoded again at a reduced scale for NIQE, cheaply
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             q = assess(img, thresholds)
             if with_niqe:
-                try:  # none for a photo under two NIQE patches a side
-                    score = niqe(img)
-                except ValueError:
-                    pass
+                score = niqe_reduced(data if jpeg else img)
     except (OSError, SyntaxError, ValueError) as e:
         log.warning("image %s cannot be decoded: %s", image_key, e)
         return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
                 "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0, "niqe": score}
-    flags = flags_with_niqe(q.flags, score, thresholds)
-    return {"image_key": image_key, "poor": bool(flags), "flags": ",".join(flags), "sharpness": q.sharpness,
+    flags = flags_with_niqe(q.flags, score, thresholds, default=DEFAULT_MAX_NIQE)
+    return {"image_key": image_key, "poor": is_poor(flags, thresholds), "flags": ",".join(flags), "sharpness": q.sharpness,
             "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
             "niqe": score}
 
@@ -665,7 +663,8 @@ def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
 
     chosen = get_frame(lake, key(LABELING, day, "selected.parquet"))
     iq = read_table(lake, CURATED, day, "image_quality.parquet").set_index("image_key")
-    # NIQE for what annotators will read, if the day's check did not compute it (the default).
+    # NIQE for what annotators will read, where the day's check has none (a day checked before
+    # NIQE was on by default).
     need = [k for k in chosen["image_key"].dropna().unique()
             if k in iq.index and pd.isna(iq.at[k, "niqe"]) and "unreadable" not in str(iq.at[k, "flags"])]
     for k in need:
@@ -755,6 +754,21 @@ def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
     return g.reset_index()
 
 
+def image_summary(lake: Lake, day: dt.date) -> str | None:
+    """The day's image check in words for the report: photos checked, poor, flagged distorted by
+    NIQE, and the median NIQE; None when the day has no image check."""
+    try:
+        iq = read_table(lake, CURATED, day, "image_quality.parquet", ["poor", "flags", "niqe"])
+    except LakeKeyNotFound:
+        return None
+    if not len(iq):
+        return None
+    distorted = int(iq["flags"].fillna("").str.split(",").map(lambda f: "distorted" in f).sum())
+    median = iq["niqe"].median()
+    return (f"{len(iq)} checked, {int(iq['poor'].sum())} poor, {distorted} distorted (NIQE)"
+            + (f", median NIQE {median:.1f}" if pd.notna(median) else ""))
+
+
 def report(lake: Lake, day: dt.date) -> dict:
     """Metrics, top errors and the HTML page for ``day``: a reduce that reads the whole day's
     curated tables (without the log-probabilities), so its memory follows the day. A day without interactions is reported
@@ -804,6 +818,9 @@ def report(lake: Lake, day: dt.date) -> dict:
     if len(apps):
         summary["apps"] = "; ".join(f"{r.app}: {r.requests} requests, {r.edited:.0%} edited, {r.accepted:.0%} "
                                     f"accepted" for r in apps.itertuples())
+    photos = image_summary(lake, day)
+    if photos:
+        summary["photos"] = photos
     if not validation["interactions"]:  # a normal day (a deployment's first night): empty tables, a note
         summary["traffic"] = NO_TRAFFIC
     for name in ("selected.parquet", "pushed.json"):

@@ -111,12 +111,10 @@ _WINDOW = _gaussian_window()
 
 
 def _smooth(img: np.ndarray) -> np.ndarray:
-    """The 7x7 Gaussian-weighted local mean (separable; borders mirrored)."""
-    r = len(_WINDOW) // 2
-    p = np.pad(img, r, mode="reflect")
-    h, w = img.shape
-    rows = sum(_WINDOW[k] * p[:, k:k + w] for k in range(len(_WINDOW)))
-    return sum(_WINDOW[k] * rows[k:k + h, :] for k in range(len(_WINDOW)))
+    """The 7x7 Gaussian-weighted local mean (separable; borders mirrored, as numpy's "reflect")."""
+    from scipy.ndimage import correlate1d
+
+    return correlate1d(correlate1d(img, _WINDOW, axis=1, mode="mirror"), _WINDOW, axis=0, mode="mirror")
 
 
 def mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,14 +122,18 @@ def mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     standard deviation (the sharpness map patches are chosen by)."""
     mu = _smooth(grey)
     sigma = np.sqrt(np.abs(_smooth(grey * grey) - mu * mu))
-    return (grey - mu) / (sigma + 1.0), sigma
+    m = (grey - mu) / (sigma + 1.0)
+    # In a flat region the coefficients are rounding noise (~1e-14), whose signs would decide the
+    # fitted shapes there: zero is what they are.
+    m[np.abs(m) < 1e-9] = 0.0
+    return m, sigma
 
 
 # Shape parameters searched when fitting a generalized Gaussian, and the moment ratio each gives:
 # rho(a) = G(1/a) G(3/a) / G(2/a)^2, which falls monotonically as a grows.
 _ALPHAS = np.arange(0.2, 10.0, 0.001)
-_LG = np.frompyfunc(math.lgamma, 1, 1)
-_RHO = np.exp(_LG(1 / _ALPHAS).astype(float) + _LG(3 / _ALPHAS).astype(float) - 2 * _LG(2 / _ALPHAS).astype(float))
+_LG = np.vectorize(math.lgamma, otypes=[float])  # once, for the table: scipy stays a lazy import
+_RHO = np.exp(_LG(1 / _ALPHAS) + _LG(3 / _ALPHAS) - 2 * _LG(2 / _ALPHAS))
 
 
 def _shape_from_rho(rho: np.ndarray) -> np.ndarray:
@@ -155,6 +157,8 @@ def ggd_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
     """Asymmetric generalized Gaussian fitted to each row of ``x``: (shape, mean, left variance,
     right variance), by moment matching as in BRISQUE/NIQE."""
+    from scipy.special import gammaln  # vectorised; math.lgamma per element cost more than the fit
+
     neg, pos = x < 0, x > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         left = np.sqrt((x * x * neg).sum(axis=1) / neg.sum(axis=1))
@@ -163,9 +167,8 @@ def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
         r = np.abs(x).mean(axis=1) ** 2 / (x * x).mean(axis=1)
         big_r = r * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
         alpha = _shape_from_rho(1 / big_r)
-        lg = lambda v: _LG(v).astype(float)  # noqa: E731
-        ratio = np.exp(lg(2 / alpha) - lg(1 / alpha))  # G(2/a) / G(1/a)
-        scale = np.sqrt(np.exp(lg(1 / alpha) - lg(3 / alpha)))  # sqrt(G(1/a) / G(3/a))
+        ratio = np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))  # G(2/a) / G(1/a)
+        scale = np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha)))  # sqrt(G(1/a) / G(3/a))
         mean = (right - left) * scale * ratio
     return alpha, mean, left ** 2, right ** 2
 
@@ -185,9 +188,12 @@ def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     # (the image's border mirrored, so every map has the image's shape and patch i is the same
     # region in all of them).
     pad = np.pad(m, 1, mode="reflect")
-    for neighbour in (pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2]):
-        feats += list(aggd_fit(_patches(m * neighbour, p)))
-    return np.stack(feats, axis=1), _patches(sigma, p).mean(axis=1)
+    # The four directions' patches fitted in one call (rows stacked), not four.
+    products = np.vstack([_patches(m * nb, p) for nb in (pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2])])
+    n = len(products) // 4
+    for params in zip(*(np.split(v, 4) for v in aggd_fit(products))):  # per direction: its 4 parameters
+        feats += list(params)
+    return np.stack(feats, axis=1), _patches(sigma, p).mean(axis=1)[:n]
 
 
 def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
@@ -261,6 +267,11 @@ def pristine_model() -> PristineModel:
         return PristineModel.load(f)
 
 
+# A patch whose mean local deviation is under this (grey levels) is flat: its coefficients are
+# rounding noise (1e-6 .. 1e-5 off zero), whose fitted shapes say nothing about the photo.
+FLAT = 1e-3
+
+
 def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     """NIQE of a PIL image: the distance of its patch statistics from pristine ones; higher is
     worse. Flat patches (no texture: a plain background) carry no statistics and are left out; an
@@ -268,13 +279,56 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     smaller than two patches a side and ``TypeError`` for anything but a PIL image."""
     model = model or pristine_model()
     feats, sharp = niqe_features(image, model.config)
-    feats = feats[np.isfinite(feats).all(axis=1) & (sharp > 1e-6)]
+    feats = feats[np.isfinite(feats).all(axis=1) & (sharp > FLAT)]
     if not len(feats):
         return float("nan")
     mu = feats.mean(axis=0)
     cov = np.cov(feats, rowvar=False) if len(feats) > 1 else np.zeros_like(model.cov)
     d = model.mean - mu
     return float(math.sqrt(max(0.0, d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))
+
+
+# The daily check's NIQE runs on the photo reduced to this longer side (a JPEG decoded at a reduced
+# scale straight from its DCT coefficients, other formats resized): a phone photo costs what a
+# 256-px one does. Against the score at full resolution (up to NiqeConfig.max_side): Spearman 0.94
+# on textured scenes of 256 and 512 px with blur, noise and JPEG at three strengths each, and the
+# same score for photos at most this size (tests/test_imagequality.py).
+NIQE_SIDE = 256
+
+# "distorted" by default above this: the 0.99 quantile of the reduced-decode NIQE of 200 pristine
+# textured scenes (vloop.synth.textured_scene, 256 px, seeds 1000-1199, never used in the fit),
+# rounded up to a tenth (tests/test_imagequality.py recomputes it). Clean scenes score 1.4-1.9, a
+# slight blur ~20. Flat computer-drawn pictures (the simulation's product photos) score 25-250
+# regardless: the flag is shown (annotators, report) but makes a photo "poor" only when a
+# deployment sets QualityThresholds.max_niqe from its own photos.
+DEFAULT_MAX_NIQE = 1.9
+
+
+def niqe_reduced(source: bytes | Image.Image, side: int = NIQE_SIDE, model: PristineModel | None = None) -> float:
+    """NIQE of an image at :data:`NIQE_SIDE`: from a file's bytes, a reduced decode turned as
+    shown (its orientation tag applied); from a decoded image (one already open: a PNG has no
+    cheaper decode), that image reduced. NaN when it has no score (smaller than two patches a
+    side, or nothing but flat patches)."""
+    if isinstance(source, Image.Image):
+        grey = source.convert("L")
+    else:
+        import io
+
+        from PIL import ImageOps
+
+        with Image.open(io.BytesIO(source)) as img:
+            w, h = img.size
+            if max(w, h) > side:
+                f = side / max(w, h)
+                img.draft("L", (max(1, round(w * f)), max(1, round(h * f))))  # JPEG: DCT-scaled; others: no-op
+            grey = ImageOps.exif_transpose(img).convert("L")
+    if max(grey.size) > side:
+        f = side / max(grey.size)
+        grey = grey.resize((max(1, round(grey.width * f)), max(1, round(grey.height * f))), Image.BICUBIC)
+    try:
+        return niqe(grey, model)
+    except ValueError:  # under two patches a side: already flagged low_resolution
+        return float("nan")
 
 
 def quick_summary(data: bytes, t: QualityThresholds | None = None) -> dict:
@@ -309,10 +363,20 @@ def summary(img: Image.Image, t: QualityThresholds | None = None) -> dict:
     return _summary(q, score, t)
 
 
-def flags_with_niqe(flags: list[str], score: float | None, t: QualityThresholds | None) -> list[str]:
-    """``flags`` plus "distorted" when NIQE was computed and is over ``t.max_niqe``."""
-    over = t is not None and t.max_niqe is not None and score is not None and score == score and score > t.max_niqe
+def flags_with_niqe(flags: list[str], score: float | None, t: QualityThresholds | None,
+                    default: float | None = None) -> list[str]:
+    """``flags`` plus "distorted" when NIQE was computed and is over ``t.max_niqe`` (or, that
+    unset, over ``default``: the daily check passes :data:`DEFAULT_MAX_NIQE`)."""
+    limit = t.max_niqe if t is not None and t.max_niqe is not None else default
+    over = limit is not None and score is not None and score == score and score > limit
     return [*flags, "distorted"] if over else list(flags)
+
+
+def is_poor(flags: list[str], t: QualityThresholds | None) -> bool:
+    """Whether ``flags`` make a photo poor (kept from annotators and training): any flag, but
+    "distorted" only under a threshold the deployment set (``t.max_niqe``), not the default one."""
+    set_here = t is not None and t.max_niqe is not None
+    return any(f != "distorted" or set_here for f in flags)
 
 
 def _summary(q: ImageQuality, score: float | None, t: QualityThresholds) -> dict:
