@@ -120,7 +120,7 @@ def test_daily_confidence_step_grounds_answers_and_selection_uses_it(lm, local_l
     # Every accepted answer counts as weakly grounded under an absurd threshold: each is chosen, saying why.
     daily.select_for_labelling(local_lake, DAY, SelectionConfig(budget=1000, low_grounding=1e9, w_category=0))
     chosen = daily.get_frame(local_lake, daily.key("labeling", DAY, "selected.parquet"))
-    accepted = chosen[chosen["weak_label"] == "positive"]
+    accepted = chosen[(chosen["weak_label"] == "positive") & chosen["pick"].isin(["priority", "both"])]  # audits say why they were drawn
     assert len(accepted) and accepted["why"].str.contains("accepted but weakly grounded").all()
 
 
@@ -133,7 +133,7 @@ def test_selection_picks_accepted_answers_with_low_grounding():
     mined = pd.DataFrame({"request_id": ["a", "b", "c", "d"], "weak_label": ["positive", "positive", "positive",
                                                                              "unknown"], "weight": 0.6})
     chosen = select(cands, mined, category_error_rate={})
-    picked = chosen[chosen["pick"] == "priority"]
+    picked = chosen[chosen["pick"].isin(["priority", "both"])]
     assert picked["request_id"].tolist() == ["a"]  # grounded, ungrounded-but-unaccepted and unknown left
     assert set(chosen.loc[chosen["pick"] == "audit", "request_id"]) <= {"b", "c", "d"}  # the random audit
     assert "accepted but weakly grounded in the image (-2.00)" in chosen["why"].iloc[0]

@@ -569,6 +569,7 @@ def selection_hit_rates(selected: pd.DataFrame, labels: pd.DataFrame) -> pd.Data
     would have found), each with its 95% Wilson interval, and their ratio. Picks from before the
     audit existed (no ``pick`` column) count as priority; "unclear" verdicts count as neither."""
     from vloop.retrain import wilson_interval
+    from vloop.selection import AUDIT_PICKS, PRIORITY_PICKS
 
     cols = ["selected_on", "priority_judged", "hit_rate", "hit_rate_lo", "hit_rate_hi", "audit_judged",
             "base_rate", "base_rate_lo", "base_rate_hi", "hit_over_base"]
@@ -581,8 +582,8 @@ def selection_hit_rates(selected: pd.DataFrame, labels: pd.DataFrame) -> pd.Data
     rows = []
     for day, g in df.groupby("selected_on"):
         row = {"selected_on": day}
-        for pick, name in (("priority", "hit_rate"), ("audit", "base_rate")):
-            h = g[g["pick"] == pick]
+        for pick, name, kinds in (("priority", "hit_rate", PRIORITY_PICKS), ("audit", "base_rate", AUDIT_PICKS)):
+            h = g[g["pick"].isin(kinds)]
             n, x = len(h), int((h["verdict"] == "wrong").sum())
             lo, hi = wilson_interval(x, n)
             row.update({f"{pick}_judged" if pick == "audit" else "priority_judged": n,

@@ -16,7 +16,7 @@ Each chosen row says why it was chosen, and whether priority or the audit picked
 
 The **audit**: ``audit_share`` of the budget goes to a uniform random sample of the eligible rows
 (the smallest values of a salted hash of the request id: a uniform sample that parts of a day can
-pick independently and merge exactly). What annotators find in it is the day's base rate of wrong
+pick independently and merge exactly), drawn from every eligible row, priority picks included. What annotators find in it is the day's base rate of wrong
 answers — what a random pick would have found — so the daily report can show whether the priority
 picks are worth it (their hit rate against the base rate), in production, not only in simulation.
 """
@@ -128,22 +128,26 @@ def merge_parts(parts: list[SelectionPart], cfg: SelectionConfig) -> SelectionPa
 
 
 def finish_selection(parts: list[SelectionPart], cfg: SelectionConfig) -> pd.DataFrame:
-    """The day's selection from its parts: priority picks, then the audit sample drawn from the
-    rest (a near-copy of a priority pick is not audited: it would be labelled twice)."""
+    """The day's selection from its parts: priority picks, then the audit sample drawn from all
+    eligible rows — priority picks included, or the audit would miss exactly the errors priority
+    found and under-state the base rate. A row both picked is labelled once, ``pick`` "both"."""
     part = merge_parts(parts, cfg) if len(parts) > 1 else parts[0]
     prio = part.priority.reset_index(drop=True)
-    taken = set(prio["request_id"]) | set(_dup_key(prio))
-    pool = part.pool[~part.pool["request_id"].isin(taken) & ~_dup_key(part.pool).isin(taken)]
-    pool = pool[~_dup_key(pool).duplicated()]
-    audit = pool.nsmallest(cfg.audit_budget, "_audit_key")
+    audit = part.pool.nsmallest(cfg.audit_budget, "_audit_key")
+    both = set(prio["request_id"]) & set(audit["request_id"])
+    audit = audit[~audit["request_id"].isin(both)]
     err = part.category_error_rate
     prio["why"] = pd.Series([_why(r, cfg, err) for r in prio.itertuples(index=False)], index=prio.index,
                             dtype="str")  # typed even when nothing is chosen (a day without traffic)
-    prio["pick"] = pd.Series("priority", index=prio.index, dtype="str")
+    prio["pick"] = pd.Series(np.where(prio["request_id"].isin(both), "both", "priority"), index=prio.index,
+                             dtype="str")
     audit = audit.assign(why=pd.Series(AUDIT_WHY, index=audit.index, dtype="str"),
                          pick=pd.Series("audit", index=audit.index, dtype="str"))
     out = pd.concat([prio, audit], ignore_index=True) if len(audit) else prio
     return out.drop(columns=["weight", "_audit_key"]).reset_index(drop=True)
+
+
+PRIORITY_PICKS, AUDIT_PICKS = ("priority", "both"), ("audit", "both")
 
 
 def audit_keys(request_ids: pd.Series, salt: str) -> np.ndarray:
