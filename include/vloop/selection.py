@@ -134,8 +134,13 @@ def finish_selection(parts: list[SelectionPart], cfg: SelectionConfig) -> pd.Dat
     part = merge_parts(parts, cfg) if len(parts) > 1 else parts[0]
     prio = part.priority.reset_index(drop=True)
     audit = part.pool.nsmallest(cfg.audit_budget, "_audit_key")
-    both = set(prio["request_id"]) & set(audit["request_id"])
-    audit = audit[~audit["request_id"].isin(both)]
+    # An audit draw that is a priority pick, or the same image + question as one, is that pick's
+    # label ("both"); near-copies are never labelled twice.
+    by_key = dict(zip(_dup_key(prio), prio["request_id"]))
+    stands_for = _dup_key(audit).map(by_key)
+    both = (set(prio["request_id"]) & set(audit["request_id"])) | set(stands_for.dropna())
+    audit = audit[~audit["request_id"].isin(set(prio["request_id"])) & stands_for.isna().to_numpy()]
+    audit = audit[~_dup_key(audit).duplicated()]
     err = part.category_error_rate
     prio["why"] = pd.Series([_why(r, cfg, err) for r in prio.itertuples(index=False)], index=prio.index,
                             dtype="str")  # typed even when nothing is chosen (a day without traffic)
