@@ -30,7 +30,9 @@ def test_retrain_biweekly(airflow_db, base_model_dir, tmp_path, monkeypatch):
     for step in (daily.validate, daily.mine_feedback, daily.score_confidence, daily.check_images):
         step(lake, DAY)
     # The product's golden set: colour questions over every colour the shop sells.
-    ensure_golden(lake, samples=World(424242).samples(120, intents=("colour",)))
+    # (200 items: the gate's paired test needs them to see a real gain; with 120 a candidate 0.07
+    # better came out at p=0.058 on this machine's build of the base.)
+    ensure_golden(lake, samples=World(424242).samples(200, intents=("colour",)))
     # Annotators corrected answers about the colours the base never learned.
     write_labels(lake, DAY, World(5).samples(80, colours=("white", "yellow"), intents=("colour",)))
 
@@ -58,7 +60,9 @@ def test_retrain_biweekly(airflow_db, base_model_dir, tmp_path, monkeypatch):
         assert canary.ref in models
 
         # Poisoned labels: every colour is "banana". The candidate is rejected, serving unchanged.
-        later = DAY + dt.timedelta(days=14)
+        # New labels are those dated after the newest adapter was registered (now, in real time):
+        # a fixed date stopped counting as new once the calendar passed it.
+        later = max(DAY + dt.timedelta(days=14), dt.date.today() + dt.timedelta(days=1))
         poison = World(6).samples(80, intents=("colour",))
         write_labels(lake, later, poison, answers={i: "banana" for i in range(len(poison))})
         dr = dag.test(run_conf={**conf, "replay_ratio": 0.0})
