@@ -524,15 +524,9 @@ def shippers_caught_up(lake: Lake, through: dt.datetime, *, stale_after: dt.time
     returns, and the next day's re-mining picks its feedback up)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     behind, stale = [], []
-    for key in lake.list(WATERMARKS):
-        if not key.endswith(".json"):
-            continue
-        try:
-            mark = lake.get_json(key)
-            shipped = dt.datetime.fromisoformat(mark["shipped_through"])
-            updated = dt.datetime.fromisoformat(mark["updated_at"])
-        except (LakeError, KeyError, ValueError, TypeError) as e:
-            behind.append(f"{key} unreadable ({e})")
+    for key, mark, shipped, updated, error in _watermarks(lake):
+        if error is not None:
+            behind.append(f"{key} unreadable ({error})")
             continue
         if now - updated > stale_after:
             stale.append(mark.get("spool", key))
@@ -542,6 +536,20 @@ def shippers_caught_up(lake: Lake, through: dt.datetime, *, stale_after: dt.time
     if behind:
         return False, f"waiting for records up to {through:%Y-%m-%d %H:%M} UTC: " + "; ".join(behind) + note
     return True, f"every shipper has shipped through {through:%Y-%m-%d %H:%M} UTC{note}"
+
+
+def _watermarks(lake: Lake):
+    """Every shipper watermark: ``(key, mark, shipped_through, updated_at, None)``, or
+    ``(key, None, None, None, error)`` for one that cannot be read."""
+    for key in lake.list(WATERMARKS):
+        if not key.endswith(".json"):
+            continue
+        try:
+            mark = lake.get_json(key)
+            yield (key, mark, dt.datetime.fromisoformat(mark["shipped_through"]),
+                   dt.datetime.fromisoformat(mark["updated_at"]), None)
+        except (LakeError, KeyError, ValueError, TypeError) as e:
+            yield key, None, None, None, e
 
 
 def day_is_shipped(lake: Lake, day: dt.date, *, now: dt.datetime, grace: dt.timedelta) -> tuple[bool, str]:
@@ -571,14 +579,8 @@ def image_delete_cutoff(lake: Lake, *, now: dt.datetime | None = None, grace: dt
     ``stale_after`` (a retired gateway) are not waited for, as in :func:`shippers_caught_up`."""
     now = now or dt.datetime.now(dt.timezone.utc)
     marks = [now]
-    for key in lake.list(WATERMARKS):
-        if not key.endswith(".json"):
-            continue
-        try:
-            mark = lake.get_json(key)
-            shipped = dt.datetime.fromisoformat(mark["shipped_through"])
-            updated = dt.datetime.fromisoformat(mark["updated_at"])
-        except (LakeError, KeyError, ValueError, TypeError):
+    for _key, _mark, shipped, updated, error in _watermarks(lake):
+        if error is not None:
             return dt.datetime.min.replace(tzinfo=dt.timezone.utc)  # unknown: delete nothing
         if now - updated <= stale_after:
             marks.append(shipped)
