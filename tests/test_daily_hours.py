@@ -101,7 +101,7 @@ def test_hours_give_the_whole_day_figures(local_lake):
                  opted_out_users=excluded_users(lake), already_labelled=set(), category_error_rate=err.to_dict(),
                  salt=str(D))
     got = daily.read_table(lake, "labeling", D, "selected.parquet")
-    assert chosen["selected"] == len(ref) <= 25 and list(got["request_id"]) == list(ref["request_id"])
+    assert chosen["selected"] == len(ref) == 25 and list(got["request_id"]) == list(ref["request_id"])
     assert list(got["why"]) == list(ref["why"]) and chosen["candidates"] == len(vi.good)
 
     metrics = daily.read_table(lake, "reports", D, "metrics.parquet")

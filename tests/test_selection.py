@@ -25,7 +25,10 @@ def test_audit_share_of_the_budget_goes_to_uniform_picks_outside_the_priority_on
     cfg = SelectionConfig(budget=40, audit_share=0.25)
     chosen = select(cands, mined, cfg=cfg, category_error_rate={}, salt="2030-01-01")
     prio, audit = chosen[chosen["pick"].isin(["priority", "both"])], chosen[chosen["pick"].isin(["audit", "both"])]
-    assert len(prio) == 30 and 7 <= len(audit) <= 10 and chosen["request_id"].is_unique
+    # The whole budget is used: an audit draw that is a priority pick frees a label for the next
+    # priority row.
+    assert len(chosen) == 40 and chosen["request_id"].is_unique and 7 <= len(audit) <= 10
+    assert len(prio) == 30 + (chosen["pick"] == "both").sum()
     # The audit is drawn from every eligible row, priority picks included (else it would miss the
     # errors priority found and under-state the base rate): a shared row is labelled once.
     from vloop.selection import audit_keys, select_part
@@ -54,6 +57,7 @@ def test_selecting_an_hour_at_a_time_gives_the_days_selection():
     hourly = finish_selection([best], cfg)
     assert list(hourly["request_id"]) == list(whole["request_id"])
     assert list(hourly["pick"]) == list(whole["pick"]) and 3 <= whole["pick"].isin(["audit", "both"]).sum() <= 5
+    assert len(whole) == 50
 
 
 def test_uniform_sample_is_uniform():

@@ -114,14 +114,16 @@ def select_part(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: Selection
     # The audit pool keeps ``budget`` rows, not ``audit_budget``: the day's priority picks (at most
     # ``priority_budget``) are taken out of it before the audit is drawn.
     pool = df.nsmallest(cfg.budget if cfg.audit_budget else 0, "_audit_key")
-    return SelectionPart(_best(df, cfg.priority_budget), pool, category_error_rate)
+    # Priority keeps up to the whole budget: slots the audit does not use (a draw that is a
+    # priority pick is labelled once) go to the next priority rows.
+    return SelectionPart(_best(df, cfg.budget), pool, category_error_rate)
 
 
 def merge_parts(parts: list[SelectionPart], cfg: SelectionConfig) -> SelectionPart:
     """One part from several (the same as selecting over their rows at once)."""
     prio = [p.priority for p in parts if len(p.priority)] or [parts[0].priority]
     pool = [p.pool for p in parts if len(p.pool)] or [parts[0].pool]
-    return SelectionPart(_best(pd.concat(prio, ignore_index=True), cfg.priority_budget),
+    return SelectionPart(_best(pd.concat(prio, ignore_index=True), cfg.budget),
                          pd.concat(pool, ignore_index=True).nsmallest(cfg.budget if cfg.audit_budget else 0,
                                                                       "_audit_key"),
                          parts[0].category_error_rate)
@@ -132,15 +134,24 @@ def finish_selection(parts: list[SelectionPart], cfg: SelectionConfig) -> pd.Dat
     eligible rows — priority picks included, or the audit would miss exactly the errors priority
     found and under-state the base rate. A row both picked is labelled once, ``pick`` "both"."""
     part = merge_parts(parts, cfg) if len(parts) > 1 else parts[0]
-    prio = part.priority.reset_index(drop=True)
+    ranked = part.priority.reset_index(drop=True)
     audit = part.pool.nsmallest(cfg.audit_budget, "_audit_key")
     # An audit draw that is a priority pick, or the same image + question as one, is that pick's
-    # label ("both"); near-copies are never labelled twice.
-    by_key = dict(zip(_dup_key(prio), prio["request_id"]))
-    stands_for = _dup_key(audit).map(by_key)
-    both = (set(prio["request_id"]) & set(audit["request_id"])) | set(stands_for.dropna())
-    audit = audit[~audit["request_id"].isin(set(prio["request_id"])) & stands_for.isna().to_numpy()]
-    audit = audit[~_dup_key(audit).duplicated()]
+    # label ("both"); near-copies are never labelled twice. Each such draw frees a label for the
+    # next priority row (which may itself be an audit draw: repeat until it settles), so the day
+    # still uses its whole budget.
+    n_prio = cfg.priority_budget
+    while True:
+        prio = ranked.head(n_prio)
+        by_key = dict(zip(_dup_key(prio), prio["request_id"]))
+        stands_for = _dup_key(audit).map(by_key)
+        left = audit[stands_for.isna().to_numpy()]
+        left = left[~_dup_key(left).duplicated()]
+        if cfg.budget - len(left) <= n_prio or n_prio >= len(ranked):
+            break
+        n_prio = cfg.budget - len(left)
+    both = set(stands_for.dropna())
+    prio, audit = prio.copy(), left
     err = part.category_error_rate
     prio["why"] = pd.Series([_why(r, cfg, err) for r in prio.itertuples(index=False)], index=prio.index,
                             dtype="str")  # typed even when nothing is chosen (a day without traffic)
