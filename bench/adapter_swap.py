@@ -40,9 +40,9 @@ import numpy as np
 import requests
 
 from training.lora import LoraTrainConfig, train_lora
-from vloop.pretrain import PretrainConfig, pretrain_base
-from vloop.synth import World
-from vloop.tiny import build_tiny_model
+from vloop.sim.pretrain import PretrainConfig, pretrain_base
+from vloop.sim.synth import World
+from vloop.sim.tiny import build_tiny_model
 
 HOLD_S = 0.3  # how long adapter B stays loaded in each swap episode
 MIN_QUIET_S = 1.0  # shortest quiet window; otherwise as long as the episode before it

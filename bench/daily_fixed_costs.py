@@ -2,7 +2,7 @@
 
 In one process, as ``dag.test()`` or a warm worker runs the hour tasks one after another: the
 Great Expectations import, building its context, suites and validation definitions (now once
-per process, ``vloop.quality._validations``), one validation run of a 21-row hour, and
+per process, ``vloop.curate.quality._validations``), one validation run of a 21-row hour, and
 ``daily.validate_hour`` (both suites, the lake reads and writes) on the first hour and then on
 the next 23 hours of a 500-row day.
 
@@ -35,10 +35,10 @@ def main() -> None:
     import great_expectations  # noqa: F401
 
     import_s = time.perf_counter() - t
-    from vloop import daily, quality
-    from vloop.demo import simulated_day
-    from vloop.ingest import ingest_day
-    from vloop.lake import LocalLake
+    from vloop.curate import daily, quality
+    from vloop.sim.demo import simulated_day
+    from vloop.curate.ingest import ingest_day
+    from vloop.store.lake import LocalLake
 
     day = dt.date(2026, 9, 14)
     run_time = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)

@@ -46,7 +46,7 @@ generate(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 
 
 def _lake(root):
-    from vloop.lake import LocalLake
+    from vloop.store.lake import LocalLake
 
     return LocalLake(root, max_image_bytes=2**24, max_image_pixels=2**24)
 
@@ -56,7 +56,7 @@ def _store_photos(args) -> list[tuple[str, str, int, int]]:
     its top row, stored content-addressed; (sha256, key, width, height) each."""
     import io
 
-    from vloop.synth import World
+    from vloop.sim.synth import World
 
     root, start, stop = args
     lake, samples = _lake(root), World(1).samples(BASE_RENDERS, degraded=0.15)
@@ -78,9 +78,9 @@ def generate(root: str, rows: int, photos: int, workers: int) -> None:
     import pandas as pd
     import pyarrow as pa
 
-    from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, partition_prefix
-    from vloop.schema import FEEDBACK, INTERACTION
-    from vloop.synth import World
+    from vloop.store.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, partition_prefix
+    from vloop.store.schema import FEEDBACK, INTERACTION
+    from vloop.sim.synth import World
 
     t0 = time.perf_counter()
     chunks = [(root, s, min(s + 5000, photos)) for s in range(0, photos, 5000)]
@@ -143,7 +143,7 @@ def generate(root: str, rows: int, photos: int, workers: int) -> None:
 def _task(job):
     """One task in a fresh forked process: (name, hour, seconds, peak RSS MB, summary)."""
     name, hour, root = job
-    from vloop import daily
+    from vloop.curate import daily
 
     lake = _lake(root)
     t = time.perf_counter()
@@ -178,11 +178,11 @@ def run(root: str, workers: int) -> dict:
     import pandas  # noqa: F401
     import PIL.Image  # noqa: F401
 
-    import vloop.imagequality  # noqa: F401
-    import vloop.mining  # noqa: F401
-    import vloop.quality  # noqa: F401
-    import vloop.report  # noqa: F401
-    from vloop import daily  # noqa: F401
+    import vloop.curate.imagequality  # noqa: F401
+    import vloop.curate.mining  # noqa: F401
+    import vloop.curate.quality  # noqa: F401
+    import vloop.curate.report  # noqa: F401
+    from vloop.curate import daily# noqa: F401
 
     print(f"warm worker: libraries imported in {time.perf_counter() - t0:.1f}s (not counted)", flush=True)
     ctx = mp.get_context("fork")
@@ -221,13 +221,13 @@ def run(root: str, workers: int) -> dict:
 
 
 def niqe_rate(root: str, n: int = 500) -> float:
-    """Photos/s of the daily check's NIQE (vloop.imagequality.niqe_reduced, as image_check calls
+    """Photos/s of the daily check's NIQE (vloop.curate.imagequality.niqe_reduced, as image_check calls
     it: from the decoded photo, or a JPEG's bytes) on one core, over ``n`` of the lake's photos."""
     import io
 
     from PIL import Image
 
-    from vloop.imagequality import niqe_reduced
+    from vloop.curate.imagequality import niqe_reduced
 
     lake = _lake(root)
     keys = sorted(k for k in lake.list("raw/images/"))[:n]

@@ -276,7 +276,7 @@ def main() -> None:
     procs, vllm, backend = [], None, "stub"
     if args.upstream_vllm:
         from serving.vllm import VllmServer, prepare_model_dir
-        from vloop.tiny import build_tiny_model
+        from vloop.sim.tiny import build_tiny_model
 
         n = 100 if args.quick else 500  # a real model answers in tens of ms, not tens of µs
         model = prepare_model_dir(build_tiny_model(tmp / "tiny"), tmp / "tiny-vllm")
@@ -318,8 +318,8 @@ def main() -> None:
         print(f"latency, the same photos with vloop.image_quality asked for: added p50 {quality_added:.2f} ms, "
               f"p99 {p(via, 99) - p(direct, 99):.2f} ms (no goal: an app's choice)", flush=True)
 
-        from vloop.lake import INTERACTIONS_DATASET, open_lake
-        from vloop.schema import INTERACTION
+        from vloop.store.lake import INTERACTIONS_DATASET, open_lake
+        from vloop.store.schema import INTERACTION
         import datetime as dt
 
         lake = open_lake((tmp / "lake").as_uri())

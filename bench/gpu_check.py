@@ -8,7 +8,7 @@ speed and memory are the production figures; the losses and the generated text m
 
 What runs is the training path of ``python -m training``: ``LoraTrainConfig.resolved()`` picks
 bf16 weights + autocast and gradient checkpointing on CUDA, ``training.lora.add_lora`` wraps the
-model with PEFT, and every step is ``vloop.sft.train_step`` (batch moved to the model's device,
+model with PEFT, and every step is ``vloop.learn.sft.train_step`` (batch moved to the model's device,
 forward under autocast, backward, clip, AdamW). Batches are synthetic: random text tokens around
 one image (``--image-side`` pixels square, random pixels) per sample, the loss on the last
 ``--answer-tokens`` tokens. Then a batched greedy ``generate`` of ``--new-tokens`` tokens for
@@ -84,8 +84,8 @@ def model_config(cfg: GpuCheckConfig):
     from transformers import Qwen3VLConfig
 
     if cfg.tiny:
-        from vloop.synth import corpus
-        from vloop.tiny import tiny_config, train_tokenizer
+        from vloop.sim.synth import corpus
+        from vloop.sim.tiny import tiny_config, train_tokenizer
 
         return tiny_config(train_tokenizer(corpus() + ["user", "assistant"], seed=cfg.seed))
     return Qwen3VLConfig(**json.loads(Path(cfg.config).read_text()))
@@ -198,7 +198,7 @@ def run(cfg: GpuCheckConfig) -> dict:
     from transformers import Qwen3VLForConditionalGeneration
 
     from training.lora import LoraTrainConfig, add_lora
-    from vloop.sft import batch_to_model, train_step, warmup_cosine
+    from vloop.learn.sft import batch_to_model, train_step, warmup_cosine
 
     device = "cpu" if cfg.tiny else "cuda"
     cuda = device == "cuda"

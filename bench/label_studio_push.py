@@ -30,10 +30,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 tasks")
     args = ap.parse_args()
     n = 100 if args.quick else args.tasks
-    from vloop.daily import model_version
-    from vloop.demo import simulated_day
-    from vloop.labelstudio import LabelStudio, image_reference, task_payload
-    from vloop.lake import LocalLake
+    from vloop.curate.daily import model_version
+    from vloop.sim.demo import simulated_day
+    from vloop.curate.labelstudio import LabelStudio, image_reference, task_payload
+    from vloop.store.lake import LocalLake
 
     root = Path(args.document_root) if args.document_root else Path(tempfile.mkdtemp())
     lake = LocalLake(root / f"bench-lake-{uuid.uuid4().hex[:8]}", max_image_bytes=2**24, max_image_pixels=2**24)

@@ -7,9 +7,9 @@ Writes N interaction records as one day of 24 hourly partitions, then reads the 
 writing the 24 files to a local directory, then reading them back.
 
 The baseline is configured like the lake, not left at pyarrow's defaults: the same Parquet write
-options (``vloop.lake.parquet_options``: dictionary encoding only on the low-cardinality columns;
+options (``vloop.store.lake.parquet_options``: dictionary encoding only on the low-cardinality columns;
 compression, format and page versions, statistics and row group size at the values the lake
-leaves them), the same pool of ``vloop.lake.WRITE_THREADS`` concurrent file writes and reads, and
+leaves them), the same pool of ``vloop.store.lake.WRITE_THREADS`` concurrent file writes and reads, and
 the same read path (memory-mapped, ``use_threads``). Both configurations are printed, and the
 written files' own metadata (codec, encodings, row groups per column) is compared, so a reader can
 check they match. What the ratio then measures is the lake's own overhead: the day check, the
@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vloop.lake import INTERACTIONS_DATASET, WRITE_THREADS, LocalLake, S3Lake, parquet_options
-from vloop.schema import INTERACTION
+from vloop.store.lake import INTERACTIONS_DATASET, WRITE_THREADS, LocalLake, S3Lake, parquet_options
+from vloop.store.schema import INTERACTION
 
 DAY = dt.date(2026, 11, 3)
 LIMITS = dict(max_image_bytes=2**20, max_image_pixels=2**20)
@@ -166,7 +166,7 @@ def check_configs(table: pa.Table, tmp: Path, s3_lake) -> bool:
     print(f"  lake     write: pq.write_table(**parquet_options(table)) = {lake_opts}; "
           f"everything else pyarrow's default")
     print(f"  baseline write: pq.write_table(**{baseline_write_options(table)})")
-    print(f"  both: {WRITE_THREADS} concurrent file writes/reads (vloop.lake.WRITE_THREADS); "
+    print(f"  both: {WRITE_THREADS} concurrent file writes/reads (vloop.store.lake.WRITE_THREADS); "
           f"read pq.read_table({', '.join(f'{k}={v}' for k, v in READ_OPTIONS.items())}) "
           f"(the S3 lake reads from an in-memory buffer instead of a mapped file); "
           f"pyarrow pools: {pa.cpu_count()} CPU threads, {pa.io_thread_count()} I/O threads (process-wide)")
@@ -203,7 +203,7 @@ def main() -> None:
     table = make_table(n)
     print(f"built {n:,} records ({table.nbytes / 2**20:.0f} MiB in memory) in {time.perf_counter() - t0:.1f}s")
 
-    from vloop.s3server import start_seaweedfs
+    from vloop.store.s3server import start_seaweedfs
 
     s3_dir = tempfile.TemporaryDirectory()
     server = start_seaweedfs(Path(s3_dir.name) / "data", access_key="bench-a", secret_key="bench-b")

@@ -3,7 +3,7 @@
 annotators, and the days until a new product line is answered well (a simulation).
 
 The loop's learning part round after round through the production code (selection, dataset,
-LoRA training, gate, evaluation: see ``vloop.efficacy``), for the strategies ``active``,
+LoRA training, gate, evaluation: see ``vloop.sim.efficacy``), for the strategies ``active``,
 ``random``, ``edits_only`` and ``active+edits`` on identical traffic and budgets, several label
 budgets per round and several seeds. Prints a line per round and run, a table per budget, and
 writes ``loop_efficacy.json`` and two plots to ``--out``; with ``--report`` also into the lake
@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> dict:
-    from vloop.efficacy import STRATEGIES, EfficacyConfig
+    from vloop.sim.efficacy import STRATEGIES, EfficacyConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, two budgets, smaller days (<= 10 min)")
@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
 
 
 def run(cfg, model: str | None, out: Path, *, report: bool = False) -> dict:
-    from vloop.config import load_settings
-    from vloop.demo import ensure_base_model
-    from vloop.efficacy import plots, result_figures, run_experiment
+    from vloop.store.config import load_settings
+    from vloop.sim.demo import ensure_base_model
+    from vloop.sim.efficacy import plots, result_figures, run_experiment
 
     t0 = time.perf_counter()
     base = Path(model) if model else ensure_base_model(Path(load_settings().home), log=print)
@@ -83,7 +83,7 @@ def run(cfg, model: str | None, out: Path, *, report: bool = False) -> dict:
     (out / "loop_efficacy.json").write_text(json.dumps(slim, indent=1, default=float))
     print_tables(cfg, summary)
     if report:
-        from vloop.lake import open_lake
+        from vloop.store.lake import open_lake
 
         lake = open_lake()
         for p in pngs:

@@ -9,7 +9,7 @@ ratio (goal: batched >= 10x).
 On a shared machine other processes' load swings wall-clock times by whole factors, so each way
 is timed in several interleaved rounds and the best round counts (``--rounds``); process CPU time
 is printed alongside. Where the time goes: the preprocessing share (images, chat template,
-tokeniser: ``vloop.model.encode``) is timed on its own, the rest is the model's forward pass and
+tokeniser: ``vloop.vlm.model.encode``) is timed on its own, the rest is the model's forward pass and
 the log-probability gather.
 
     python bench/scoring.py            # 512 samples, batch 64
@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
-from vloop.model import encode, load_model, score_answers
-from vloop.synth import World
-from vloop.tiny import build_tiny_model
+from vloop.vlm.model import encode, load_model, score_answers
+from vloop.sim.synth import World
+from vloop.sim.tiny import build_tiny_model
 
 
 def timed(fn):

@@ -3,7 +3,7 @@ on the same data, model and LoRA config, in the same run; and peak memory of eac
 
 Both train the tiny Qwen3-VL (or ``--model DIR``) for the same number of steps and batch size on
 the same synthetic (image, question, answer) samples, batches built by the same
-``vloop.model.encode`` (answer-masked labels), so the difference is the loop itself.
+``vloop.vlm.model.encode`` (answer-masked labels), so the difference is the loop itself.
 Goal (issue #6): vloop / Trainer >= 1.0x.
 
     python bench/train_throughput.py            # 60 steps of 16
@@ -22,8 +22,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time, torch
 from training.lora import LoraTrainConfig, add_lora
-from vloop.model import encode, load_model
-from vloop.synth import World
+from vloop.vlm.model import encode, load_model
+from vloop.sim.synth import World
 
 which, model_dir, steps, bs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = LoraTrainConfig(steps=steps, batch_size=bs, log_every=10**9)
@@ -34,7 +34,7 @@ model = add_lora(lm.model, cfg)
 tokens = 0
 t0 = time.perf_counter()
 if which == "vloop":
-    from vloop.sft import run_sft
+    from vloop.learn.sft import run_sft
     r = run_sft(model, lm.processor, samples, steps=steps, batch_size=bs, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                 seed=0, log_every=10**9, log=lambda s: None)
     tokens, seconds = r.tokens, r.seconds
@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:
-            from vloop.tiny import build_tiny_model
+            from vloop.sim.tiny import build_tiny_model
 
             model = str(build_tiny_model(Path(tmp) / "tiny", seed=0))
         res = {}

@@ -5,8 +5,8 @@ While a canary is live (the registry's serving state names one; otherwise the ru
 approved version, or is skipped when none waits):
 
 1. **look** — per-arm users, requests, accepts, edits, errors and p95 latency since the current
-   stage began, from the lake's raw logs (`vloop.canary.arm_counts`, the daily report's outcome
-   definition); then `vloop.rollout.decide`: always-valid confidence sequences on acceptance and
+   stage began, from the lake's raw logs (`vloop.release.canary.arm_counts`, the daily report's outcome
+   definition); then `vloop.release.rollout.decide`: always-valid confidence sequences on acceptance and
    edit rate (per-user, cluster-robust), a sample-ratio-mismatch check and guardrails;
 2. **act** — *promote*: widen to the next stage (10% → 50% by default; the sequence restarts at
    each stage), and past the last one move the champion alias (the old champion is retired, still
@@ -24,7 +24,7 @@ Counts are kept as hourly snapshots under `rollout/<experiment>/counts/`, so a l
 raw logs of the hours since the last one.
 
 Manual rollback: trigger with `rollback: true`, a `reason` and optionally `to` (`name@version` or
-`base`); the same as `vloop rollout rollback`. The logic lives in `vloop.canary`; this is wiring.
+`base`); the same as `vloop rollout rollback`. The logic lives in `vloop.release.canary`; this is wiring.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import datetime as dt
 from airflow.sdk import Param, Variable, dag, task
 from vloop_assets import SERVING, SERVING_CHANGES
 
-from vloop.config import load_settings
+from vloop.store.config import load_settings
 
 
 def _lake():
@@ -72,8 +72,8 @@ def canary_rollout():
     def look(**context):
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from vloop import canary
-        from vloop.registry import RegistryConflict
+        from vloop.release import canary
+        from vloop.learn.registry import RegistryConflict
 
         p = context["params"]
         if p["rollback"]:

@@ -20,16 +20,16 @@ whole day are **reduces** over the hours' outputs in the lake.
    without any is one empty hour, `[0]`, so every step below runs instead of being skipped;
 2. **ingest** *(per hour)* — the hour's interactions and every feedback event about them up to
    now (late ones count), exact duplicates dropped;
-3. **validate_hour** *(per hour)* — Great Expectations suites (`vloop.quality`); bad rows go to
+3. **validate_hour** *(per hour)* — Great Expectations suites (`vloop.curate.quality`); bad rows go to
    `quarantine/dt=D/hour=HH/` with a reason each, with the validation result; the good rows are
    staged; **validate** (reduce: the quality gate) — ids unique across hours, the day's bad
    share added up into `quarantine/dt=D/validation.json`, and the run **stops** when it is over
    the Variable `vloop_max_bad_fraction`; otherwise the staged rows become the curated hours;
-4. **mine** *(per hour)* implicit feedback into weak labels (`vloop.mining`; a question asked again
+4. **mine** *(per hour)* implicit feedback into weak labels (`vloop.curate.mining`; a question asked again
    just after the hour's end still counts), **phrasings** (reduce) clusters the hours' badly
    handled questions;
 5. **confidence** *(per hour)* from the logged log-probs, re-scoring rows without them with
-   `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.grounding`);
+   `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.curate.grounding`);
 6. **image_quality** *(per hour slot)* — blurry, dark, blown-out and tiny photos are flagged, and
    NIQE is computed for every photo from a reduced decode ("distorted" above the default threshold,
    shown to annotators and in the report); each of the day's images is checked once, by the slot
@@ -57,7 +57,7 @@ Label Studio and is `upstream_failed` on a day the quality gate stopped.
 Every step replaces its own output for D (an hour step its hour's), and the gate removes the
 outputs of hours D no longer has, so re-running a day is safe; trigger with the param `day` to
 (re)process a given day. Without a `vloop_label_studio` connection, push and pull are skipped and
-the report still runs. The logic lives in `vloop.daily`; this file is wiring.
+the report still runs. The logic lives in `vloop.curate.daily`; this file is wiring.
 """
 
 from __future__ import annotations
@@ -128,9 +128,9 @@ def feedback_daily():
     def wait_for_shippers(**context):
         from airflow.sdk import PokeReturnValue
 
-        from vloop import daily
-        from vloop.config import load_settings
-        from vloop.spool import day_is_shipped
+        from vloop.curate import daily
+        from vloop.store.config import load_settings
+        from vloop.capture.spool import day_is_shipped
 
         if load_settings().simulation:
             return PokeReturnValue(True, "simulation: the demo waits for the shipper itself")
@@ -141,65 +141,65 @@ def feedback_daily():
 
     @task
     def remine_previous_day(**context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.remine(_lake(), _day(context) - dt.timedelta(days=1), daily.run_time(_day(context)),
                             max_bad_fraction=_max_bad_fraction())
 
     @task
     def hours(**context) -> list[int]:
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.day_hours(_lake(), _day(context))
 
     @task(map_index_template=HOUR_LABEL)
     def ingest(hour: int, **context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.ingest_hour(_lake(), _day(context), hour, daily.run_time(_day(context)))
 
     @task(map_index_template=HOUR_LABEL)
     def validate_hour(hour: int, **context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.validate_hour(_lake(), _day(context), hour, max_bad_fraction=_max_bad_fraction())
 
     @task(retries=0)  # a failed quality gate is a finding, not a glitch: retrying cannot fix the data
     def validate(hour_list: list[int], **context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.gate(_lake(), _day(context), list(hour_list), max_bad_fraction=_max_bad_fraction())
 
     @task(map_index_template=HOUR_LABEL)
     def mine(hour: int, **context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.mine_hour(_lake(), _day(context), hour)
 
     @task
     def phrasings(**context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.mine_day_phrasings(_lake(), _day(context))
 
     @task(map_index_template=HOUR_LABEL)
     def confidence(hour: int, **context):
-        from vloop import daily
-        from vloop.config import load_settings
+        from vloop.curate import daily
+        from vloop.store.config import load_settings
 
         loader = daily.base_model_loader(load_settings().base_model)  # loaded once per process
         return daily.score_confidence_hour(_lake(), _day(context), hour, loader)
 
     @task(map_index_template=HOUR_LABEL)
     def image_quality(hour: int, **context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.check_images_slot(_lake(), _day(context), hour)
 
     @task
     def select(**context):
-        from vloop import daily
-        from vloop.selection import SelectionConfig
+        from vloop.curate import daily
+        from vloop.curate.selection import SelectionConfig
 
         cfg = SelectionConfig(budget=int(Variable.get("vloop_label_budget", default=200)),
                               low_confidence=float(Variable.get("vloop_low_confidence", default=0.6)))
@@ -207,7 +207,7 @@ def feedback_daily():
 
     @task(pool="vloop_label_studio")
     def push(**context):
-        from vloop import daily
+        from vloop.curate import daily
 
         hook = _label_studio()
         with hook.get_client() as ls:
@@ -218,7 +218,7 @@ def feedback_daily():
     # New labels update the vloop_labels asset, which retrain_biweekly is scheduled on.
     @task(pool="vloop_label_studio", trigger_rule="all_done", outlets=[NEW_LABELS])
     def pull(**context):
-        from vloop import daily
+        from vloop.curate import daily
 
         hook = _label_studio()
         with hook.get_client() as ls:
@@ -229,7 +229,7 @@ def feedback_daily():
 
     @task(trigger_rule="none_failed")  # runs when push/pull were skipped for want of Label Studio
     def report(**context):
-        from vloop import daily
+        from vloop.curate import daily
 
         return daily.report(_lake(), _day(context))
 

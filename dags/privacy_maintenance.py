@@ -6,12 +6,12 @@
    partition, dataset snapshot, image and Label Studio task (connection `vloop_label_studio`,
    when configured), a tombstone keeps them out of later shipping, selection and training, and
    adapters trained on their data are marked for retraining. The whole queue is one pass over the
-   lake (`vloop.erasure.erase_users`), not a scan per user.
+   lake (`vloop.privacy.erasure.erase_users`), not a scan per user.
 2. **retention** — deletes day partitions older than the `VLOOP_RETAIN_*_DAYS` settings and images
-   nothing references any more (`vloop.erasure.apply_retention`).
+   nothing references any more (`vloop.privacy.erasure.apply_retention`).
 
 Both steps write an audit record (`vloop privacy audit`). Erasure runs first, so a user erased
-today is gone before retention looks. The logic lives in `vloop.erasure`; this is wiring.
+today is gone before retention looks. The logic lives in `vloop.privacy.erasure`; this is wiring.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _label_studio():
 def privacy_maintenance():
     @task
     def erase(**context):
-        from vloop.erasure import work_erasure_queue
+        from vloop.privacy.erasure import work_erasure_queue
 
         done = work_erasure_queue(_lake(), actor=f"privacy_maintenance {context['run_id']}",
                                   label_studio=_label_studio())
@@ -59,7 +59,7 @@ def privacy_maintenance():
 
     @task
     def retention(**context):
-        from vloop.erasure import RetentionPolicy, apply_retention
+        from vloop.privacy.erasure import RetentionPolicy, apply_retention
 
         today = context["logical_date"].astimezone(dt.timezone.utc).date()
         return apply_retention(_lake(), RetentionPolicy.from_settings(), today=today,

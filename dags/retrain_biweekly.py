@@ -8,7 +8,7 @@ or on a manual trigger with params (an asset-triggered run starts with the defau
 1. **check_labels** — skips the run, saying why, when fewer labels than `min_new_labels` (Variable
    `vloop_min_new_labels`) arrived since the last registered adapter;
 2. **build_dataset** — `datasets/<id>/`: corrected and confirmed labels, replay of confident
-   accepted answers, the fixed golden set kept apart (`vloop.dataset`). The golden set is the
+   accepted answers, the fixed golden set kept apart (`vloop.learn.dataset`). The golden set is the
    curated one at `datasets/golden/golden.parquet`; only with `VLOOP_SIMULATION=1` is the
    synthetic world's set written there when it is missing;
 3. **train** — `python -m training --stage train` in a subprocess (checkpoints; a retry resumes).
@@ -16,7 +16,7 @@ or on a manual trigger with params (an asset-triggered run starts with the defau
 4. **evaluate** — candidate and champion side by side on the golden set and held-out labels;
 5. **gate** — on the golden set the candidate must beat the champion by a margin, significantly on
    the same items (McNemar's exact test, one-sided, at `gate_alpha`), and not regress any category
-   beyond a tolerance (`vloop.retrain.gate_decision`; its figures go into the registry's history);
+   beyond a tolerance (`vloop.learn.retrain.gate_decision`; its figures go into the registry's history);
 6. **register** — the version goes into the registry with its lineage; one that passed the gate
    is `approved`, a rejected one is recorded as `rejected` with the reason, and the champion stays;
 7. **deploy_canary** — the registry's serving state makes it the canary of a new experiment at
@@ -26,7 +26,7 @@ or on a manual trigger with params (an asset-triggered run starts with the defau
    (skipped, saying so): it waits as `approved` and `canary_rollout` starts it when that experiment
    ends. From then on `canary_rollout` judges it.
 
-Logic lives in `vloop.retrain`, `vloop.dataset`, `vloop.registry` and `training`; this file is wiring.
+Logic lives in `vloop.learn.retrain`, `vloop.learn.dataset`, `vloop.learn.registry` and `training`; this file is wiring.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _run_training(context, stage: str) -> dict:
     import sys
     import tempfile
 
-    from vloop.lake import S3Lake
+    from vloop.store.lake import S3Lake
 
     job, lake, env = _job(context, context["ti"]), _lake(), dict(os.environ)
     if isinstance(lake, S3Lake):  # the trainer opens the same bucket with the connection's keys
@@ -73,7 +73,7 @@ def _run_training(context, stage: str) -> dict:
                    VLOOP_S3_SECRET_KEY=lake.secret_key or "")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job.to_dict(), f)
-    from vloop.retrain import run_streaming
+    from vloop.learn.retrain import run_streaming
 
     # Progress (loss, tokens/s) streams into the task log as it comes, at info level.
     code, out = run_streaming([sys.executable, "-m", "training", "--config", f.name, "--stage", stage], env=env)
@@ -113,8 +113,8 @@ def retrain_biweekly():
     def check_labels(**context):
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from vloop.registry import Registry
-        from vloop.retrain import labels_since_last_training
+        from vloop.learn.registry import Registry
+        from vloop.learn.retrain import labels_since_last_training
 
         lake = _lake()
         minimum = context["params"]["min_new_labels"]
@@ -127,9 +127,9 @@ def retrain_biweekly():
 
     @task
     def build_dataset(**context):
-        from vloop.config import load_settings
-        from vloop.dataset import DatasetConfig, build_dataset
-        from vloop.registry import Registry, new_version
+        from vloop.store.config import load_settings
+        from vloop.learn.dataset import DatasetConfig, build_dataset
+        from vloop.learn.registry import Registry, new_version
 
         lake, p, settings = _lake(), context["params"], load_settings()
         cfg = DatasetConfig(replay_ratio=p["replay_ratio"], until=p.get("until"))
@@ -160,7 +160,7 @@ def retrain_biweekly():
 
     @task
     def gate(**context):
-        from vloop.retrain import GateConfig, gate_decision
+        from vloop.learn.retrain import GateConfig, gate_decision
 
         job = _job(context, context["ti"])
         metrics = _lake().get_json(job.lake_prefix + "metrics.json")
@@ -171,7 +171,7 @@ def retrain_biweekly():
 
     @task
     def register(decision: dict, **context):
-        from vloop.registry import AdapterVersion, Registry
+        from vloop.learn.registry import AdapterVersion, Registry
 
         lake, job = _lake(), _job(context, context["ti"])
         training = lake.get_json(job.lake_prefix + "training.json")
@@ -184,7 +184,7 @@ def retrain_biweekly():
         # The gate's figures (n, discordant b/c, difference and interval, p) go into the history.
         reg.record("gate", {"ref": v.ref, "figures": {k: x for k, x in decision.items() if k != "reason"}},
                    actor="retrain_biweekly", reason=decision["reason"])
-        # Approved: it waits for a free canary slot if another experiment runs (vloop.canary.start_next).
+        # Approved: it waits for a free canary slot if another experiment runs (vloop.release.canary.start_next).
         reg.set_status(v.ref, "approved" if decision["passed"] else "rejected", actor="retrain_biweekly",
                        reason=decision["reason"])
         return {"ref": v.ref, **decision}
@@ -194,8 +194,8 @@ def retrain_biweekly():
         from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from vloop.canary import ReleaseConfig, parse_stages, simulated_now
-        from vloop.retrain import deploy_canary
+        from vloop.release.canary import ReleaseConfig, parse_stages, simulated_now
+        from vloop.learn.retrain import deploy_canary
 
         if not registered["passed"]:
             raise AirflowSkipException(f"{registered['ref']} rejected: {registered['reason']}; the champion stays")

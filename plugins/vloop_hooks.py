@@ -23,7 +23,7 @@ class LakeHook(BaseHook):
         self.lake_conn_id = lake_conn_id
 
     def get_lake(self):
-        from vloop.lake import lake_from_connection
+        from vloop.store.lake import lake_from_connection
 
         return lake_from_connection(self.get_connection(self.lake_conn_id))
 
@@ -50,6 +50,6 @@ class LabelStudioHook(BaseHook):
         self.document_root = extra.get("document_root")
 
     def get_client(self):
-        from vloop.labelstudio import LabelStudio
+        from vloop.curate.labelstudio import LabelStudio
 
         return LabelStudio(self.url, self.token)

@@ -74,7 +74,7 @@ def daily_report(day: str) -> str:
         day = dt.date.fromisoformat(day).isoformat()
     except ValueError:
         raise HTTPException(404, "no such day") from None
-    from vloop.lake import LakeKeyNotFound
+    from vloop.store.lake import LakeKeyNotFound
 
     try:
         return _lake().get_bytes(f"reports/dt={day}/index.html").decode()

@@ -2,7 +2,7 @@
 """Re-fit NIQE's pristine model (vloop/data/niqe_pristine.npz) on the project's own clean images.
 
 No photo collection can be downloaded here, so the pristine images are procedurally generated
-textured scenes (:func:`vloop.synth.textured_scene`: dead leaves shaded with 1/f noise, which
+textured scenes (:func:`vloop.sim.synth.textured_scene`: dead leaves shaded with 1/f noise, which
 share the statistics NIQE measures with natural photos). The sharpest patches of each image
 (NIQE's patch selection) are pooled and a multivariate Gaussian is fitted to their features.
 
@@ -17,8 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-from vloop.imagequality import NIQE_MODEL, NiqeConfig, fit_pristine
-from vloop.synth import textured_scene
+from vloop.curate.imagequality import NIQE_MODEL, NiqeConfig, fit_pristine
+from vloop.sim.synth import textured_scene
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "include" / "vloop" / NIQE_MODEL
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vloop.synth import World
+from vloop.sim.synth import World
 
 ROOT = Path(__file__).resolve().parents[1]
 

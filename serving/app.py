@@ -11,14 +11,14 @@ stored only as an HMAC. Every answered request is spooled as an interaction reco
 redacted) before the response goes out, unless the user opted out. ``stream: true`` answers with
 server-sent events (serving.streaming), logged once when the stream ends.
 
-Banned phrases: the lake's decoding policy (vloop.decoding, re-read every ``--decoding-ttl``
+Banned phrases: the lake's decoding policy (vloop.vlm.decoding, re-read every ``--decoding-ttl``
 seconds) together with the request's own vLLM-style ``bad_words`` are never said: the local
 backend enforces them on every tokenisation (the policy's exceptions, e.g. 不可能, stay allowed);
 the upstream gets the merged list as ``bad_words``. An image request that asks for it
 (``"vloop": {"image_quality": true}`` in the body; the ``openai`` client's ``extra_body``) gets
-``vloop.image_quality`` (vloop.imagequality.quick_summary: flags and advice for the app), computed
+``vloop.image_quality`` (vloop.curate.imagequality.quick_summary: flags and advice for the app), computed
 in a thread while the model answers; it is opt-in because it decodes the photo, the one thing the
-hot path otherwise never does (see vloop.images: metadata is stripped without a decode).
+hot path otherwise never does (see vloop.store.images: metadata is stripped without a decode).
 
 With ``--upstream`` the model server is an OpenAI-compatible one (vLLM in production): the
 gateway asks it for its base model's id, sends it the validated sampling settings and the logged
@@ -54,14 +54,14 @@ from serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from serving.streaming import (SSEResponse, finish_ends_with_stop_token, local_stream_events, logprob_entry,
                                sse_stream, upstream_stream_events)
 from serving.routing import Routes, RouteStore
-from vloop.config import Settings
-from vloop.decoding import MAX_PHRASE_CHARS, DecodingPolicy, PolicyCache
-from vloop.images import ImageError, ImageTooLarge, image_key, normalise_image, open_image
-from vloop.model import MAX_QUESTION_CHARS, Confidence
-from vloop.netguard import FetchError, FetchPolicy, fetch_url
+from vloop.store.config import Settings
+from vloop.vlm.decoding import MAX_PHRASE_CHARS, DecodingPolicy, PolicyCache
+from vloop.store.images import ImageError, ImageTooLarge, image_key, normalise_image, open_image
+from vloop.vlm.model import MAX_QUESTION_CHARS, Confidence
+from vloop.capture.netguard import FetchError, FetchPolicy, fetch_url
 from vloop.privacy import redact, user_key as hmac_user_key
-from vloop.schema import FEEDBACK, INTERACTION, RecordError
-from vloop.spool import Shipper, Spool
+from vloop.store.schema import FEEDBACK, INTERACTION, RecordError
+from vloop.capture.spool import Shipper, Spool
 
 log = logging.getLogger(__name__)
 ROUTED_ALIAS = "vloop"
@@ -69,7 +69,7 @@ ROUTED_ALIAS = "vloop"
 # (only its HMAC is kept), the gateway's metadata and options, and the streaming switches it sets itself.
 GATEWAY_ONLY_FIELDS = frozenset({"user", "metadata", "vloop", "stream", "stream_options"})
 GATEWAY_OPTIONS = {"image_quality": bool}  # the request's "vloop" object: what an app may ask for
-MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.decoding.MAX_PHRASE_CHARS
+MAX_BAD_WORDS = 100  # a request's own bad_words; each at most vloop.vlm.decoding.MAX_PHRASE_CHARS
 # A request's metadata, as OpenAI limits it: at most 16 pairs, keys up to 64 characters, string
 # values up to 512 (session_id and category are stored with every record).
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
@@ -133,7 +133,7 @@ class Gateway:
     """Owns the engine, routes, opt-outs, spool and shipper of one serving process."""
 
     def __init__(self, cfg: ServeConfig):
-        from vloop.lake import open_lake
+        from vloop.store.lake import open_lake
 
         if not cfg.user_key_secret:
             raise ValueError("VLOOP_USER_KEY_SECRET must be set: user ids are stored only as HMACs")
@@ -151,7 +151,7 @@ class Gateway:
         self.lake = open_lake(cfg.lake_url) if cfg.lake_url else None
         self.registry = None
         if self.lake is not None:
-            from vloop.registry import Registry
+            from vloop.learn.registry import Registry
 
             self.registry = Registry(self.lake)
         self.applied_seq = 0  # the registry serving state this replica has applied
@@ -322,7 +322,7 @@ class Gateway:
     async def sync_adapter(self, name: str, prefix: str) -> str:
         """Copy an adapter's files from the lake under the state dir (which production shares with
         the vLLM host) and return that directory's absolute path."""
-        from vloop.lake import fetch_files
+        from vloop.store.lake import fetch_files
 
         keys = await asyncio.to_thread(self.lake.list, prefix.rstrip("/") + "/")
         if not keys:
@@ -478,7 +478,7 @@ def parse_chat(body: dict, limit: int) -> tuple[str, list[str], dict]:
     if not question:
         raise ApiError(400, "the user message has no text")
     if len(question) > MAX_QUESTION_CHARS:
-        # The model's own limit (vloop.model.check_question): checked here so the request is
+        # The model's own limit (vloop.vlm.model.check_question): checked here so the request is
         # refused alone instead of failing in the engine, inside a batch of other users' requests.
         raise ApiError(400, f"the question is {len(question):,} characters; at most {MAX_QUESTION_CHARS:,} "
                             "are allowed")
@@ -566,7 +566,7 @@ def parse_options(body: dict) -> dict:
 def image_quality(data: bytes) -> dict | None:
     """``vloop.image_quality`` of a response (flags and advice for the app); None when the
     check itself fails, which must never fail the answer."""
-    from vloop.imagequality import quick_summary
+    from vloop.curate.imagequality import quick_summary
 
     try:
         return quick_summary(data)
@@ -870,11 +870,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         if "salt" in body:
-            raise ApiError(400, "the salt belongs to an experiment (vloop.canary.start); it cannot be set here")
+            raise ApiError(400, "the salt belongs to an experiment (vloop.release.canary.start); it cannot be set here")
         scope = "this replica"
         if gw.registry is not None and all(n is None or "@" in n for n in (routes.champion, routes.canary)):
             # Registry versions: write the desired state every replica follows, not just ours.
-            from vloop.registry import RegistryConflict, RegistryError
+            from vloop.learn.registry import RegistryConflict, RegistryError
 
             async with gw.reconcile_lock:
                 head = await asyncio.to_thread(gw.registry.serving_state)
@@ -964,7 +964,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         image = stored = quality = data_url = None
         if image_urls:
             data = await gw.image_bytes(image_urls[0])
-            try:  # no decode: metadata is cut out of the file (vloop.images), ~0.15 ms for a photo
+            try:  # no decode: metadata is cut out of the file (vloop.store.images), ~0.15 ms for a photo
                 stored = normalise_image(data, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
                 # The model sees exactly the pixels that are logged, so a later re-scoring from the
                 # lake scores what was served; only the local backend decodes here (vLLM does its own).

@@ -43,8 +43,8 @@ def serve(args) -> int:
 
     from serving.app import ServeConfig, create_app
     from serving.auth import ApiKeys
-    from vloop.config import load_settings
-    from vloop.netguard import FetchPolicy
+    from vloop.store.config import load_settings
+    from vloop.capture.netguard import FetchPolicy
 
     s = load_settings()
     model = args.model or s.base_model

@@ -69,7 +69,7 @@ class GenResult:
 class LocalEngine:
     def __init__(self, model_path: str, *, max_batch: int = 16, batch_wait_s: float = 0.005,
                  adapter_cache: Path | None = None, lake=None):
-        from vloop.model import load_model
+        from vloop.vlm.model import load_model
 
         self.lm = load_model(model_path)
         self.base_name = Path(model_path).name if Path(model_path).is_dir() else model_path
@@ -85,7 +85,7 @@ class LocalEngine:
 
     # -- public API (any thread) ----------------------------------------------------------
     def submit(self, req: GenRequest) -> Future:
-        from vloop.model import InputError, check_question
+        from vloop.vlm.model import InputError, check_question
 
         if req.adapter is not None and req.adapter not in self.adapters:
             raise EngineError(404, f"model {req.adapter!r} does not exist; see GET /v1/models")
@@ -186,11 +186,11 @@ class LocalEngine:
         """Answer ``reqs`` in one forward batch. If the batch fails it is split in halves and each
         half tried again, so one bad request fails alone and never takes other users' requests
         down with it (a failure that is not any one request's fails each of them in turn)."""
-        from vloop.model import InputError, generate
+        from vloop.vlm.model import InputError, generate
 
         try:
             with self._adapter(adapter):
-                # the index of each tokenizer and phrase is cached (vloop.decoding)
+                # the index of each tokenizer and phrase is cached (vloop.vlm.decoding)
                 gens = generate(self.lm, [r.image for r in reqs], [r.question for r in reqs], **kw)
         except Exception as e:
             if len(reqs) > 1:
@@ -229,7 +229,7 @@ class LocalEngine:
         if self.lake is not None and not path.startswith("/"):
             keys = self.lake.list(path.rstrip("/") + "/")
             if keys and self.adapter_cache is not None:
-                from vloop.lake import fetch_files
+                from vloop.store.lake import fetch_files
 
                 dest = self.adapter_cache / name
                 shutil.rmtree(dest, ignore_errors=True)

@@ -36,7 +36,7 @@ def prepare_model_dir(model_dir: str | Path, out_dir: str | Path) -> Path:
     """A copy of a vloop-saved Qwen3-VL directory that vLLM can load; returns its path.
 
     vLLM builds the stock ``Qwen3VLProcessor``, which needs a video processor config, while
-    vloop saves its image-only processor subclass (vloop.model) under its own class name. The copy
+    vloop saves its image-only processor subclass (vloop.vlm.model) under its own class name. The copy
     names the stock class and adds a video processor config with the image processor's patch,
     merge and temporal sizes and normalisation (vloop never sends video; vLLM is started with a
     video limit of 0). A directory that already has one (a released Qwen3-VL) is returned as is.

@@ -17,8 +17,8 @@ os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
-from vloop.config import load_settings  # noqa: E402
-from vloop.lake import LocalLake, S3Lake  # noqa: E402
+from vloop.store.config import load_settings  # noqa: E402
+from vloop.store.lake import LocalLake, S3Lake  # noqa: E402
 
 
 def free_port() -> int:
@@ -36,7 +36,7 @@ S3_READ_ONLY_KEYS = ("test-reader", "test-reader-secret")
 def s3_server(tmp_path_factory):
     """One SeaweedFS server for the whole session (about 1 s to start), on free loopback ports,
     with :data:`S3_KEYS` as its credentials; stopped by its PID at the end."""
-    from vloop.s3server import S3ServerError, start_seaweedfs
+    from vloop.store.s3server import S3ServerError, start_seaweedfs
 
     base = tmp_path_factory.mktemp("seaweedfs")
     try:
@@ -82,7 +82,7 @@ def settings():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny Qwen3-VL, built once per session (a few seconds)."""
-    from vloop.tiny import build_tiny_model
+    from vloop.sim.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -90,7 +90,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def base_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model pretrained into the mediocre champion (about 2 minutes on 2 cores)."""
-    from vloop.pretrain import pretrain_base
+    from vloop.sim.pretrain import pretrain_base
 
     out = tmp_path_factory.mktemp("base") / "model"
     pretrain_base(tiny_model_dir, out, log=lambda line: None)

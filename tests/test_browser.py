@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_serving import Server, lake_table, wait_for
-from vloop.lake import open_lake
-from vloop.schema import FEEDBACK, INTERACTION
-from vloop.synth import World
+from vloop.store.lake import open_lake
+from vloop.store.schema import FEEDBACK, INTERACTION
+from vloop.sim.synth import World
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 

@@ -1,5 +1,5 @@
 """The release: the registry's serving state under concurrent writers (both lake backends), and
-the canary's looks, stages, promotion and rollbacks on logged traffic (vloop.canary).
+the canary's looks, stages, promotion and rollbacks on logged traffic (vloop.release.canary).
 
 The end-to-end run with real serving processes and dag.test() is in tests/test_canary_e2e.py."""
 
@@ -14,13 +14,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from vloop import canary
+from vloop.release import canary
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from vloop.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, partition_prefix
-from vloop.registry import AdapterVersion, Registry, RegistryConflict, RegistryError
-from vloop.rollout import RolloutPolicy
-from vloop.schema import FEEDBACK, INTERACTION
+from vloop.store.lake import FEEDBACK_DATASET, INTERACTIONS_DATASET, partition_prefix
+from vloop.learn.registry import AdapterVersion, Registry, RegistryConflict, RegistryError
+from vloop.release.rollout import RolloutPolicy
+from vloop.store.schema import FEEDBACK, INTERACTION
 
 T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -156,7 +156,7 @@ def test_better_canary_is_widened_then_promoted(local_lake):
     assert events and events[-1]["figures"]["decision"]["action"] == "promote"
     looks = canary.looks(local_lake)
     assert set(looks["metric"]) == {"acceptance", "edit"} and len(looks) == 2 * 3  # one row per look and metric
-    from vloop.report import experiment_plot
+    from vloop.curate.report import experiment_plot
 
     assert experiment_plot(looks).startswith("data:image/png;base64,")  # the daily report's experiment plot
 
@@ -230,7 +230,7 @@ def test_rollout_cli_status_and_rollback(tmp_path):
     import subprocess
     import sys
 
-    from vloop.lake import LocalLake
+    from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     reg = Registry(lake)
@@ -260,7 +260,7 @@ def test_rollout_cli_status_and_rollback(tmp_path):
 def test_gate_passed_candidate_is_queued_and_started_when_the_experiment_ends(local_lake):
     """A candidate that passes the gate while another canary runs waits as ``approved`` (it used to
     be dropped: deploy refused it); the look that ends the running experiment starts it."""
-    from vloop.retrain import deploy_canary
+    from vloop.learn.retrain import deploy_canary
 
     reg = Registry(local_lake)
     champ, cand, older, newer = register(reg, "champ", "cand", "older", "newer")

@@ -19,12 +19,12 @@ import requests
 
 from tests.conftest import load_dag
 from tests.test_serving import TOKEN, Server, adapters, data_url, wait_for  # noqa: F401 (fixture)
-from vloop import canary
-from vloop.lake import LocalLake
-from vloop.model import normalise_answer
-from vloop.registry import AdapterVersion, Registry
-from vloop.retrain import deploy_canary
-from vloop.synth import World
+from vloop.release import canary
+from vloop.store.lake import LocalLake
+from vloop.vlm.model import normalise_answer
+from vloop.learn.registry import AdapterVersion, Registry
+from vloop.learn.retrain import deploy_canary
+from vloop.sim.synth import World
 
 T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,8 +69,8 @@ def app_traffic(replicas, start: dt.datetime, hours: int, users: int, seed: int)
 
 
 def shipped(lake, n_before: int, n_new: int):
-    from vloop.lake import INTERACTIONS_DATASET
-    from vloop.schema import INTERACTION
+    from vloop.store.lake import INTERACTIONS_DATASET
+    from vloop.store.schema import INTERACTION
 
     def count():
         t = lake.read_partitions(INTERACTIONS_DATASET, T0.date(), T0.date() + dt.timedelta(days=1),
@@ -106,7 +106,7 @@ def test_canary_rollout_through_real_gateways(airflow_db, base_model_dir, adapte
         # The effects here are large (tens of points) and the samples small (~60 canary requests a
         # stage): the mixture is tuned to such effects (τ 0.15, as in the demo). With the default
         # τ 0.03 a canary right half the time would be widened at the first look only ~40% of the
-        # time at these sample sizes; with 0.15, >99% (simulated with vloop.rollout.decide).
+        # time at these sample sizes; with 0.15, >99% (simulated with vloop.release.rollout.decide).
         params = {"min_hours": 1, "min_requests": 20, "max_hours": 48, "mixture_sd": 0.15}
 
         def look(now: dt.datetime, **extra):

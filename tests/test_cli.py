@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from vloop.demo import FEEDBACK_DATASET, INTERACTIONS, run_demo, verify_day
-from vloop.lake import partition_prefix
-from vloop.schema import INTERACTION
+from vloop.sim.demo import FEEDBACK_DATASET, INTERACTIONS, run_demo, verify_day
+from vloop.store.lake import partition_prefix
+from vloop.store.schema import INTERACTION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,11 +72,11 @@ def test_demo_runs_the_whole_loop_on_real_services(tmp_path, base_model_dir):
                  "retrain_biweekly (dag.test)", "held-out exact match"):
         assert step in out, step
     assert "Calculating Metrics" not in out  # no third-party progress bars
-    from vloop.lake import LocalLake
+    from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**22, max_image_pixels=2**22)
     assert lake.list("reports/loop/") and lake.list("labeled/")  # the annotator's work came back
-    from vloop.registry import Registry
+    from vloop.learn.registry import Registry
 
     assert Registry(lake).versions()  # an adapter was trained and registered
     assert not list((tmp_path / "run").glob("*.pid"))  # the demo stopped what it started
@@ -94,7 +94,7 @@ def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
     fb = local_lake.read_partitions(FEEDBACK_DATASET, day)
     assert figures["feedback"] == fb.num_rows
     accepted = set(r for r, t in zip(fb.column("request_id").to_pylist(), fb.column("type").to_pylist())
-                   if t == "accept")  # acceptance is an accept event (vloop.report.outcome_flags), not dwell
+                   if t == "accept")  # acceptance is an accept event (vloop.curate.report.outcome_flags), not dwell
     assert figures["acceptance"] == pytest.approx(len(accepted) / 40)
     # The answers are the model's own: their logprobs are stored and confidence follows from them.
     t = local_lake.read_partitions(INTERACTIONS, day, columns=["token_logprobs", "confidence"])
@@ -109,7 +109,7 @@ def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
 
 
 def test_secrets_ensure_generates_once_privately_and_the_environment_wins(tmp_path):
-    from vloop.secretfile import STACK_SECRETS, read_secrets
+    from vloop.store.secretfile import STACK_SECRETS, read_secrets
 
     f = tmp_path / "home" / "secrets.env"
     unset = {name: "" for name in STACK_SECRETS}  # an empty variable counts as unset

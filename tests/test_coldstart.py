@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
-from vloop.coldstart import ColdStartConfig, SeedError, cold_start, expand, read_seed, template_library
-from vloop.evaluation import intent_of
+from vloop.learn.coldstart import ColdStartConfig, SeedError, cold_start, expand, read_seed, template_library
+from vloop.learn.evaluation import intent_of
 
 SAMPLE = ROOT / "examples" / "seed.jsonl"
 
@@ -95,8 +95,8 @@ def test_paraphrases_keep_intent_and_language():
 
 
 def test_template_library_grows_from_users_phrasings(local_lake):
-    from vloop import daily
-    from vloop.mining import mine_phrasings
+    from vloop.curate import daily
+    from vloop.curate.mining import mine_phrasings
 
     q = "yo what colour is this thing"
     rows = [{"request_id": f"r{i}", "question": q if i % 2 else q.upper() + "??", "user_key": f"u{i}"}
@@ -123,7 +123,7 @@ def test_template_library_grows_from_users_phrasings(local_lake):
 def test_cold_start_trains_and_registers_an_adapter_from_the_sample(local_lake, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from vloop.registry import Registry
+    from vloop.learn.registry import Registry
 
     cfg = ColdStartConfig(work_dir=str(tmp_path / "work"), lora={"steps": 8, "batch_size": 4, "log_every": 4})
     r = cold_start(SAMPLE, lake=local_lake, base_model=str(tiny_model_dir), cfg=cfg, log=lambda *_: None)
@@ -134,7 +134,7 @@ def test_cold_start_trains_and_registers_an_adapter_from_the_sample(local_lake, 
     assert "heldout" in v.metrics["sets"] and r.gate["set"] == "heldout"
     assert any(e["kind"] == "gate" and e["ref"] == r.ref for e in reg.history())
     # The dataset: every seed row, held-out rows as written, paraphrases only in training.
-    from vloop.dataset import load_split, manifest
+    from vloop.learn.dataset import load_split, manifest
 
     train, held = load_split(local_lake, r.dataset_id, "train"), load_split(local_lake, r.dataset_id, "heldout")
     assert train["request_id"].nunique() + held["request_id"].nunique() == r.seed_rows == 60

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from tests.conftest import S3_KEYS
-from vloop.config import ConfigError, Settings, load_settings
-from vloop.lake import LakeConfigError, LakeUnavailable, LocalLake, S3Lake, lake_from_connection, open_lake
+from vloop.store.config import ConfigError, Settings, load_settings
+from vloop.store.lake import LakeConfigError, LakeUnavailable, LocalLake, S3Lake, lake_from_connection, open_lake
 
 ROOT = Path(__file__).resolve().parents[1]
 

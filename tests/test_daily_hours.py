@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tests.conftest import load_dag
-from vloop import daily
-from vloop.demo import simulated_day
-from vloop.lake import INTERACTIONS_DATASET, partition_prefix
-from vloop.schema import INTERACTION
+from vloop.curate import daily
+from vloop.sim.demo import simulated_day
+from vloop.store.lake import INTERACTIONS_DATASET, partition_prefix
+from vloop.store.schema import INTERACTION
 
 D = dt.date(2026, 9, 14)
 RUN_TIME = dt.datetime.combine(D + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)
@@ -30,12 +30,12 @@ def _add_interactions(lake, rows: list[dict], name: str) -> None:
 
 
 def test_hours_give_the_whole_day_figures(local_lake):
-    from vloop.ingest import ingest_day
-    from vloop.mining import mine, mine_phrasings
+    from vloop.curate.ingest import ingest_day
+    from vloop.curate.mining import mine, mine_phrasings
     from vloop.privacy import excluded_users
-    from vloop.quality import validate_feedback, validate_interactions
-    from vloop.report import daily_metrics
-    from vloop.selection import SelectionConfig, select
+    from vloop.curate.quality import validate_feedback, validate_interactions
+    from vloop.curate.report import daily_metrics
+    from vloop.curate.selection import SelectionConfig, select
 
     lake = local_lake
     simulated_day(lake, D, 1500, seed=11, pool=60, corrupt=5)
@@ -165,7 +165,7 @@ def test_mapped_dag_on_a_few_hours_and_on_an_empty_day(airflow_db, local_lake, m
 
 
 def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_lake):
-    """A JPEG keeps its orientation tag in the lake (vloop.images): the check measures the photo
+    """A JPEG keeps its orientation tag in the lake (vloop.store.images): the check measures the photo
     the way it is shown. An object no decoder reads (corrupt in storage, or compressed data that
     intake, which checks only the file's structure, let through) is flagged, not the day's end."""
     import io
@@ -194,7 +194,7 @@ def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_l
     assert iq.loc[turned, "niqe"] > 0 and pd.isna(iq.loc[broken, "niqe"])
     assert "distorted" in iq.loc[turned, "flags"] and not iq.loc[turned, "poor"]  # random pixels: far from pristine
     assert "1 distorted (NIQE)" in daily.image_summary(local_lake, day)
-    from vloop.imagequality import QualityThresholds
+    from vloop.curate.imagequality import QualityThresholds
 
     daily.check_images(local_lake, day, QualityThresholds(max_niqe=0.0))
     iq = daily.read_table(local_lake, daily.CURATED, day, "image_quality.parquet").set_index("image_key")

@@ -1,4 +1,4 @@
-"""Which annotations may become training examples (vloop.dataset's label rules), on a local lake."""
+"""Which annotations may become training examples (vloop.learn.dataset's label rules), on a local lake."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import datetime as dt
 
 import pandas as pd
 
-from vloop import daily
-from vloop.dataset import COLUMNS, GOLDEN_KEY, DatasetConfig, build_dataset, wrong_without_correction
-from vloop.synth import World
+from vloop.curate import daily
+from vloop.learn.dataset import COLUMNS, GOLDEN_KEY, DatasetConfig, build_dataset, wrong_without_correction
+from vloop.sim.synth import World
 
 DAY = dt.date(2026, 11, 20)
 

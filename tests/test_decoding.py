@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vloop.decoding import (BannedPhrases, PolicyCache, PolicyConflict, PolicyError, ban, contains_banned, current,
-                            history, token_bytes, unban)
+from vloop.vlm.decoding import (BannedPhrases, PolicyCache, PolicyConflict, PolicyError, ban, contains_banned, current,
+                                history, token_bytes, unban)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from vloop.model import processor_class
+    from vloop.vlm.model import processor_class
 
     return processor_class().from_pretrained(tiny_model_dir).tokenizer
 
@@ -32,7 +32,7 @@ def test_policy_versions_in_the_lake(local_lake):
     with pytest.raises(PolicyError, match="empty"):
         ban(local_lake, ["  "], actor="bob", reason="x")
     # Two people changing it at once: the one who read the older head is refused, nothing lost.
-    from vloop.decoding import _write
+    from vloop.vlm.decoding import _write
 
     stale = history(local_lake)[0]
     with pytest.raises(PolicyConflict, match="read it again"):
@@ -99,8 +99,8 @@ def test_the_longer_word_stays_allowed(tokenizer):
 
 
 def test_the_model_never_says_a_banned_word_it_would_say(tiny_model_dir):
-    from vloop.model import generate, load_model
-    from vloop.synth import World
+    from vloop.vlm.model import generate, load_model
+    from vloop.sim.synth import World
 
     lm = load_model(tiny_model_dir)
     samples = World(5).samples(8)

@@ -26,11 +26,11 @@ from PIL import Image
 
 from tests.conftest import free_port
 from tests.test_serving import Server, chat_body, wait_for
-from vloop.decoding import ban, contains_banned, current, unban
-from vloop.imagequality import quick_summary
-from vloop.images import normalise_image
-from vloop.lake import open_lake
-from vloop.synth import World
+from vloop.vlm.decoding import ban, contains_banned, current, unban
+from vloop.curate.imagequality import quick_summary
+from vloop.store.images import normalise_image
+from vloop.store.lake import open_lake
+from vloop.sim.synth import World
 
 TTL_S = 0.5
 

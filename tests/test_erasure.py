@@ -1,4 +1,4 @@
-"""Erasure, opt-outs, retention and the audit log (vloop.erasure, vloop.privacy) on both lake
+"""Erasure, opt-outs, retention and the audit log (vloop.privacy.erasure, vloop.privacy) on both lake
 backends (a local directory and the session's S3 server) and with the real Label Studio server.
 
 The erased user has records on two days (shipped through a real spool), tasks and annotations in
@@ -19,17 +19,17 @@ import pytest
 
 from tests.test_feedback_daily import run_steps
 from tests.test_labelstudio import annotate
-from vloop import daily
-from vloop.dataset import DatasetConfig, build_dataset
-from vloop.demo import simulated_day
-from vloop.erasure import (RetentionPolicy, apply_retention, erase_user, pending_erasures, request_erasure,
-                           work_erasure_queue)
-from vloop.labelstudio import LabelStudio
+from vloop.curate import daily
+from vloop.learn.dataset import DatasetConfig, build_dataset
+from vloop.sim.demo import simulated_day
+from vloop.privacy.erasure import (RetentionPolicy, apply_retention, erase_user, pending_erasures, request_erasure,
+                                   work_erasure_queue)
+from vloop.curate.labelstudio import LabelStudio
 from vloop.privacy import audit_log, read_opt_outs, read_tombstones, record_opt_out, remove_opt_out
-from vloop.registry import AdapterVersion, Registry
-from vloop.schema import FEEDBACK, INTERACTION
-from vloop.spool import Shipper, Spool
-from vloop.synth import World, golden_samples
+from vloop.learn.registry import AdapterVersion, Registry
+from vloop.store.schema import FEEDBACK, INTERACTION
+from vloop.capture.spool import Shipper, Spool
+from vloop.sim.synth import World, golden_samples
 
 D1, D2 = dt.date(2026, 10, 5), dt.date(2026, 10, 6)
 SEED = 77
@@ -122,7 +122,7 @@ def test_erase_a_user_everywhere(lake, ls_client, tmp_path, monkeypatch):
 
     # Label Studio unreachable (a real client, a closed port): the erasure fails loudly before it
     # removes anything from the lake, and keeps what it needs for the retry.
-    from vloop.labelstudio import LabelStudioError
+    from vloop.curate.labelstudio import LabelStudioError
 
     with pytest.raises(LabelStudioError):
         erase_user(lake, victim, actor="support@shop", label_studio=LabelStudio("http://127.0.0.1:9", "t", retries=0))
@@ -468,7 +468,7 @@ def demo_like_lake(lake, tmp_path, days=(D1, D2), rows=150):
     daily steps and reports, labels, a dataset snapshot, an adapter with its evaluation registered."""
     import pandas as pd
 
-    from vloop.labelstudio import LABELED_COLUMNS
+    from vloop.curate.labelstudio import LABELED_COLUMNS
 
     for d in days:
         simulated_day(lake, d, rows, seed=SEED)
@@ -517,11 +517,11 @@ WRITTEN_ELSEWHERE = ["labeling/dt=2026-10-06/pushed.json", "adapters/shoes/v1/ad
 
 def test_erasure_covers_every_kind_of_object(local_lake, tmp_path):
     """Every key of a demo-like lake (and every key the code writes elsewhere) is declared in
-    vloop.erasure.LAYOUT: covered by the erasure, or free of personal data. A new kind of object
+    vloop.privacy.erasure.LAYOUT: covered by the erasure, or free of personal data. A new kind of object
     fails here until it is declared. Objects declared as "rows" really carry a user key or a
     request id, the columns the erasure matches. On the previous main nothing declared the lake's
     layout, and registry versions and phrasings were not covered at all."""
-    from vloop.erasure import LAYOUT, coverage
+    from vloop.privacy.erasure import LAYOUT, coverage
 
     lake = local_lake
     demo_like_lake(lake, tmp_path, days=(D1,), rows=80)
@@ -545,8 +545,8 @@ def test_erasure_cleans_registry_metrics_and_phrasings(local_lake, tmp_path):
     kept the ids (registry/ was skipped), metrics.json lost ids but not their paired entries
     (the gate refused the misaligned lists), and phrasings.parquet kept the user's wordings with
     nothing to match them by."""
-    from vloop.mining import cluster_phrasings
-    from vloop.retrain import GateConfig, gate_decision
+    from vloop.curate.mining import cluster_phrasings
+    from vloop.learn.retrain import GateConfig, gate_decision
 
     lake = local_lake
     demo_like_lake(lake, tmp_path, days=(D1,), rows=300)
@@ -599,7 +599,7 @@ def test_erasure_queue_is_one_pass(local_lake, tmp_path):
     single user's erasure, and the lake ends exactly as erasing the three one by one leaves it.
     On the previous main each queued user scanned the whole lake on its own (three listings, every
     object read three times over)."""
-    from vloop.lake import LocalLake
+    from vloop.store.lake import LocalLake
 
     lake = local_lake
     demo_like_lake(lake, tmp_path, days=(D1,), rows=120)

@@ -7,7 +7,7 @@ import datetime as dt
 import pandas as pd
 import pytest
 
-from vloop.errortypes import error_types, hedged_mask, is_hedged, numbers, polarity
+from vloop.curate.errortypes import error_types, hedged_mask, is_hedged, numbers, polarity
 
 DAY = dt.datetime(2026, 11, 3, tzinfo=dt.timezone.utc)
 
@@ -56,7 +56,7 @@ def _edit(rid, text):
 
 
 def test_top_error_types_per_day_and_arm():
-    from vloop.report import errors_of_the_day, top_error_types
+    from vloop.curate.report import errors_of_the_day, top_error_types
 
     rows = [{"request_id": f"c{i}", "question": "What colour is this?", "answer": "red", "arm": "champion"}
             for i in range(4)]
@@ -90,7 +90,7 @@ def test_top_error_types_per_day_and_arm():
 
 
 def test_edit_length_rise_is_flagged_against_the_7_day_mean():
-    from vloop.report import AnswerQualityConfig, edit_length_by_category, edit_length_trend
+    from vloop.curate.report import AnswerQualityConfig, edit_length_by_category, edit_length_trend
 
     inter = _inter([{"request_id": f"r{i}", "question": "q", "answer": "a", "category": c}
                     for i, c in enumerate(["shoes"] * 6 + ["bags"] * 6)])
@@ -110,7 +110,7 @@ def test_edit_length_rise_is_flagged_against_the_7_day_mean():
 
 
 def test_phrases_users_delete_are_listed_with_counts_and_examples():
-    from vloop.report import deleted_phrases, deleted_runs
+    from vloop.curate.report import deleted_phrases, deleted_runs
 
     assert deleted_runs("I think it is red", "it is blue") == [["i", "think"]]  # "red" is a content word
     assert deleted_runs("可能是红色", "蓝色") == [["可", "能", "是"]]  # 红 is content
@@ -126,8 +126,8 @@ def test_phrases_users_delete_are_listed_with_counts_and_examples():
 
 
 def test_hedge_rate_and_answer_length_per_arm():
-    from vloop.mining import mine
-    from vloop.report import traffic_metrics
+    from vloop.curate.mining import mine
+    from vloop.curate.report import traffic_metrics
 
     inter = _inter([{"request_id": "a", "question": "q", "answer": "maybe red", "arm": "champion"},
                     {"request_id": "b", "question": "q", "answer": "red", "arm": "champion"},
@@ -139,7 +139,7 @@ def test_hedge_rate_and_answer_length_per_arm():
 
 
 def test_report_page_shows_the_quality_tables():
-    from vloop.report import answer_quality, render_html
+    from vloop.curate.report import answer_quality, render_html
 
     inter = _inter([{"request_id": "a", "question": "What colour is this?", "answer": "maybe red"}])
     fb = pd.DataFrame([_edit("a", "red")])

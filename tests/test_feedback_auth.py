@@ -11,10 +11,10 @@ import requests
 
 from serving.auth import ApiKeys, FeedbackTokens, TokenError, derive_secret, user_digest
 from tests.test_serving import SECRET, Server, chat_body, lake_table, minted
-from vloop.lake import open_lake
+from vloop.store.lake import open_lake
 from vloop.privacy import user_key
-from vloop.schema import FEEDBACK, INTERACTION
-from vloop.synth import World
+from vloop.store.schema import FEEDBACK, INTERACTION
+from vloop.sim.synth import World
 
 SHOP_KEY, OTHER_KEY = "shop-key-0123456789abcdef", "other-key-0123456789abcdef"
 
@@ -145,8 +145,8 @@ def test_daily_report_per_app_metrics(tmp_path):
     import pandas as pd
     import pyarrow as pa
 
-    from vloop.daily import CURATED, app_metrics, hour_key
-    from vloop.lake import LocalLake
+    from vloop.curate.daily import CURATED, app_metrics, hour_key
+    from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     day = dt.date(2026, 11, 3)
@@ -166,8 +166,8 @@ def test_a_retry_that_reached_two_replicas_counts_once(tmp_path):
     its arrival time (the earliest stays); distinct events with their own ids all stay."""
     import datetime as dt
 
-    from vloop.ingest import ingest_day
-    from vloop.lake import LocalLake
+    from vloop.curate.ingest import ingest_day
+    from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     t0 = dt.datetime(2026, 11, 3, 12, tzinfo=dt.timezone.utc)

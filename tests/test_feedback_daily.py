@@ -1,4 +1,4 @@
-"""The daily pipeline: each step of `vloop.daily` on a simulated day (no Airflow), then the
+"""The daily pipeline: each step of `vloop.curate.daily` on a simulated day (no Airflow), then the
 `feedback_daily` DAG end to end with `dag.test()` on a migrated SQLite metadata DB, a local lake
 and a real Label Studio server."""
 
@@ -13,12 +13,12 @@ import pytest
 
 from tests.conftest import load_dag
 from tests.test_labelstudio import annotate
-from vloop import daily
-from vloop.demo import simulated_day
-from vloop.labelstudio import LabelStudio
-from vloop.lake import LocalLake
+from vloop.curate import daily
+from vloop.sim.demo import simulated_day
+from vloop.curate.labelstudio import LabelStudio
+from vloop.store.lake import LocalLake
 from vloop.privacy import record_opt_out
-from vloop.quality import QualityGateError
+from vloop.curate.quality import QualityGateError
 
 D1, D2, D3, D4, D5 = (dt.date(2026, 11, d) for d in (20, 21, 22, 23, 24))
 
@@ -33,7 +33,7 @@ def run_steps(lake, day, **kw):
 
 
 def test_steps_without_airflow(local_lake, base_model_dir):
-    from vloop.model import load_model
+    from vloop.vlm.model import load_model
 
     lake = local_lake
     written = simulated_day(lake, D1, 600, seed=4, missing_logprobs=0.05, corrupt=6)
@@ -89,7 +89,7 @@ def test_steps_without_airflow(local_lake, base_model_dir):
 def test_a_day_without_traffic_is_a_normal_day(local_lake):
     """A deployment's first night: no interactions, no feedback. Every step succeeds, writes its
     outputs with the columns a day with traffic has, and reports zeros; the report says so."""
-    from vloop.mining import WEAK_LABELS
+    from vloop.curate.mining import WEAK_LABELS
 
     lake = local_lake
     run_time = lambda day: dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)  # noqa: E731

@@ -1,6 +1,6 @@
-"""The offline gate (vloop.retrain.gate_decision): a paired test on the same golden items, not a
+"""The offline gate (vloop.learn.retrain.gate_decision): a paired test on the same golden items, not a
 comparison of two averages; and the golden set it runs on is curated, never invented outside a
-simulation (vloop.dataset.ensure_golden)."""
+simulation (vloop.learn.dataset.ensure_golden)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from vloop.dataset import GOLDEN_KEY, GoldenSetMissing, ensure_golden
-from vloop.retrain import GateConfig, gate, gate_decision, mcnemar_exact_p, paired_difference_interval
+from vloop.learn.dataset import GOLDEN_KEY, GoldenSetMissing, ensure_golden
+from vloop.learn.retrain import GateConfig, gate, gate_decision, mcnemar_exact_p, paired_difference_interval
 
 
 def paired_metrics(cand, champ, categories=None, set_name="golden", paired=True) -> dict:
@@ -146,7 +146,7 @@ def test_gate_false_pass_rate_of_equal_models(accuracy, agreement):
 
 class _Sample:
     def __init__(self, i):
-        from vloop.synth import World
+        from vloop.sim.synth import World
 
         self._s = World(7).sample(i)
         self.id, self.question, self.answer = f"s{i}", self._s.question, self._s.answer
@@ -184,16 +184,16 @@ def test_ensure_golden_writes_given_samples_once(local_lake, monkeypatch):
 
 
 def test_simulation_golden_samples_are_the_fixed_synthetic_set():
-    from vloop.synth import GOLDEN_SEED, World, golden_samples
+    from vloop.sim.synth import GOLDEN_SEED, World, golden_samples
 
     a, b = golden_samples(3), World(GOLDEN_SEED).samples(3)
     assert [s.id for s in a] == [s.id for s in b]
 
 
 def test_production_intent_of_matches_the_synthetic_worlds_questions():
-    from vloop.evaluation import intent_of
-    from vloop.synth import QUESTIONS, SUITABLE_QUESTIONS
-    from vloop.synth import intent_of as synth_intent_of
+    from vloop.learn.evaluation import intent_of
+    from vloop.sim.synth import QUESTIONS, SUITABLE_QUESTIONS
+    from vloop.sim.synth import intent_of as synth_intent_of
 
     questions = [q for qs in QUESTIONS.values() for q in qs]
     questions += [q for _, (_, by_lang) in SUITABLE_QUESTIONS.items() for qs in by_lang.values() for q in qs]

@@ -1,7 +1,7 @@
 """The GPU training path, checked on a CPU.
 
 What these tests can show without a GPU: that every training batch goes through
-``vloop.sft.batch_to_model`` and lands on the device and in the dtype of the model's input
+``vloop.learn.sft.batch_to_model`` and lands on the device and in the dtype of the model's input
 embeddings, whatever they are (the ``meta`` device stands in for "a device other than the CPU",
 float64 for "a dtype other than the processor's float32"); that the flags resolve to bf16 +
 gradient checkpointing for CUDA and to the old fp32 behaviour for a CPU; that the bf16-autocast +
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from training.lora import LoraTrainConfig, add_lora
-from vloop.sft import batch_to_model, run_sft, train_step, warmup_cosine
+from vloop.learn.sft import batch_to_model, run_sft, train_step, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,8 @@ def test_run_sft_feeds_the_model_moved_batches(tiny_model_dir):
     """The processor makes float32 pixels; a float64 model must receive float64 ones, which only
     happens if run_sft moves each batch with batch_to_model (Qwen3-VL would cast the pixels itself,
     so without the spy this could not be told apart)."""
-    from vloop.model import load_model
-    from vloop.synth import World
+    from vloop.vlm.model import load_model
+    from vloop.sim.synth import World
 
     lm = load_model(tiny_model_dir, device="cpu", dtype=torch.float64)
     spy = Spy(lm.model)
@@ -108,8 +108,8 @@ def test_run_sft_feeds_the_model_moved_batches(tiny_model_dir):
 def test_bf16_autocast_and_gradient_checkpointing_train_the_tiny_model(tiny_model_dir):
     """The flags CUDA gets, run on the CPU's bf16 autocast: bf16 base, fp32 LoRA weights that the
     optimiser moves, finite losses; and the forward really ran in bf16 (logits dtype)."""
-    from vloop.model import encode, load_model
-    from vloop.synth import World
+    from vloop.vlm.model import encode, load_model
+    from vloop.sim.synth import World
 
     run = LoraTrainConfig(rank=4, device="cpu", bf16=True, gradient_checkpointing=True).resolved()
     lm = load_model(tiny_model_dir, device=run.device, dtype=run.dtype)

@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vloop.grounding import GroundingConfig, grounding_scores, neutral_like, score_rows
-from vloop.synth import World
+from vloop.curate.grounding import GroundingConfig, grounding_scores, neutral_like, score_rows
+from vloop.sim.synth import World
 
 DAY = dt.date(2026, 11, 20)
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    from vloop.model import load_model
+    from vloop.vlm.model import load_model
 
     return load_model(tiny_model_dir)
 
@@ -28,7 +28,7 @@ def samples():
 
 
 def test_grounding_is_the_log_likelihood_gain_from_the_image(lm, samples):
-    from vloop.model import score_answers
+    from vloop.vlm.model import score_answers
 
     imgs = [s.image for s in samples]
     qs, ans = [s.question for s in samples], [s.answer for s in samples]
@@ -52,7 +52,7 @@ def _register_random_adapter(lake, lm, tmp_path, name="vqa", version="v1"):
     import torch
 
     from training.lora import LoraTrainConfig, add_lora
-    from vloop.registry import AdapterVersion, Registry
+    from vloop.learn.registry import AdapterVersion, Registry
 
     model = add_lora(copy.deepcopy(lm.model), LoraTrainConfig(rank=4))
     torch.manual_seed(0)
@@ -98,9 +98,9 @@ def test_each_answer_is_grounded_by_the_model_version_that_gave_it(lm, samples, 
 
 
 def test_daily_confidence_step_grounds_answers_and_selection_uses_it(lm, local_lake):
-    from vloop import daily
-    from vloop.demo import simulated_day
-    from vloop.selection import SelectionConfig
+    from vloop.curate import daily
+    from vloop.sim.demo import simulated_day
+    from vloop.curate.selection import SelectionConfig
 
     simulated_day(local_lake, DAY, 30, seed=3, pool=10)
     daily.ingest(local_lake, DAY, dt.datetime.combine(DAY + dt.timedelta(days=1), dt.time(1), dt.timezone.utc))
@@ -125,7 +125,7 @@ def test_daily_confidence_step_grounds_answers_and_selection_uses_it(lm, local_l
 
 
 def test_selection_picks_accepted_answers_with_low_grounding():
-    from vloop.selection import select
+    from vloop.curate.selection import select
 
     cands = pd.DataFrame({"request_id": ["a", "b", "c", "d"], "user_key": "u", "image_key": None,
                           "image_sha256": ["1", "2", "3", "4"], "question": "q", "category": "shoes",
@@ -140,7 +140,7 @@ def test_selection_picks_accepted_answers_with_low_grounding():
 
 
 def test_report_grounding_auroc_and_wording_against_edits():
-    from vloop.report import signal_quality
+    from vloop.curate.report import signal_quality
 
     labels = pd.DataFrame({"request_id": [f"r{i}" for i in range(6)], "arm": ["champion"] * 4 + ["canary"] * 2,
                            "verdict": ["correct", "correct", "wrong", "wrong", "correct", "wrong"],
@@ -157,7 +157,7 @@ def test_report_grounding_auroc_and_wording_against_edits():
     assert np.isnan(s.loc["canary", "bleu_vs_edits"]) and s.loc["canary", "edits"] == 0
     assert len(signal_quality(None, {}, edits.iloc[:0])) == 0
     # Per-item scores average to what the evaluation reports.
-    from vloop.evaluation import scores, sentence_bleu_rouge
+    from vloop.learn.evaluation import scores, sentence_bleu_rouge
 
     p, r = ["red shoes", "可能是红色", "a b c d"], ["red shoes", "蓝色", "a b c e"]
     bleu, rouge = sentence_bleu_rouge(p, r)

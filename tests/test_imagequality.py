@@ -4,8 +4,8 @@ from collections import defaultdict
 
 from PIL import Image
 
-from vloop.imagequality import QualityThresholds, assess
-from vloop.synth import World
+from vloop.curate.imagequality import QualityThresholds, assess
+from vloop.sim.synth import World
 
 
 def test_degraded_photos_are_flagged_and_clean_ones_mostly_not():
@@ -20,7 +20,7 @@ def test_degraded_photos_are_flagged_and_clean_ones_mostly_not():
 
 def test_each_flag_names_its_problem():
     s = World(1).sample(0)
-    from vloop.synth import degrade
+    from vloop.sim.synth import degrade
     import random
 
     assert "blurry" in assess(degrade(s.image, "blur", random.Random(0))).flags
@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import ImageFilter  # noqa: E402
 
-from vloop.imagequality import NiqeConfig, PristineModel, fit_pristine, niqe, pristine_model  # noqa: E402
-from vloop.synth import textured_scene  # noqa: E402
+from vloop.curate.imagequality import NiqeConfig, PristineModel, fit_pristine, niqe, pristine_model  # noqa: E402
+from vloop.sim.synth import textured_scene  # noqa: E402
 
 # Seeds far from the ones the shipped model was fitted on (0..199): unseen textured images.
 TEST_SEEDS = (5000, 5001, 5002)
@@ -108,7 +108,7 @@ def test_shipped_pristine_model_and_refit(tmp_path):
 def test_summary_for_the_serving_response_is_json_ready():
     import json
 
-    from vloop.imagequality import summary
+    from vloop.curate.imagequality import summary
 
     clean = summary(textured_scene(TEST_SEEDS[0], 256))
     assert clean["flags"] == [] and clean["advice"] is None and clean["niqe"] > 0
@@ -141,7 +141,7 @@ def _distorted_set(size):
 def test_reduced_niqe_ranks_photos_as_the_full_resolution_score():
     from scipy.stats import spearmanr
 
-    from vloop.imagequality import NIQE_SIDE, niqe_reduced
+    from vloop.curate.imagequality import NIQE_SIDE, niqe_reduced
 
     files = [f for size in (256, 512) for per_seed in _distorted_set(size) for f in per_seed]
     full = [niqe(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
@@ -155,7 +155,7 @@ def test_reduced_niqe_ranks_photos_as_the_full_resolution_score():
 
 @pytest.mark.parametrize("size", (256, 512))
 def test_reduced_niqe_rises_with_blur_noise_and_jpeg(size):
-    from vloop.imagequality import niqe_reduced
+    from vloop.curate.imagequality import niqe_reduced
 
     for files in _distorted_set(size):
         clean, rest = niqe_reduced(files[0]), files[1:]
@@ -167,7 +167,7 @@ def test_reduced_niqe_rises_with_blur_noise_and_jpeg(size):
 def test_default_niqe_threshold_comes_from_pristine_scenes():
     """DEFAULT_MAX_NIQE is the 0.99 quantile of held-out pristine scenes' reduced-decode NIQE
     (seeds 1000-1199), rounded up to a tenth; recomputed here on the first 50 of them."""
-    from vloop.imagequality import DEFAULT_MAX_NIQE, QualityThresholds, flags_with_niqe, is_poor, niqe_reduced
+    from vloop.curate.imagequality import DEFAULT_MAX_NIQE, QualityThresholds, flags_with_niqe, is_poor, niqe_reduced
 
     scores = [niqe_reduced(textured_scene(1000 + i, 256)) for i in range(50)]
     assert np.quantile(scores, 0.99) <= DEFAULT_MAX_NIQE < 1.25 * max(scores)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from vloop.images import ImageError, ImageTooLarge, normalise_image, open_image
+from vloop.store.images import ImageError, ImageTooLarge, normalise_image, open_image
 
 LIMITS = {"max_bytes": 2**24, "max_pixels": 2**24}
 

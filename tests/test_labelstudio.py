@@ -7,11 +7,11 @@ import httpx
 import pandas as pd
 import pytest
 
-from vloop.labelstudio import (LABEL_CONFIG, LabelStudio, LabelStudioError, image_reference,
-                               normalise_annotations, task_payload)
+from vloop.curate.labelstudio import (LABEL_CONFIG, LabelStudio, LabelStudioError, image_reference,
+                                      normalise_annotations, task_payload)
 from tests.conftest import S3_READ_ONLY_KEYS
-from vloop.lake import LakeError, LocalLake, S3Lake
-from vloop.synth import World
+from vloop.store.lake import LakeError, LocalLake, S3Lake
+from vloop.sim.synth import World
 
 
 def interaction(i: int, lake, **kw) -> dict:
@@ -134,8 +134,8 @@ def test_wrong_verdict_with_the_model_answer_left_unchanged_is_not_trained_on(la
     import datetime as dt
 
     from tests.test_dataset_labels import write_golden
-    from vloop import daily
-    from vloop.dataset import DatasetConfig, build_dataset
+    from vloop.curate import daily
+    from vloop.learn.dataset import DatasetConfig, build_dataset
 
     url, token, docroot = label_studio
     lake = LocalLake(docroot / "lake-unchanged", max_image_bytes=2**20, max_image_pixels=2**20)

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vloop.images import ImageError, ImageTooLarge
-from vloop.lake import MANIFEST, LakeKeyNotFound, check_key, partition_prefix
-from vloop.schema import INTERACTION
+from vloop.store.images import ImageError, ImageTooLarge
+from vloop.store.lake import MANIFEST, LakeKeyNotFound, check_key, partition_prefix
+from vloop.store.schema import INTERACTION
 
 DAY = dt.date(2026, 11, 3)
 

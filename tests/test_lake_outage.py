@@ -24,10 +24,10 @@ from PIL import Image
 
 from tests.conftest import S3_KEYS, free_port
 from tests.test_serving import Server, chat_body, data_url, distinct_photo, lake_table, wait_for
-from vloop.lake import open_lake
-from vloop.s3server import start_seaweedfs
-from vloop.schema import INTERACTION
-from vloop.synth import World
+from vloop.store.lake import open_lake
+from vloop.store.s3server import start_seaweedfs
+from vloop.store.schema import INTERACTION
+from vloop.sim.synth import World
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import json
 import uuid
 
 from tests.conftest import load_dag
-from vloop import daily
-from vloop.demo import simulated_day
-from vloop.lake import LocalLake, partition_prefix
-from vloop.schema import FEEDBACK
+from vloop.curate import daily
+from vloop.sim.demo import simulated_day
+from vloop.store.lake import LocalLake, partition_prefix
+from vloop.store.schema import FEEDBACK
 
 D1, D2 = dt.date(2026, 10, 5), dt.date(2026, 10, 6)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -69,13 +70,13 @@ def test_make_demo_on_a_fresh_clone_builds_every_venv_it_needs(tmp_path):
     assert plan.index("requirements/labelstudio.txt") < plan.index("vloop demo")
 
 
-SIMULATION = {"synth", "tiny", "pretrain", "demo", "demo_loop", "efficacy"}  # vloop's simulation modules
-# Production modules that still reach the simulation, each with why; the test fails when one is
-# fixed (drop it here) or a new one appears. Entry points that dispatch to the demo's commands:
+STAGES = ("store", "vlm", "capture", "privacy", "curate", "learn", "release", "sim")  # vloop's subpackages
+# Production modules that still reach the simulation (vloop.sim), each with why; the test fails
+# when one is fixed (drop it here) or a new one appears. Entry points that dispatch to the demo's commands:
 KNOWN_SIMULATION_IMPORTS = {
-    ("include/vloop/cli.py", "vloop.demo_loop"),  # `vloop demo`
-    ("include/vloop/cli.py", "vloop.tiny"),  # `vloop tiny-model`
-    ("include/vloop/cli.py", "vloop.pretrain"),  # `vloop pretrain-base`
+    ("include/vloop/cli.py", "vloop.sim.demo_loop"),  # `vloop demo`
+    ("include/vloop/cli.py", "vloop.sim.tiny"),  # `vloop tiny-model`
+    ("include/vloop/cli.py", "vloop.sim.pretrain"),  # `vloop pretrain-base`
 }
 
 
@@ -98,18 +99,42 @@ def _imported_modules(path: Path):
 
 
 def test_production_code_never_imports_the_simulation():
-    """DESIGN.md, "Layout": production modules (include/vloop except the simulation itself,
-    serving, training, plugins) never import vloop.synth/tiny/pretrain/demo, not even inside a
-    function. DAG files are wiring and may, in a branch that only runs with VLOOP_SIMULATION."""
-    files = [p for p in (ROOT / "include" / "vloop").rglob("*.py")
-             if not (p.parent == ROOT / "include" / "vloop" and p.stem in SIMULATION)]
+    """DESIGN.md, "Layout": production modules (include/vloop outside vloop.sim, serving,
+    training, plugins) never import vloop.sim, not even inside a function. DAG files are wiring
+    and may, in a branch that only runs with VLOOP_SIMULATION."""
+    files = [p for p in (ROOT / "include" / "vloop").rglob("*.py") if "sim" not in p.relative_to(ROOT / "include/vloop").parts]
     for d in ("serving", "training", "plugins"):
         files += list((ROOT / d).rglob("*.py"))
     found = set()
     for p in files:
         for mod in _imported_modules(p):
-            parts = mod.split(".")
-            if parts[0] == "vloop" and len(parts) > 1 and parts[1] in SIMULATION:
-                found.add((p.relative_to(ROOT).as_posix(), "vloop." + parts[1]))
+            if mod == "vloop.sim" or mod.startswith("vloop.sim."):
+                found.add((p.relative_to(ROOT).as_posix(), ".".join(mod.split(".")[:3])))
     assert found - KNOWN_SIMULATION_IMPORTS == set(), "production code imports the simulation"
     assert KNOWN_SIMULATION_IMPORTS - found == set(), "fixed: remove from KNOWN_SIMULATION_IMPORTS"
+
+
+def test_vloop_is_grouped_by_stage_and_stages_use_each_others_public_names():
+    """Every module of vloop lives in a stage's folder (only the package's entry points, the
+    ``vloop`` command and the Airflow page, stand at the top), each stage says what it owns in
+    its ``__init__``, and no code outside a stage imports its private (underscore) modules or
+    names."""
+    pkg = ROOT / "include" / "vloop"
+    top = {p.stem for p in pkg.glob("*.py")}
+    assert top == {"__init__", "cli", "uipage", "services"}, top
+    assert {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(STAGES)
+    for stage in STAGES:
+        doc = ast.get_docstring(ast.parse((pkg / stage / "__init__.py").read_text()))
+        assert doc and len(doc) > 150, stage
+        assert len(list((pkg / stage).glob("*.py"))) >= 3, stage
+    offenders = []
+    for p in list(pkg.rglob("*.py")) + [q for d in ("serving", "training", "plugins", "dags", "bench", "tests")
+                                        for q in (ROOT / d).rglob("*.py")]:
+        rel = p.relative_to(ROOT).as_posix()
+        own = p.relative_to(pkg).parts[0] if p.is_relative_to(pkg) else None
+        for mod in _imported_modules(p):
+            parts = mod.split(".")
+            if parts[0] == "vloop" and len(parts) > 2 and parts[1] in STAGES and parts[1] != own \
+                    and any(x.startswith("_") for x in parts[2:]) and rel.split("/")[0] != "tests":
+                offenders.append((rel, mod))
+    assert offenders == [], "imports of another stage's private names"

@@ -1,9 +1,9 @@
-"""bench/loop_efficacy.py's simulation (vloop.efficacy): strategies see the same traffic and spend
+"""bench/loop_efficacy.py's simulation (vloop.sim.efficacy): strategies see the same traffic and spend
 the same budget, and the figures follow the seed (nothing is fixed in advance)."""
 
 import pytest
 
-from vloop.efficacy import EfficacyConfig, day_traffic, labels_to_reach, run_experiment, time_to_fix
+from vloop.sim.efficacy import EfficacyConfig, day_traffic, labels_to_reach, run_experiment, time_to_fix
 
 
 def test_traffic_is_the_same_for_every_strategy_and_changes_with_the_seed():

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from vloop.model import (Confidence, InputError, ModelLoadError, auroc, encode, generate, load_model,
-                         score_answers)
-from vloop.synth import World
-from vloop.tiny import build_tiny_model
+from vloop.vlm.model import (Confidence, InputError, ModelLoadError, auroc, encode, generate, load_model,
+                             score_answers)
+from vloop.sim.synth import World
+from vloop.sim.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_tiny_model_is_a_real_small_qwen3_vl(tiny, tiny_model_dir):
 
 
 def test_reloads_offline_in_a_fresh_process(tiny_model_dir):
-    code = ("from vloop.model import load_model; lm = load_model(r'%s'); "
+    code = ("from vloop.vlm.model import load_model; lm = load_model(r'%s'); "
             "print(type(lm.processor).__name__, lm.model.num_parameters())" % tiny_model_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from vloop.netguard import FetchError, FetchPolicy, fetch_url
+from vloop.capture.netguard import FetchError, FetchPolicy, fetch_url
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import datetime as dt
 import pandas as pd
 import pytest
 
-from vloop.mining import MiningRules, edit_distance, mine
-from vloop.quality import QualityConfig, QualityGateError, check_gate, validate_interactions
-from vloop.schema import INTERACTION
+from vloop.curate.mining import MiningRules, edit_distance, mine
+from vloop.curate.quality import QualityConfig, QualityGateError, check_gate, validate_interactions
+from vloop.store.schema import INTERACTION
 
 DAY0 = dt.datetime(2026, 11, 3, tzinfo=dt.timezone.utc)
 DAY1 = DAY0 + dt.timedelta(days=1)
@@ -92,7 +92,7 @@ def test_implicit_feedback_rules():
 
 def test_mining_without_feedback_or_traffic():
     """No feedback at all (it used to fail with KeyError: '_pos'), and a day without interactions."""
-    from vloop.mining import MINED_COLUMNS
+    from vloop.curate.mining import MINED_COLUMNS
 
     inter = pd.DataFrame([row(i) for i in range(3)])
     no_fb = pd.DataFrame(columns=["request_id", "ts", "type", "edited_text", "dwell_ms", "rating"])
@@ -110,8 +110,8 @@ def test_edit_distance():
 
 
 def test_ingest_joins_late_feedback_and_drops_exact_duplicates(lake):
-    from vloop.ingest import ingest_day
-    from vloop.schema import FEEDBACK
+    from vloop.curate.ingest import ingest_day
+    from vloop.store.schema import FEEDBACK
 
     rows = [row(i) for i in range(4)]
     lake.write_partition("raw/interactions", INTERACTION.to_table(rows[:3]), DAY0.date(), hour=0)
@@ -130,7 +130,7 @@ def test_ingest_joins_late_feedback_and_drops_exact_duplicates(lake):
 
 
 def test_selection_prioritises_explains_and_excludes():
-    from vloop.selection import SelectionConfig, select
+    from vloop.curate.selection import SelectionConfig, select
 
     rows = [row(i, confidence=0.9, category="shoes", image_sha256=f"{i:064x}", image_key=f"raw/images/{i}.png")
             for i in range(10)]
@@ -158,7 +158,7 @@ def test_selection_prioritises_explains_and_excludes():
 
 
 def test_daily_metrics_per_arm_and_calibration():
-    from vloop.report import daily_metrics, expected_calibration_error, top_error_categories
+    from vloop.curate.report import daily_metrics, expected_calibration_error, top_error_categories
 
     assert expected_calibration_error([0.9, 0.9], [True, True]) == pytest.approx(0.1)
     assert expected_calibration_error([0.95, 0.15], [True, False]) == pytest.approx(0.1)
@@ -188,7 +188,7 @@ def test_daily_metrics_per_arm_and_calibration():
 
 def test_outcome_flags_is_the_one_definition_of_acceptance():
     """accepted = an ``accept`` event, edited = an ``edit`` event; dwell, close, ratings are neither."""
-    from vloop.report import outcome_flags, traffic_metrics
+    from vloop.curate.report import outcome_flags, traffic_metrics
 
     inter = pd.DataFrame([row(i, user_key=f"u{i % 2}", arm="canary" if i >= 4 else "champion", adapter=None)
                           for i in range(6)])

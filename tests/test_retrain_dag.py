@@ -12,12 +12,12 @@ import requests
 from tests.conftest import load_dag
 from tests.test_serving import TOKEN, Server
 from tests.test_training import write_labels
-from vloop import daily
-from vloop.dataset import ensure_golden
-from vloop.demo import simulated_day
-from vloop.lake import LocalLake
-from vloop.registry import Registry
-from vloop.synth import World
+from vloop.curate import daily
+from vloop.learn.dataset import ensure_golden
+from vloop.sim.demo import simulated_day
+from vloop.store.lake import LocalLake
+from vloop.learn.registry import Registry
+from vloop.sim.synth import World
 
 DAY = dt.date(2026, 11, 20)
 

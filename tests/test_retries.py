@@ -10,9 +10,9 @@ import pytest
 from tests.test_training import DAY, write_labels
 from training.job import TrainJob, train
 from training.lora import LoraTrainConfig
-from vloop.dataset import DatasetConfig, build_dataset
-from vloop.registry import AdapterVersion, Registry, RegistryError
-from vloop.synth import World, golden_samples
+from vloop.learn.dataset import DatasetConfig, build_dataset
+from vloop.learn.registry import AdapterVersion, Registry, RegistryError
+from vloop.sim.synth import World, golden_samples
 
 
 def test_train_retried_after_its_upload_reuses_it(s3_lake, s3_endpoint, tiny_model_dir, tmp_path, monkeypatch):

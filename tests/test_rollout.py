@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vloop.rollout import Decision, RolloutPolicy, decide, mixture_radius, rate_variance
+from vloop.release.rollout import Decision, RolloutPolicy, decide, mixture_radius, rate_variance
 
 STATS = ("users", "requests", "accepted", "edited",
          "requests_sq", "accepted_sq", "edited_sq", "accepted_x_requests", "edited_x_requests")
@@ -151,7 +151,7 @@ def test_broken_canary_with_a_sample_ratio_mismatch_is_taken_off():
     """A canary at 7% of the users instead of 10%, with a 43% error rate and a 5 s p95: a split
     mismatch most often means replicas that failed to load the canary, exactly when it is broken.
     The guardrails win over the SRM check once the canary has ``guardrail_min_requests``; before
-    that a halt may come first, and a halt takes the canary off too (vloop.canary.step). Either way
+    that a halt may come first, and a halt takes the canary off too (vloop.release.canary.step). Either way
     the experiment ends within the first hours, and no look, however late, halts it instead."""
     rng = np.random.default_rng(12)
     errors, p95 = {"champion": 0.01, "canary": 0.43}, {"champion": 800.0, "canary": 5000.0}

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vloop.schema import FEEDBACK, INTERACTION, RecordError
+from vloop.store.schema import FEEDBACK, INTERACTION, RecordError
 
 TS = dt.datetime(2026, 11, 3, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -101,7 +101,7 @@ def test_not_a_mapping():
 
 def test_files_written_before_the_app_field_still_read(tmp_path):
     """`app` came after data existed: a file without the column reads with app = null."""
-    from vloop.lake import LocalLake
+    from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     row = INTERACTION.to_row(interaction())

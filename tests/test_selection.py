@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import pandas as pd
 
-from vloop.selection import SelectionConfig, finish_selection, merge_parts, select, select_part, uniform_sample
+from vloop.curate.selection import SelectionConfig, finish_selection, merge_parts, select, select_part, uniform_sample
 
 
 def _day(n=400, seed=0):
@@ -31,7 +31,7 @@ def test_audit_share_of_the_budget_goes_to_uniform_picks_outside_the_priority_on
     assert len(prio) == 30 + (chosen["pick"] == "both").sum()
     # The audit is drawn from every eligible row, priority picks included (else it would miss the
     # errors priority found and under-state the base rate): a shared row is labelled once.
-    from vloop.selection import audit_keys, select_part
+    from vloop.curate.selection import audit_keys, select_part
     eligible = select_part(cands, mined, cfg=cfg, category_error_rate={}, salt="2030-01-01").pool
     drawn = set(eligible.nsmallest(10, "_audit_key")["request_id"])
     assert set(chosen.loc[chosen["pick"] == "audit", "request_id"]) <= drawn
@@ -70,7 +70,7 @@ def test_uniform_sample_is_uniform():
 
 
 def test_report_shows_the_selections_hit_rate_beside_the_audits_base_rate():
-    from vloop.report import selection_hit_rates
+    from vloop.curate.report import selection_hit_rates
 
     selected = pd.DataFrame({"request_id": [f"p{i}" for i in range(20)] + [f"a{i}" for i in range(10)] + ["old"],
                              "selected_on": ["2030-01-01"] * 30 + ["2029-12-31"],

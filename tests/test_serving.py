@@ -24,10 +24,10 @@ import requests
 from PIL import Image, ImageOps
 
 from tests.conftest import S3_KEYS, free_port
-from vloop.images import open_image
-from vloop.lake import open_lake
-from vloop.schema import FEEDBACK, INTERACTION
-from vloop.synth import World
+from vloop.store.images import open_image
+from vloop.store.lake import open_lake
+from vloop.store.schema import FEEDBACK, INTERACTION
+from vloop.sim.synth import World
 
 TOKEN = "test-admin-token"
 SECRET = "test-user-key-secret"
@@ -156,7 +156,7 @@ def test_chat_and_feedback_land_in_the_lake(backend, base_model_dir, tmp_path, s
         assert f.status_code == 202, f.text
     finally:
         srv.stop()  # a clean stop drains the spool into the lake
-    lake = open_lake(lake_url, settings=__import__("vloop.config", fromlist=["x"]).load_settings(
+    lake = open_lake(lake_url, settings=__import__("vloop.store.config", fromlist=["x"]).load_settings(
         {**extra, "VLOOP_LAKE_URL": lake_url}))
     inter = lake_table(lake, "raw/interactions", INTERACTION.arrow).to_pylist()
     assert [x["request_id"] for x in inter] == [rid]

@@ -17,9 +17,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_serving import Server, lake_table
-from vloop.lake import open_lake
-from vloop.model import MAX_QUESTION_CHARS
-from vloop.schema import INTERACTION
+from vloop.store.lake import open_lake
+from vloop.vlm.model import MAX_QUESTION_CHARS
+from vloop.store.schema import INTERACTION
 
 _photo_lock = threading.Lock()
 _photo_n = [0]
@@ -170,18 +170,18 @@ def test_bad_requests_never_fail_their_neighbours(gateway):
 def test_a_failing_batch_is_split_so_only_the_bad_request_fails(tiny_model_dir, monkeypatch):
     """The engine's own guard, for whatever gets past validation: a batch that fails is split
     until the failing request is alone, and only that one fails (a bad input as a 400)."""
-    import vloop.model
+    import vloop.vlm.model
     from serving.engine import EngineError, GenRequest, LocalEngine
 
-    real, calls = vloop.model.generate, []
+    real, calls = vloop.vlm.model.generate, []
 
     def generate(lm, images, questions, **kw):
         calls.append(len(questions))
         if any("POISON" in q for q in questions):
-            raise vloop.model.InputError("this question cannot be encoded")
+            raise vloop.vlm.model.InputError("this question cannot be encoded")
         return real(lm, images, questions, **kw)
 
-    monkeypatch.setattr(vloop.model, "generate", generate)
+    monkeypatch.setattr(vloop.vlm.model, "generate", generate)
     engine = LocalEngine(str(tiny_model_dir), batch_wait_s=0.5)  # wide window: one batch of all 8
     try:
         with pytest.raises(EngineError) as e:  # over the model's limit: refused on submission

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from vloop.lake import S3Lake
-from vloop.schema import INTERACTION
-from vloop.spool import Shipper, Spool, read_segment
+from vloop.store.lake import S3Lake
+from vloop.store.schema import INTERACTION
+from vloop.capture.spool import Shipper, Spool, read_segment
 
 TS = dt.datetime(2026, 11, 3, 10, 59, 59, tzinfo=dt.timezone.utc)
 
@@ -155,11 +155,11 @@ def test_a_second_gateway_cannot_take_over_a_live_spool(tmp_path):
     import subprocess
     import sys
 
-    from vloop.spool import SpoolLocked
+    from vloop.capture.spool import SpoolLocked
 
     root = tmp_path / "spool"
     owner = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from vloop.spool import Spool; s = Spool(sys.argv[1]); "
+        "import sys, time; from vloop.capture.spool import Spool; s = Spool(sys.argv[1]); "
         "s.append('interactions', {'request_id': 'x'}); print('ready', flush=True); time.sleep(60)"), str(root)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -179,7 +179,7 @@ def test_a_second_gateway_cannot_take_over_a_live_spool(tmp_path):
 
 
 def test_shipper_watermark_tells_when_a_day_is_in_the_lake(lake, tmp_path):
-    from vloop.spool import shippers_caught_up
+    from vloop.capture.spool import shippers_caught_up
 
     day_end = dt.datetime.combine(TS.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
     assert shippers_caught_up(lake, day_end)[0]  # no gateway has shipped here: nothing to wait for
@@ -213,7 +213,7 @@ def test_shipper_watermark_tells_when_a_day_is_in_the_lake(lake, tmp_path):
 
 
 def test_a_day_waits_for_late_shippers_until_the_grace_period_ends(local_lake):
-    from vloop.spool import day_is_shipped
+    from vloop.capture.spool import day_is_shipped
 
     day, grace = TS.date(), dt.timedelta(hours=2)
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)

@@ -8,12 +8,12 @@ import datetime as dt
 import json
 import os
 
-from vloop.erasure import erase_user
-from vloop.images import image_key, normalise_image
+from vloop.privacy.erasure import erase_user
+from vloop.store.images import image_key, normalise_image
 from vloop.privacy import record_tombstone, user_key
-from vloop.schema import INTERACTION
-from vloop.spool import ERASED_IMAGES, WATERMARKS, Shipper, Spool, check_images, key_sha256
-from vloop.synth import World
+from vloop.store.schema import INTERACTION
+from vloop.capture.spool import ERASED_IMAGES, WATERMARKS, Shipper, Spool, check_images, key_sha256
+from vloop.sim.synth import World
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 ALICE, BOB = user_key("alice", "s"), user_key("bob", "s")

@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from tests.test_serving import chat_body, data_url, lake_table, server, wait_for  # noqa: F401 (fixture)
-from vloop.lake import open_lake
-from vloop.schema import INTERACTION
-from vloop.synth import World
+from vloop.store.lake import open_lake
+from vloop.store.schema import INTERACTION
+from vloop.sim.synth import World
 
 
 def client(srv):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import ImageStat
 
-from vloop.synth import (CATEGORIES, COLOURS, DEGRADATIONS, INTENTS, QUESTIONS, SUITABLE_QUESTIONS,
-                         World, answer_for, degrade, render)
+from vloop.sim.synth import (CATEGORIES, COLOURS, DEGRADATIONS, INTENTS, QUESTIONS, SUITABLE_QUESTIONS,
+                             World, answer_for, degrade, render)
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

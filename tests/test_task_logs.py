@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from vloop.retrain import run_streaming
+from vloop.learn.retrain import run_streaming
 
 
 def test_run_streaming_echoes_stderr_and_returns_stdout(tmp_path):

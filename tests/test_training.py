@@ -16,10 +16,10 @@ import time
 import pandas as pd
 import pytest
 
-from vloop import daily
-from vloop.dataset import DatasetConfig, build_dataset, ensure_golden, load_split
-from vloop.registry import AdapterVersion, Registry, RegistryError, new_version
-from vloop.synth import GOLDEN_SEED, World, golden_samples
+from vloop.curate import daily
+from vloop.learn.dataset import DatasetConfig, build_dataset, ensure_golden, load_split
+from vloop.learn.registry import AdapterVersion, Registry, RegistryError, new_version
+from vloop.sim.synth import GOLDEN_SEED, World, golden_samples
 
 DAY = dt.date(2026, 11, 20)
 
@@ -62,7 +62,7 @@ def test_registry_lineage_aliases_history_and_concurrent_writers(lake):
 
 
 def test_evaluation_metrics():
-    from vloop.evaluation import scores, token_f1
+    from vloop.learn.evaluation import scores, token_f1
 
     assert token_f1("a red shoe", "red shoe") == pytest.approx(0.8)
     assert token_f1("红色", "红色") == 1.0 and token_f1("蓝色", "红色") == pytest.approx(0.5)
@@ -96,7 +96,7 @@ def write_labels(lake, day, samples, answers=None, verdict="wrong", **extra) -> 
 
 
 def test_dataset_builder(local_lake):
-    from vloop.demo import simulated_day
+    from vloop.sim.demo import simulated_day
     from vloop.privacy import record_opt_out
 
     lake = local_lake
@@ -174,7 +174,7 @@ def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path
     # The published adapter loads with PEFT.
     from peft import PeftConfig
 
-    from vloop.lake import fetch_files
+    from vloop.store.lake import fetch_files
 
     local = fetch_files(lake, lake.list("adapters/vqa/v1/"), tmp_path / "check")
     assert PeftConfig.from_pretrained(local).r == 8

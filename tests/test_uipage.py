@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from vloop import uipage
-from vloop.daily import put_frame
-from vloop.registry import AdapterVersion, Registry
+from vloop.curate.daily import put_frame
+from vloop.learn.registry import AdapterVersion, Registry
 
 T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -19,7 +19,7 @@ T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
 def _loop_state(lake):
     """A champion, a live canary from a retrain run with its gate figures, one rejected round, and a
     daily report."""
-    from vloop.retrain import deploy_canary
+    from vloop.learn.retrain import deploy_canary
 
     reg = Registry(lake)
     refs = []

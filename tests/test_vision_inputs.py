@@ -1,4 +1,4 @@
-"""Batched image preprocessing (vloop.vision_inputs) against transformers' stock Qwen2-VL processor."""
+"""Batched image preprocessing (vloop.vlm.vision_inputs) against transformers' stock Qwen2-VL processor."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import vloop.vision_inputs as vision_inputs
-from vloop.model import encode, load_model
-from vloop.synth import World
-from vloop.vision_inputs import preprocess_images
+import vloop.vlm.vision_inputs as vision_inputs
+from vloop.vlm.model import encode, load_model
+from vloop.sim.synth import World
+from vloop.vlm.vision_inputs import preprocess_images
 
 
 @pytest.fixture(scope="module")

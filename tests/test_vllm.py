@@ -18,9 +18,9 @@ import requests
 
 from tests.conftest import free_port
 from tests.test_serving import TOKEN, Server, chat_body, data_url, lake_table, wait_for
-from vloop.lake import LocalLake
-from vloop.schema import INTERACTION
-from vloop.synth import World
+from vloop.store.lake import LocalLake
+from vloop.store.schema import INTERACTION
+from vloop.sim.synth import World
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -115,7 +115,7 @@ def test_chat_with_an_image_through_the_gateway(gateway, vllm):
     assert banned.status_code == 200, banned.text
     assert answer.split()[0] not in banned.json()["choices"][0]["message"]["content"].split()
     # The lake's decoding policy reaches vLLM too (merged into bad_words), after a reload.
-    from vloop.decoding import ban, unban
+    from vloop.vlm.decoding import ban, unban
 
     p = ban(gateway.lake, [answer.split()[0]], actor="test", reason="policy via vLLM")
     wait_for(lambda: requests.get(gateway.url + "/healthz", timeout=5).json()["decoding_policy"] == p.version,
@@ -226,9 +226,9 @@ def test_a_client_leaving_a_vllm_stream_is_logged_as_disconnected(gateway):
 
 
 def test_registry_canary_is_served_by_vllm_and_unloaded(gateway, vllm, colours_adapter):
-    from vloop import canary
-    from vloop.registry import AdapterVersion, Registry
-    from vloop.retrain import deploy_canary
+    from vloop.release import canary
+    from vloop.learn.registry import AdapterVersion, Registry
+    from vloop.learn.retrain import deploy_canary
 
     lake = gateway.lake
     for f in colours_adapter.iterdir():

@@ -69,7 +69,7 @@ class TrainJob:
 
 
 def _lake(job: TrainJob):
-    from vloop.lake import open_lake
+    from vloop.store.lake import open_lake
 
     return open_lake(job.lake_url) if job.lake_url else open_lake()
 
@@ -82,7 +82,7 @@ class _Example:
 
 
 def load_examples(lake, df) -> list[_Example]:
-    from vloop.model import as_image
+    from vloop.vlm.model import as_image
 
     return [_Example(as_image(lake.get_bytes(k)), q, a) for k, q, a in zip(df["image_key"], df["question"], df["answer"])]
 
@@ -105,9 +105,9 @@ def loss_plot(losses: list[float], path: Path) -> None:
 def train(job: TrainJob) -> dict:
     import torch
 
-    from vloop.dataset import load_split, manifest
-    from vloop.model import load_model
-    from vloop.sft import run_sft
+    from vloop.learn.dataset import load_split, manifest
+    from vloop.vlm.model import load_model
+    from vloop.learn.sft import run_sft
 
     lake = _lake(job)
     published = _published(lake, job)
@@ -164,7 +164,7 @@ def _with_adapter(lm, lake, prefix: str | None, cache: Path):
     """``lm`` with the adapter at lake ``prefix`` applied (the base itself when None)."""
     from peft import PeftModel
 
-    from vloop.lake import fetch_files
+    from vloop.store.lake import fetch_files
 
     if not prefix:
         return lm
@@ -180,12 +180,12 @@ def evaluate(job: TrainJob) -> dict:
     ``metrics["sets"][set][who]`` holds the overall, per-category and per-intent scores;
     ``metrics["paired"][set]`` the per-item exact match of both on the same items, aligned by
     ``example_id`` (``{"example_id": [...], "candidate_correct": [0/1...], "champion_correct":
-    [...]}``), which the gate's paired test (:func:`vloop.retrain.gate_decision`) needs."""
+    [...]}``), which the gate's paired test (:func:`vloop.learn.retrain.gate_decision`) needs."""
     import pandas as pd
 
-    from vloop.dataset import load_split
-    from vloop.evaluation import breakdown, exact_matches, predict
-    from vloop.model import load_model
+    from vloop.learn.dataset import load_split
+    from vloop.learn.evaluation import breakdown, exact_matches, predict
+    from vloop.vlm.model import load_model
 
     lake = _lake(job)
     if not lake.exists(job.lake_prefix + ADAPTER_FILES_LAST):
@@ -218,7 +218,7 @@ def evaluate(job: TrainJob) -> dict:
 
 
 def model_card(job: TrainJob, lake, metrics: dict) -> str:
-    from vloop.dataset import manifest
+    from vloop.learn.dataset import manifest
 
     ds = manifest(lake, job.dataset_id)
     training = json.loads(lake.get_bytes(job.lake_prefix + "training.json"))

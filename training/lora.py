@@ -1,6 +1,6 @@
 """LoRA fine-tuning of a Qwen3-VL on (image, question, answer) samples with PEFT.
 
-This is the core training step: chat-format batches from :func:`vloop.model.encode` (loss on the
+This is the core training step: chat-format batches from :func:`vloop.vlm.model.encode` (loss on the
 answer tokens only), LoRA on the language model's attention and MLP projections, the vision tower
 frozen (vLLM applies LoRA to the language model), AdamW with warm-up and cosine decay, seeded,
 progress logged with loss and tokens/s. The output is a standard PEFT adapter directory.
@@ -44,7 +44,7 @@ class LoraTrainConfig:
 
     def resolved(self) -> "LoraTrainConfig":
         """This config with ``device``, ``bf16`` and ``gradient_checkpointing`` decided."""
-        from vloop.model import pick_device_and_dtype
+        from vloop.vlm.model import pick_device_and_dtype
 
         device, _ = pick_device_and_dtype(self.device)
         on_cuda = device.startswith("cuda")
@@ -62,7 +62,7 @@ class LoraTrainConfig:
 
     @property
     def autocast_dtype(self):
-        """What :func:`vloop.sft.run_sft` autocasts to: bf16 or nothing (of a resolved config)."""
+        """What :func:`vloop.learn.sft.run_sft` autocasts to: bf16 or nothing (of a resolved config)."""
         import torch
 
         return torch.bfloat16 if self.bf16 else None
@@ -88,8 +88,8 @@ def train_lora(base_dir: str | Path, samples: Sequence, out_dir: str | Path,
     save it to ``out_dir`` in PEFT format. Returns the training summary (also in ``training.json``)."""
     import torch
 
-    from vloop.model import load_model
-    from vloop.sft import run_sft
+    from vloop.vlm.model import load_model
+    from vloop.learn.sft import run_sft
 
     cfg = cfg or LoraTrainConfig()
     run = cfg.resolved()

@@ -9,7 +9,7 @@ import sys
 
 
 def _cmd_config(args) -> int:
-    from vloop.config import load_settings
+    from vloop.store.config import load_settings
 
     for env, value, doc in load_settings().describe():
         print(f"{env:24} {value}\n{'':24} {doc}")
@@ -17,7 +17,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_lake_ls(args) -> int:
-    from vloop.lake import open_lake
+    from vloop.store.lake import open_lake
 
     lake = open_lake(args.url)
     for key in lake.list(args.prefix):
@@ -29,13 +29,13 @@ def _cmd_lake_check(args) -> int:
     """Round-trip a probe object: proves the URL, the credentials and write permission."""
     import uuid
 
-    from vloop.lake import open_lake
+    from vloop.store.lake import open_lake
 
     lake = open_lake(args.url)
     if args.images:  # a day's photos: present, hashing to their keys, decodable
         import json
 
-        from vloop.spool import check_images
+        from vloop.capture.spool import check_images
 
         res = check_images(lake, args.images, repair=args.repair)
         print(json.dumps(res, indent=1))
@@ -50,7 +50,7 @@ def _cmd_lake_check(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from vloop.demo_loop import LoopConfig, run_loop
+    from vloop.sim.demo_loop import LoopConfig, run_loop
 
     cfg = LoopConfig(rounds=args.rounds, keep=args.keep, seed=args.seed, users_per_day=args.users_per_day,
                      label_days=args.label_days)
@@ -59,7 +59,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_tiny_model(args) -> int:
-    from vloop.tiny import build_tiny_model
+    from vloop.sim.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, seed=args.seed)
     print(f"tiny Qwen3-VL written to {out}")
@@ -67,7 +67,7 @@ def _cmd_tiny_model(args) -> int:
 
 
 def _cmd_pretrain_base(args) -> int:
-    from vloop.pretrain import PretrainConfig, pretrain_base
+    from vloop.sim.pretrain import PretrainConfig, pretrain_base
 
     cfg = PretrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
     pretrain_base(args.model, args.out, cfg)
@@ -76,8 +76,8 @@ def _cmd_pretrain_base(args) -> int:
 
 
 def _cmd_rollout_status(args) -> int:
-    from vloop.canary import simulated_now, status
-    from vloop.lake import open_lake
+    from vloop.release.canary import simulated_now, status
+    from vloop.store.lake import open_lake
 
     st = status(open_lake(args.url), now=simulated_now(args.now))
     print(f"serving state #{st['serving_state']}: champion {st['champion']}, canary {st['canary'] or '-'} "
@@ -98,8 +98,8 @@ def _cmd_rollout_status(args) -> int:
 
 
 def _cmd_rollout_rollback(args) -> int:
-    from vloop.canary import rollback
-    from vloop.lake import open_lake
+    from vloop.release.canary import rollback
+    from vloop.store.lake import open_lake
 
     st = rollback(open_lake(args.url), reason=args.reason, to=args.to, actor=args.actor)
     print(f"serving state #{st.seq}: champion {st.champion or 'base'}, canary {st.canary or '-'} "
@@ -108,8 +108,8 @@ def _cmd_rollout_rollback(args) -> int:
 
 
 def _cmd_rollout_step(args) -> int:
-    from vloop.canary import simulated_now, step
-    from vloop.lake import open_lake
+    from vloop.release.canary import simulated_now, step
+    from vloop.store.lake import open_lake
 
     r = step(open_lake(args.url), actor=args.actor, now=simulated_now(args.now))
     print(r.summary)
@@ -118,7 +118,7 @@ def _cmd_rollout_step(args) -> int:
 
 def _cmd_secrets_ensure(args) -> int:
     """Generate the missing secrets into --file (mode 0600); say where, never what."""
-    from vloop.secretfile import STACK_SECRETS, ensure_secrets
+    from vloop.store.secretfile import STACK_SECRETS, ensure_secrets
 
     r = ensure_secrets(args.file, args.names or STACK_SECRETS)
     if r.generated:
@@ -133,8 +133,8 @@ def _cmd_secrets_ensure(args) -> int:
 def _privacy_target(args):
     """(lake, user key) for a privacy command: ``--user`` is the raw id (hashed here with
     VLOOP_USER_KEY_SECRET, never stored), ``--user-key`` the stored key itself."""
-    from vloop.config import ConfigError, load_settings
-    from vloop.lake import open_lake
+    from vloop.store.config import ConfigError, load_settings
+    from vloop.store.lake import open_lake
     from vloop.privacy import is_hmac_user_key, user_key
 
     s = load_settings()
@@ -164,7 +164,7 @@ def _label_studio_from_env():
     """A Label Studio client when LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set, else None."""
     import os
 
-    from vloop.labelstudio import LabelStudio
+    from vloop.curate.labelstudio import LabelStudio
 
     url, token = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
     return LabelStudio(url, token) if url and token else None
@@ -182,7 +182,7 @@ def _login() -> str:
 def _cmd_privacy_erase(args) -> int:
     import json
 
-    from vloop.erasure import erase_user, request_erasure
+    from vloop.privacy.erasure import erase_user, request_erasure
 
     lake, key = _privacy_target(args)
     if args.queue:
@@ -201,8 +201,8 @@ def _cmd_privacy_opt_out(args) -> int:
     from vloop.privacy import read_opt_outs, record_opt_out, remove_opt_out
 
     if args.action == "list":
-        from vloop.config import load_settings
-        from vloop.lake import open_lake
+        from vloop.store.config import load_settings
+        from vloop.store.lake import open_lake
 
         for k in sorted(read_opt_outs(open_lake(load_settings().lake_url))):
             print(k)
@@ -222,8 +222,8 @@ def _cmd_privacy_opt_out(args) -> int:
 def _cmd_privacy_audit(args) -> int:
     import json
 
-    from vloop.config import load_settings
-    from vloop.lake import open_lake
+    from vloop.store.config import load_settings
+    from vloop.store.lake import open_lake
     from vloop.privacy import audit_log
 
     for rec in audit_log(open_lake(load_settings().lake_url)):
@@ -233,9 +233,9 @@ def _cmd_privacy_audit(args) -> int:
 
 
 def _cmd_cold_start(args) -> int:
-    from vloop.coldstart import ColdStartConfig, cold_start
-    from vloop.config import ConfigError, load_settings
-    from vloop.lake import open_lake
+    from vloop.learn.coldstart import ColdStartConfig, cold_start
+    from vloop.store.config import ConfigError, load_settings
+    from vloop.store.lake import open_lake
 
     settings = load_settings()
     base = args.base_model or settings.base_model
@@ -252,8 +252,8 @@ def _cmd_cold_start(args) -> int:
 
 
 def _cmd_decoding(args) -> int:
-    from vloop import decoding
-    from vloop.lake import open_lake
+    from vloop.vlm import decoding
+    from vloop.store.lake import open_lake
 
     lake = open_lake(args.url) if args.url else open_lake()
     if args.decoding_command == "ban":
@@ -404,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vloop.config import ConfigError
-    from vloop.images import ImageError
-    from vloop.lake import LakeError
+    from vloop.store.config import ConfigError
+    from vloop.store.images import ImageError
+    from vloop.store.lake import LakeError
 
     try:
         return args.fn(args)

@@ -1,7 +1,7 @@
 """The vloop page in the Airflow UI: what the loop is doing, built from the lake.
 
 Plain functions, testable without Airflow: :func:`page_data` gathers the serving state, the live
-experiment (the same :func:`vloop.canary.status` that ``vloop rollout status`` prints), the rounds
+experiment (the same :func:`vloop.release.canary.status` that ``vloop rollout status`` prints), the rounds
 (registry versions with their gate figures) and the last days' daily reports; :func:`render_page`
 and :func:`render_run` make HTML of it. ``plugins/vloop_ui.py`` serves them behind Airflow's login.
 
@@ -17,7 +17,7 @@ import urllib.parse
 
 import pandas as pd
 
-from vloop.lake import Lake, LakeKeyNotFound
+from vloop.store.lake import Lake, LakeKeyNotFound
 
 DAILY_DAG, RETRAIN_DAG, CANARY_DAG = "feedback_daily", "retrain_biweekly", "canary_rollout"
 
@@ -33,7 +33,7 @@ def live_experiment(lake: Lake, now: dt.datetime | None = None) -> dict:
     """Serving state and, when a canary is live, its per-arm counts, each metric's difference with
     its always-valid interval (clipped to what a rate difference can be) and what a look would
     decide now. Nothing is written."""
-    from vloop.canary import status
+    from vloop.release.canary import status
 
     st = status(lake, now=now)
     out = {k: st[k] for k in ("serving_state", "champion", "canary", "canary_share", "holdout_share", "experiment")}
@@ -57,7 +57,7 @@ def _run_of(reason: str) -> str | None:
 def rounds(lake: Lake, limit: int = 20) -> list[dict]:
     """The newest ``limit`` registered versions, newest first: status and why, the gate's figures,
     training time, held-out exact match (candidate and champion) and the run that trained it."""
-    from vloop.registry import Registry
+    from vloop.learn.registry import Registry
 
     reg = Registry(lake)
     history = reg.history()
@@ -106,7 +106,7 @@ def _frame(lake: Lake, key: str) -> pd.DataFrame:
 def day_summary(lake: Lake, day: str) -> dict:
     """One day's report in brief: per-arm metrics, the top-5 error types over all arms, edit
     length per category, and the selection's hit rate against its audit (base) rate."""
-    from vloop.daily import REPORTS, key
+    from vloop.curate.daily import REPORTS, key
 
     metrics = _frame(lake, key(REPORTS, day, "metrics.parquet"))
     types = _frame(lake, key(REPORTS, day, "error_types.parquet"))

@@ -1,0 +1,835 @@
+"""The daily feedback pipeline, one function per step of the ``feedback_daily`` DAG.
+
+A day is processed an **hour partition at a time** wherever a step only needs the rows in front
+of it (ingest, validation, mining, confidence, image checks): the DAG maps those steps over the
+day's hours (Airflow dynamic task mapping), so a worker holds an hour of traffic, never a day,
+and hours run side by side on as many workers as there are. The steps that need the whole day
+are **reduces** over the hours' outputs: the quality gate (the day's bad share, ids unique across
+hours), the phrasings clustering, the selection under one label budget (an hour at a time, best
+``budget`` kept), and the report. Each hour step is a plain function of ``(lake, day, hour)``;
+the whole-day functions (:func:`ingest`, :func:`validate`, :func:`mine_feedback`,
+:func:`score_confidence`, :func:`check_images`) run the same hour steps one after another, for
+callers without Airflow.
+
+Each step reads what the previous one left in the lake and writes its own output there, whole
+objects at a time (atomic: a failed step leaves its previous output or nothing, never half of one).
+Every output of day D lives under ``…/dt=D/`` (hour outputs under ``…/dt=D/hour=HH/``), and a
+step re-run for D replaces it, so re-running a day changes nothing. Each returns a small
+JSON-able summary (the DAG's XCom and log line).
+
+A day without traffic (a deployment's first night) is a normal day: its hour list is ``[0]``, one
+empty hour, so every step runs, writes its output with the columns it always has and no rows,
+and counts zeros; the report says "no traffic".
+
+| step | per | reads | writes |
+|---|---|---|---|
+| :func:`day_hours` | day | ``raw/interactions`` listing | (the hour list the DAG maps over) |
+| :func:`ingest_hour` | hour | ``raw/interactions/…/hour=HH``, ``raw/feedback`` | ``curated/dt=D/hour=HH/ingested_*.parquet`` |
+| :func:`validate_hour` | hour | ingested | ``quarantine/dt=D/hour=HH/`` (rows + reasons, validation result), ``curated/dt=D/hour=HH/validated_*.parquet`` |
+| :func:`gate` | day | validated hours | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/hour=HH/{interactions,feedback}.parquet`` |
+| :func:`mine_hour` | hour | curated (+ the next hour's first minutes) | ``curated/dt=D/hour=HH/{mined,mined_counts,phrasing_candidates}.parquet`` |
+| :func:`mine_day_phrasings` | day | phrasing candidates | ``curated/dt=D/phrasings.parquet`` |
+| :func:`score_confidence_hour` | hour | curated (+ the model) | ``curated/dt=D/hour=HH/confidence.parquet`` |
+| :func:`check_images_slot` | hour slot | curated image keys, ``raw/images`` | ``curated/dt=D/hour=HH/image_quality.parquet`` (the images whose key hashes to the slot) |
+| :func:`select_for_labelling` | day | all of the above, ``labeled/``, ``privacy/`` | ``labeling/dt=D/selected.parquet`` |
+| :func:`push_to_label_studio` | day | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
+| :func:`pull_annotations` | day | Label Studio | ``labeled/dt=D/annotations.parquet`` |
+| :func:`report` | day | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/index.html`` |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import io
+import logging
+import re
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from vloop.store.frames import member
+from vloop.store.lake import Lake, LakeKeyNotFound, partition_prefix
+from vloop.store.schema import FEEDBACK, INTERACTION
+
+log = logging.getLogger(__name__)
+
+CURATED, QUARANTINE, LABELING, LABELED, REPORTS = "curated", "quarantine", "labeling", "labeled", "reports"
+LABELED_FILE = "annotations.parquet"
+HISTORY_DAYS = 30  # how far back the report's trend plots and the category error rates look
+# The curated tables the gate publishes per hour, and the staged names validation writes them under.
+PUBLISHED = {"validated_interactions.parquet": "interactions.parquet",
+             "validated_feedback.parquet": "feedback.parquet"}
+
+
+def key(dataset: str, day: dt.date | str, name: str) -> str:
+    return partition_prefix(dataset, day) + name
+
+
+def hour_key(dataset: str, day: dt.date | str, hour: int, name: str) -> str:
+    return partition_prefix(dataset, day, hour) + name
+
+
+def put_frame(lake: Lake, k: str, df: pd.DataFrame, schema: pa.Schema | None = None) -> None:
+    if schema is not None:
+        extra = [c for c in df.columns if c not in schema.names]
+        for c in extra:  # e.g. quarantine_reason, priority: appended after the record's fields
+            schema = schema.append(pa.field(c, pa.Table.from_pandas(df[[c]], preserve_index=False).schema.field(c).type))
+        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    else:
+        if not len(df):  # an empty object column has no values to infer a type from: store strings, not nulls
+            df = df.astype({c: "str" for c in df.columns[df.dtypes == object]})
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    lake.write_parquet(k, table)
+
+
+def get_frame(lake: Lake, k: str, columns: list[str] | None = None) -> pd.DataFrame:
+    return lake.read_parquet(k, columns=columns).to_pandas()
+
+
+# Every interaction column but the per-token log-probabilities: the steps after validation that
+# do not need them skip reading a million Python lists.
+# Without the log-probabilities (heavy), nor `app`: curated files from before it have no such
+# column, and naming a column a file lacks fails the read (the report reads it apart, app_metrics).
+LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n not in ("token_logprobs", "app")]
+
+
+def hour_keys(lake: Lake, dataset: str, day: dt.date | str, name: str) -> dict[int, str]:
+    """``dataset/dt=D/hour=HH/name`` for every hour that has one, by hour."""
+    prefix = partition_prefix(dataset, day)
+    found = (re.fullmatch(r"hour=(\d\d)/" + re.escape(name), k[len(prefix):]) for k in lake.list(prefix))
+    return {int(m.group(1)): prefix + m.group(0) for m in found if m}
+
+
+def read_table(lake: Lake, dataset: str, day: dt.date | str, name: str,
+               columns: list[str] | None = None) -> pd.DataFrame:
+    """A day's table: its hours' ``hour=HH/name`` files concatenated, or the day-level ``name``
+    (days processed before the pipeline ran by the hour, and tables only a day has);
+    :class:`LakeKeyNotFound` if there is neither. Whole-day readers only (the reduces, dataset
+    builds): an hour step reads its own hour."""
+    parts = hour_keys(lake, dataset, day, name)
+    if not parts:
+        return get_frame(lake, key(dataset, day, name), columns)
+    tables = [lake.read_parquet(parts[h], columns=columns) for h in sorted(parts)]
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def _days_back(day: dt.date, n: int) -> list[dt.date]:
+    return [day - dt.timedelta(days=i) for i in range(n)]
+
+
+def read_days(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date | None = None) -> pd.DataFrame:
+    """Concatenate ``dataset/dt=*/name`` (or its hours' files) over ``days`` (or every day
+    present), except ``exclude``."""
+    if days is None:
+        days = sorted({k.split("dt=")[1].split("/")[0] for k in lake.list(dataset + "/")
+                       if k.endswith("/" + name) and "dt=" in k})
+    frames = []
+    for d in days:
+        d = d.isoformat() if isinstance(d, dt.date) else d
+        if exclude is not None and d == exclude.isoformat():
+            continue
+        try:
+            frames.append(read_table(lake, dataset, d, name).assign(dt=d))
+        except LakeKeyNotFound:
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def run_time(day: dt.date) -> dt.datetime:
+    """Feedback counts up to this time: now. In simulation mode (the demo's simulated days, which
+    may lie ahead of the real clock) the simulated run time, an hour after the day ended."""
+    from vloop.store.config import load_settings
+
+    if load_settings().simulation:
+        return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(1), dt.timezone.utc)
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# -- 0. the hours ---------------------------------------------------------------------------------
+def day_hours(lake: Lake, day: dt.date) -> list[int]:
+    """The hours of ``day`` with interactions: what the hour steps are mapped over. A day without
+    any is ``[0]``: one empty hour, so every step runs on empty tables instead of being skipped."""
+    from vloop.curate.ingest import raw_hours
+
+    return raw_hours(lake, day) or [0]
+
+
+def _summed(summaries: list[dict], day: dt.date) -> dict:
+    """The hours' summaries added up (their numbers; the day's date)."""
+    out: dict = {"day": day.isoformat(), "hours": len(summaries)}
+    for s in summaries:
+        for k, v in s.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "hour":
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+# -- 1. ingest ------------------------------------------------------------------------------------
+def ingest_hour(lake: Lake, day: dt.date, hour: int, run_time: dt.datetime) -> dict:
+    from vloop.curate.ingest import ingest_hour as read_hour
+
+    batch = read_hour(lake, day, hour, run_time)
+    put_frame(lake, hour_key(CURATED, day, hour, "ingested_interactions.parquet"), batch.interactions, INTERACTION.arrow)
+    put_frame(lake, hour_key(CURATED, day, hour, "ingested_feedback.parquet"), batch.feedback, FEEDBACK.arrow)
+    return {"day": day.isoformat(), "hour": hour, "interactions": len(batch.interactions),
+            "feedback": len(batch.feedback), "duplicates_dropped": batch.duplicates_dropped,
+            "events_until": run_time.isoformat()}
+
+
+def ingest(lake: Lake, day: dt.date, run_time: dt.datetime) -> dict:
+    """Every hour of ``day`` through :func:`ingest_hour`."""
+    summary = _summed([ingest_hour(lake, day, h, run_time) for h in day_hours(lake, day)], day)
+    return {**summary, "events_until": run_time.isoformat()}
+
+
+# -- 2. validate ----------------------------------------------------------------------------------
+def validate_hour(lake: Lake, day: dt.date, hour: int, *, max_bad_fraction: float = 0.05) -> dict:
+    """Run both suites on one hour; bad rows (with reasons) and the validation result go to
+    ``quarantine/dt=D/hour=HH/``, the good ones are staged as ``validated_*`` for :func:`gate`.
+    An hour never stops the run: the gate judges the day."""
+    from vloop.curate.quality import QualityConfig, validate_feedback, validate_interactions
+
+    cfg = QualityConfig(max_bad_fraction=max_bad_fraction)
+    start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+    inter = get_frame(lake, hour_key(CURATED, day, hour, "ingested_interactions.parquet"))
+    fb = get_frame(lake, hour_key(CURATED, day, hour, "ingested_feedback.parquet"))
+    vi = validate_interactions(inter, start, start + dt.timedelta(days=1), lake=lake, cfg=cfg)
+    vf = validate_feedback(fb, cfg=cfg)
+    put_frame(lake, hour_key(QUARANTINE, day, hour, "interactions.parquet"), vi.quarantined, INTERACTION.arrow)
+    put_frame(lake, hour_key(QUARANTINE, day, hour, "feedback.parquet"), vf.quarantined, FEEDBACK.arrow)
+    # Events about a quarantined interaction stay with it: they are not mined.
+    good_fb = vf.good[member(vf.good["request_id"], vi.good["request_id"])]
+    put_frame(lake, hour_key(CURATED, day, hour, "validated_interactions.parquet"), vi.good, INTERACTION.arrow)
+    put_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"), good_fb, FEEDBACK.arrow)
+    summary = {"day": day.isoformat(), "hour": hour, "interactions": len(inter), "feedback": len(fb),
+               "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
+               "reasons": _reason_counts(vi.quarantined, vf.quarantined)}
+    lake.put_json(hour_key(QUARANTINE, day, hour, "validation.json"),
+                  {**summary, "interactions_result": vi.result, "feedback_result": vf.result})
+    return summary
+
+
+def _reason_counts(*quarantined: pd.DataFrame) -> dict[str, int]:
+    reasons = pd.concat([q.get("quarantine_reason", pd.Series(dtype=str)) for q in quarantined])
+    return {k: int(v) for k, v in reasons.str.split("; ").explode().value_counts().items()} if len(reasons) else {}
+
+
+def _ids_in_several_hours(lake: Lake, day: dt.date, hours: list[int], name: str, column: str) -> dict[int, set]:
+    """Per hour, the ``column`` values of its staged ``name`` that another hour has too. Each hour
+    checked its own ids; across hours only 64-bit hashes are held, 8 bytes a row, then the few
+    colliding values are compared as strings."""
+    hashed = {h: pd.util.hash_array(get_frame(lake, hour_key(CURATED, day, h, name), [column])[column]
+                                    .astype(object).to_numpy()) for h in hours}
+    if len(hashed) < 2:
+        return {}
+    every = np.concatenate([np.unique(v) for v in hashed.values()])
+    values, counts = np.unique(every, return_counts=True)
+    shared = values[counts > 1]
+    if not len(shared):
+        return {}
+    ids: dict[int, set] = {}
+    for h in hours:
+        col = get_frame(lake, hour_key(CURATED, day, h, name), [column])[column]
+        ids[h] = set(col[np.isin(hashed[h], shared)].dropna())
+    seen: dict = {}
+    for h, vals in ids.items():
+        for v in vals:
+            seen.setdefault(v, set()).add(h)
+    return {h: {v for v in vals if len(seen[v]) > 1} for h, vals in ids.items() if any(len(seen[v]) > 1 for v in vals)}
+
+
+def _quarantine_more(lake: Lake, day: dt.date, hour: int, what: str, column: str, ids: set, reason: str) -> None:
+    """Move the staged rows of ``hour`` whose ``column`` is in ``ids`` to its quarantine (and, for
+    interactions, their events out of the staged feedback)."""
+    schema = INTERACTION.arrow if what == "interactions" else FEEDBACK.arrow
+    staged = get_frame(lake, hour_key(CURATED, day, hour, f"validated_{what}.parquet"))
+    bad = member(staged[column], ids)
+    q = get_frame(lake, hour_key(QUARANTINE, day, hour, f"{what}.parquet"))
+    moved = staged[bad].assign(quarantine_reason=reason)
+    put_frame(lake, hour_key(QUARANTINE, day, hour, f"{what}.parquet"), pd.concat([q, moved], ignore_index=True), schema)
+    put_frame(lake, hour_key(CURATED, day, hour, f"validated_{what}.parquet"), staged[~bad].reset_index(drop=True), schema)
+    if what == "interactions":
+        fb = get_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"))
+        put_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"),
+                  fb[~member(fb["request_id"], ids)].reset_index(drop=True), FEEDBACK.arrow)
+
+
+def gate(lake: Lake, day: dt.date, hours: list[int], *, max_bad_fraction: float = 0.05) -> dict:
+    """The quality gate over the validated ``hours`` of ``day``: ids are made unique across hours
+    (a request or event id that two hours both have is quarantined in both, as a whole-day suite
+    would), the day's bad share is added up and the result stored in
+    ``quarantine/dt=D/validation.json``. Over the threshold, raise
+    :class:`~vloop.curate.quality.QualityGateError` before anything reaches the curated tables, so
+    nothing downstream runs on the day (and an earlier run's curated tables stay as they were).
+    Passed: each hour's staged rows become ``curated/dt=D/hour=HH/{interactions,feedback}.parquet``,
+    and the outputs of hours the day no longer has (a re-run with fewer hours) are removed."""
+    from vloop.curate.quality import QualityGateError
+
+    shared = {}
+    for what, column, reason in (("interactions", "request_id", "request_id not unique"),
+                                 ("feedback", "event_id", "event_id not unique")):
+        shared[what] = _ids_in_several_hours(lake, day, hours, f"validated_{what}.parquet", column)
+        for h, ids in shared[what].items():
+            _quarantine_more(lake, day, h, what, column, ids, reason)
+    per_hour = [lake.get_json(hour_key(QUARANTINE, day, h, "validation.json")) for h in hours]
+    quarantined = {what: [get_frame(lake, hour_key(QUARANTINE, day, h, f"{what}.parquet"), ["quarantine_reason"])
+                          for h in hours] for what in ("interactions", "feedback")}
+    n_inter = sum(v["interactions"] for v in per_hour)
+    n_fb = sum(v["feedback"] for v in per_hour)
+    bad_inter = sum(len(q) for q in quarantined["interactions"])
+    bad_fb = sum(len(q) for q in quarantined["feedback"])
+    frac_inter, frac_fb = (bad_inter / n_inter if n_inter else 0.0), (bad_fb / n_fb if n_fb else 0.0)
+    summary = {
+        "day": day.isoformat(), "hours": len(hours), "interactions": n_inter, "feedback": n_fb,
+        "quarantined_interactions": bad_inter, "quarantined_feedback": bad_fb,
+        "bad_fraction_interactions": round(frac_inter, 6), "bad_fraction_feedback": round(frac_fb, 6),
+        "max_bad_fraction": max_bad_fraction,
+        "reasons": _reason_counts(*quarantined["interactions"], *quarantined["feedback"]),
+    }
+    summary["passed"] = max(frac_inter, frac_fb) <= max_bad_fraction
+
+    def results(which: str, shared: dict) -> dict:  # the hours' Great Expectations results, and the day's verdict
+        return {"success": all(v[which]["success"] for v in per_hour) and not shared,
+                "hours": {f"{v['hour']:02d}": v[which] for v in per_hour}}
+
+    lake.put_json(key(QUARANTINE, day, "validation.json"),
+                  {**summary, "interactions_result": results("interactions_result", shared["interactions"]),
+                   "feedback_result": results("feedback_result", shared["feedback"])})
+    if not summary["passed"]:
+        raise QualityGateError(
+            f"{day}: {frac_inter:.1%} of interactions and {frac_fb:.1%} of feedback events failed "
+            f"validation, over the threshold of {max_bad_fraction:.1%}; the rows and reasons are in "
+            f"{partition_prefix(QUARANTINE, day)}hour=*/")
+    for h in hours:
+        for staged, published in PUBLISHED.items():
+            lake.put_bytes(hour_key(CURATED, day, h, published), lake.get_bytes(hour_key(CURATED, day, h, staged)),
+                           "application/vnd.apache.parquet")
+    for dataset in (CURATED, QUARANTINE):
+        prefix = partition_prefix(dataset, day)
+        for k in lake.list(prefix):
+            m = re.match(r"hour=(\d\d)/", k[len(prefix):])
+            if m and int(m.group(1)) not in hours:
+                lake.delete(k)
+            elif dataset == CURATED and not m and k[len(prefix):] in DAY_LEVEL_BEFORE_HOURS:
+                lake.delete(k)  # a run from before the pipeline went by the hour: its tables now come per hour
+    return summary
+
+
+# What a run from before the pipeline went by the hour left at the day level of curated/.
+DAY_LEVEL_BEFORE_HOURS = {"ingested_interactions.parquet", "ingested_feedback.parquet", "interactions.parquet",
+                          "feedback.parquet", "mined.parquet", "confidence.parquet", "image_quality.parquet"}
+
+
+def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dict:
+    """Every ingested hour of ``day`` through :func:`validate_hour`, then :func:`gate`."""
+    hours = day_hours(lake, day)
+    for h in hours:
+        validate_hour(lake, day, h, max_bad_fraction=max_bad_fraction)
+    return gate(lake, day, hours, max_bad_fraction=max_bad_fraction)
+
+
+def curated_hour(lake: Lake, day: dt.date, hour: int, columns: list[str] | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (get_frame(lake, hour_key(CURATED, day, hour, "interactions.parquet"), columns),
+            get_frame(lake, hour_key(CURATED, day, hour, "feedback.parquet")))
+
+
+def curated(lake: Lake, day: dt.date, columns: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The whole day's curated interactions and feedback (a reduce's view; hours concatenated)."""
+    return (read_table(lake, CURATED, day, "interactions.parquet", columns),
+            read_table(lake, CURATED, day, "feedback.parquet"))
+
+
+def curated_hours(lake: Lake, day: dt.date) -> list[int]:
+    """The hours the gate published for ``day``."""
+    return sorted(hour_keys(lake, CURATED, day, "interactions.parquet"))
+
+
+# -- 3. mine --------------------------------------------------------------------------------------
+def mine_hour(lake: Lake, day: dt.date, hour: int, rules=None) -> dict:
+    """Weak labels of one hour's interactions. A question asked again within the repeat window
+    may fall in the next hour: those first minutes of the following hours are read too (three
+    columns), so the hours of a day mine exactly what the whole day would."""
+    from vloop.curate.mining import WEAK_LABELS, MiningRules, mine, phrasing_candidates
+
+    rules = rules or MiningRules()
+    inter, fb = curated_hour(lake, day, hour, LIGHT_COLUMNS)
+    later = []
+    end = dt.datetime.combine(day, dt.time(hour), dt.timezone.utc) + dt.timedelta(hours=1)
+    horizon = pd.Timestamp(end + dt.timedelta(seconds=rules.repeat_window_s))
+    for h in curated_hours(lake, day):
+        h_start = pd.Timestamp(dt.datetime.combine(day, dt.time(h), dt.timezone.utc))
+        if h > hour and h_start <= horizon:
+            nxt = get_frame(lake, hour_key(CURATED, day, h, "interactions.parquet"), ["session_id", "question", "ts"])
+            later.append(nxt[pd.to_datetime(nxt["ts"], utc=True) <= horizon])
+    later = pd.concat(later, ignore_index=True) if later else None
+    # An hour without traffic (mine returns no rows) still writes mined.parquet, with its columns.
+    mined = mine(inter, fb, rules, later=later).merge(inter[["request_id", "category"]], on="request_id", how="left")
+    put_frame(lake, hour_key(CURATED, day, hour, "mined.parquet"), mined)
+    # What the day's reduces need of it, small: category error counts, badly handled phrasings.
+    put_frame(lake, hour_key(CURATED, day, hour, "mined_counts.parquet"), mined_counts(mined))
+    put_frame(lake, hour_key(CURATED, day, hour, "phrasing_candidates.parquet"), phrasing_candidates(inter, mined))
+    return {"day": day.isoformat(), "hour": hour, "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
+            **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
+
+
+BAD_LABELS = ["negative", "weak_negative"]
+
+
+def mined_counts(mined: pd.DataFrame) -> pd.DataFrame:
+    """Per category: interactions and how many were mined as bad (additive over hours and days)."""
+    m = mined.dropna(subset=["category"])
+    out = m.assign(bad=m["weak_label"].isin(BAD_LABELS).astype("int64")).groupby("category", as_index=False)         .agg(n=("bad", "size"), bad=("bad", "sum"))
+    return out.astype({"category": "str", "n": "int64", "bad": "int64"})
+
+
+def mine_day_phrasings(lake: Lake, day: dt.date) -> dict:
+    """The reduce of the hours' phrasing candidates: ``curated/dt=D/phrasings.parquet``."""
+    from vloop.curate.mining import PHRASING_ARROW, cluster_phrasings
+
+    candidates = read_table(lake, CURATED, day, "phrasing_candidates.parquet")
+    phrasings = cluster_phrasings(candidates)
+    # With the request ids its wordings came from (PHRASING_ARROW), so an erasure can match them.
+    put_frame(lake, key(CURATED, day, "phrasings.parquet"), phrasings, PHRASING_ARROW)
+    return {"day": day.isoformat(), "phrasings": len(phrasings)}
+
+
+def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
+    """Every curated hour of ``day`` through :func:`mine_hour`, then :func:`mine_day_phrasings`."""
+    summary = _summed([mine_hour(lake, day, h, rules) for h in curated_hours(lake, day)], day)
+    mine_day_phrasings(lake, day)
+    return summary
+
+
+def remine(lake: Lake, day: dt.date, run_time: dt.datetime, *, max_bad_fraction: float = 0.05) -> dict:
+    """Ingest, validate and mine an already processed ``day`` again, so feedback that arrived after
+    its run counts (its selection and Label Studio tasks stay as they were). Hour after hour in
+    one task: memory stays an hour's. A day never processed is left alone; one that now fails the
+    quality gate keeps its curated tables as its own run left them."""
+    from vloop.curate.quality import QualityGateError
+
+    if not hour_keys(lake, CURATED, day, "mined.parquet") and not lake.exists(key(CURATED, day, "mined.parquet")):
+        return {"day": day.isoformat(), "remined": False, "why": "never processed"}
+    ingested = ingest(lake, day, run_time)
+    try:
+        validate(lake, day, max_bad_fraction=max_bad_fraction)
+    except QualityGateError as e:
+        return {"day": day.isoformat(), "remined": False, "why": str(e)}
+    return {**mine_feedback(lake, day), "remined": True, "feedback": ingested["feedback"]}
+
+
+# -- 4. confidence --------------------------------------------------------------------------------
+def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Callable[[], object] | None = None,
+                          batch_size: int = 32, grounding: bool = True) -> dict:
+    """Confidence per interaction of one hour: as logged; else from the logged token logprobs;
+    else the model re-scores the logged answer (teacher-forced, in batches). With a model
+    (``load_model``) and ``grounding``, also each answer's image-text grounding
+    (:mod:`vloop.curate.grounding`); without one, ``load_model`` is called only if some row needs
+    re-scoring and grounding is left empty."""
+    from vloop.vlm.model import Confidence, score_answers
+
+    inter, _ = curated_hour(lake, day, hour)
+    conf = inter["confidence"].astype("float64")
+    source = pd.Series("logged", index=inter.index, dtype=object)
+    source[conf.isna()] = "logprobs"
+    has_lp = inter["token_logprobs"].map(lambda v: v is not None and len(v) > 0)
+    from_lp = conf.isna() & has_lp
+    conf[from_lp] = [Confidence.from_logprobs(v).geo_mean_prob for v in inter.loc[from_lp, "token_logprobs"]]
+    todo = inter[conf.isna() & inter["image_key"].notna() & inter["answer"].notna()]
+    lm = None
+    if len(todo):
+        if load_model is None:
+            raise RuntimeError(f"{len(todo)} interactions have neither confidence nor logprobs, and no model "
+                               "was given to re-score them (set VLOOP_BASE_MODEL)")
+        lm = load_model()
+        t0 = time.perf_counter()
+        for s in range(0, len(todo), batch_size):
+            chunk = todo.iloc[s:s + batch_size]
+            images = [lake.get_bytes(k) for k in chunk["image_key"]]
+            scores = score_answers(lm, images, chunk["question"].tolist(), chunk["answer"].tolist(),
+                                   batch_size=batch_size)
+            conf[chunk.index] = [x.confidence.geo_mean_prob for x in scores]
+            done = s + len(chunk)
+            rate = done / (time.perf_counter() - t0)
+            log.info("re-scored %d/%d (%.0f/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
+        source[todo.index] = "rescored"
+    source[conf.isna()] = "missing"
+    grounded = pd.Series(float("nan"), index=inter.index, dtype="float64")
+    answered = inter[inter["image_key"].notna() & inter["answer"].notna()]
+    if grounding and load_model is not None and len(answered):
+        from vloop.curate.grounding import GroundingConfig, score_rows
+
+        t0 = time.perf_counter()
+        by_request = score_rows(lm or load_model(), lake, answered, GroundingConfig(batch_size=batch_size))
+        grounded = inter["request_id"].map(by_request).astype("float64")
+        log.info("grounding of %d answers in %.1fs", len(answered), time.perf_counter() - t0)
+    out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf,
+                        "confidence_source": source.astype("str"), "grounding": grounded})
+    put_frame(lake, hour_key(CURATED, day, hour, "confidence.parquet"), out)  # no rows on an hour without traffic
+    return {"day": day.isoformat(), "hour": hour, "interactions": len(out),
+            "grounded": int(out["grounding"].notna().sum()),
+            **dict.fromkeys(("logged", "logprobs", "rescored", "missing"), 0),
+            **{k: int(v) for k, v in out["confidence_source"].value_counts().items()}}
+
+
+def base_model_loader(name_or_path: str | None) -> Callable[[], object] | None:
+    """The ``load_model`` argument of :func:`score_confidence_hour` for the base model
+    ``VLOOP_BASE_MODEL`` (None without one): the model is loaded once per process, so a worker
+    that runs several hour tasks (``dag.test()``, a warm worker) pays the load once, not per hour.
+    A model directory replaced on disk (its config's mtime changes) is loaded again."""
+    if not name_or_path:
+        return None
+    from pathlib import Path
+
+    config = Path(name_or_path) / "config.json"
+    stamp = config.stat().st_mtime_ns if config.is_file() else None
+    return functools.partial(_load_model_once, str(name_or_path), stamp)
+
+
+@functools.lru_cache(maxsize=1)  # one model at a time: an 8B model twice would not fit a worker
+def _load_model_once(name_or_path: str, stamp) -> object:
+    from vloop.vlm.model import load_model
+
+    return load_model(name_or_path)
+
+
+def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
+                     batch_size: int = 32, grounding: bool = True) -> dict:
+    """Every curated hour of ``day`` through :func:`score_confidence_hour`, the model (when one is
+    needed) loaded once for them all."""
+    loader = functools.cache(load_model) if load_model is not None else None
+    return _summed([score_confidence_hour(lake, day, h, loader, batch_size, grounding)
+                    for h in curated_hours(lake, day)], day)
+
+
+# -- 5. image quality -----------------------------------------------------------------------------
+IMAGE_QUALITY_TYPES = {"image_key": "str", "poor": "bool", "flags": "str", "sharpness": "float64",
+                       "brightness": "float64", "blown_out": "float64", "width": "int64", "height": "int64",
+                       "niqe": "float64"}
+
+
+def image_slot(image_key: str, hours: list[int]) -> int:
+    """The hour slot whose task checks ``image_key``: a stable hash, so each of the day's images is
+    checked once however many hours it was asked about in."""
+    return hours[zlib.crc32(image_key.encode()) % len(hours)]
+
+
+def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> dict:
+    """Image quality of the day's images whose key hashes to ``hour``'s slot (:func:`image_slot`):
+    the hours' image keys are read one hour at a time (one column), and each image once."""
+    from vloop.curate.imagequality import QualityThresholds
+
+    thresholds = thresholds or QualityThresholds()
+    hours = curated_hours(lake, day) or [hour]
+    mine: set[str] = set()
+    for h in hours:
+        keys = get_frame(lake, hour_key(CURATED, day, h, "interactions.parquet"), ["image_key"])["image_key"]
+        mine.update(k for k in keys.dropna().unique() if image_slot(k, hours) == hour)
+    rows = []
+    t0 = time.perf_counter()
+    for i, k in enumerate(sorted(mine), 1):
+        # NIQE on every photo, from a reduced decode (vloop.curate.imagequality.niqe_reduced).
+        rows.append(image_check(lake, k, thresholds))
+        if i % 2000 == 0:
+            log.info("checked %d/%d images (%.0f/s)", i, len(mine), i / (time.perf_counter() - t0))
+    out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
+    if not len(out):  # no images: the same typed columns
+        out = out.astype(IMAGE_QUALITY_TYPES)
+    put_frame(lake, hour_key(CURATED, day, hour, "image_quality.parquet"), out)
+    return {"day": day.isoformat(), "hour": hour, "images": len(out), "poor": int(out["poor"].sum())}
+
+
+def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) -> dict:
+    """One image's row of ``image_quality.parquet``, measured as shown (a JPEG's orientation tag
+    applied). Intake checks a file's structure, not every byte of its compressed data: a photo no
+    decoder reads is flagged ``unreadable`` (poor: never sent to annotators or training), not the
+    day's failure."""
+    from PIL import Image, ImageOps
+
+    from vloop.curate.imagequality import DEFAULT_MAX_NIQE, assess, flags_with_niqe, is_poor, niqe_reduced
+    from vloop.store.images import EXIF_ORIENTATION
+
+    score = float("nan")
+    try:
+        data = lake.get_bytes(image_key)
+        with Image.open(io.BytesIO(data)) as img:
+            jpeg = img.format == "JPEG"  # decoded again at a reduced scale for NIQE, cheaply
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            q = assess(img, thresholds)
+            if with_niqe:
+                score = niqe_reduced(data if jpeg else img)
+    except (OSError, SyntaxError, ValueError) as e:
+        log.warning("image %s cannot be decoded: %s", image_key, e)
+        return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),
+                "brightness": float("nan"), "blown_out": float("nan"), "width": 0, "height": 0, "niqe": score}
+    flags = flags_with_niqe(q.flags, score, thresholds, default=DEFAULT_MAX_NIQE)
+    return {"image_key": image_key, "poor": is_poor(flags, thresholds), "flags": ",".join(flags), "sharpness": q.sharpness,
+            "brightness": q.brightness, "blown_out": q.blown_out, "width": q.width, "height": q.height,
+            "niqe": score}
+
+
+def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
+    """Every hour slot of ``day`` through :func:`check_images_slot`."""
+    return _summed([check_images_slot(lake, day, h, thresholds) for h in curated_hours(lake, day)], day)
+
+
+# -- 6. select ------------------------------------------------------------------------------------
+def labelled_request_ids(lake: Lake, exclude: dt.date | None = None) -> set[str]:
+    """Request ids already chosen for labelling (any day but ``exclude``) or labelled."""
+    done = read_days(lake, LABELING, "selected.parquet", exclude=exclude)
+    back = read_days(lake, LABELED, LABELED_FILE, exclude=exclude)
+    return set(done.get("request_id", [])) | set(back.get("request_id", []))
+
+
+def category_error_rates(lake: Lake, day: dt.date) -> dict[str, float]:
+    """Share of interactions mined as bad per category over ``day`` and the HISTORY_DAYS before it,
+    from the hours' ``mined_counts`` (or the whole ``mined.parquet`` of a day processed before)."""
+    counts = []
+    for d in _days_back(day, HISTORY_DAYS):
+        try:
+            counts.append(read_table(lake, CURATED, d, "mined_counts.parquet"))
+        except LakeKeyNotFound:
+            try:
+                counts.append(mined_counts(get_frame(lake, key(CURATED, d, "mined.parquet"))))
+            except LakeKeyNotFound:
+                continue
+    counts = [c for c in counts if len(c)]
+    if not counts:  # no traffic today nor in the last HISTORY_DAYS days
+        return {}
+    total = pd.concat(counts).groupby("category")[["n", "bad"]].sum()
+    return (total["bad"] / total["n"]).to_dict()
+
+
+def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
+    """The reduce that picks the day's items under one budget. It reads the day an hour at a time
+    and keeps what the day's selection can still need (the best priority rows so far and the audit
+    pool, :class:`vloop.curate.selection.SelectionPart`): each hour's contribution can only lose to
+    better rows, so the result is the whole day's selection."""
+    from vloop.privacy import excluded_users
+    from vloop.curate.selection import SelectionConfig, finish_selection, merge_parts, select_part
+
+    cfg = cfg or SelectionConfig()
+    poor = read_table(lake, CURATED, day, "image_quality.parquet", ["image_key", "poor"])
+    poor_images = set(poor.loc[poor["poor"], "image_key"])
+    opted_out, already = excluded_users(lake), labelled_request_ids(lake, exclude=day)
+    err = category_error_rates(lake, day)
+    hours = curated_hours(lake, day)
+    if not hours:
+        raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}hour=*/interactions.parquet (did the gate pass?)")
+    best, candidates = None, 0
+    for h in hours:
+        inter, _ = curated_hour(lake, day, h, LIGHT_COLUMNS)
+        mined = get_frame(lake, hour_key(CURATED, day, h, "mined.parquet"))
+        conf = get_frame(lake, hour_key(CURATED, day, h, "confidence.parquet"))
+        cands = inter.drop(columns=["confidence"]).merge(
+            conf[[c for c in ("request_id", "confidence", "grounding") if c in conf.columns]], on="request_id")
+        candidates += len(cands)
+        part = select_part(cands, mined, cfg=cfg, poor_images=poor_images, opted_out_users=opted_out,
+                           already_labelled=already, category_error_rate=err, salt=day.isoformat())
+        best = part if best is None else merge_parts([best, part], cfg)
+    chosen = finish_selection([best], cfg).assign(selected_on=day.isoformat())
+    put_frame(lake, key(LABELING, day, "selected.parquet"), chosen)
+    return {"day": day.isoformat(), "candidates": candidates, "selected": len(chosen),
+            "audit": int((chosen["pick"] == "audit").sum())}
+
+
+# -- 7. push --------------------------------------------------------------------------------------
+def model_version(row) -> str:
+    """The name annotators see for the model that answered: the adapter's ``name@version``, or
+    ``"base"`` (never ``base_model``, which is whatever path or hub id serving loaded)."""
+    from vloop.curate.report import model_version_name
+
+    return model_version_name(row.get("adapter"))
+
+
+def image_flags_text(iq: pd.DataFrame) -> dict[str, str]:
+    """What annotators read of the automatic image check, per image key: its flags and NIQE."""
+    niqe = iq["niqe"] if "niqe" in iq.columns else pd.Series(float("nan"), index=iq.index)
+    return {k: ", ".join([f for f in str(fl or "").split(",") if f] + ([f"NIQE {n:.1f}"] if pd.notna(n) else []))
+            for k, fl, n in zip(iq.index, iq["flags"], niqe)}
+
+
+def push_to_label_studio(lake: Lake, day: dt.date, ls, *, project_title: str,
+                         document_root: str | None = None) -> dict:
+    """Tasks for the day's selection, with the model's answer as a prediction; request ids the
+    project already holds are skipped, so a re-run never duplicates a task."""
+    from vloop.curate.labelstudio import image_reference, task_payload
+
+    chosen = get_frame(lake, key(LABELING, day, "selected.parquet"))
+    iq = read_table(lake, CURATED, day, "image_quality.parquet").set_index("image_key")
+    # NIQE for what annotators will read, where the day's check has none (a day checked before
+    # NIQE was on by default).
+    need = [k for k in chosen["image_key"].dropna().unique()
+            if k in iq.index and pd.isna(iq.at[k, "niqe"]) and "unreadable" not in str(iq.at[k, "flags"])]
+    for k in need:
+        iq.at[k, "niqe"] = image_check(lake, k, None, with_niqe=True)["niqe"]
+    poor, flags = iq["poor"].to_dict(), image_flags_text(iq)
+    project = ls.ensure_project(project_title)
+    ls.ensure_storage(project, lake, document_root)
+    tasks = [task_payload(r, image_reference(lake, r["image_key"], document_root), model_version(r),
+                          poor_image=bool(poor.get(r["image_key"], False)), image_flags=flags.get(r["image_key"], ""))
+             for r in chosen.to_dict("records")]
+    t0 = time.perf_counter()
+    res = ls.import_tasks(project, tasks)
+    # What the lake keeps is the state (these request ids are tasks of that project), the same on
+    # every re-run; how many this call sent goes to the task log.
+    lake.put_json(key(LABELING, day, "pushed.json"), {
+        "day": day.isoformat(), "label_studio": ls.url, "project": project,
+        "request_ids": sorted(chosen["request_id"])})
+    return {"day": day.isoformat(), "project": project, "selected": len(chosen), "sent": res.sent,
+            "already_in_label_studio": res.already_there, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# -- 8. pull --------------------------------------------------------------------------------------
+def pull_annotations(lake: Lake, day: dt.date, ls, *, project_title: str) -> dict:
+    """Every finished annotation not already pulled on another day goes to ``labeled/dt=D/``."""
+    from vloop.curate.labelstudio import LABELED_COLUMNS
+
+    from vloop.privacy import erased_request_hashes, read_tombstones, request_hash
+
+    project = ls.ensure_project(project_title)
+    finished = ls.finished_annotations(project)
+    # An erased user's task still in Label Studio (an erasure that could not reach it) is not
+    # pulled back into the lake.
+    erased = finished["request_id"].map(request_hash).isin(erased_request_hashes(lake)) | \
+        finished["user_key"].isin(read_tombstones(lake))
+    finished = finished[~erased]
+    earlier = read_days(lake, LABELED, LABELED_FILE, exclude=day)
+    new = finished[~finished["request_id"].isin(set(earlier.get("request_id", [])))]
+    put_frame(lake, key(LABELED, day, LABELED_FILE), new[LABELED_COLUMNS].reset_index(drop=True))
+    return {"day": day.isoformat(), "finished_in_label_studio": len(finished), "new": len(new),
+            **{f"verdict_{k}": int(v) for k, v in new["verdict"].value_counts().items()}}
+
+
+def _experiment(lake: Lake, day: dt.date, summary: dict) -> str | None:
+    """The canary experiments' looks up to the end of ``day`` (plot), and the newest in words."""
+    from vloop.release.canary import looks
+    from vloop.curate.report import experiment_plot
+
+    lk = looks(lake)
+    if not len(lk):
+        return None
+    at = pd.to_datetime(lk["at"], utc=True)
+    end = pd.Timestamp(day + dt.timedelta(days=1), tz="UTC")
+    lk = lk[(at < end) & (at >= end - pd.Timedelta(days=HISTORY_DAYS))]
+    if not len(lk):
+        return None
+    last = lk.sort_values("at").iloc[-1]
+    summary["experiment"] = (f"{last['experiment']} at {last['canary_share']:.0%}: last look {last['at']} "
+                             f"decided {last['action']}")
+    return experiment_plot(lk)
+
+
+# -- 9. report ------------------------------------------------------------------------------------
+def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
+    """Per app (the API key's name, VLOOP_API_KEYS): requests and the shares accepted, edited and
+    negative (mined). Two columns of the curated interactions; a file from before the ``app``
+    column counts as no app. Empty when no request of the day named an app."""
+    from vloop.store.lake import LakeError
+
+    parts = hour_keys(lake, CURATED, day, "interactions.parquet")
+    frames = []
+    for k in [parts[h] for h in sorted(parts)] or [key(CURATED, day, "interactions.parquet")]:
+        try:
+            frames.append(get_frame(lake, k, ["request_id", "app"]))
+        except LakeKeyNotFound:
+            continue
+        except LakeError:  # no app column: written before it existed
+            frames.append(get_frame(lake, k, ["request_id"]).assign(app=None))
+    inter = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "app"])
+    if not inter["app"].notna().any():
+        return pd.DataFrame(columns=["app", "requests", "accepted", "edited", "negative"])
+    df = inter.merge(mined[["request_id", "weak_label", "reason"]], on="request_id", how="left")
+    df["app"] = df["app"].fillna("(no key)")
+    g = df.groupby("app").agg(requests=("request_id", "size"),
+                              accepted=("reason", lambda r: (r == "accepted").mean()),
+                              edited=("reason", lambda r: (r == "edited").mean()),
+                              negative=("weak_label", lambda w: w.isin(["negative", "weak_negative"]).mean()))
+    return g.reset_index()
+
+
+def image_summary(lake: Lake, day: dt.date) -> str | None:
+    """The day's image check in words for the report: photos checked, poor, flagged distorted by
+    NIQE, and the median NIQE; None when the day has no image check."""
+    try:
+        iq = read_table(lake, CURATED, day, "image_quality.parquet", ["poor", "flags", "niqe"])
+    except LakeKeyNotFound:
+        return None
+    if not len(iq):
+        return None
+    distorted = int(iq["flags"].fillna("").str.split(",").map(lambda f: "distorted" in f).sum())
+    median = iq["niqe"].median()
+    return (f"{len(iq)} checked, {int(iq['poor'].sum())} poor, {distorted} distorted (NIQE)"
+            + (f", median NIQE {median:.1f}" if pd.notna(median) else ""))
+
+
+def report(lake: Lake, day: dt.date) -> dict:
+    """Metrics, top errors and the HTML page for ``day``: a reduce that reads the whole day's
+    curated tables (without the log-probabilities), so its memory follows the day. A day without interactions is reported
+    as such (``summary["traffic"] == "no traffic"``), with empty tables, not as an error."""
+    from vloop.curate.report import NO_TRAFFIC, daily_metrics, plots, render_html, top_error_categories
+
+    inter, fb = curated(lake, day, LIGHT_COLUMNS)
+    mined = read_table(lake, CURATED, day, "mined.parquet")
+    conf = read_table(lake, CURATED, day, "confidence.parquet", ["request_id", "confidence"])
+    inter = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    try:
+        labels = get_frame(lake, key(LABELED, day, LABELED_FILE))
+    except LakeKeyNotFound:  # the pull did not run (no Label Studio configured)
+        labels = pd.DataFrame()
+    metrics = daily_metrics(inter, fb, mined, labels if len(labels) else None)
+    metrics.insert(0, "dt", day.isoformat())
+    top = top_error_categories(inter, mined)
+    put_frame(lake, key(REPORTS, day, "metrics.parquet"), metrics)
+    put_frame(lake, key(REPORTS, day, "top_errors.parquet"), top)
+    # Error types, edit length per category against its previous 7 days, phrases users delete.
+    from vloop.curate.report import AnswerQualityConfig, answer_quality
+
+    earlier = _days_back(day - dt.timedelta(days=1), AnswerQualityConfig.trend_days)
+    # The grounding of the judged answers, from the confidence step of the days they were chosen.
+    judged_on = sorted(set(labels["selected_on"].dropna())) if "selected_on" in labels.columns else []
+    scored = read_days(lake, CURATED, "confidence.parquet", days=judged_on)
+    grounding = dict(zip(scored["request_id"], scored["grounding"])) if "grounding" in scored.columns else {}
+    quality = answer_quality(inter, fb, mined, labels if len(labels) else None,
+                             read_days(lake, REPORTS, "edit_length.parquet", days=earlier), grounding=grounding)
+    from vloop.curate.report import selection_hit_rates
+
+    recent = _days_back(day, HISTORY_DAYS)
+    quality["selection"] = selection_hit_rates(read_days(lake, LABELING, "selected.parquet", days=recent),
+                                               read_days(lake, LABELED, LABELED_FILE, days=recent))
+    for name, table in quality.items():
+        put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
+    apps = app_metrics(lake, day, mined)
+    if len(apps):  # only deployments with API keys name apps
+        put_frame(lake, key(REPORTS, day, "apps.parquet"), apps)
+    history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
+    validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
+    summary = {
+        "day": day.isoformat(), "interactions": len(inter), "feedback events": len(fb),
+        "quarantined": validation["quarantined_interactions"] + validation["quarantined_feedback"],
+        "labels pulled": len(labels),
+    }
+    if len(apps):
+        summary["apps"] = "; ".join(f"{r.app}: {r.requests} requests, {r.edited:.0%} edited, {r.accepted:.0%} "
+                                    f"accepted" for r in apps.itertuples())
+    photos = image_summary(lake, day)
+    if photos:
+        summary["photos"] = photos
+    if not validation["interactions"]:  # a normal day (a deployment's first night): empty tables, a note
+        summary["traffic"] = NO_TRAFFIC
+    for name in ("selected.parquet", "pushed.json"):
+        k = key(LABELING, day, name)
+        if lake.exists(k):
+            summary[name.split(".")[0]] = (len(get_frame(lake, k)) if name.endswith(".parquet")
+                                           else len(lake.get_json(k)["request_ids"]))
+    images = plots(history, inter["confidence"], labels)
+    images["experiment"] = _experiment(lake, day, summary)
+    page = render_html(day.isoformat(), metrics, top, summary, images, quality)
+    lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")
+    return summary
