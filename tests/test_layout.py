@@ -138,3 +138,15 @@ def test_vloop_is_grouped_by_stage_and_stages_use_each_others_public_names():
                     and any(x.startswith("_") for x in parts[2:]) and rel.split("/")[0] != "tests":
                 offenders.append((rel, mod))
     assert offenders == [], "imports of another stage's private names"
+
+
+def test_the_floors_of_the_stages():
+    """docs/architecture.md: ``store`` imports no other stage, ``vlm`` only ``store``, and the
+    privacy records nothing of vloop (so every stage may use them)."""
+    pkg = ROOT / "include" / "vloop"
+    allowed = {"store": {"store"}, "vlm": {"store", "vlm"}}
+    for stage, ok in allowed.items():
+        for p in (pkg / stage).glob("*.py"):
+            used = {m.split(".")[1] for m in _imported_modules(p) if m.startswith("vloop.")}
+            assert used <= ok, (p.name, used - ok)
+    assert not [m for m in _imported_modules(pkg / "privacy" / "records.py") if m.startswith("vloop")]
