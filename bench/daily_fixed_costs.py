@@ -36,7 +36,7 @@ def main() -> None:
 
     import_s = time.perf_counter() - t
     from vloop.curate import daily, quality
-    from vloop.sim.demo import simulated_day
+    from vloop.sim.traffic import simulated_day
     from vloop.curate.ingest import ingest_day
     from vloop.store.lake import LocalLake
 

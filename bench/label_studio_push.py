@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 100 if args.quick else args.tasks
     from vloop.curate.daily import model_version
-    from vloop.sim.demo import simulated_day
+    from vloop.sim.traffic import simulated_day
     from vloop.curate.labelstudio import LabelStudio, image_reference, task_payload
     from vloop.store.lake import LocalLake
 

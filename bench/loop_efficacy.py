@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
 
 def run(cfg, model: str | None, out: Path, *, report: bool = False) -> dict:
     from vloop.store.config import load_settings
-    from vloop.sim.demo import ensure_base_model
+    from vloop.sim.demo_loop import ensure_base_model
     from vloop.sim.efficacy import plots, result_figures, run_experiment
 
     t0 = time.perf_counter()

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from vloop.sim.demo import FEEDBACK_DATASET, INTERACTIONS, run_demo, verify_day
-from vloop.store.lake import partition_prefix
+from tests.simdays import model_answered_day, verify_day
+from vloop.store.lake import FEEDBACK_DATASET, partition_prefix
+from vloop.store.lake import INTERACTIONS_DATASET as INTERACTIONS
 from vloop.store.schema import INTERACTION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +85,14 @@ def test_demo_runs_the_whole_loop_on_real_services(tmp_path, base_model_dir):
     assert all("/hour=" in k for k in lake.list("raw/interactions/"))
 
 
-def test_demo_figures_come_from_the_lake(local_lake, base_model_dir):
+def test_a_model_answered_day_reads_back_from_the_lake(local_lake, base_model_dir):
+    """The base model's answers to a day of users go to the lake and come back whole; the figures
+    (acceptance, arms, files) are computed from what was read back, and a lost partition is caught."""
+    from vloop.vlm.model import load_model
+
     day = dt.date(2026, 11, 4)
-    figures = run_demo(local_lake, day, n=40, seed=3, base_model=str(base_model_dir), out=lambda line: None)
+    written = model_answered_day(local_lake, load_model(str(base_model_dir)), day, n=40, seed=3, log=lambda line: None)
+    figures = verify_day(local_lake, day, written["request_ids"], out=lambda line: None)
     table = local_lake.read_partitions(INTERACTIONS, day, schema=INTERACTION.arrow)
     assert figures["interactions"] == table.num_rows == 40
     assert sum(figures["arms"].values()) == 40

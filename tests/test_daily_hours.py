@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from tests.conftest import load_dag
 from vloop.curate import daily
-from vloop.sim.demo import simulated_day
+from vloop.sim.traffic import simulated_day
 from vloop.store.lake import INTERACTIONS_DATASET, partition_prefix
 from vloop.store.schema import INTERACTION
 

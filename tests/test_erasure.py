@@ -21,7 +21,7 @@ from tests.test_feedback_daily import run_steps
 from tests.test_labelstudio import annotate
 from vloop.curate import daily
 from vloop.learn.dataset import DatasetConfig, build_dataset
-from vloop.sim.demo import simulated_day
+from vloop.sim.traffic import simulated_day
 from vloop.privacy.erasure import (RetentionPolicy, apply_retention, erase_user, pending_erasures, request_erasure,
                                    work_erasure_queue)
 from vloop.curate.labelstudio import LabelStudio

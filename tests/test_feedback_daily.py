@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import load_dag
 from tests.test_labelstudio import annotate
 from vloop.curate import daily
-from vloop.sim.demo import simulated_day
+from vloop.sim.traffic import simulated_day
 from vloop.curate.labelstudio import LabelStudio
 from vloop.store.lake import LocalLake
 from vloop.privacy import record_opt_out

@@ -99,7 +99,7 @@ def test_each_answer_is_grounded_by_the_model_version_that_gave_it(lm, samples, 
 
 def test_daily_confidence_step_grounds_answers_and_selection_uses_it(lm, local_lake):
     from vloop.curate import daily
-    from vloop.sim.demo import simulated_day
+    from vloop.sim.traffic import simulated_day
     from vloop.curate.selection import SelectionConfig
 
     simulated_day(local_lake, DAY, 30, seed=3, pool=10)

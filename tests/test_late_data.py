@@ -10,7 +10,7 @@ import uuid
 
 from tests.conftest import load_dag
 from vloop.curate import daily
-from vloop.sim.demo import simulated_day
+from vloop.sim.traffic import simulated_day
 from vloop.store.lake import LocalLake, partition_prefix
 from vloop.store.schema import FEEDBACK
 

@@ -14,7 +14,7 @@ from tests.test_serving import TOKEN, Server
 from tests.test_training import write_labels
 from vloop.curate import daily
 from vloop.learn.dataset import ensure_golden
-from vloop.sim.demo import simulated_day
+from vloop.sim.traffic import simulated_day
 from vloop.store.lake import LocalLake
 from vloop.learn.registry import Registry
 from vloop.sim.synth import World

@@ -96,7 +96,7 @@ def write_labels(lake, day, samples, answers=None, verdict="wrong", **extra) -> 
 
 
 def test_dataset_builder(local_lake):
-    from vloop.sim.demo import simulated_day
+    from vloop.sim.traffic import simulated_day
     from vloop.privacy import record_opt_out
 
     lake = local_lake

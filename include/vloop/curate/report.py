@@ -474,7 +474,8 @@ def answer_quality(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd
             "deleted_phrases": deleted_phrases(edits, cfg), "signals": signal_quality(labels, grounding or {}, edits)}
 
 
-def _png(fig) -> str:
+def png_data_url(fig) -> str:
+    """A matplotlib figure as a PNG data URL, for an ``<img>`` of a self-contained page."""
     import base64
     import io
 
@@ -504,7 +505,7 @@ def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | N
         if ax.lines:  # no lines without traffic in the window
             ax.legend(loc="best", fontsize=8)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    out["history"] = _png(fig)
+    out["history"] = png_data_url(fig)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -521,7 +522,7 @@ def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | N
     axes[1].set_title(f"reliability: {len(judged)} answers judged today")
     axes[1].set_xlabel("confidence")
     axes[1].set_ylabel("share judged correct")
-    out["calibration"] = _png(fig)
+    out["calibration"] = png_data_url(fig)
     plt.close(fig)
     return out
 
@@ -557,9 +558,92 @@ def experiment_plot(looks: pd.DataFrame) -> str | None:
         bottom.set_title(f"{metric}: canary − champion (always-valid)", fontsize=10)
         bottom.legend(loc="best", fontsize=7)
         bottom.tick_params(axis="x", labelrotation=30, labelsize=8)
-    out = _png(fig)
+    out = png_data_url(fig)
     plt.close(fig)
     return out
+
+
+def gate_cells(figures: dict | None, reason: str | None = None) -> dict:
+    """The offline gate's figures (:func:`vloop.learn.retrain.gate_decision`, as the registry's
+    history keeps them) as a table row's cells: the paired items, candidate and champion exact
+    match, the difference with its 95% interval, the discordant items (only the candidate right /
+    only the champion), McNemar's one-sided p and the verdict ("passed", or the reason's first
+    clause). Figures the gate never computed (it stopped early, or never ran) are None."""
+    f = figures or {}
+
+    def signed(v):
+        return f"{v:+.3f}"
+
+    diff, ci, b, c, p = f.get("difference"), f.get("interval"), f.get("b"), f.get("c"), f.get("p")
+    if f.get("passed") is True:
+        verdict = "passed"
+    elif reason:
+        verdict = reason.split(";")[0]
+    else:
+        verdict = None if f.get("passed") is None else "failed"
+    return {
+        "gate items": f.get("n") or None,
+        "candidate EM": f.get("candidate"),
+        "champion EM": f.get("champion"),
+        "difference (95% CI)": None if diff is None else signed(diff) + (
+            f" ({signed(ci[0])} to {signed(ci[1])})" if ci else ""),
+        "only candidate / only champion right": None if b is None or c is None else f"{b} / {c}",
+        "p (McNemar)": None if p is None else f"{p:.3g}",
+        "gate": verdict,
+    }
+
+
+def source_counts(by_source: dict | None) -> dict[str, int]:
+    """A dataset manifest's ``by_source`` (:func:`vloop.learn.dataset.build_dataset`: examples per
+    ``(split, source)``, keyed by the pair's text ``"('train', 'user_edit')"``) as examples per
+    source, summed over the splits; a key that is not such a pair counts under itself."""
+    import ast
+
+    out: dict[str, int] = {}
+    for key, n in (by_source or {}).items():
+        try:
+            pair = ast.literal_eval(key) if isinstance(key, str) else key
+        except (ValueError, SyntaxError):
+            pair = key
+        source = str(pair[-1]) if isinstance(pair, tuple) and pair else str(key)
+        out[source] = out.get(source, 0) + int(n)
+    return out
+
+
+def round_rows(rounds: list[dict]) -> pd.DataFrame:
+    """The loop's retraining rounds as a table of figures, one row each. A round is a dict of
+    plain values (``round``, ``ref``, ``outcome``, ``train_seconds``, ...) with, where the round
+    got that far, ``examples`` (the dataset manifest's count per split), ``by_source`` (see
+    :func:`source_counts`: one column of examples per source) and the gate's ``gate`` figures,
+    ``gate_passed`` and ``gate_reason`` (see :func:`gate_cells`). Any other dict or list is shown
+    as ``key=value`` text. A round without a figure shows none (NaN)."""
+    rows = []
+    for r in rounds:
+        row = {k: v for k, v in r.items() if k not in ("examples", "by_source", "gate", "gate_passed", "gate_reason")}
+        row.update({f"{split} examples": n for split, n in (r.get("examples") or {}).items()})
+        row.update({f"from {src}": n for src, n in source_counts(r.get("by_source")).items()})
+        if any(k in r for k in ("gate", "gate_passed", "gate_reason")):
+            figures = {**(r.get("gate") or {}), "passed": r.get("gate_passed", (r.get("gate") or {}).get("passed"))}
+            row.update(gate_cells(figures, r.get("gate_reason")))
+        for k, v in list(row.items()):
+            if isinstance(v, dict):
+                row[k] = ", ".join(f"{a}={b}" for a, b in v.items())
+            elif isinstance(v, (list, tuple)):
+                row[k] = ", ".join(map(str, v))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # counts stay whole numbers (not 55.000) where a round has none
+        v = [row[col] for row in rows if row.get(col) is not None]
+        if v and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v):
+            df[col] = pd.Series([np.nan if row.get(col) is None else row[col] for row in rows], index=df.index,
+                                dtype=object)
+    gate = list(gate_cells(None))
+
+    def place(col: str) -> int:  # the round, its data, its gate, then what came of it
+        return (3 if col in ("outcome", "train_seconds") else 2 if col in gate
+                else 1 if col.endswith(" examples") or col.startswith("from ") else 0)
+
+    return df[sorted(df.columns, key=place)]  # a stable sort: each group keeps its order
 
 
 # Headings and notes of the answer-quality tables (see answer_quality), in page order.

@@ -420,10 +420,28 @@ def next_free_day(lake) -> dt.date:
     return last + dt.timedelta(days=1)
 
 
+def ensure_base_model(home: Path, log=print) -> Path:
+    """The demo's model when ``VLOOP_BASE_MODEL`` names none: the tiny Qwen3-VL
+    (:mod:`vloop.sim.tiny`) pretrained into a mediocre base (:mod:`vloop.sim.pretrain`) under
+    ``home/models/base``, built on first use (about 2 minutes) and reused after.
+    ``bench/loop_efficacy.py`` starts from it too."""
+    from vloop.sim.pretrain import pretrain_base
+    from vloop.sim.tiny import build_tiny_model
+
+    base = Path(home) / "models" / "base"
+    if (base / "eval.json").is_file():
+        return base
+    tiny = Path(home) / "models" / "tiny"
+    log(f"building the tiny Qwen3-VL in {tiny} ...")
+    build_tiny_model(tiny, seed=0)
+    log("pretraining it into the base model (about 2 minutes on 2 cores) ...")
+    pretrain_base(tiny, base, log=lambda line: log("  " + line))
+    return base
+
+
 def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=print) -> dict:
     from vloop.store.config import load_settings
     from vloop.learn.dataset import ensure_golden
-    from vloop.sim.demo import ensure_base_model
     from vloop.store.lake import open_lake
     from vloop.store.secretfile import STACK_SECRETS, ensure_secrets, read_secrets
     import httpx
@@ -635,7 +653,7 @@ def write_report(lake, cfg: LoopConfig, tl: Timeline, rates: list[dict], evals: 
 
     from vloop.curate import daily
     from vloop.release.canary import looks
-    from vloop.curate.report import _png, experiment_plot
+    from vloop.curate.report import experiment_plot, png_data_url, round_rows
 
     df = pd.DataFrame(rates)
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -647,7 +665,7 @@ def write_report(lake, cfg: LoopConfig, tl: Timeline, rates: list[dict], evals: 
     ax.set_title("acceptance of live traffic per simulated day and arm (95% Wilson intervals)")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    acc_png = _png(fig)
+    acc_png = png_data_url(fig)
     plt.close(fig)
     ev = pd.DataFrame(evals)
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -659,7 +677,7 @@ def write_report(lake, cfg: LoopConfig, tl: Timeline, rates: list[dict], evals: 
     ax.set_ylim(0, 1)
     ax.set_title("held-out exact match of the champion")
     ax.legend(fontsize=8)
-    ev_png = _png(fig)
+    ev_png = png_data_url(fig)
     plt.close(fig)
     lk = looks(lake)
     exp_png = experiment_plot(lk[lk["at"] >= before["day"]]) if len(lk) else None
@@ -686,7 +704,7 @@ Acceptance on the first simulated day {before['acceptance']:.3f}
 {table(df[["day", "phase", "arm", "model", "requests", "acceptance", "acceptance_lo", "acceptance_hi", "edit_rate"]])}
 <h2>Held-out exact match (the base's slice = seen; white/yellow, dresses/shirts = unseen)</h2>
 <img src="{ev_png}">{table(evals)}
-<h2>Rounds: data, gate, outcome, cost</h2>{table([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in tl.rounds])}
+<h2>Rounds: data, gate, outcome, cost</h2>{table(round_rows(tl.rounds))}
 <h2>Rollout decisions</h2>{'<img src="' + exp_png + '">' if exp_png else ''}{table(tl.looks)}
 <h2>What was sent to annotators, and why</h2>{table(why)}
 {efficacy_section(lake)}
