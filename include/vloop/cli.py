@@ -82,6 +82,10 @@ def _cmd_rollout_status(args) -> int:
     st = status(open_lake(args.url), now=simulated_now(args.now))
     print(f"serving state #{st['serving_state']}: champion {st['champion']}, canary {st['canary'] or '-'} "
           f"at {st['canary_share']:.0%}, holdout {st['holdout_share']:.0%}")
+    pending = (st["experiment"] or {}).get("pending_promotion")
+    if pending:
+        print(f"promotion to champion awaits a person since {pending['requested_at']} (request {pending['id']}): "
+              "`vloop rollout approve` or `vloop rollout reject`")
     if "decision" not in st:
         print("no live experiment")
         return 0
@@ -111,8 +115,25 @@ def _cmd_rollout_step(args) -> int:
     from vloop.release.canary import simulated_now, step
     from vloop.store.lake import open_lake
 
-    r = step(open_lake(args.url), actor=args.actor, now=simulated_now(args.now))
+    r = step(open_lake(args.url), actor=args.actor, now=simulated_now(args.now), approval=args.approval)
     print(r.summary)
+    if r.action == "awaiting_approval":
+        print("the promotion awaits a person: `vloop rollout approve` or `vloop rollout reject --comment ...`")
+    return 0
+
+
+def _cmd_rollout_answer(args) -> int:
+    """approve / reject the pending promotion (vloop.release.approval.settle), as ``--by``."""
+    from vloop.release.approval import settle
+    from vloop.store.lake import open_lake
+
+    r = settle(open_lake(args.url), args.rollout_command, by=args.by, comment=args.comment, via="terminal")
+    print(r.message)
+    print(f"serving state #{r.state.seq}: champion {r.state.champion or 'base'}, canary {r.state.canary or '-'} "
+          "(replicas apply it at their next reconciliation)")
+    if r.started:
+        print(f"{r.started} started from the queue as the next canary")
+    print("(if canary_rollout also asked in Airflow, its request now finds nothing pending when answered or timed out)")
     return 0
 
 
@@ -321,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = add_arguments(sub.add_parser("serve", help="the model server + feedback gateway (python -m serving)"))
     sv.set_defaults(fn=_cmd_serve)
 
-    ro = sub.add_parser("rollout", help="the live canary experiment: status, one look, rollback")
+    ro = sub.add_parser("rollout", help="the live canary experiment: status, one look, rollback, "
+                       "approve/reject a pending promotion")
     rsub = ro.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
     rs = rsub.add_parser("status", help="per-arm counts, intervals, hours live, and what would be decided now")
     rs.set_defaults(fn=_cmd_rollout_status)
@@ -332,7 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     rr.set_defaults(fn=_cmd_rollout_rollback)
     rt = rsub.add_parser("step", help="one look now: decide and act (what the canary_rollout DAG runs hourly)")
     rt.set_defaults(fn=_cmd_rollout_step)
-    for q in (rs, rr, rt):
+    rt.add_argument("--approval", choices=("auto", "manual"), default="auto",
+                    help="manual: a promotion at the last stage waits for `vloop rollout approve` (as Variable "
+                         "vloop_promotion_approval does in canary_rollout)")
+    answers = []
+    for verb, what in (("approve", "promote the canary whose promotion is pending (refused when none is)"),
+                       ("reject", "roll back the canary whose promotion is pending, your name and comment the "
+                                  "reason (refused when none is)")):
+        q = rsub.add_parser(verb, help=what)
+        q.add_argument("--comment", help="why (kept in the registry's history)")
+        q.add_argument("--by", default=_login(), help="who answers (kept in the history; default: your login)")
+        q.set_defaults(fn=_cmd_rollout_answer)
+        answers.append(q)
+    for q in (rs, rr, rt, *answers):
         q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
     for q in (rs, rt):
         q.add_argument("--now", help="simulation mode only (VLOOP_SIMULATION=1): the simulated clock, ISO 8601")

@@ -12,7 +12,8 @@ guardrails). This module feeds it and carries out what it says, on the registry'
   outcome definition as the daily report: :func:`vloop.curate.report.outcome_flags`);
 * :func:`step` — one look: counts → decide → act. Promote widens to the next stage (restarting the
   sequence: only the steady period of a stage is analysed); past the last stage the champion alias
-  moves and the old champion is retired, still loadable. Rollback takes the canary off (rejected).
+  moves and the old champion is retired, still loadable (in manual approval mode a person answers
+  first: :mod:`vloop.release.approval`). Rollback takes the canary off (rejected).
   Halt (a sample-ratio mismatch, or counts that cannot be right) takes the canary off too (retired,
   not rejected: the figures could not judge it) and the DAG task fails as the alert; a halted
   canary that kept serving would keep a likely broken model in front of its users indefinitely.
@@ -366,11 +367,13 @@ def _drop_counts(lake: Lake, experiment: dict | None) -> None:
 
 @dataclass
 class StepResult:
-    action: str  # skipped / started / continue / widened / promoted / rolled_back / retired / halted
+    # skipped / started / continue / widened / promoted / rolled_back / retired / halted / awaiting_approval
+    action: str
     decision: Decision | None
     state: ServingState
     counts: pd.DataFrame | None = None
     started: str | None = None  # the approved version started from the queue when the experiment ended
+    request: str | None = None  # awaiting_approval: the id of the promotion request (vloop.release.approval)
 
     @property
     def summary(self) -> dict:
@@ -380,6 +383,8 @@ class StepResult:
             out["reason"] = self.decision.reason
         if self.started:
             out["started"] = self.started
+        if self.request:
+            out["request"] = self.request
         return out
 
 
@@ -389,9 +394,17 @@ def _figures(decision: Decision, counts: pd.DataFrame) -> dict:
 
 
 def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | None = None,
-         actor: str = "canary_rollout") -> StepResult:
+         actor: str = "canary_rollout", approval: str = "auto") -> StepResult:
     """One look at the live experiment, and the action it calls for. When the experiment ends (or
-    none runs), the newest approved version waiting in the registry is started as the next canary."""
+    none runs), the newest approved version waiting in the registry is started as the next canary.
+
+    ``approval`` (Variable ``vloop_promotion_approval``): ``auto`` promotes at the last stage;
+    ``manual`` records a pending promotion instead (action ``awaiting_approval``) for a person to
+    answer (:mod:`vloop.release.approval`). While one is pending no look promotes, in either mode;
+    a rollback or halt still acts."""
+    from vloop.release import approval as approvals
+
+    approval = approvals.parse_mode(approval)
     cfg = cfg or ReleaseConfig()
     now = now or _now()
     registry = Registry(lake)
@@ -413,8 +426,13 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
     figures = _figures(decision, counts)
     look = {"at": _iso(now), "experiment": exp["id"], "stage": exp["stage"], "canary_share": state.canary_share,
             "seq": state.seq, **figures}
-    lake.put_json(f"{ROLLOUT}/{exp['id']}/looks/{now:%Y%m%dT%H%M%S}-s{exp['stage']}.json", look)
+    look_key = f"{ROLLOUT}/{exp['id']}/looks/{now:%Y%m%dT%H%M%S}-s{exp['stage']}.json"
+    lake.put_json(look_key, look)
     line = f"{state.canary} at {state.canary_share:.0%} (stage {exp['stage'] + 1}/{len(stages)}): {decision.reason}"
+    waiting = approvals.pending(state)
+    if waiting and decision.action in ("continue", "promote"):  # the request stands until a person answers
+        log.info("promotion awaits approval (request %s): %s", waiting["id"], line)
+        return StepResult("awaiting_approval", decision, state, counts, request=waiting["id"])
     if decision.action == "continue":
         log.info("continue: %s", line)
         return StepResult("continue", decision, state, counts)
@@ -445,6 +463,11 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
         _drop_counts(lake, exp)  # the next stage counts afresh
         log.info("widened: %s", line)
         return StepResult("widened", decision, new, counts)
+    if approval == "manual":  # a person answers first (vloop.release.approval.settle)
+        new = approvals.request_promotion(registry, state, decision, counts, look_key, figures=figures,
+                                          alpha=cfg.policy.alpha, actor=actor, now=now)
+        log.info("promotion awaits approval: %s", line)
+        return StepResult("awaiting_approval", decision, new, counts, request=approvals.pending(new)["id"])
     new = registry.update_serving({"champion": state.canary, **off}, actor=actor,
                                   reason=f"promoted to champion: {decision.reason}",
                                   expected_seq=state.seq, figures=figures)
