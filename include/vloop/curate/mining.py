@@ -172,7 +172,8 @@ PHRASING_ARROW = pa.schema([("intent", pa.string()), ("lang", pa.string()), ("ph
                             ("request_ids", pa.list_(pa.string()))])
 
 
-def _lang(text: str) -> str:
+def language_of(text: str) -> str:
+    """The language of a phrasing, as the paraphrase library keys it: zh with Chinese characters, else en."""
     import re
 
     return "zh" if re.search(r"[\u3400-\u9fff]", text) else "en"
@@ -238,7 +239,7 @@ def cluster_phrasings(candidates: pd.DataFrame, rules: PhrasingRules | None = No
     for c in clusters:
         members = df[df["key"].isin(c["keys"])]
         users = members.loc[members["user_key"] != "", "user_key"]
-        rows.append({"intent": c["intent"], "lang": _lang(c["phrasing"]), "phrasing": c["phrasing"],
+        rows.append({"intent": c["intent"], "lang": language_of(c["phrasing"]), "phrasing": c["phrasing"],
                      "asked": int(members["asked"].sum()), "users": users.nunique(),
                      "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5]),
                      "request_ids": sorted(set(candidates.loc[candidates["key"].isin(c["keys"]), "request_id"]

@@ -202,14 +202,14 @@ def expand(question: str, library: dict, k: int, seed: str) -> list[str]:
     """Up to ``k`` other wordings of ``question`` from the library (same intent and language),
     chosen by a hash of ``seed`` so the same row always gets the same ones."""
     from vloop.learn.evaluation import intent_of
-    from vloop.curate.mining import _lang
+    from vloop.curate.mining import language_of
     from vloop.curate.selection import normalise_question
 
     intent = intent_of(question)
     if intent not in TEMPLATED_INTENTS or k <= 0:
         return []
     own = normalise_question(question)
-    pool = [t for t in library.get(intent, {}).get(_lang(question), []) if normalise_question(t) != own]
+    pool = [t for t in library.get(intent, {}).get(language_of(question), []) if normalise_question(t) != own]
     pool.sort(key=lambda t: hashlib.sha256(f"{seed}|{t}".encode()).hexdigest())
     return pool[:k]
 
