@@ -9,8 +9,9 @@ or on a manual trigger with params (an asset-triggered run starts with the defau
    `vloop_min_new_labels`) arrived since the last registered adapter;
 2. **build_dataset** — `datasets/<id>/`: corrected and confirmed labels, replay of confident
    accepted answers, the fixed golden set kept apart (`vloop.learn.dataset`). The golden set is the
-   curated one at `datasets/golden/golden.parquet`; only with `VLOOP_SIMULATION=1` is the
-   synthetic world's set written there when it is missing;
+   frozen one at `datasets/golden/golden.parquet` (`vloop golden build`); without one the task fails
+   naming that command; only with `VLOOP_SIMULATION=1` is the synthetic world's set written there
+   when it is missing;
 3. **train** — `python -m training --stage train` in a subprocess (checkpoints; a retry resumes).
    On GPU nodes run the same image with a KubernetesPodOperator instead (see `training/README.md`);
 4. **evaluate** — candidate and champion side by side on the golden set and held-out labels;
@@ -24,7 +25,14 @@ or on a manual trigger with params (an asset-triggered run starts with the defau
    serving replica follows, and the one of connection `vloop_serving` is asked to apply it at once,
    so an adapter it cannot load fails here. While another canary's experiment runs it is queued
    (skipped, saying so): it waits as `approved` and `canary_rollout` starts it when that experiment
-   ends. From then on `canary_rollout` judges it.
+   ends. From then on `canary_rollout` judges it;
+8. **note** — whatever happened, the run's note says it: "skipped: only N new labels (needs M)",
+   "rejected: <the gate's figures> — <why>", "promoted to canary: <ref> at 10%; <figures>", or where
+   it failed (`vloop.learn.retrain.run_note`), set through Airflow's public API with connection
+   `vloop_airflow_api` (without it the note is only logged).
+
+The golden set is built and frozen with `vloop golden build` (`vloop.learn.golden`); the gate's
+figures name the golden version they were measured on.
 
 Logic lives in `vloop.learn.retrain`, `vloop.learn.dataset`, `vloop.learn.registry` and `training`; this file is wiring.
 """
@@ -82,6 +90,30 @@ def _run_training(context, stage: str) -> dict:
     return json.loads(out)
 
 
+def _set_note(context, text: str) -> None:
+    """Set this run's note through Airflow's public API (connection `vloop_airflow_api`: host = the
+    API server's URL, login/password = an auth-manager user allowed to edit this DAG's runs, or only
+    password = a bearer token): the Task SDK lets a task read its run's note, not write it. Without
+    the connection the note is only logged; a failure to set it is logged and does not fail the run."""
+    from airflow.sdk import BaseHook
+
+    from vloop.learn.retrain import patch_run_note
+
+    print(f"run note: {text}")
+    try:
+        conn = BaseHook.get_connection("vloop_airflow_api")
+    except Exception as e:  # not configured
+        print(f"not set on the run: no vloop_airflow_api connection ({type(e).__name__})")
+        return
+    url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
+    try:
+        patch_run_note(url, context["dag"].dag_id, context["run_id"], text, username=conn.login or None,
+                       password=conn.password if conn.login else None,
+                       token=None if conn.login else conn.password)
+    except Exception as e:  # the note is a convenience: the decision is in the registry either way
+        print(f"WARNING: the run's note was not set: {e}")
+
+
 @dag(
     dag_id="retrain_biweekly",
     # Every 14 days, or as soon as pull lands new labels (check_labels still skips the run when
@@ -120,6 +152,7 @@ def retrain_biweekly():
         minimum = context["params"]["min_new_labels"]
         minimum = int(Variable.get("vloop_min_new_labels", default=100)) if minimum is None else minimum
         n, since = labels_since_last_training(lake, Registry(lake))
+        context["ti"].xcom_push(key="labels", value={"new_labels": n, "needed": minimum})  # for the run's note
         if n < minimum:
             raise AirflowSkipException(f"only {n} new labels since {since or 'the start'}; "
                                        f"retraining needs {minimum}")
@@ -165,9 +198,14 @@ def retrain_biweekly():
         job = _job(context, context["ti"])
         metrics = _lake().get_json(job.lake_prefix + "metrics.json")
         p = context["params"]
-        # passed, reason and the paired test's figures (n, b, c, difference, interval, p)
-        return gate_decision(metrics, GateConfig(margin=p["gate_margin"], category_tolerance=p["category_tolerance"],
-                                                 alpha=p["gate_alpha"]))
+        from vloop.learn.dataset import manifest
+
+        # passed, reason and the paired test's figures (n, b, c, difference, interval, p), and which
+        # golden set version they were measured on (kept in the registry's history by register)
+        golden = manifest(_lake(), job.dataset_id).get("golden") or {}
+        return {**gate_decision(metrics, GateConfig(margin=p["gate_margin"], category_tolerance=p["category_tolerance"],
+                                                    alpha=p["gate_alpha"])),
+                "golden_version": golden.get("version")}
 
     @task
     def register(decision: dict, **context):
@@ -210,9 +248,32 @@ def retrain_biweekly():
                                        "and canary_rollout starts it when that experiment ends")
         return out
 
+    @task(trigger_rule="all_done")
+    def note(**context):
+        """The run's note in the UI — "skipped: only N new labels (needs M)", "rejected: <figures>",
+        "promoted to canary: <figures>" — so a rejected candidate does not hide behind a green run.
+        Runs whatever happened before it; when a task failed, it notes where and fails too, so the
+        run stays failed."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from vloop.learn.retrain import run_note
+
+        ti, run_id = context["ti"], context["run_id"]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]) or {}
+        states = states.get(run_id, states)
+        failed = sorted(t for t, st in states.items() if t != ti.task_id and str(st).endswith("failed")
+                        and not str(st).endswith("upstream_failed"))
+        text = run_note(labels=ti.xcom_pull(task_ids="check_labels", key="labels"),
+                        registered=ti.xcom_pull(task_ids="register"), deployed=ti.xcom_pull(task_ids="deploy_canary"),
+                        failed=failed)
+        _set_note(context, text)
+        if failed:
+            raise AirflowFailException(f"the run failed at {', '.join(failed)} (noted on the run)")
+        return text
+
     decision = gate()
     check_labels() >> build_dataset() >> train() >> evaluate() >> decision
-    deploy_canary(register(decision))
+    deploy_canary(register(decision)) >> note()
 
 
 retrain_biweekly()

@@ -83,3 +83,79 @@ def test_retrain_biweekly(airflow_db, base_model_dir, tmp_path, monkeypatch):
         assert len(reg.versions()) == n_versions
     finally:
         srv.stop()
+
+
+def _airflow_api_server(tmp_path, monkeypatch):
+    """Airflow's own API server (create_app: simple auth manager, /auth/token, the public API)
+    over HTTP on loopback, in a thread of this process (same metadata database as dag.test()),
+    with one user whose password we know. Returns (url, stop)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"noter": "n0te-pw"}))
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "noter:admin")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(passwords))
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    from airflow.api_fastapi.app import create_app, purge_cached_app
+
+    purge_cached_app()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.started, "the Airflow API server did not start"
+
+    def stop():
+        server.should_exit = True
+        thread.join(timeout=30)
+        purge_cached_app()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def test_run_notes_say_rejected_and_skipped(airflow_db, tiny_model_dir, tmp_path, monkeypatch):
+    """A rejected candidate's run is green, so its note says "rejected: <figures>"; a run with
+    too few labels says "skipped: only N new labels (needs M)". Fast: the random tiny model, 2
+    training steps, a gate margin no candidate can meet, no serving (a rejected run never deploys)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
+    ensure_golden(lake, samples=World(424242).samples(12, intents=("colour",)))
+    write_labels(lake, DAY, World(5).samples(16, intents=("colour",)))
+    url, stop = _airflow_api_server(tmp_path, monkeypatch)
+    try:
+        monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",
+                                                                  "extra": {"lake_url": lake.root.as_uri()}}))
+        monkeypatch.setenv("AIRFLOW_CONN_VLOOP_AIRFLOW_API", json.dumps(
+            {"conn_type": "http", "host": url, "login": "noter", "password": "n0te-pw"}))
+        monkeypatch.setenv("VLOOP_BASE_MODEL", str(tiny_model_dir))
+        monkeypatch.setenv("VLOOP_HOME", str(tmp_path / "home"))
+        dag = load_dag("retrain_biweekly")
+
+        def note_of(dr):
+            with create_session() as s:
+                return s.scalar(select(DagRun).where(DagRun.dag_id == dr.dag_id, DagRun.run_id == dr.run_id)).note
+
+        dr = dag.test(run_conf={"min_new_labels": 1, "steps": 2, "replay_ratio": 0.0, "gate_margin": 1.0})
+        tis = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert dr.state == "success" and tis["deploy_canary"] == "skipped" and tis["note"] == "success", tis
+        rejected = [r for r, st in Registry(lake).state().statuses.items() if st == "rejected"]
+        note = note_of(dr)
+        assert note.startswith("rejected: golden exact match "), note
+        assert "vs champion" in note and "McNemar p=" in note and "n=12" in note and "golden v1" in note
+        assert "below the 1.000 margin" in note and note.endswith(rejected[0])
+
+        dr = dag.test(run_conf={"min_new_labels": 1000})
+        assert note_of(dr) == "skipped: only 0 new labels (needs 1000)"  # none since the adapter above
+    finally:
+        stop()

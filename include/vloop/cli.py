@@ -289,6 +289,83 @@ def _cmd_decoding(args) -> int:
     return 0
 
 
+def _cmd_golden_build(args) -> int:
+    from vloop.learn.golden import GoldenConfig, build_golden, describe
+    from vloop.store.lake import open_lake
+
+    cfg = GoldenConfig(size=args.size, min_size=args.min_size, min_per_stratum=args.min_per_stratum,
+                       since=args.since, until=args.until, seed=args.seed)
+    record, golden = build_golden(open_lake(args.url) if args.url else open_lake(), cfg,
+                                  new_version=args.new_version, actor=args.actor)
+    print("\n".join(describe(record, golden)))
+    print(f"in force from now on: retrain_biweekly's gate decides on v{record['version']}; its examples never "
+          f"enter training" + (f" (nor those of v{record['replaces']}, kept)" if record.get("replaces") is not None
+                               else ""))
+    return 0
+
+
+def _cmd_golden_show(args) -> int:
+    from vloop.learn import golden as g
+    from vloop.store.lake import open_lake
+
+    lake = open_lake(args.url) if args.url else open_lake()
+    cur = g.current(lake)
+    if args.version is not None and (cur is None or args.version != cur["version"]):
+        records = {r["version"]: r for r in g.versions(lake)}
+        if args.version not in records:
+            raise ValueError(f"no golden set version {args.version} (versions: "
+                             f"{', '.join(f'v{v}' for v in sorted(records)) or 'none'})")
+        record = records[args.version]
+        print("\n".join(g.describe(record, g.load_version(lake, args.version))))
+        return 0
+    print("\n".join(g.describe(cur, g.load_version(lake) if cur else None)))
+    older = [r for r in g.versions(lake) if cur is None or r["version"] != cur["version"]]
+    for r in older:
+        print(f"kept (held out of training): v{r['version']}, {r.get('size', '?')} examples, "
+              f"{r.get('created_at', '?')}, {r.get('source', '?')}")
+    return 0 if cur else 1
+
+
+def _report_key(lake, day: str | None, loop: bool) -> str:
+    """The lake key of DAY's daily report (``--loop``: the demo's loop report of the rounds that
+    began on DAY); the newest one without DAY."""
+    prefix = "reports/loop/" if loop else "reports/dt="
+    if day is None:
+        found = sorted(k for k in lake.list("reports/loop/" if loop else "reports/")
+                       if k.startswith(prefix) and k.endswith("/index.html"))
+        if not found:
+            raise ValueError(f"no {'loop ' if loop else ''}report in {lake.url} yet")
+        return found[-1]
+    dt.date.fromisoformat(day)  # a ValueError naming the bad DAY
+    key = f"{prefix}{day}/index.html"
+    if not lake.exists(key):
+        what = "the demo's loop report (vloop demo writes it)" if loop else "the report (feedback_daily's report task)"
+        raise ValueError(f"no report at {key} in {lake.url}: {what} has not been written for {day}")
+    return key
+
+
+def _cmd_report(args) -> int:
+    import datetime as _dt
+
+    from vloop.store.lake import LocalLake, open_lake
+
+    lake = open_lake(args.url) if args.url else open_lake()
+    key = _report_key(lake, args.day, args.loop)
+    expires = _dt.timedelta(hours=args.expires)
+    if args.report_command == "url":
+        # A local lake: the file itself; S3: a presigned https URL (valid --expires hours).
+        print(lake.root / key if isinstance(lake, LocalLake) else lake.browser_url(key, expires))
+        return 0
+    import webbrowser
+
+    url = lake.browser_url(key, expires)
+    print(url)
+    if not webbrowser.open(url):
+        print("no browser could be started here: open the URL above", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from serving.cli import serve
 
@@ -424,6 +501,42 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--skip-bad-rows", action="store_true", help="train on the good rows and list the bad ones "
                     "(default: one bad row refuses the file)")
     cs.set_defaults(fn=_cmd_cold_start)
+
+    gd = sub.add_parser("golden", help="the golden evaluation set the retraining gate decides on: build and "
+                        "freeze it from annotators' labels, show it")
+    gsub = gd.add_subparsers(dest="golden_command", metavar="ACTION", required=True)
+    gb = gsub.add_parser("build", help="build, freeze and put in force a golden set from confirmed and corrected "
+                         "labels, stratified by category and intent; refuses to replace the frozen one")
+    gb.add_argument("--new-version", action="store_true", help="cut the next version and put it in force (the "
+                    "earlier ones are kept, and stay out of training)")
+    gb.add_argument("--size", type=int, default=200, help="examples wanted (default 200)")
+    gb.add_argument("--min-size", type=int, default=50, help="refuse with fewer usable labels than this (default 50)")
+    gb.add_argument("--min-per-stratum", type=int, default=5, help="at least this many per category and intent "
+                    "(or all it has; default 5), the rest in proportion")
+    gb.add_argument("--since", help="first day of labels, YYYY-MM-DD (default: all)")
+    gb.add_argument("--until", help="last day of labels, YYYY-MM-DD (default: all)")
+    gb.add_argument("--seed", type=int, default=0, help="which labels of a stratum are drawn")
+    gb.add_argument("--actor", default=_login(), help="who builds it (kept in its record; default: your login)")
+    gb.set_defaults(fn=_cmd_golden_build)
+    gs = gsub.add_parser("show", help="the golden set in force: version, size, coverage per category and intent; "
+                         "the versions kept")
+    gs.add_argument("--version", type=int, help="show this version instead")
+    gs.set_defaults(fn=_cmd_golden_show)
+    for q in (gb, gs):
+        q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+
+    rp = sub.add_parser("report", help="where a day's report is (a file, or a presigned URL on S3), or open it")
+    rpsub = rp.add_subparsers(dest="report_command", metavar="ACTION", required=True)
+    ru = rpsub.add_parser("url", help="print the report's location: a file path for a local lake, a presigned "
+                          "URL for an S3 lake")
+    rop = rpsub.add_parser("open", help="open the report in a browser")
+    for q in (ru, rop):
+        q.add_argument("day", nargs="?", metavar="DAY", help="YYYY-MM-DD (default: the newest report)")
+        q.add_argument("--loop", action="store_true", help="the demo's loop report (reports/loop/DAY/) instead of "
+                       "the daily one")
+        q.add_argument("--expires", type=float, default=24, help="hours a presigned URL stays valid (default 24)")
+        q.add_argument("--url", help="lake URL (default: VLOOP_LAKE_URL)")
+        q.set_defaults(fn=_cmd_report)
 
     d = sub.add_parser("demo", help="the whole loop on real services, simulated users (what `make demo` runs)")
     d.add_argument("--rounds", type=int, default=2, help="rounds of label → retrain → canary → promote")

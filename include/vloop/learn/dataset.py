@@ -12,9 +12,12 @@ question):
 
 Excluded: users who opted out or were erased, photos flagged poor (by the automatic check or an
 annotator), "unclear" verdicts, "wrong" verdicts whose corrected answer is still the model's
-(:func:`wrong_without_correction`), anything in the fixed golden set, duplicates. A held-out share
+(:func:`wrong_without_correction`), anything in the golden set in force or any earlier golden
+version (same request, or the same photo with the same question: :func:`vloop.learn.golden.held_out`),
+duplicates. A held-out share
 of the labels is kept apart for evaluation; the golden set never enters training. The golden set is
-curated (:data:`GOLDEN_KEY`, see :func:`ensure_golden`); only a simulation may supply a synthetic one.
+built from annotators' labels and frozen by ``vloop golden build`` (:mod:`vloop.learn.golden`), or
+written once from curated samples (:func:`ensure_golden`); only a simulation may supply a synthetic one.
 
 A dataset is stored under ``datasets/<id>/`` (``train.parquet``, ``heldout.parquet``,
 ``golden.parquet``, ``manifest.json``); its id carries the content hash, so the same inputs give
@@ -91,13 +94,14 @@ def ensure_golden(lake: Lake, size: int = 200, samples=None, *, simulation: bool
                 f"simulation mode and no golden set at {GOLDEN_KEY}: pass the synthetic world's set, "
                 f"samples=vloop.sim.synth.golden_samples({size})")
         raise GoldenSetMissing(
-            f"no golden set at {GOLDEN_KEY}. Production needs a curated golden evaluation set there "
-            f"(a few hundred examples that represent the traffic, answered by people, never used in "
-            f"training), a parquet file with the columns {', '.join(GOLDEN_REQUIRED)} (image_key: the "
-            f"image's lake key as written by lake.put_image; intent may come from "
-            f"vloop.learn.evaluation.intent_of(question)). Write it once with "
-            f"vloop.learn.dataset.ensure_golden(lake, samples=[...]) from objects with image_bytes(), question, "
-            f"answer, category, intent and id; or run with VLOOP_SIMULATION=1 for the demo's synthetic set.")
+            f"no golden set at {GOLDEN_KEY}: the gate decides on it. Run `vloop golden build` (with the "
+            f"lake's VLOOP_LAKE_URL, or --url) to build and freeze one from annotators' confirmed and corrected "
+            f"labels, stratified by category and intent and held out of training from then on (needs "
+            f"feedback_daily to have pulled finished annotations; `vloop golden show` prints it). Production "
+            f"needs a curated golden evaluation set there; one of your own (columns "
+            f"{', '.join(GOLDEN_REQUIRED)}) may be written once instead with "
+            f"vloop.learn.dataset.ensure_golden(lake, samples=[...]) (objects with image_bytes(), question, "
+            f"answer, category, intent and id); VLOOP_SIMULATION=1 is the demo's synthetic set.")
     from vloop.learn.evaluation import intent_of
 
     rows = []
@@ -110,7 +114,9 @@ def ensure_golden(lake: Lake, size: int = 200, samples=None, *, simulation: bool
     if not rows:
         raise GoldenSetMissing(f"no samples to write the golden set at {GOLDEN_KEY} from")
     golden = pd.DataFrame(rows, columns=COLUMNS)
-    daily.put_frame(lake, GOLDEN_KEY, golden)
+    from vloop.learn.golden import freeze, record_from_samples
+
+    freeze(lake, golden, record_from_samples(lake, golden))  # version 1, in force (vloop.learn.golden)
     return golden
 
 
@@ -261,7 +267,12 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
     df["image_sha256"] = df["image_key"].map(_sha_of_key)
     pair = df["image_sha256"] + "|" + df["question"].map(normalise_question)
     golden_pairs = set(golden["image_sha256"] + "|" + golden["question"].map(normalise_question))
-    in_golden = pair.isin(golden_pairs)
+    # Held out forever: the set in force and every golden version ever cut, by request and by
+    # near-copy (the same photo with the same normalised question).
+    from vloop.learn import golden as golden_sets
+
+    held_ids, held_pairs = golden_sets.held_out(lake)
+    in_golden = pair.isin(golden_pairs | held_pairs) | df["request_id"].astype(str).isin(held_ids)
     dropped["in the golden set"] = int(in_golden.sum())
     df, pair = df[~in_golden], pair[~in_golden]
     df = df.assign(_rank=df["source"].map(SOURCE_RANK), _pair=pair).sort_values(["_rank", "request_id"])
@@ -296,9 +307,19 @@ def build_dataset(lake: Lake, cfg: DatasetConfig | None = None, *, today: dt.dat
         "examples": {"train": len(train), "heldout": len(heldout), "golden": len(golden)},
         "by_source": counts("source"), "by_category": counts("category"), "by_intent": counts("intent"),
         "dropped": dropped, "label_days": sorted(set(lab["dt"])) if len(lab) else [],
+        "golden": _golden_version(lake),
     }
     lake.put_json(prefix + "manifest.json", manifest)
     return manifest
+
+
+def _golden_version(lake: Lake) -> dict | None:
+    """Which golden set a dataset carries: its version (0: one without a version record) and sha256."""
+    from vloop.learn.golden import current
+
+    rec = current(lake)
+    return None if rec is None else {"version": rec["version"], "sha256": rec.get("sha256"),
+                                     "created_at": rec.get("created_at")}
 
 
 def load_split(lake: Lake, dataset_id: str, split: str) -> pd.DataFrame:

@@ -212,6 +212,98 @@ def deploy_canary(lake: Lake, ref: str, *, actor: str, reason: str, serving_url:
     return r.json()
 
 
+NOTE_MAX = 1000  # Airflow keeps a run's note in a 1000-character column
+
+
+def _figures(decision: dict) -> str:
+    """The gate's figures in one line: exact match of both, the difference and its interval, p, n."""
+    if decision.get("candidate") is None or decision.get("champion") is None:
+        return decision.get("reason") or "no figures"
+    lo, hi = decision.get("interval") or (float("nan"), float("nan"))
+    out = (f"{decision.get('set', 'golden')} exact match {decision['candidate']:.3f} vs champion "
+           f"{decision['champion']:.3f} ({decision['difference']:+.3f}, 95% CI {lo:+.3f} to {hi:+.3f}; "
+           f"McNemar p={decision['p']:.3g}, n={decision['n']})")
+    if decision.get("golden_version") is not None:
+        out += f", golden v{decision['golden_version']}"
+    return out
+
+
+def _why_rejected(decision: dict) -> str:
+    if decision.get("candidate") is None or decision.get("p") is None:
+        return decision.get("reason", "")
+    if decision.get("regressions"):
+        return "regresses " + ", ".join(decision["regressions"])
+    if decision["difference"] < decision.get("margin", 0):
+        return f"below the {decision.get('margin', 0):.3f} margin"
+    if decision["p"] > decision.get("alpha", 0.05):
+        return f"not significant at {decision.get('alpha', 0.05):.3f}"
+    return decision.get("reason", "")
+
+
+def run_note(*, labels: dict | None = None, registered: dict | None = None, deployed: dict | None = None,
+             failed: list[str] | None = None) -> str:
+    """The note a ``retrain_biweekly`` run carries in Airflow's UI (its DAG run ``note``), so a
+    rejected candidate does not hide behind a green run:
+
+    * ``skipped: only N new labels (needs M)`` — ``labels`` is check_labels' ``{"new_labels",
+      "needed"}`` and there were too few;
+    * ``rejected: <figures> — <why>; <ref>`` — ``registered`` (the register task's result: the gate's
+      decision plus ``ref``) did not pass;
+    * ``promoted to canary: <ref> at <share>: <figures>`` — it passed and ``deployed`` (deploy_canary's
+      result) put it in front of users; ``approved, queued behind <live>: ...`` when another canary
+      ran; ``approved: ...`` when it passed but was not deployed;
+    * ``failed at <task ids>`` — ``failed`` names tasks that failed first.
+    At most :data:`NOTE_MAX` characters."""
+    if labels and labels.get("needed") is not None and labels["new_labels"] < labels["needed"]:
+        note = f"skipped: only {labels['new_labels']} new labels (needs {labels['needed']})"
+    elif registered is not None and not registered.get("passed"):
+        why = _why_rejected(registered)
+        note = f"rejected: {_figures(registered)}" + (f" — {why}" if why else "") + f"; {registered.get('ref', '')}"
+    elif registered is not None:
+        if deployed and deployed.get("queued"):
+            note = f"approved, queued behind canary {deployed['live']}: {registered['ref']}; {_figures(registered)}"
+        elif deployed:
+            share = deployed.get("canary_share")
+            note = (f"promoted to canary: {registered['ref']}" + (f" at {share:.0%}" if share is not None else "")
+                    + f"; {_figures(registered)}")
+        else:
+            note = f"approved (not deployed): {registered['ref']}; {_figures(registered)}"
+        if failed:
+            note += f"; failed at {', '.join(failed)}"
+    elif failed:
+        note = f"failed at {', '.join(failed)}: see the task log; the champion is untouched"
+    else:
+        note = "no decision: the run ended before the gate"
+    return note if len(note) <= NOTE_MAX else note[:NOTE_MAX - 1] + "…"
+
+
+def patch_run_note(api_url: str, dag_id: str, run_id: str, note: str, *, username: str | None = None,
+                   password: str | None = None, token: str | None = None, timeout: float = 30) -> dict:
+    """Set a DAG run's note through Airflow's public REST API (``PATCH
+    /api/v2/dags/{dag_id}/dagRuns/{run_id}``, ``update_mask=note``): Airflow 3's Task SDK lets a
+    task read its run's note but not write it, and the public API is the supported writer. The
+    bearer token is ``token``, or one from ``POST /auth/token`` with ``username`` and ``password``
+    (the auth manager's user; it needs edit access to the DAG's runs). Returns the run as the API
+    answers it."""
+    import urllib.parse
+
+    import httpx
+
+    with httpx.Client(base_url=api_url.rstrip("/"), timeout=timeout) as http:
+        if token is None:
+            r = http.post("/auth/token", json={"username": username, "password": password})
+            if r.status_code >= 400:
+                raise RuntimeError(f"Airflow API at {api_url} refused the login of {username!r}: {r.status_code}")
+            token = r.json()["access_token"]
+        quote = lambda x: urllib.parse.quote(x, safe="")  # noqa: E731
+        r = http.patch(f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}", params={"update_mask": "note"},
+                       json={"note": note}, headers={"Authorization": f"Bearer {token}"})
+        if r.status_code >= 400:
+            raise RuntimeError(f"Airflow API at {api_url} did not set the note of {dag_id}/{run_id}: "
+                               f"{r.status_code} {r.text[:300]}")
+        return r.json()
+
+
 def today() -> dt.date:
     return dt.datetime.now(dt.timezone.utc).date()
 
