@@ -217,7 +217,7 @@ NOTE_MAX = 1000  # Airflow keeps a run's note in a 1000-character column
 
 def _figures(decision: dict) -> str:
     """The gate's figures in one line: exact match of both, the difference and its interval, p, n."""
-    if decision.get("candidate") is None or decision.get("champion") is None:
+    if any(decision.get(k) is None for k in ("candidate", "champion", "difference", "p", "n")):
         return decision.get("reason") or "no figures"
     lo, hi = decision.get("interval") or (float("nan"), float("nan"))
     out = (f"{decision.get('set', 'golden')} exact match {decision['candidate']:.3f} vs champion "
