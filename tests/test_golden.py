@@ -141,3 +141,26 @@ def test_an_unversioned_set_is_kept_as_v0(local_lake, capsys):
     assert _vloop(capsys, "golden", "build", "--url", local_lake.url, "--min-size", "20", "--new-version")[0] == 0
     assert [r["version"] for r in g.versions(local_lake)] == [0, 1] and g.current(local_lake)["version"] == 1
     assert g.load_version(local_lake, 0).equals(old)
+
+
+def test_erasure_reaches_every_golden_version(local_lake, capsys):
+    """A golden set is drawn from users' labelled requests: erasing a user removes their rows from
+    the set in force and from every frozen version (the lake's layout declares only the records,
+    counts and a hash, free of personal data)."""
+    from vloop.privacy.erasure import coverage, erase_user
+
+    lake = local_lake
+    labels = _labels(lake)
+    for extra in ([], ["--new-version"]):
+        assert _vloop(capsys, "golden", "build", "--url", lake.url, "--size", "60", "--min-size", "20", *extra)[0] == 0
+    keys = [k for k in lake.list("datasets/golden/") if k.endswith(".parquet")]
+    assert len(keys) == 3 and all(coverage(k) == "rows" for k in keys), keys
+    owner = dict(zip(labels["request_id"], [f"shopper-{i % 7}" for i in range(len(labels))]))
+    golden = daily.get_frame(lake, GOLDEN_KEY)
+    victim = owner[golden["request_id"].iloc[0]]
+    theirs = {r for r, u in owner.items() if u == victim}
+    assert any(set(daily.get_frame(lake, k)["request_id"]) & theirs for k in keys)
+    erase_user(lake, victim, actor="test")
+    for k in keys:
+        left = set(daily.get_frame(lake, k)["request_id"])
+        assert left and not left & theirs, k

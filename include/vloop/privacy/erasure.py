@@ -98,7 +98,9 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("labeled/*.parquet", "rows"),
     ("reports/dt=*", "report: the days the users appeared on are rebuilt from the cleaned data"),
     ("reports/loop/*", "free: the demo's loop report, figures per round"),
-    ("datasets/golden/*", "free: the golden set, curated product photos and questions"),
+    # A golden set is drawn from users' labelled requests (vloop golden build): its rows are erased
+    # like any dataset's (datasets/*.parquet); its records hold only counts and a hash.
+    ("datasets/golden/*.json", "free: a golden set version's size, counts per stratum and hash"),
     ("datasets/*/manifest.json", "manifest: recounted, the erasure noted"),
     ("datasets/*.parquet", "rows"),
     ("adapters/*/" + METRICS, "metrics: example ids removed with their paired entries, figures marked"),
