@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOKEN_VERSION = "v1"
+FEEDBACK_TOKEN_HEADER = "X-Vloop-Feedback-Token"  # an answer's token, and where feedback may send it back
 MAC_BYTES = 16
 # Request ids the gateway issues: no dots, so a token splits unambiguously.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")

@@ -14,6 +14,10 @@ each other's arms:
 A request without a user id cannot be randomised: it is served by the champion and counted as
 ``unassigned``; one that names its model (base or adapter) is ``direct``; both stay outside the
 comparison.
+
+A request picks its model with ``model``: the routed alias (:data:`ROUTED_ALIAS`, ``vloop``)
+lets the gateway choose the arm as above; the base model's id or an adapter's name asks for it
+directly (:func:`choose_arm`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 HOLDOUT_SALT = "vloop-holdout"
+ROUTED_ALIAS = "vloop"  # the model name that lets the gateway choose the arm
 
 
 def _unit_hash(salt: str, user_key: str) -> float:
@@ -94,3 +100,14 @@ class RouteStore:
         os.replace(tmp, self.path)
         self.routes = routes
         return routes
+
+
+def choose_arm(routes: Routes, model: str, user_key: str | None,
+               is_base: Callable[[str], bool]) -> tuple[str, str | None]:
+    """(arm, adapter name or None for the base model) of a request for ``model``: the routed
+    alias gets the user's sticky arm; an explicit model (the base, or an adapter by name) is
+    ``direct``, or ``unassigned`` without a user id."""
+    if model == ROUTED_ALIAS:  # the gateway picks the arm by the user's sticky bucket
+        return routes.arm_for(user_key)
+    adapter = None if is_base(model) else model
+    return (routes.arm_of_model(adapter) if user_key is not None else "unassigned"), adapter

@@ -3,7 +3,8 @@
 One ``data: {chat.completion.chunk}`` event per piece of text (the first one carries only the
 role, the last one only ``finish_reason``), then with ``stream_options.include_usage`` a chunk
 with no choices and the token counts, then ``data: [DONE]``. Both backends feed the same writer,
-:func:`sse_stream`, through a small event protocol (:class:`Delta`, :class:`Finish`):
+:func:`sse_stream`, through a small event protocol (:class:`Delta`, :class:`Finish`), started by
+:func:`open_events`:
 
 * the local backend generates the whole answer in its batching worker, then its tokens are sent
   one by one (the first chunk goes out at once, so a client that leaves during generation is
@@ -107,6 +108,20 @@ async def upstream_stream_events(engine, resp):
     finally:
         with anyio.CancelScope(shield=True):
             await resp.aclose()
+
+
+async def open_events(turn, *, local=None, request=None, engine=None, upstream_body: dict | None = None):
+    """The events of a streamed answer, its generation started: ``request`` (a GenRequest)
+    submitted to the ``local`` engine, or an upstream stream opened with ``upstream_body`` (asking
+    for the usage chunk). A refusal on the way ends ``turn`` (its staged image goes) and is raised."""
+    try:
+        if local is not None:
+            return local_stream_events(local, local.submit(request))
+        resp = await engine.open_stream({**upstream_body, "stream_options": {"include_usage": True}})
+    except EngineError as e:
+        turn.engine_failed(e)
+        raise
+    return upstream_stream_events(engine, resp)
 
 
 def _event(obj: dict) -> str:
