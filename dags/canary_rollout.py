@@ -24,13 +24,17 @@ Counts are kept as hourly snapshots under `rollout/<experiment>/counts/`, so a l
 raw logs of the hours since the last one.
 
 A person's approval (Variable `vloop_promotion_approval`: `auto`, the default, or `manual`): in
-manual mode a look that decides *promote* at the last stage leaves the promotion pending, and
-**approval** (a human-in-the-loop task: Browse → Required Actions) asks with the experiment's figures
-and intervals, the gate's figures and each arm's top error types: *Approve* promotes, *Reject* rolls
-back with the person's name and comment as the reason, *Keep at current share* restarts the stage;
-no answer within `vloop_promotion_approval_timeout_hours` (default 24) keeps the champion.
-`vloop_promotion_approvers` (comma-separated user ids) limits who may answer. **settle** carries the
-answer out (`vloop.release.approval`); `vloop rollout approve|reject` does the same from a terminal.
+manual mode a look that decides *promote* at the last stage leaves the promotion pending (the
+serving state's experiment holds the request), and **ask** starts the `promotion_approval` DAG with
+the request (its id, subject, the text with the experiment's figures and intervals, the gate's
+figures and each arm's top error types, the timeout) as the run's conf, without waiting for it: a
+person answers there (Browse → Required Actions) while this DAG goes on looking every hour. The
+triggered run's id comes from the request's id, so a request is asked once: later looks while it
+is pending neither promote nor ask again (their **ask** finds the run and is skipped), but a
+rollback or a halt still acts and ends the request with the experiment. **ask** is skipped when no
+request is pending, and fails (the alert) while `promotion_approval` is paused: its run would only
+queue; the next look asks again. `vloop rollout approve|reject` answers from a terminal
+(`vloop.release.approval`).
 
 Manual rollback: trigger with `rollback: true`, a `reason` and optionally `to` (`name@version` or
 `base`); the same as `vloop rollout rollback`. The logic lives in `vloop.release.canary`; this is wiring.
@@ -40,13 +44,13 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, Variable, dag, task
 from vloop_assets import SERVING, SERVING_CHANGES
 
-from vloop.release.approval import ON_TIMEOUT as APPROVAL_ON_TIMEOUT
-from vloop.release.approval import OPTIONS as APPROVAL_OPTIONS
 from vloop.store.config import load_settings
+
+APPROVAL_DAG = "promotion_approval"  # dags/promotion_approval.py
 
 
 def _lake():
@@ -65,22 +69,29 @@ def _cfg(p: dict):
     return replace(canary.config_from_params(p), stages=stages)
 
 
-class PromotionApproval(HITLOperator):
-    """Asks a person when the look left a promotion pending (its request's subject and body come
-    from the look); skipped otherwise."""
+class AskForApproval(TriggerDagRunOperator):
+    """Starts promotion_approval for the promotion the look left pending, the request as the run's
+    conf, without waiting; its run id is the request's (vloop.release.approval.run_id_of), so a look
+    while the same request is still pending finds the run and is skipped (already asked). Skipped
+    when no promotion is pending; fails, without a retry, while promotion_approval is paused (its
+    run would only queue, and nobody would be asked): the next look asks again."""
 
     def execute(self, context):
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.providers.standard.operators.trigger_dagrun import DagIsPaused
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from vloop.release import approval
 
         req = (context["ti"].xcom_pull(task_ids="look") or {}).get("approval")
         if not req:
             raise AirflowSkipException("no promotion awaits a person's approval")
-        self.subject, self.body = req["subject"], req["body"]
-        self.response_timeout = dt.timedelta(hours=req["timeout_hours"])
-        self.assigned_users = approval.parse_users(Variable.get("vloop_promotion_approvers", default=""))
-        return super().execute(context)
+        self.trigger_run_id, self.conf = approval.run_id_of(req["id"]), req
+        try:
+            return super().execute(context)
+        except DagIsPaused as e:
+            raise AirflowFailException(f"{APPROVAL_DAG} is paused, so nobody is asked about the pending promotion "
+                                       f"{req['id']}: unpause it (the next look asks), or answer with "
+                                       "`vloop rollout approve|reject`") from e
 
 
 @dag(
@@ -141,34 +152,20 @@ def canary_rollout():
             context["outlet_events"][SERVING_CHANGES].add(SERVING, extra={"seq": result.state.seq,
                                                                          "action": result.action})
         out = result.summary
-        if result.action == "awaiting_approval":  # the approval task asks a person with this text
+        if result.action == "awaiting_approval":  # promotion_approval asks a person with this text
             hours = approval.parse_timeout_hours(Variable.get("vloop_promotion_approval_timeout_hours", default=None))
             out["approval"] = {"id": result.request, "timeout_hours": hours,
                                "subject": f"Promote {result.state.canary} to champion?",
-                               "body": approval.promotion_body(lake, result.state, timeout_hours=hours, now=now)}
+                               "body": approval.promotion_body(lake, result.state, timeout_hours=hours, now=now),
+                               "now": p["now"]}  # the simulated clock (simulation mode only), for settle
         return out
 
-    # Manual mode: a person answers before a promotion (skipped when none is pending).
-    ask = PromotionApproval(
-        task_id="approval", subject="Promote the canary to champion?", options=list(APPROVAL_OPTIONS),
-        defaults=[APPROVAL_ON_TIMEOUT], multiple=False, retries=0,
-        params={"comment": Param(None, type=["null", "string"], description="why (kept in the registry's history; "
-                                 "the reason of a rejection)")})
+    # Manual mode: a person answers in promotion_approval, once per request (skipped when none is pending).
+    ask = AskForApproval(task_id="ask", trigger_dag_id=APPROVAL_DAG, wait_for_completion=False,
+                         skip_when_already_exists=True, fail_when_dag_is_paused=True,
+                         openlineage_inject_parent_info=False)
 
-    @task(outlets=[SERVING_CHANGES])
-    def settle(answer: dict, looked: dict, **context):
-        from vloop.release import approval, canary
-
-        p, req = context["params"], looked["approval"]
-        res = approval.settle_answer(_lake(), answer, request_id=req["id"], timeout_hours=req["timeout_hours"],
-                                     now=canary.simulated_now(p["now"]), cfg=_cfg(p))
-        if res.applied:
-            context["outlet_events"][SERVING_CHANGES].add(SERVING, extra={"seq": res.state.seq, "action": res.action})
-        return res.summary
-
-    looked = look()
-    looked >> ask
-    settle(ask.output, looked)
+    look() >> ask
 
 
 canary_rollout()

@@ -2,8 +2,9 @@
 decides *promote* at the last stage leaves the promotion pending; Approve promotes, Reject rolls
 back with the person's name and comment as the reason, no answer keeps the champion. Every answer
 is a registry event naming the person. Then `vloop rollout approve|reject` from a terminal, and the
-canary_rollout DAG (dag.test()) asking through its human-in-the-loop task, answered from another
-thread as the Required Actions page's PATCH does."""
+DAGs (dag.test()): canary_rollout's look starts promotion_approval once per request and goes on
+looking, promotion_approval asks through its human-in-the-loop task, answered from another thread
+as the Required Actions page's PATCH does."""
 
 from __future__ import annotations
 
@@ -223,9 +224,10 @@ def test_rollout_approve_and_reject_from_a_terminal(tmp_path):
 
 
 def _answer_from_outside(dag_id: str, task_id: str, option: str, user: dict, comment: str, seen: dict,
-                         timeout: float = 120) -> None:
+                         timeout: float = 120, before=None) -> None:
     """What the Required Actions page's PATCH .../hitlDetails does (routes/public/hitl.py):
-    wait for the request, write the response, resume the parked task."""
+    wait for the request, write the response, resume the parked task. ``before``: called once the
+    request is up, before the answer (what else happens while the person reads it)."""
     from airflow._shared.timezones import timezone
     from airflow.models.hitl import HITLDetail
     from airflow.models.taskinstance import TaskInstance
@@ -245,6 +247,8 @@ def _answer_from_outside(dag_id: str, task_id: str, option: str, user: dict, com
             if hd is not None and hd.responded_at is None:
                 seen.update(subject=hd.subject, body=hd.body, options=list(hd.options), defaults=hd.defaults,
                             params=hd.params, run_id=ti.run_id)
+                if before is not None:
+                    before()
                 hd.responded_by = user
                 hd.responded_at = timezone.utcnow()
                 hd.chosen_options = [option]
@@ -283,69 +287,198 @@ def _time_out_from_outside(dag_id: str, task_id: str, seen: dict, timeout: float
     seen["error"] = f"no request timed out ({seen.get('trigger_timeout')})"
 
 
+def _approval_runs(request_id: str):
+    """promotion_approval's runs started for ``request_id`` (by canary_rollout's ask): (run_id, conf)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as s:
+        runs = s.scalars(select(DagRun).where(DagRun.dag_id == "promotion_approval")).all()
+        return [(r.run_id, dict(r.conf or {})) for r in runs if (r.conf or {}).get("id") == request_id]
+
+
+def _returned(dr, task_id: str):
+    """What ``task_id`` returned in the run ``dr`` (its return_value XCom)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as s:
+        value = s.scalar(select(XComModel.value).where(
+            XComModel.dag_id == dr.dag_id, XComModel.run_id == dr.run_id, XComModel.task_id == task_id,
+            XComModel.key == "return_value"))
+    return XComModel.deserialize_value(type("Row", (), {"value": value})())
+
+
+def _pause(dag_id: str, paused: bool) -> None:
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        s.get(DagModel, dag_id).is_paused = paused
+
+
+def _drop_approval_runs(run_ids=None) -> None:
+    """The triggered runs stay queued (no scheduler here): removed at the end; all of them (None)
+    at the start, as an interrupted session leaves them and the experiment ids here are fixed."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    which = delete(DagRun).where(DagRun.dag_id == "promotion_approval")
+    with create_session() as s:
+        s.execute(which if run_ids is None else which.where(DagRun.run_id.in_(list(run_ids))))
+
+
 def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake, monkeypatch):
-    """The DAG end to end on a lake (no serving processes): auto mode promotes at once, as before;
-    manual mode parks the approval task until a person answers, then settle promotes in their name."""
+    """The DAGs end to end on a lake (no serving processes): auto mode promotes at once, as before;
+    in manual mode canary_rollout's look records the request, starts promotion_approval for it and
+    finishes (the hourly looks go on while nobody has answered; a second look neither promotes nor
+    asks again); promotion_approval parks its approval task until a person answers, then settle
+    promotes in their name. While promotion_approval is paused, ask fails and the next look asks.
+    No answer within the timeout keeps the champion; an answer after the request was settled from
+    a terminal changes nothing and the run is still green."""
     from tests.conftest import load_dag
 
     monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",
                                                               "extra": {"lake_url": local_lake.root.as_uri()}}))
     monkeypatch.setenv("VLOOP_SIMULATION", "1")
-    dag = load_dag("canary_rollout")
+    dag, asking = load_dag("canary_rollout"), load_dag("promotion_approval")
     params = {"min_hours": 2, "min_requests": 100, "max_hours": 12}
+    triggered: list[str] = []
+    _drop_approval_runs()
 
     def run(now: dt.datetime):
         dr = dag.test(run_conf={**params, "now": now.isoformat()})
         return dr, {ti.task_id: ti.state for ti in dr.get_task_instances()}
 
-    # Auto (the default): promoted by the look itself; nobody is asked.
-    reg, champ, cand = live_canary(local_lake, seed=11)
-    _, states = run(T0 + dt.timedelta(hours=3))
-    assert states == {"look": "success", "approval": "skipped", "settle": "skipped"}, states
-    assert reg.serving_state().champion == cand and not events(reg, approval.REQUESTED)
+    def look_asks(now: dt.datetime) -> dict:
+        """A look in manual mode that leaves a promotion pending: its run finishes at once, having
+        started promotion_approval (run id from the request id) with the request as conf."""
+        dr, states = run(now)
+        assert states == {"look": "success", "ask": "success"} and dr.state == "success", states
+        req = approval.pending(reg.serving_state())
+        assert req is not None and reg.serving_state().canary_share == 0.5  # pending, nothing promoted
+        (started,) = _approval_runs(req["id"])
+        triggered.append(started[0])
+        assert started[0] == approval.run_id_of(req["id"]), started
+        return started[1]
 
-    # Manual: the next candidate waits for a person; Alice approves from the Required Actions page.
-    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL", "manual")
-    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL_TIMEOUT_HOURS", "6")
-    (nxt,) = register(reg, "nxt")
-    t1 = T0 + dt.timedelta(hours=4)
-    st = canary.start(reg, nxt, actor="test", reason="gate", cfg=CFG, now=t1)
-    traffic(local_lake, st, t1, 3, 150, BETTER, seed=12)
-    seen: dict = {}
-    responder = threading.Thread(target=_answer_from_outside, args=(
-        "canary_rollout", "approval", approval.APPROVE, {"id": "alice", "name": "Alice"}, "numbers hold up", seen),
-        daemon=True)
-    responder.start()
-    dr, states = run(t1 + dt.timedelta(hours=3))
-    responder.join(timeout=10)
-    assert "error" not in seen, seen
-    assert states == {"look": "success", "approval": "success", "settle": "success"}, states
-    assert seen["subject"] == f"Promote {nxt} to champion?" and seen["run_id"] == dr.run_id
-    assert seen["options"] == list(approval.OPTIONS) and seen["defaults"] == [approval.ON_TIMEOUT]
-    assert "always-valid" in seen["body"] and "no answer within 6 h" in seen["body"] and set(seen["params"]) == {"comment"}
-    head = reg.serving_state()
-    assert head.champion == nxt and head.canary is None
-    answer = events(reg, approval.EVENT)[-1]
-    assert (answer["responded_by"], answer["choice"], answer["comment"]) == ("Alice", "Approve", "numbers hold up")
-    moved = [e for e in events(reg, "alias") if e["alias"] == "champion" and e["ref"] == nxt][-1]
-    assert moved["actor"] == "Alice" and "approved by Alice" in moved["reason"]
+    try:
+        # Auto (the default): promoted by the look itself; nobody is asked.
+        reg, champ, cand = live_canary(local_lake, seed=11)
+        _, states = run(T0 + dt.timedelta(hours=3))
+        assert states == {"look": "success", "ask": "skipped"}, states
+        assert reg.serving_state().champion == cand and not events(reg, approval.REQUESTED)
 
-    # Nobody answers: past the response timeout the scheduler's sweep applies the defaults (Keep),
-    # the champion stays and the canary keeps its share; the history says nobody answered.
-    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL_TIMEOUT_HOURS", "0.0005")  # 1.8 s
-    (last,) = register(reg, "last")
-    t2 = T0 + dt.timedelta(hours=8)
-    st = canary.start(reg, last, actor="test", reason="gate", cfg=CFG, now=t2)
-    traffic(local_lake, st, t2, 3, 150, BETTER, seed=13)
-    seen = {}
-    sweeper = threading.Thread(target=_time_out_from_outside, args=("canary_rollout", "approval", seen), daemon=True)
-    sweeper.start()
-    dr, states = run(t2 + dt.timedelta(hours=3))
-    sweeper.join(timeout=10)
-    assert "error" not in seen, seen
-    assert states == {"look": "success", "approval": "success", "settle": "success"}, states
-    head = reg.serving_state()
-    assert head.champion == nxt and head.canary == last and head.canary_share == 0.5 and approval.pending(head) is None
-    answer = events(reg, approval.EVENT)[-1]
-    assert answer["responded_by"] is None and answer["choice"] == approval.KEEP and answer["applied"]
-    assert answer["reason"].startswith("no answer within 0.0005 h: the champion")
+        # Manual: the look records the request; while promotion_approval is paused nobody could be
+        # asked, so ask fails (the alert) and the request waits.
+        monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL", "manual")
+        monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL_TIMEOUT_HOURS", "6")
+        (nxt,) = register(reg, "nxt")
+        t1 = T0 + dt.timedelta(hours=4)
+        st = canary.start(reg, nxt, actor="test", reason="gate", cfg=CFG, now=t1)
+        traffic(local_lake, st, t1, 3, 150, BETTER, seed=12)
+        _pause("promotion_approval", True)
+        dr, states = run(t1 + dt.timedelta(hours=3))
+        assert states == {"look": "success", "ask": "failed"} and dr.state == "failed", states
+        req = approval.pending(reg.serving_state())
+        assert req is not None and reg.serving_state().champion == cand and not _approval_runs(req["id"])
+        # Unpaused: the next hour's look asks (promotion_approval started, the request as its conf)
+        # and its run ends; the request waits for a person.
+        _pause("promotion_approval", False)
+        traffic(local_lake, reg.serving_state(), t1 + dt.timedelta(hours=3), 1, 150, BETTER, seed=16)
+        conf = look_asks(t1 + dt.timedelta(hours=4))
+        assert conf["id"] == req["id"] and conf["subject"] == f"Promote {nxt} to champion?"
+        assert "always-valid" in conf["body"] and "no answer within 6 h" in conf["body"] and conf["timeout_hours"] == 6
+        assert conf["now"] == (t1 + dt.timedelta(hours=4)).isoformat()
+
+        # The next hour's look runs while the request waits: it neither promotes nor asks again.
+        traffic(local_lake, reg.serving_state(), t1 + dt.timedelta(hours=4), 1, 150, BETTER, seed=14)
+        dr, states = run(t1 + dt.timedelta(hours=5))
+        assert states == {"look": "success", "ask": "skipped"} and dr.state == "success", states
+        head = reg.serving_state()
+        assert head.champion == cand and head.canary == nxt and approval.pending(head)["id"] == conf["id"]
+        assert len([e for e in events(reg, approval.REQUESTED) if e["ref"] == nxt]) == 1
+        assert len(_approval_runs(conf["id"])) == 1
+
+        # Alice approves from the Required Actions page.
+        seen: dict = {}
+        responder = threading.Thread(target=_answer_from_outside, args=(
+            "promotion_approval", "approval", approval.APPROVE, {"id": "alice", "name": "Alice"}, "numbers hold up",
+            seen), daemon=True)
+        responder.start()
+        dr = asking.test(run_conf=conf)
+        responder.join(timeout=10)
+        assert "error" not in seen, seen
+        assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"approval": "success", "settle": "success"}
+        assert seen["subject"] == f"Promote {nxt} to champion?" and seen["run_id"] == dr.run_id
+        assert seen["options"] == list(approval.OPTIONS) and seen["defaults"] == [approval.ON_TIMEOUT]
+        assert seen["body"] == conf["body"] and set(seen["params"]) == {"comment"}
+        head = reg.serving_state()
+        assert head.champion == nxt and head.canary is None
+        answer = events(reg, approval.EVENT)[-1]
+        assert (answer["responded_by"], answer["choice"], answer["comment"]) == ("Alice", "Approve", "numbers hold up")
+        moved = [e for e in events(reg, "alias") if e["alias"] == "champion" and e["ref"] == nxt][-1]
+        assert moved["actor"] == "Alice" and "approved by Alice" in moved["reason"]
+
+        # Nobody answers: past the response timeout the scheduler's sweep applies the defaults (Keep),
+        # the champion stays and the canary keeps its share; the history says nobody answered.
+        monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL_TIMEOUT_HOURS", "0.0005")  # 1.8 s
+        (last,) = register(reg, "last")
+        t2 = T0 + dt.timedelta(hours=10)
+        st = canary.start(reg, last, actor="test", reason="gate", cfg=CFG, now=t2)
+        traffic(local_lake, st, t2, 3, 150, BETTER, seed=13)
+        conf = look_asks(t2 + dt.timedelta(hours=3))
+        seen = {}
+        sweeper = threading.Thread(target=_time_out_from_outside, args=("promotion_approval", "approval", seen),
+                                   daemon=True)
+        sweeper.start()
+        dr = asking.test(run_conf=conf)
+        sweeper.join(timeout=10)
+        assert "error" not in seen, seen
+        assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"approval": "success", "settle": "success"}
+        head = reg.serving_state()
+        assert head.champion == nxt and head.canary == last and head.canary_share == 0.5
+        assert approval.pending(head) is None
+        answer = events(reg, approval.EVENT)[-1]
+        assert answer["responded_by"] is None and answer["choice"] == approval.KEEP and answer["applied"]
+        assert answer["reason"].startswith("no answer within 0.0005 h: the champion")
+
+        # Settled from a terminal while the UI's request is up: the UI answer that follows changes
+        # nothing, is kept in the history as not applied, and the run is still green.
+        monkeypatch.setenv("AIRFLOW_VAR_VLOOP_PROMOTION_APPROVAL_TIMEOUT_HOURS", "6")
+        t3 = t2 + dt.timedelta(hours=3)
+        traffic(local_lake, reg.serving_state(), t3, 3, 150, BETTER, seed=15)
+        conf = look_asks(t3 + dt.timedelta(hours=3))
+        seen = {}
+
+        def terminal():
+            approval.settle(local_lake, "reject", by="dana", comment="not this week", via="terminal")
+
+        responder = threading.Thread(target=_answer_from_outside, args=(
+            "promotion_approval", "approval", approval.APPROVE, {"id": "carol", "name": "carol"}, "late", seen),
+            kwargs={"before": terminal}, daemon=True)
+        responder.start()
+        dr = asking.test(run_conf=conf)
+        responder.join(timeout=10)
+        assert "error" not in seen, seen
+        assert dr.state == "success"
+        assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"approval": "success", "settle": "success"}
+        head = reg.serving_state()
+        assert head.champion == nxt and head.canary is None and reg.state().statuses[last] == "rejected"
+        terminal_answer, late = events(reg, approval.EVENT)[-2:]
+        assert (terminal_answer["responded_by"], terminal_answer["via"]) == ("dana", "terminal")
+        assert terminal_answer["applied"]
+        assert (late["responded_by"], late["choice"], late["applied"]) == ("carol", "Approve", False)
+        assert late["request"] == conf["id"]
+        settled = _returned(dr, "settle")
+        assert settled["action"] == "nothing pending" and settled["request"] == conf["id"], settled
+        assert settled["message"].startswith("answer not applied: no promotion is pending"), settled
+        # Once settled, a run for that request (started late, say) asks nobody.
+        dr = asking.test(run_conf=conf)
+        assert dr.state == "success"
+        assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"approval": "skipped", "settle": "skipped"}
+    finally:
+        _drop_approval_runs(triggered)

@@ -4,8 +4,9 @@ Airflow Variable ``vloop_promotion_approval``: ``auto`` (the default) — ``cana
 at the last stage on its own, as it always did; ``manual`` — a look that decides *promote* at the
 last stage does not move the champion alias. It records a **pending promotion** in the serving
 state's experiment (``experiment["pending_promotion"]``: the request id, the look that asked, its
-reason) and the DAG's human-in-the-loop task asks a person, with :func:`promotion_body` as the
-request's text. The answer is carried out by :func:`settle`:
+reason), and the look starts the ``promotion_approval`` DAG, whose human-in-the-loop task asks a
+person, with :func:`promotion_body` as the request's text (one run per request: :func:`run_id_of`);
+``canary_rollout`` goes on looking every hour meanwhile. The answer is carried out by :func:`settle`:
 
 * **Approve** — the canary becomes champion (the old champion retired, still loadable);
 * **Reject** — the canary is rolled back (rejected), the person's name and comment the reason;
@@ -18,7 +19,8 @@ Every answer is a registry event of kind :data:`EVENT` naming the person (``resp
 an answer that came after the request was settled (``applied: false``). While a promotion is
 pending, no look promotes, whatever the mode; a look that calls for a rollback or a halt still
 acts (it ends the experiment and with it the request). ``vloop rollout approve|reject`` settles
-the request from a terminal (:func:`settle` with ``via="terminal"``).
+the request from a terminal (:func:`settle` with ``via="terminal"``); the ``promotion_approval``
+run then still waits, and its answer, or Keep at its timeout, changes nothing (``applied: false``).
 
 Storing the request in the serving state makes its answer race-free: settling writes the next
 serving state conditionally on the one that holds the request, so of two answers at once (the
@@ -29,10 +31,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: the canary_rollout DAG reads OPTIONS when it is parsed
+if TYPE_CHECKING:  # imported where used: the promotion_approval DAG reads OPTIONS when it is parsed
     import pandas as pd
 
     from vloop.learn.registry import Registry, ServingState
@@ -52,6 +55,13 @@ _CHOICES = {"approve": APPROVE, "reject": REJECT, "keep": KEEP, APPROVE.lower():
 
 class NothingPending(ValueError):
     """No promotion awaits a person's answer (or not the one the answer was for)."""
+
+
+def run_id_of(request_id: str) -> str:
+    """The ``promotion_approval`` DAG run that asks for the request ``request_id``: derived from
+    the id, so a request is asked once (a second trigger for it conflicts), in the characters
+    Airflow allows in a run id."""
+    return "promotion__" + re.sub(r"[^A-Za-z0-9_.~:+-]", "_", request_id).replace("..", "_")
 
 
 def parse_mode(text: str | None) -> str:
