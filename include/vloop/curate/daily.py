@@ -425,12 +425,17 @@ def remine(lake: Lake, day: dt.date, run_time: dt.datetime, *, max_bad_fraction:
 
 # -- 4. confidence --------------------------------------------------------------------------------
 def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Callable[[], object] | None = None,
-                          batch_size: int = 32, grounding: bool = True) -> dict:
+                          batch_size: int = 32, grounding: bool = True, scoring_url: str | None = None) -> dict:
     """Confidence per interaction of one hour: as logged; else from the logged token logprobs;
     else the model re-scores the logged answer (teacher-forced, in batches). With a model
     (``load_model``) and ``grounding``, also each answer's image-text grounding
     (:mod:`vloop.curate.grounding`); without one, ``load_model`` is called only if some row needs
-    re-scoring and grounding is left empty."""
+    re-scoring and grounding is left empty.
+
+    With a scoring server (``scoring_url``; None reads ``VLOOP_SCORING_URL``, "" means none) the
+    re-scoring and the grounding are asked of that vLLM instead, each row of the model version
+    that answered it, and ``load_model`` is never called; a row the server cannot score gets no
+    score and a logged reason (counted as ``unscored``), an unreachable server fails the step."""
     from vloop.vlm.model import Confidence, score_answers
 
     inter, _ = curated_hour(lake, day, hour)
@@ -441,8 +446,28 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
     from_lp = conf.isna() & has_lp
     conf[from_lp] = [Confidence.from_logprobs(v).geo_mean_prob for v in inter.loc[from_lp, "token_logprobs"]]
     todo = inter[conf.isna() & inter["image_key"].notna() & inter["answer"].notna()]
-    lm = None
-    if len(todo):
+    answered = inter[inter["image_key"].notna() & inter["answer"].notna()]
+    grounded = pd.Series(float("nan"), index=inter.index, dtype="float64")
+    lm = remote = None
+    from vloop.store.config import load_settings
+
+    if scoring_url is None:
+        scoring_url = load_settings().scoring_url
+    if scoring_url and (len(todo) or (grounding and len(answered))):
+        from vloop.curate.grounding import score_rows_on_server
+        from vloop.vlm.scoring_client import ScoringClient
+
+        t0 = time.perf_counter()
+        with ScoringClient(scoring_url, api_key=load_settings().upstream_api_key) as client:
+            remote = score_rows_on_server(client, lake, answered if grounding else todo, grounding=grounding)
+        conf[todo.index] = [Confidence.from_logprobs(remote.logprobs[r]).geo_mean_prob if r in remote.logprobs
+                            else np.nan for r in todo["request_id"]]
+        source[todo.index] = "rescored"
+        if grounding:
+            grounded = inter["request_id"].map(remote.grounding).astype("float64")
+        log.info("scored %d answers on %s in %.1fs (%d re-scored, %d not scorable)", len(remote.logprobs),
+                 scoring_url, time.perf_counter() - t0, len(todo), len(remote.failed))
+    elif len(todo) and not scoring_url:
         if load_model is None:
             raise RuntimeError(f"{len(todo)} interactions have neither confidence nor logprobs, and no model "
                                "was given to re-score them (set VLOOP_BASE_MODEL)")
@@ -459,9 +484,7 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
             log.info("re-scored %d/%d (%.0f/s, eta %.0fs)", done, len(todo), rate, (len(todo) - done) / rate)
         source[todo.index] = "rescored"
     source[conf.isna()] = "missing"
-    grounded = pd.Series(float("nan"), index=inter.index, dtype="float64")
-    answered = inter[inter["image_key"].notna() & inter["answer"].notna()]
-    if grounding and load_model is not None and len(answered):
+    if not scoring_url and grounding and load_model is not None and len(answered):
         from vloop.curate.grounding import GroundingConfig, score_rows
 
         t0 = time.perf_counter()
@@ -474,7 +497,8 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
     return {"day": day.isoformat(), "hour": hour, "interactions": len(out),
             "grounded": int(out["grounding"].notna().sum()),
             **dict.fromkeys(("logged", "logprobs", "rescored", "missing"), 0),
-            **{k: int(v) for k, v in out["confidence_source"].value_counts().items()}}
+            **{k: int(v) for k, v in out["confidence_source"].value_counts().items()},
+            **({"scored_on": "server", "unscored": len(remote.failed) if remote else 0} if scoring_url else {})}
 
 
 def base_model_loader(name_or_path: str | None) -> Callable[[], object] | None:
@@ -499,11 +523,11 @@ def _load_model_once(name_or_path: str, stamp) -> object:
 
 
 def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
-                     batch_size: int = 32, grounding: bool = True) -> dict:
+                     batch_size: int = 32, grounding: bool = True, scoring_url: str | None = None) -> dict:
     """Every curated hour of ``day`` through :func:`score_confidence_hour`, the model (when one is
     needed) loaded once for them all."""
     loader = functools.cache(load_model) if load_model is not None else None
-    return _summed([score_confidence_hour(lake, day, h, loader, batch_size, grounding)
+    return _summed([score_confidence_hour(lake, day, h, loader, batch_size, grounding, scoring_url)
                     for h in curated_hours(lake, day)], day)
 
 

@@ -15,6 +15,12 @@ person's check (:mod:`vloop.curate.selection` picks it as a separate reason).
 Each answer is scored by the model version that gave it: rows answered by an adapter are scored
 with that adapter (its files from the registry's lake path) applied to the base model; rows of
 the bare base, or of an adapter the registry does not know, by the base.
+
+:func:`score_rows_on_server` computes the same scores on the serving vLLM
+(:mod:`vloop.vlm.scoring_client`) instead of a model in this process: an adapter's rows by the
+adapter of that name loaded there, the base's by the served base. A row the server cannot score
+(its prompt over the server's ``max_model_len``, its adapter known to the registry but no longer
+loaded there, an unreadable image) gets no score and a logged reason, never an error.
 """
 
 from __future__ import annotations
@@ -126,3 +132,91 @@ def _score_group(lm, lake, group, cfg: GroundingConfig) -> list[float]:
         images = [lake.get_bytes(k) for k in chunk["image_key"]]
         scores += grounding_scores(lm, images, chunk["question"].tolist(), chunk["answer"].tolist(), cfg)
     return scores
+
+
+@dataclass
+class ServerScores:
+    """What :func:`score_rows_on_server` got, per ``request_id``: the answer's token log-probabilities
+    with the real image, the grounding score (when asked for) and, for the rows that got neither,
+    why."""
+    logprobs: dict[str, list[float]]
+    grounding: dict[str, float]
+    failed: dict[str, str]
+
+
+MAX_LOGGED_FAILURES = 20  # per call; the rest are counted in one line
+
+
+def score_rows_on_server(client, lake, rows, *, grounding: bool = True, cfg: GroundingConfig | None = None,
+                         chunk: int = 64) -> ServerScores:
+    """Score interaction rows (``request_id``, ``image_key``, ``question``, ``answer``, ``adapter``)
+    on a vLLM server (``client``: a :class:`vloop.vlm.scoring_client.ScoringClient`), each by the
+    model version that answered it, and with ``grounding`` their grounding too (one more request
+    per row, with the grey image). Rows are read from the lake ``chunk`` at a time.
+    :class:`vloop.vlm.scoring_client.ScoringUnavailable` (the server down or broken) is raised."""
+    from vloop.learn.registry import Registry, RegistryError
+    from vloop.store.lake import LakeKeyNotFound
+    from vloop.vlm.model import InputError, as_image
+    from vloop.vlm.scoring_client import RowScoringError, ScoreRequest
+
+    cfg = cfg or GroundingConfig()
+    served = client.models()
+    registry = Registry(lake)
+    models: dict[str, str | None] = {}
+
+    def model_for(ref) -> str | None:  # None: known to the registry, not loaded on the server
+        ref = "" if ref is None or (isinstance(ref, float) and np.isnan(ref)) else str(ref)
+        if ref not in models:
+            if not ref:
+                models[ref] = served.base
+            elif ref in served.adapters:
+                models[ref] = ref
+            else:
+                try:
+                    registry.get(ref)
+                    models[ref] = None
+                    log.warning("answers of %s are not scored: it is not loaded on %s", ref, client.url)
+                except RegistryError:
+                    models[ref] = served.base
+                    log.warning("answers of %s are scored by the base model: the registry does not know it", ref)
+        return models[ref]
+
+    out = ServerScores({}, {}, {})
+    for s in range(0, len(rows), chunk):
+        part = rows.iloc[s:s + chunk]
+        reqs, owners = [], []  # owners[i]: (request_id, grey?)
+        for rid, key, q, a, ref in zip(part["request_id"], part["image_key"], part["question"], part["answer"],
+                                        part["adapter"]):
+            model = model_for(ref)
+            if model is None:
+                out.failed[rid] = f"adapter {ref} is not loaded on the scoring server"
+                continue
+            try:
+                image = as_image(lake.get_bytes(key)) if key is not None else None
+            except (InputError, LakeKeyNotFound, OSError) as e:
+                out.failed[rid] = f"image {key}: {e}"
+                continue
+            reqs.append(ScoreRequest(model, image, q, a))
+            owners.append((rid, False))
+            if grounding:
+                grey = None if image is None else neutral_like(image, cfg.neutral_grey)
+                reqs.append(ScoreRequest(model, grey, q, a))
+                owners.append((rid, True))
+        got: dict[tuple[str, bool], list[float]] = {}
+        for (rid, grey), res in zip(owners, client.score(reqs)):
+            if isinstance(res, RowScoringError):
+                out.failed.setdefault(rid, str(res))
+            else:
+                got[rid, grey] = res
+        for rid, grey in owners:
+            if grey or rid in out.failed:
+                continue
+            out.logprobs[rid] = got[rid, False]
+            if grounding:
+                out.grounding[rid] = float(np.sum(got[rid, False]) - np.sum(got[rid, True]))
+    for i, (rid, why) in enumerate(out.failed.items()):
+        if i == MAX_LOGGED_FAILURES:
+            log.warning("... and %d more rows not scored on %s", len(out.failed) - i, client.url)
+            break
+        log.warning("row %s not scored on %s: %s", rid, client.url, why)
+    return out

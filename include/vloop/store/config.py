@@ -48,6 +48,9 @@ class Settings:
     spool_dir: Path | None = _setting("VLOOP_SPOOL_DIR", "serving's durable spool "
                                       "(default: $VLOOP_HOME/spool)")
     base_model: str | None = _setting("VLOOP_BASE_MODEL", "base model directory or hub id")
+    scoring_url: str | None = _setting("VLOOP_SCORING_URL", "a vLLM server (http://host:port) serving the "
+                                       "base and its adapters: the daily confidence re-scoring and grounding "
+                                       "ask it instead of loading VLOOP_BASE_MODEL into the worker")
     admin_token: str | None = _setting("VLOOP_ADMIN_TOKEN", "bearer token for serving's admin routes",
                                        secret=True)
     user_key_secret: str | None = _setting("VLOOP_USER_KEY_SECRET", "HMAC key that turns user ids "
