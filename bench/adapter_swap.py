@@ -97,6 +97,8 @@ def main() -> None:
         vllm = VllmServer(prepare_model_dir(tmp / "base", tmp / "base-vllm"), port + 1000, tmp / "vllm.log").start()
         print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", flush=True)
         upstream = ["--upstream", vllm.url]
+    # Popen kept (not vloop.services): the server under measurement lives only for this run, in the
+    # bench's own process group so that a Ctrl-C of the bench stops it too.
     server = subprocess.Popen([sys.executable, "-m", "serving", "--model", str(tmp / "base"), "--lake",
                                (tmp / "lake").as_uri(), "--port", str(port), *upstream], env=env,
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))

@@ -284,7 +284,10 @@ def main() -> None:
         timed_requests(stub_port, 2, model="base")  # vLLM's first request warms it up (~20 s)
         backend = "vllm"
     else:
+        # Popen kept (not vloop.services): the processes under measurement live only for this run, in
+        # the bench's own process group so that a Ctrl-C of the bench stops them too.
         procs.append(subprocess.Popen([sys.executable, "-c", STUB, str(stub_port)]))
+    # Popen kept, as for the stub above: the gateway whose added latency this bench measures.
     procs.append(subprocess.Popen([sys.executable, "-m", "serving", "--model", "stub", "--upstream",
                                    f"http://127.0.0.1:{stub_port}", "--lake", (tmp / "lake").as_uri(),
                                    "--port", str(gw_port), "--ship-interval", "0.5"], env=env,

@@ -183,6 +183,7 @@ class Services:
 
     def start(self, name: str, argv: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         out = open(self.logs / f"{name}.log", "ab")
+        # Popen kept (not vloop.services): stop() follows descendants that leave the group (Airflow's tasks).
         p = subprocess.Popen(argv, env={**self.env, **(extra_env or {})}, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT))
         out.close()

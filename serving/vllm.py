@@ -18,10 +18,10 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from vloop.services import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -95,40 +95,21 @@ class VllmServer:
     def __init__(self, model_dir: str | Path, port: int, log_path: str | Path, **kw):
         self.model_dir, self.port, self.log_path, self.kw = Path(model_dir), port, Path(log_path), kw
         self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
+        self.service: Service | None = None
 
     def start(self, timeout_s: float = 300) -> "VllmServer":
-        import httpx
-
         python = vllm_python()
         if not python.exists():
             raise FileNotFoundError(f"{python} is missing: run `make vllm` (it builds vLLM's own venv)")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command(self.model_dir, self.port, **self.kw), env=environment(),
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vLLM did not come up (see {self.log_path}):\n{tail}")
-            time.sleep(1)
+        self.log_path.unlink(missing_ok=True)  # each start's log on its own
+        self.service = Service("vLLM", command(self.model_dir, self.port, **self.kw), log_file=self.log_path,
+                               env=environment(), stop_signal=signal.SIGTERM, grace=30)
+        self.service.start(health_url=self.url + "/v1/models", timeout=timeout_s, poll=1)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "log", None):
-            self.log.close()
+        if self.service is not None:
+            self.service.stop()
 
 
 def main(argv=None) -> int:

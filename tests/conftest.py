@@ -106,11 +106,7 @@ def label_studio(tmp_path_factory, s3_endpoint):
     data dir, local-files serving rooted at a temporary directory, and the session's S3 server as
     its operator-set ``S3_ENDPOINT`` (as MinIO would be in production). Yields
     ``(url, token, document_root)``; stopped (its process group) at the end of the session."""
-    import signal
-    import subprocess
-    import time
-
-    import httpx
+    from vloop.services import Service, ServiceError
 
     exe = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
     if not exe.exists():
@@ -125,32 +121,19 @@ def label_studio(tmp_path_factory, s3_endpoint):
            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(docroot),
            "LABEL_STUDIO_LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
            "LABEL_STUDIO_SENTRY_DSN": "", "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "", "S3_ENDPOINT": s3_endpoint}
-    log = open(base / "label-studio.log", "wb")
     # --internal-host is the bind address (--host only names the server in generated URLs).
-    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", "127.0.0.1",
-                             "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    service = Service("Label Studio", [exe, "start", "--no-browser", "--internal-host", "127.0.0.1",
+                                       "--host", "127.0.0.1", "--port", str(port)],
+                      log_file=base / "label-studio.log", env=env, grace=30)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Label Studio did not start; see {base / 'label-studio.log'}")
-            time.sleep(1)
+        service.start(health_url=url + "/health", timeout=240, poll=1)
+    except ServiceError as e:
+        pytest.fail(f"Label Studio did not start: {e}")
+    try:
         yield url, LABEL_STUDIO_TOKEN, docroot
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import requests
 from PIL import Image, ImageOps
 
 from tests.conftest import S3_KEYS, free_port
+from vloop.services import Service
 from vloop.store.images import open_image
 from vloop.store.lake import open_lake
 from vloop.store.schema import FEEDBACK, INTERACTION
@@ -65,27 +66,23 @@ class Server:
                     "VLOOP_MAX_IMAGE_PIXELS": str(512 * 512), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
         self.args = [sys.executable, "-m", "serving", "--model", str(model), "--lake", lake_url,
                      "--port", str(self.port), "--ship-interval", "0.2"]
-        self.proc = None
+        self.service: Service | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The running server process (a test may signal it directly, e.g. SIGKILL for a crash)."""
+        return self.service.proc if self.service else None
 
     def start(self):
-        self.log = open(self.home / f"server-{time.time_ns()}.log", "wb")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.3)
-        raise RuntimeError("server did not come up")
+        # A new log for every start (`args` may have changed since the last one).
+        self.service = Service("serving", self.args, log_file=self.home / f"server-{time.time_ns()}.log",
+                               env=self.env, stop_signal=signal.SIGTERM, grace=60)
+        self.service.start(health_url=self.url + "/healthz", timeout=90)
+        return self
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-        self.log.close()
+        if self.service:
+            self.service.stop(sig)
 
     def post(self, path, body=None, token=None, **kw):
         headers = kw.pop("headers", {})

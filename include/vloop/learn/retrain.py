@@ -314,17 +314,9 @@ def run_streaming(cmd: list[str], env: dict | None = None, echo=print) -> tuple[
     task log at info level, where a child's raw stderr would be logged as errors. Third-party
     FutureWarnings are shown once per place rather than at every call (``PYTHONWARNINGS``)."""
     import os
-    import subprocess
-    import threading
+
+    from vloop import services
 
     env = dict(os.environ if env is None else env)
     env.setdefault("PYTHONWARNINGS", "once::FutureWarning")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out: list[str] = []
-    # stdout is read on a thread so neither pipe can fill up and stall the child.
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    for line in proc.stderr:
-        echo(line.rstrip("\n"))
-    reader.join()
-    return proc.wait(), "".join(out)
+    return services.run_streaming(cmd, env=env, echo=echo)

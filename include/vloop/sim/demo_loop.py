@@ -90,52 +90,28 @@ def _clock() -> str:
 
 # -- services ---------------------------------------------------------------------------------------
 class Service:
-    """A process started on loopback in its own process group, its PID under ``$VLOOP_HOME/run``
-    (the files ``bin/stack`` uses, so ``make down`` stops it and ``make up`` reuses it)."""
+    """A service the demo starts on loopback (:class:`vloop.services.Service`: its own process
+    group, its PID under ``$VLOOP_HOME/run`` — the files ``bin/stack`` uses, so ``make down`` stops
+    it and ``make up`` reuses it), up once ``url + health`` answers 200."""
 
     def __init__(self, name: str, args: list[str], env: dict, url: str, health: str, home: Path):
-        self.name, self.args, self.env, self.url, self.health = name, args, env, url, health
-        self.pidfile = home / "run" / f"{name}.pid"
-        self.logfile = home / "log" / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+        from vloop.services import Service as Process
+
+        self.name, self.url, self.health = name, url, health
+        self.process = Process.under_home(name, args, home, env=env, stop_signal=signal.SIGINT, grace=30)
 
     def start(self, timeout: float = 240) -> "Service":
-        import httpx
+        from vloop.services import AlreadyRunning
 
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        if self.pidfile.exists():
-            try:
-                os.kill(int(self.pidfile.read_text()), 0)
-                raise RuntimeError(f"{self.name} already runs (pid file {self.pidfile}): stop it with `make down`")
-            except (ProcessLookupError, ValueError):
-                self.pidfile.unlink()
-        log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pidfile.write_text(str(self.proc.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {self.logfile}")
-            try:
-                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer in {timeout:.0f} s; see {self.logfile}")
+        try:
+            self.process.start(health_url=self.url + self.health, timeout=timeout)
+        except AlreadyRunning as e:
+            raise AlreadyRunning(f"{e}: stop it with `make down`") from None
+        return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.pidfile.unlink(missing_ok=True)
+        if self.process.proc is not None:  # only what this demo started, never another run's service
+            self.process.stop()
 
 
 def _port(env_name: str, default: int) -> int:

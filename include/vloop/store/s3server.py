@@ -6,7 +6,7 @@ an S3 API (the same ``minio`` client talks to both). :func:`start_seaweedfs` run
 ``weed mini`` (master, volume, filer and S3 gateway in one process) on loopback only, with every
 port it opens chosen free (two servers, say a test session and ``make up``, never collide), the
 S3 credentials in its environment, and returns once an authenticated S3 call succeeds.
-:meth:`SeaweedFS.stop` ends exactly that process, by its PID.
+:meth:`SeaweedFS.stop` ends exactly that process (its process group, :mod:`vloop.services`), by its PID.
 
 Verified on SeaweedFS 4.48 (the version pinned in ``requirements/constraints.txt``): put, get,
 list, delete, presigned GETs, wrong credentials refused, and conditional writes
@@ -26,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from vloop.services import Service, ServiceError
 
 # Every listening port of `weed mini` (4.48). Left to their defaults they are fixed numbers
 # (8333, 9333, 8888, 23646, ...), so a second server on the machine would fail to start.
@@ -57,7 +59,7 @@ def _free_port() -> int:
 
 @dataclass
 class SeaweedFS:
-    process: subprocess.Popen
+    service: Service  # weed mini, in its own process group
     endpoint: str  # http://127.0.0.1:PORT, the S3 API
     access_key: str
     secret_key: str
@@ -65,19 +67,16 @@ class SeaweedFS:
     log_path: Path
 
     @property
+    def process(self) -> subprocess.Popen:
+        return self.service.proc
+
+    @property
     def pid(self) -> int:
         return self.process.pid
 
     def stop(self, timeout: float = 20) -> None:
-        """SIGTERM to the server's PID (it flushes and exits), SIGKILL if it does not within ``timeout``."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """SIGTERM to the server (it flushes and exits), SIGKILL if it does not within ``timeout``."""
+        self.service.stop(grace=timeout)
 
 
 def start_seaweedfs(data_dir: str | os.PathLike, *, access_key: str, secret_key: str,
@@ -113,40 +112,38 @@ def start_seaweedfs(data_dir: str | os.PathLike, *, access_key: str, secret_key:
         config.chmod(0o600)
         args.append(f"-s3.config={config}")
     log_path = Path(log_path) if log_path else data_dir.parent / "weed.log"
-    with open(log_path, "ab") as log:
-        # Its own session: a Ctrl-C aimed at the test run or the shell does not reach it; stop() does.
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedFS(proc, f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, data_dir, log_path)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    # Its own process group: a Ctrl-C aimed at the test run or the shell does not reach it; stop() does.
+    service = Service("weed mini", args, log_file=log_path, env=env, stop_signal=signal.SIGTERM, grace=20)
+    answers, last_error = _s3_answers(endpoint, access_key, secret_key)
     try:
-        _wait_ready(server, timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+        service.start(health=answers, timeout=timeout, poll=0.2)
+    except ServiceError as e:
+        raise S3ServerError(f"{e}\n(the last S3 call: {last_error[0]})" if last_error else str(e)) from e
+    return SeaweedFS(service, endpoint, access_key, secret_key, data_dir, log_path)
 
 
-def _wait_ready(server: SeaweedFS, timeout: float) -> None:
-    """Poll until an authenticated S3 call (list buckets) succeeds: the port answering is not
-    enough, the gateway refuses requests until its filer and identities are loaded."""
+def _s3_answers(endpoint: str, access_key: str, secret_key: str):
+    """A check that an authenticated S3 call (list buckets) succeeds — the port answering is not
+    enough, the gateway refuses requests until its filer and identities are loaded — and a list
+    that holds the last error it saw."""
     from minio import Minio
     import urllib3
 
-    client = Minio(server.endpoint.removeprefix("http://"), access_key=server.access_key,
-                   secret_key=server.secret_key, secure=False,
+    client = Minio(endpoint.removeprefix("http://"), access_key=access_key, secret_key=secret_key, secure=False,
                    http_client=urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=5),
                                                    retries=urllib3.Retry(total=0)))
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise S3ServerError(f"weed mini exited with {server.process.returncode}; see {server.log_path}")
+    last_error: list[Exception] = []
+
+    def answers() -> bool:
         try:
             client.list_buckets()
-            return
+            return True
         except Exception as e:  # not up yet: connection refused, 503, identities not loaded
-            last = e
-            time.sleep(0.2)
-    raise S3ServerError(f"weed mini did not answer S3 in {timeout:.0f} s ({last}); see {server.log_path}")
+            last_error[:] = [e]
+            return False
+
+    return answers, last_error
 
 
 def main(argv: list[str] | None = None) -> int:
