@@ -482,6 +482,7 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
                                   cfg.annotator_error, cfg.seed + d.toordinal())
             tl.step(f"{d} simulated annotator (LS API)", t, **done)
 
+        trained = {_round_info(lake).get("ref")}  # versions registered before this round
         for rnd in range(1, cfg.rounds + 1):
             out(f"--- round {rnd}/{cfg.rounds} ---")
             for _ in range(cfg.label_days):
@@ -497,6 +498,9 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
                 "until": (day - dt.timedelta(days=1)).isoformat(),
                 "now": dt.datetime.combine(day, dt.time(), dt.timezone.utc).isoformat()}, dag_log)
             info = _round_info(lake)
+            if info.get("ref") in trained:  # nothing new this round (skipped, or training failed)
+                info = {}
+            trained.add(info.get("ref"))
             tl.step("retrain_biweekly (dag.test)", t0, tasks=_states(states), gate=info.get("gate_passed"))
             record = {"round": rnd, **info, "train_seconds": info.get("train_seconds")}
             if states.get("deploy_canary") == "success":
