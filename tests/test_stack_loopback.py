@@ -1,4 +1,5 @@
-"""`make up` (bin/stack) binds every service to loopback unless VLOOP_BIND_HOST says otherwise.
+"""`make up` (bin/stack): every service bound to loopback unless VLOOP_BIND_HOST says otherwise, and an
+operator's first look at the loop in the Airflow UI, in a real browser.
 
 The stack is started as `make up` starts it (Label Studio, serving on the tiny model, Airflow
 standalone) in a temporary VLOOP_HOME on free ports, and the listening sockets of every process of
@@ -8,6 +9,7 @@ Airflow's scheduler and triggerer ran their log servers on every interface (:879
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import time
@@ -17,6 +19,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +50,11 @@ def listeners(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
     return found
 
 
-def test_make_up_listens_on_loopback_only(tmp_path, tiny_model_dir):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    """The local stack as `make up` starts it, in a temporary VLOOP_HOME on free ports; stopped
+    (by PID, `bin/stack down`) after the module's tests."""
+    home = tmp_path_factory.mktemp("stack") / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VLOOP_", "LABEL_STUDIO_"))}
     env.update(VLOOP_HOME=str(home), VLOOP_BASE_MODEL=str(tiny_model_dir), VLOOP_LABEL_STUDIO_PORT=str(free_port()),
                VLOOP_SERVING_PORT=str(free_port()), VLOOP_AIRFLOW_PORT=str(free_port()))
@@ -56,20 +62,90 @@ def test_make_up_listens_on_loopback_only(tmp_path, tiny_model_dir):
         up = subprocess.run([str(ROOT / "bin" / "stack"), "up"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=480)
         assert up.returncode == 0, up.stdout + up.stderr
-        # The API server answering comes before the scheduler and triggerer start (and, on the
-        # previous main, their log servers): wait until both run, then a little longer.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            names = " ".join(" ".join(p.cmdline()) for p in stack_processes(home / "run") if p.is_running())
-            if "scheduler" in names and "triggerer" in names:
-                break
-            time.sleep(2)
-        time.sleep(20)
-        found = listeners(stack_processes(home / "run"))
-        ports = {port for _, _, port in found}
-        for name in ("VLOOP_LABEL_STUDIO_PORT", "VLOOP_SERVING_PORT", "VLOOP_AIRFLOW_PORT"):
-            assert int(env[name]) in ports, (name, found)  # the listing sees every service
-        wide = sorted(f for f in found if f[1] not in ("127.0.0.1", "::1"))
-        assert not wide, f"listening beyond loopback: {wide}"
+        yield env, home
     finally:
         subprocess.run([str(ROOT / "bin" / "stack"), "down"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+
+
+def test_make_up_listens_on_loopback_only(stack):
+    env, home = stack
+    # The API server answering comes before the scheduler and triggerer start (and, on the
+    # previous main, their log servers): wait until both run, then a little longer.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        names = " ".join(" ".join(p.cmdline()) for p in stack_processes(home / "run") if p.is_running())
+        if "scheduler" in names and "triggerer" in names:
+            break
+        time.sleep(2)
+    time.sleep(20)
+    found = listeners(stack_processes(home / "run"))
+    ports = {port for _, _, port in found}
+    for name in ("VLOOP_LABEL_STUDIO_PORT", "VLOOP_SERVING_PORT", "VLOOP_AIRFLOW_PORT"):
+        assert int(env[name]) in ports, (name, found)  # the listing sees every service
+    wide = sorted(f for f in found if f[1] not in ("127.0.0.1", "::1"))
+    assert not wide, f"listening beyond loopback: {wide}"
+
+
+def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser):
+    """In a real browser against the running stack: Airflow's login, the vloop entry in its
+    navigation, the vloop page inside the UI, with the champion and the live canary's figures;
+    DAGs are not paused (the loop runs once the stack is up). With VLOOP_SCREENSHOTS=DIR the
+    pages are saved there (the README's screenshots)."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_uipage import _loop_state
+    from vloop.store.lake import open_lake
+
+    env, home = stack
+    # A champion, a canary live since three hours ago, a rejected round, a daily report.
+    started = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
+    refs, day = _loop_state(open_lake(f"file://{home}/lake"), t0=started)
+    base = f"http://127.0.0.1:{env['VLOOP_AIRFLOW_PORT']}"
+    password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    shots = os.environ.get("VLOOP_SCREENSHOTS")
+    wait = WebDriverWait(browser, 90)
+
+    browser.get(base + "/")
+    wait.until(EC.presence_of_element_located((By.NAME, "username"))).send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda d: "/auth/login" not in d.current_url)
+    # The plugin's navigation entry, as the UI renders it from /api/v2/plugins.
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a[href$='plugin/vloop']")))
+
+    browser.get(base + "/plugin/vloop")  # the page inside Airflow's UI: an iframe on /vloop/
+    frame = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "iframe[src*='/vloop/']")))
+    if shots:
+        time.sleep(3)
+        browser.save_screenshot(str(Path(shots) / "airflow-vloop-page.png"))
+    browser.switch_to.frame(frame)
+    body = wait.until(EC.presence_of_element_located((By.TAG_NAME, "body")))
+    wait.until(lambda d: refs[1] in body.text)
+    assert refs[0] in body.text and "canary" in body.text.lower()
+    browser.switch_to.default_content()
+
+    # The loop's DAGs run once the stack is up: none is paused.
+    browser.get(base + "/dags")
+    token = browser.get_cookie("_token")["value"]
+    import httpx
+
+    dags = httpx.get(base + "/api/v2/dags", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["dags"]
+    loop = {d["dag_id"]: d["is_paused"] for d in dags}
+    assert loop.keys() >= {"feedback_daily", "retrain_biweekly", "canary_rollout", "privacy_maintenance"}, loop
+    assert not any(loop.values()), loop
+    # Unpaused, retrain_biweekly's first scheduled run starts at once; on a lake without labels it
+    # skips, and its last task writes why into the run's note through the API (the "vloop" user).
+    deadline, note = time.monotonic() + 300, None
+    while time.monotonic() < deadline and not note:
+        runs = httpx.get(base + "/api/v2/dags/retrain_biweekly/dagRuns", headers={"Authorization": f"Bearer {token}"},
+                         timeout=30).json()["dag_runs"]
+        note = next((r["note"] for r in runs if r.get("note")), None)
+        time.sleep(5)
+    assert note and note.startswith("skipped: only 0 new labels"), runs
+    if shots:
+        time.sleep(3)
+        browser.save_screenshot(str(Path(shots) / "airflow-dags.png"))

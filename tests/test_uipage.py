@@ -16,9 +16,9 @@ from vloop.learn.registry import AdapterVersion, Registry
 T0 = dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.timezone.utc)
 
 
-def _loop_state(lake):
-    """A champion, a live canary from a retrain run with its gate figures, one rejected round, and a
-    daily report."""
+def _loop_state(lake, t0: dt.datetime = T0):
+    """A champion, a live canary (started at ``t0``, two hours of traffic) from a retrain run with
+    its gate figures, one rejected round, and a daily report."""
     from vloop.learn.retrain import deploy_canary
 
     reg = Registry(lake)
@@ -37,10 +37,10 @@ def _loop_state(lake):
     reg.record("gate", {"ref": refs[2], "figures": {"passed": False, "candidate": 0.5, "champion": 0.6}},
                actor="retrain_biweekly", reason="worse than the champion <on golden>")
     reg.set_status(refs[2], "rejected", actor="retrain_biweekly", reason="worse than the champion <on golden>")
-    deploy_canary(lake, refs[1], actor="test", reason="gate passed", now=T0)
+    deploy_canary(lake, refs[1], actor="test", reason="gate passed", now=t0)
     from tests.test_canary import traffic
 
-    traffic(lake, reg.serving_state(), T0, 2, 60, {"champion": 0.5, "canary": 0.8}, seed=1)
+    traffic(lake, reg.serving_state(), t0, 2, 60, {"champion": 0.5, "canary": 0.8}, seed=1)
     day = "2026-11-01"
     put_frame(lake, f"reports/dt={day}/metrics.parquet",
               pd.DataFrame({"model_version": ["champ@v1", "cand@v1"], "arm": ["champion", "canary"],

@@ -25,7 +25,10 @@ DAILY_DAG, RETRAIN_DAG, CANARY_DAG = "feedback_daily", "retrain_biweekly", "cana
 def _num(x, fmt: str = "{:.3f}") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    return fmt.format(x) if isinstance(x, (int, float)) else str(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    # Counts arrive as floats from the frames they are summed in: a whole number shows as one.
+    return str(int(x)) if float(x).is_integer() else fmt.format(x)
 
 
 # -- data --------------------------------------------------------------------------------------------
