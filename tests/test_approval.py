@@ -27,17 +27,19 @@ CFG = canary.ReleaseConfig(stages=(0.5, 1.0), policy=RolloutPolicy(min_hours=2, 
 BETTER = {"champion": 0.5, "canary": 0.9}
 
 
-def live_canary(lake, seed: int = 1, hours: int = 3, users_per_hour: int = 150):
-    """champ serving, cand the canary at 50% with ``hours`` of clearly better traffic; a gate record."""
+def live_canary(lake, seed: int = 1, hours: int = 3, users_per_hour: int = 150, t0: dt.datetime = T0,
+                names: tuple[str, str] = ("champ", "cand")):
+    """champ serving, cand the canary at 50% since ``t0`` with ``hours`` of clearly better traffic;
+    a gate record."""
     reg = Registry(lake)
-    champ, cand = register(reg, "champ", "cand")
+    champ, cand = register(reg, *names)
     reg.set_alias("champion", champ, actor="test", reason="first")
     reg.record("gate", {"ref": cand, "figures": {"passed": True, "set": "golden", "metric": "exact_match",
                                                  "candidate": 0.81, "champion": 0.72, "difference": 0.09,
                                                  "interval": [0.04, 0.14], "p": 0.0012, "n": 200, "b": 25, "c": 7}},
                actor="retrain_biweekly", reason="passed: golden exact match 0.810 vs champion 0.720")
-    st = canary.start(reg, cand, actor="test", reason="passed the gate", cfg=CFG, now=T0)
-    traffic(lake, st, T0, hours, users_per_hour, BETTER, seed=seed)
+    st = canary.start(reg, cand, actor="test", reason="passed the gate", cfg=CFG, now=t0)
+    traffic(lake, st, t0, hours, users_per_hour, BETTER, seed=seed)
     return reg, champ, cand
 
 

@@ -86,13 +86,87 @@ def test_make_up_listens_on_loopback_only(stack):
     assert not wide, f"listening beyond loopback: {wide}"
 
 
+def _login(browser, stack) -> tuple[str, str]:
+    """Log in to Airflow's UI as admin (the password the stack generated); the base URL and the
+    session's API token."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    env, home = stack
+    base = f"http://127.0.0.1:{env['VLOOP_AIRFLOW_PORT']}"
+    password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    wait = WebDriverWait(browser, 90)
+    browser.get(base + "/")
+    wait.until(EC.presence_of_element_located((By.NAME, "username"))).send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda d: "/auth/login" not in d.current_url)
+    return base, browser.get_cookie("_token")["value"]
+
+
+def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
+    """Manual approval under the real scheduler, answered in a real browser: a canary clearly
+    better at its last stage, `vloop_promotion_approval` = manual, a canary_rollout look; the
+    person finds the request in Required Actions with the experiment's figures, approves with a
+    comment, and the canary becomes champion with the approver named in the registry."""
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_approval import live_canary
+    from vloop.learn.registry import Registry
+    from vloop.store.lake import open_lake
+
+    env, home = stack
+    lake = open_lake(f"file://{home}/lake")
+    started = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=4)
+    # 3 hours of clearly better traffic at 50%, the first of two stages (50%, 100%).
+    reg, champ, cand = live_canary(lake, t0=started, names=("old-champion", "better"))
+    base, token = _login(browser, stack)
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    api.post("/api/v2/variables", json={"key": "vloop_promotion_approval", "value": "manual"}).raise_for_status()
+    try:
+        api.post("/api/v2/dags/canary_rollout/dagRuns", json={
+            "logical_date": None, "conf": {"min_hours": 2, "min_requests": 100, "max_hours": 12}}).raise_for_status()
+        deadline, pending = time.monotonic() + 240, []
+        while time.monotonic() < deadline and not pending:
+            time.sleep(3)
+            pending = api.get("/api/v2/dags/~/dagRuns/~/hitlDetails",
+                              params={"response_received": "false"}).json()["hitl_details"]
+        assert pending and pending[0]["subject"] == f"Promote {cand} to champion?", pending
+        assert reg.serving_state().champion == champ  # nothing promoted while the person decides
+
+        wait = WebDriverWait(browser, 90)
+        browser.get(base + "/required_actions?response_received=false")
+        wait.until(EC.element_to_be_clickable((By.LINK_TEXT, f"Promote {cand} to champion?"))).click()
+        comment = wait.until(EC.presence_of_element_located((By.NAME, "element_comment")))
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert "always-valid interval" in page and "acceptance" in page  # the figures the person decides on
+        if os.environ.get("VLOOP_SCREENSHOTS"):
+            browser.save_screenshot(str(Path(os.environ["VLOOP_SCREENSHOTS"]) / "airflow-required-action.png"))
+        comment.send_keys("figures look right")
+        browser.find_element(By.XPATH, "//button[normalize-space()='Approve']").click()
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and reg.serving_state().champion != cand:
+            time.sleep(3)
+        state = reg.serving_state()
+        assert state.champion == cand and state.canary is None, state
+        answer = [e for e in reg.history() if e["kind"] == "promotion_approval"][-1]
+        assert answer["actor"] == "admin" and "approved by admin: figures look right" in answer["reason"], answer
+    finally:
+        api.delete("/api/v2/variables/vloop_promotion_approval")
+
+
 def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser):
     """In a real browser against the running stack: Airflow's login, the vloop entry in its
     navigation, the vloop page inside the UI, with the champion and the live canary's figures;
     DAGs are not paused (the loop runs once the stack is up). With VLOOP_SCREENSHOTS=DIR the
     pages are saved there (the README's screenshots)."""
-    import json
-
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -104,16 +178,9 @@ def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser
     # A champion, a canary live since three hours ago, a rejected round, a daily report.
     started = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
     refs, day = _loop_state(open_lake(f"file://{home}/lake"), t0=started)
-    base = f"http://127.0.0.1:{env['VLOOP_AIRFLOW_PORT']}"
-    password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
     shots = os.environ.get("VLOOP_SCREENSHOTS")
     wait = WebDriverWait(browser, 90)
-
-    browser.get(base + "/")
-    wait.until(EC.presence_of_element_located((By.NAME, "username"))).send_keys("admin")
-    browser.find_element(By.NAME, "password").send_keys(password)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait.until(lambda d: "/auth/login" not in d.current_url)
+    base, token = _login(browser, stack)
     # The plugin's navigation entry, as the UI renders it from /api/v2/plugins.
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a[href$='plugin/vloop']")))
 
@@ -130,7 +197,6 @@ def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser
 
     # The loop's DAGs run once the stack is up: none is paused.
     browser.get(base + "/dags")
-    token = browser.get_cookie("_token")["value"]
     import httpx
 
     dags = httpx.get(base + "/api/v2/dags", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["dags"]
