@@ -20,6 +20,10 @@ approved version, or is skipped when none waits):
    (one that passed retrain_biweekly's gate while another canary ran) is started as the next
    canary at the first of the stages in Variable `vloop_rollout_stages`.
 
+4. **note** — whatever happened, the run's note says it ("rolled back: … — <the decision and its
+   intervals>", "widened: cand@v1 at 50%", "skipped: no canary is live …";
+   `vloop.release.canary.look_note`), set through Airflow's API (connection `vloop_airflow_api`).
+
 Counts are kept as hourly snapshots under `rollout/<experiment>/counts/`, so a look reads only the
 raw logs of the hours since the last one.
 
@@ -142,6 +146,7 @@ def canary_rollout():
         lake, now = _lake(), canary.simulated_now(p["now"])
         mode = approval.parse_mode(Variable.get("vloop_promotion_approval", default="auto"))
         result = canary.step(lake, _cfg(p), actor="canary_rollout", now=now, approval=mode)
+        context["ti"].xcom_push(key="result", value=result.summary)  # for the run's note, even when it raises
         if result.action == "skipped":
             raise AirflowSkipException("no canary is live and none is approved and waiting")
         if result.action == "halted":
@@ -165,7 +170,30 @@ def canary_rollout():
                          skip_when_already_exists=True, fail_when_dag_is_paused=True,
                          openlineage_inject_parent_info=False)
 
-    look() >> ask
+    @task(trigger_rule="all_done")
+    def note(**context):
+        """The run's note in the UI: what the look did and why ("rolled back: …", "widened: …",
+        "awaiting a person's approval …"). Runs whatever happened; when the look failed (a halt is
+        its alert), it fails too, so the run stays failed."""
+        from airflow.sdk.exceptions import AirflowFailException
+        from vloop_hooks import set_run_note
+
+        from vloop.release.canary import look_note
+
+        ti, run_id = context["ti"], context["run_id"]
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[run_id]) or {}
+        states = {t: str(st) for t, st in states.get(run_id, states).items() if t != ti.task_id}
+        summary = ti.xcom_pull(task_ids="look", key="result") or ti.xcom_pull(task_ids="look")
+        text = look_note(summary, look_state="skipped" if states.get("look", "").endswith("skipped") else "failed")
+        failed = sorted(t for t, st in states.items() if st.endswith("failed") and not st.endswith("upstream_failed"))
+        if "ask" in failed:
+            text = (text + "; asking a person failed (is promotion_approval paused?)")[:1000]
+        set_run_note(context, text)
+        if failed:  # a halt, or nobody could be asked: the run stays failed, as the alert
+            raise AirflowFailException(f"failed at {', '.join(failed)} (noted on the run): {text}")
+        return text
+
+    look() >> ask >> note()
 
 
 canary_rollout()

@@ -90,30 +90,6 @@ def _run_training(context, stage: str) -> dict:
     return json.loads(out)
 
 
-def _set_note(context, text: str) -> None:
-    """Set this run's note through Airflow's public API (connection `vloop_airflow_api`: host = the
-    API server's URL, login/password = an auth-manager user allowed to edit this DAG's runs, or only
-    password = a bearer token): the Task SDK lets a task read its run's note, not write it. Without
-    the connection the note is only logged; a failure to set it is logged and does not fail the run."""
-    from airflow.sdk import BaseHook
-
-    from vloop.learn.retrain import patch_run_note
-
-    print(f"run note: {text}")
-    try:
-        conn = BaseHook.get_connection("vloop_airflow_api")
-    except Exception as e:  # not configured
-        print(f"not set on the run: no vloop_airflow_api connection ({type(e).__name__})")
-        return
-    url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
-    try:
-        patch_run_note(url, context["dag"].dag_id, context["run_id"], text, username=conn.login or None,
-                       password=conn.password if conn.login else None,
-                       token=None if conn.login else conn.password)
-    except Exception as e:  # the note is a convenience: the decision is in the registry either way
-        print(f"WARNING: the run's note was not set: {e}")
-
-
 @dag(
     dag_id="retrain_biweekly",
     # Every 14 days, or as soon as pull lands new labels (check_labels still skips the run when
@@ -256,6 +232,8 @@ def retrain_biweekly():
         run stays failed."""
         from airflow.sdk.exceptions import AirflowFailException
 
+        from vloop_hooks import set_run_note
+
         from vloop.learn.retrain import run_note
 
         ti, run_id = context["ti"], context["run_id"]
@@ -266,7 +244,7 @@ def retrain_biweekly():
         text = run_note(labels=ti.xcom_pull(task_ids="check_labels", key="labels"),
                         registered=ti.xcom_pull(task_ids="register"), deployed=ti.xcom_pull(task_ids="deploy_canary"),
                         failed=failed)
-        _set_note(context, text)
+        set_run_note(context, text)
         if failed:
             raise AirflowFailException(f"the run failed at {', '.join(failed)} (noted on the run)")
         return text

@@ -53,3 +53,26 @@ class LabelStudioHook(BaseHook):
         from vloop.curate.labelstudio import LabelStudio
 
         return LabelStudio(self.url, self.token)
+
+
+def set_run_note(context, text: str) -> None:
+    """Set the running DAG run's note through Airflow's public API (connection
+    ``vloop_airflow_api``: host = the API server's URL, login/password = an auth-manager user
+    allowed to edit the DAG's runs, or only password = a bearer token): the Task SDK lets a task
+    read its run's note, not write it. Without the connection the note is only logged; a failure
+    to set it is logged and fails nothing (the decision is in the registry either way)."""
+    from vloop.learn.retrain import patch_run_note
+
+    print(f"run note: {text}")
+    try:
+        conn = BaseHook.get_connection("vloop_airflow_api")
+    except Exception as e:  # not configured
+        print(f"not set on the run: no vloop_airflow_api connection ({type(e).__name__})")
+        return
+    url = conn.host if not conn.port else f"{conn.host}:{conn.port}"
+    try:
+        patch_run_note(url, context["dag"].dag_id, context["run_id"], text, username=conn.login or None,
+                       password=conn.password if conn.login else None,
+                       token=None if conn.login else conn.password)
+    except Exception as e:
+        print(f"WARNING: the run's note was not set: {e}")

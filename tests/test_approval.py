@@ -359,7 +359,7 @@ def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake,
         """A look in manual mode that leaves a promotion pending: its run finishes at once, having
         started promotion_approval (run id from the request id) with the request as conf."""
         dr, states = run(now)
-        assert states == {"look": "success", "ask": "success"} and dr.state == "success", states
+        assert states == {"look": "success", "ask": "success", "note": "success"} and dr.state == "success", states
         req = approval.pending(reg.serving_state())
         assert req is not None and reg.serving_state().canary_share == 0.5  # pending, nothing promoted
         (started,) = _approval_runs(req["id"])
@@ -371,7 +371,7 @@ def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake,
         # Auto (the default): promoted by the look itself; nobody is asked.
         reg, champ, cand = live_canary(local_lake, seed=11)
         _, states = run(T0 + dt.timedelta(hours=3))
-        assert states == {"look": "success", "ask": "skipped"}, states
+        assert states == {"look": "success", "ask": "skipped", "note": "success"}, states
         assert reg.serving_state().champion == cand and not events(reg, approval.REQUESTED)
 
         # Manual: the look records the request; while promotion_approval is paused nobody could be
@@ -384,7 +384,7 @@ def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake,
         traffic(local_lake, st, t1, 3, 150, BETTER, seed=12)
         _pause("promotion_approval", True)
         dr, states = run(t1 + dt.timedelta(hours=3))
-        assert states == {"look": "success", "ask": "failed"} and dr.state == "failed", states
+        assert states == {"look": "success", "ask": "failed", "note": "failed"} and dr.state == "failed", states
         req = approval.pending(reg.serving_state())
         assert req is not None and reg.serving_state().champion == cand and not _approval_runs(req["id"])
         # Unpaused: the next hour's look asks (promotion_approval started, the request as its conf)
@@ -399,7 +399,7 @@ def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake,
         # The next hour's look runs while the request waits: it neither promotes nor asks again.
         traffic(local_lake, reg.serving_state(), t1 + dt.timedelta(hours=4), 1, 150, BETTER, seed=14)
         dr, states = run(t1 + dt.timedelta(hours=5))
-        assert states == {"look": "success", "ask": "skipped"} and dr.state == "success", states
+        assert states == {"look": "success", "ask": "skipped", "note": "success"} and dr.state == "success", states
         head = reg.serving_state()
         assert head.champion == cand and head.canary == nxt and approval.pending(head)["id"] == conf["id"]
         assert len([e for e in events(reg, approval.REQUESTED) if e["ref"] == nxt]) == 1

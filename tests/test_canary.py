@@ -379,3 +379,21 @@ def test_no_snapshot_while_a_shipper_is_behind(local_lake):
                                                "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     canary.arm_counts(local_lake, st, now)
     assert [k.rsplit("/", 1)[1] for k in local_lake.list(prefix)] == [f"through-{now:%Y%m%dT%H}0000.parquet"]
+
+
+def test_look_note_says_what_the_look_did_and_why():
+    """canary_rollout's run note: a rollback or a held promotion does not hide behind a green run."""
+    from vloop.release.canary import NOTE_MAX, look_note
+
+    rolled = look_note({"action": "rolled_back", "champion": "champ@v1", "canary": None, "canary_share": 0.0,
+                        "reason": "rollback: canary significantly worse on edit (diff +0.05, [+0.01, +0.09])"})
+    assert rolled.startswith("rolled back: the champion serves everyone — rollback: canary significantly worse")
+    widened = look_note({"action": "widened", "champion": "a@v1", "canary": "b@v1", "canary_share": 0.5,
+                         "reason": "promote: better"})
+    assert widened == "widened: b@v1 at 50% — promote: better"
+    waiting = look_note({"action": "awaiting_approval", "canary": "b@v1", "canary_share": 0.5, "request": "e@1"})
+    assert waiting.startswith("awaiting a person's approval (request e@1): b@v1 at 50%")
+    assert look_note(None, look_state="skipped").startswith("skipped: no canary is live")
+    assert look_note(None, look_state="failed").startswith("halted or failed")
+    assert look_note({"action": "halted", "reason": "sample-ratio mismatch"}).startswith("halted: the canary is taken off")
+    assert len(look_note({"action": "continue", "canary": "b", "reason": "x" * 5000})) == NOTE_MAX

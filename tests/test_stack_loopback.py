@@ -138,6 +138,12 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
             pending = api.get("/api/v2/dags/~/dagRuns/~/hitlDetails",
                               params={"response_received": "false"}).json()["hitl_details"]
         assert pending and pending[0]["subject"] == f"Promote {cand} to champion?", pending
+        deadline, notes = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not notes:  # the look's run ends, its note says why
+            notes = [r["note"] for r in api.get("/api/v2/dags/canary_rollout/dagRuns").json()["dag_runs"]
+                     if r.get("note")]
+            time.sleep(3)
+        assert any(n.startswith(f"awaiting a person's approval (request ") and cand in n for n in notes), notes
         assert reg.serving_state().champion == champ  # nothing promoted while the person decides
 
         wait = WebDriverWait(browser, 90)

@@ -388,6 +388,34 @@ class StepResult:
         return out
 
 
+NOTE_MAX = 1000  # characters of a run's note shown in Airflow's UI
+
+
+def look_note(summary: dict | None, *, look_state: str | None = None) -> str:
+    """The note a ``canary_rollout`` run carries in Airflow's UI: what the look did and why, so a
+    rollback or a held promotion does not hide behind a green run. ``summary`` is the look's
+    :attr:`StepResult.summary` (None when the look raised: ``look_state`` says skipped or failed)."""
+    if summary is None:
+        note = ("skipped: no canary is live and none is approved and waiting" if look_state == "skipped" else
+                "halted or failed: see the look's log (a halt takes the canary off and fails the look as the alert)")
+    else:
+        action, canary, share = summary.get("action"), summary.get("canary"), summary.get("canary_share")
+        at = f" at {share:.0%}" if isinstance(share, (int, float)) and canary else ""
+        head = {"continue": f"continue: {canary}{at}",
+                "widened": f"widened: {canary}{at}",
+                "promoted": f"promoted to champion: {summary.get('champion')}",
+                "awaiting_approval": f"awaiting a person's approval (request {summary.get('request')}): {canary}{at}",
+                "rolled_back": "rolled back: the champion serves everyone",
+                "halted": "halted: the canary is taken off, the champion serves everyone (a person should look)",
+                "retired": "retired as inconclusive: the champion serves everyone",
+                "started": f"started from the queue: {summary.get('started')}{at}",
+                "manual rollback": f"manual rollback: champion {summary.get('champion')}"}.get(action, str(action))
+        if summary.get("started") and action != "started":
+            head += f"; {summary['started']} started from the queue"
+        note = head + (f" — {summary['reason']}" if summary.get("reason") else "")
+    return note if len(note) <= NOTE_MAX else note[:NOTE_MAX - 1] + "…"
+
+
 def _figures(decision: Decision, counts: pd.DataFrame) -> dict:
     return {"decision": decision.to_dict(),
             "counts": counts[["arm", "users", "requests", "accepted", "edited", "errors", "hours"]].to_dict("records")}
