@@ -152,24 +152,22 @@ def test_a_second_gateway_cannot_take_over_a_live_spool(tmp_path):
     under it and ship segments twice. It refuses, naming the owner; once the owner is gone (even
     killed), the directory is free again."""
     import signal
-    import subprocess
     import sys
 
     from vloop.capture.spool import SpoolLocked
+    from vloop.services import Service
 
     root = tmp_path / "spool"
-    owner = subprocess.Popen([sys.executable, "-c", (
+    owner = Service("spool-owner", [sys.executable, "-c", (
         "import sys, time; from vloop.capture.spool import Spool; s = Spool(sys.argv[1]); "
         "s.append('interactions', {'request_id': 'x'}); print('ready', flush=True); time.sleep(60)"), str(root)],
-        stdout=subprocess.PIPE, text=True)
+        log_file=tmp_path / "owner.log").start(health_log="^ready$", timeout=60)
     try:
-        assert owner.stdout.readline().strip() == "ready"
         with pytest.raises(SpoolLocked, match=f"pid {owner.pid}"):
             Spool(root)
         assert len(list((root / "interactions").glob("*.open"))) == 1  # the owner's segment untouched
     finally:
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
+        owner.stop(signal.SIGKILL)  # killed, not stopped: it never releases the lock itself
     spool = Spool(root)  # the kernel dropped the dead owner's lock; its open segment is sealed now
     assert len(spool.streams["interactions"].sealed()) == 1
     with pytest.raises(SpoolLocked):

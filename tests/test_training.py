@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -142,13 +141,12 @@ def test_training_job_killed_midway_resumes(local_lake, base_model_dir, tmp_path
     (tmp_path / "job.json").write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "training", "--config", str(tmp_path / "job.json")]
     ckpt = tmp_path / "work" / "vqa" / "v1" / "checkpoint.pt"
-    proc = subprocess.Popen(cmd + ["--stage", "train"], stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), "no checkpoint appeared"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    from vloop.services import Service
+
+    # Up once its first checkpoint is written; then killed, as a preempted GPU node would be.
+    job = Service("train", cmd + ["--stage", "train"], log_file=tmp_path / "train.log")
+    job.start(health=ckpt.exists, timeout=300, poll=0.2)
+    job.stop(signal.SIGKILL)
     assert not lake.exists("adapters/vqa/v1/adapter_config.json")  # nothing published by the killed run
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
