@@ -218,6 +218,16 @@ def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser
         note = next((r["note"] for r in runs if r.get("note")), None)
         time.sleep(5)
     assert note and note.startswith("skipped: only 0 new labels"), runs
+    # That run's "vloop report" tab (an external view on every run): why it registered nothing.
+    import urllib.parse
+
+    run_id = next(r["dag_run_id"] for r in runs if r.get("note"))
+    browser.get(f"{base}/dags/retrain_biweekly/runs/{urllib.parse.quote(run_id, safe='')}/plugin/vloop_run")
+    frame = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "iframe[src*='/vloop/runs/retrain_biweekly/']")))
+    browser.switch_to.frame(frame)
+    body = wait.until(EC.presence_of_element_located((By.TAG_NAME, "body")))
+    wait.until(lambda d: "registered no adapter" in body.text)
+    browser.switch_to.default_content()
     if shots:
         time.sleep(3)
         browser.save_screenshot(str(Path(shots) / "airflow-dags.png"))
