@@ -145,7 +145,9 @@ def canary_rollout():
 
         lake, now = _lake(), canary.simulated_now(p["now"])
         mode = approval.parse_mode(Variable.get("vloop_promotion_approval", default="auto"))
-        result = canary.step(lake, _cfg(p), actor="canary_rollout", now=now, approval=mode)
+        hours = approval.parse_timeout_hours(Variable.get("vloop_promotion_approval_timeout_hours", default=None))
+        result = canary.step(lake, _cfg(p), actor="canary_rollout", now=now, approval=mode,
+                             approval_timeout_hours=hours)
         context["ti"].xcom_push(key="result", value=result.summary)  # for the run's note, even when it raises
         if result.action == "skipped":
             raise AirflowSkipException("no canary is live and none is approved and waiting")
@@ -158,7 +160,6 @@ def canary_rollout():
                                                                          "action": result.action})
         out = result.summary
         if result.action == "awaiting_approval":  # promotion_approval asks a person with this text
-            hours = approval.parse_timeout_hours(Variable.get("vloop_promotion_approval_timeout_hours", default=None))
             out["approval"] = {"id": result.request, "timeout_hours": hours,
                                "subject": f"Promote {result.state.canary} to champion?",
                                "body": approval.promotion_body(lake, result.state, timeout_hours=hours, now=now),

@@ -68,6 +68,8 @@ from airflow.sdk import Param, Variable, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 from vloop_assets import LABELS, NEW_LABELS
 
+from vloop.store.config import load_settings
+
 DEFAULT_ARGS = {
     "owner": "vloop",
     "retries": 2,
@@ -182,7 +184,9 @@ def feedback_daily():
 
         return daily.mine_day_phrasings(_lake(), _day(context))
 
-    @task(map_index_template=HOUR_LABEL)
+    # On a vLLM (VLOOP_SCORING_URL) one hour is scored at a time: its CPU backend with LoRA crashes
+    # when prompt log-probabilities of two requests share a step (vloop.vlm.scoring_client).
+    @task(map_index_template=HOUR_LABEL, max_active_tis_per_dagrun=1 if load_settings().scoring_url else None)
     def confidence(hour: int, **context):
         from vloop.curate import daily
         from vloop.store.config import load_settings

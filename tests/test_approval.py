@@ -484,3 +484,25 @@ def test_canary_rollout_dag_asks_a_person_in_manual_mode(airflow_db, local_lake,
         assert {ti.task_id: ti.state for ti in dr.get_task_instances()} == {"approval": "skipped", "settle": "skipped"}
     finally:
         _drop_approval_runs(triggered)
+
+
+def test_a_request_left_unanswered_past_its_timeout_is_kept_and_asked_again(local_lake):
+    """Its approval run failed, or nobody could be asked: an hour past the timeout the look itself
+    settles the request as no answer (the champion kept, the stage restarted), so the next promote
+    decision asks again rather than leaving the canary waiting forever."""
+    reg, champ, cand = live_canary(local_lake, hours=6)
+    first = canary.step(local_lake, CFG, now=T0 + dt.timedelta(hours=3), approval="manual", approval_timeout_hours=1)
+    assert first.action == "awaiting_approval"
+    # Within the timeout (+1 h) the request stands.
+    still = canary.step(local_lake, CFG, now=T0 + dt.timedelta(hours=4, minutes=30), approval="manual",
+                        approval_timeout_hours=1)
+    assert still.action == "awaiting_approval" and still.request == first.request
+    late = canary.step(local_lake, CFG, now=T0 + dt.timedelta(hours=5, minutes=1), approval="manual",
+                       approval_timeout_hours=1)
+    head = reg.serving_state()
+    assert late.action == "continue" and approval.pending(head) is None and head.champion == champ
+    kept = [e for e in events(reg, approval.EVENT) if e["request"] == first.request]
+    assert len(kept) == 1 and kept[0]["responded_by"] is None and kept[0]["applied"] and "no answer" in kept[0]["reason"]
+    # --by "" is no name: an approval without one is refused.
+    with pytest.raises(ValueError, match="needs a person"):
+        approval.settle(local_lake, approval.APPROVE, by="  ")

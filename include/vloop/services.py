@@ -274,13 +274,18 @@ def run_streaming(argv: list[str], env: dict | None = None, echo: Callable[[str]
     line by line as it comes (progress shows while it runs)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out: list[str] = []
-    # stdout is read on a thread so neither pipe can fill up and stall the child.
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    for line in proc.stderr:
-        echo(line.rstrip("\n"))
-    reader.join()
-    return proc.wait(), "".join(out)
+    try:
+        # stdout is read on a thread so neither pipe can fill up and stall the child.
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        reader.start()
+        for line in proc.stderr:
+            echo(line.rstrip("\n"))
+        reader.join()
+        return proc.wait(), "".join(out)
+    except BaseException:  # the caller was interrupted (a task timeout, Ctrl-C): the child goes too
+        proc.kill()
+        proc.wait()
+        raise
 
 
 # -- command line -------------------------------------------------------------------------------

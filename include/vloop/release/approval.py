@@ -168,6 +168,7 @@ def settle(lake: Lake, choice: str, *, by: str | None, comment: str | None = Non
 
     choice = choice_of(choice)
     comment = (comment or "").strip() or None
+    by = (by or "").strip() or None
     if by is None and choice == APPROVE:
         raise ValueError("a promotion needs a person: an approval without a name is refused")
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -232,9 +233,15 @@ def settle_answer(lake: Lake, answer: dict | None, *, request_id: str | None, ti
     choice = choice_of(chosen[0])
     if by is None and choice == APPROVE:  # defaults never approve, but fail safe whatever the DAG says
         choice = ON_TIMEOUT
+    from vloop.learn.registry import RegistryConflict
+
     try:
-        return settle(lake, choice, by=by, comment=comment, via="airflow", request_id=request_id,
-                      timeout_hours=timeout_hours, now=now, cfg=cfg)
+        try:
+            return settle(lake, choice, by=by, comment=comment, via="airflow", request_id=request_id,
+                          timeout_hours=timeout_hours, now=now, cfg=cfg)
+        except RegistryConflict:  # another writer (a terminal answer, a look) moved the state: read it again
+            return settle(lake, choice, by=by, comment=comment, via="airflow", request_id=request_id,
+                          timeout_hours=timeout_hours, now=now, cfg=cfg)
     except NothingPending as e:
         registry = Registry(lake)
         why = f"answer not applied: {e}"

@@ -422,14 +422,17 @@ def _figures(decision: Decision, counts: pd.DataFrame) -> dict:
 
 
 def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | None = None,
-         actor: str = "canary_rollout", approval: str = "auto") -> StepResult:
+         actor: str = "canary_rollout", approval: str = "auto", approval_timeout_hours: float | None = None
+         ) -> StepResult:
     """One look at the live experiment, and the action it calls for. When the experiment ends (or
     none runs), the newest approved version waiting in the registry is started as the next canary.
 
     ``approval`` (Variable ``vloop_promotion_approval``): ``auto`` promotes at the last stage;
     ``manual`` records a pending promotion instead (action ``awaiting_approval``) for a person to
     answer (:mod:`vloop.release.approval`). While one is pending no look promotes, in either mode;
-    a rollback or halt still acts."""
+    a rollback or halt still acts. A request still pending an hour past ``approval_timeout_hours``
+    (its approval run failed, or nobody could be asked) is settled as no answer — the champion
+    kept, the stage restarted — so the next promote decision asks again instead of waiting forever."""
     from vloop.release import approval as approvals
 
     approval = approvals.parse_mode(approval)
@@ -458,6 +461,12 @@ def step(lake: Lake, cfg: ReleaseConfig | None = None, *, now: dt.datetime | Non
     lake.put_json(look_key, look)
     line = f"{state.canary} at {state.canary_share:.0%} (stage {exp['stage'] + 1}/{len(stages)}): {decision.reason}"
     waiting = approvals.pending(state)
+    if waiting and approval_timeout_hours and decision.action in ("continue", "promote") and \
+            now - dt.datetime.fromisoformat(waiting["requested_at"]) > dt.timedelta(hours=approval_timeout_hours + 1):
+        kept = approvals.settle(lake, approvals.ON_TIMEOUT, by=None, via=actor, request_id=waiting["id"],
+                                timeout_hours=approval_timeout_hours, now=now, cfg=cfg)
+        log.warning("request %s outlived its timeout unanswered: %s", waiting["id"], kept.message)
+        return StepResult("continue", decision, kept.state, counts)
     if waiting and decision.action in ("continue", "promote"):  # the request stands until a person answers
         log.info("promotion awaits approval (request %s): %s", waiting["id"], line)
         return StepResult("awaiting_approval", decision, state, counts, request=waiting["id"])
