@@ -228,6 +228,11 @@ def test_an_operator_logs_in_and_finds_the_loop_in_the_airflow_ui(stack, browser
     body = wait.until(EC.presence_of_element_located((By.TAG_NAME, "body")))
     wait.until(lambda d: "registered no adapter" in body.text)
     browser.switch_to.default_content()
+    if shots:  # the loop's lineage in the Assets view
+        browser.get(base + "/assets")
+        wait.until(EC.presence_of_element_located((By.PARTIAL_LINK_TEXT, "vloop_labels")))
+        time.sleep(2)
+        browser.save_screenshot(str(Path(shots) / "airflow-assets.png"))
     if shots:
         time.sleep(3)
         browser.save_screenshot(str(Path(shots) / "airflow-dags.png"))
