@@ -215,10 +215,9 @@ class Service:
             self._log_start = log.tell()
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if self.pid_file:
-            self.pid_file.write_text(f"{self.proc.pid}\n")
-
-        try:
+        try:  # whatever fails from here on (the PID file's write too) stops what was started
+            if self.pid_file:
+                self.pid_file.write_text(f"{self.proc.pid}\n")
             self._wait_healthy(self._health_check(health_url, health_log, health), timeout, poll)
         except BaseException:
             self.stop()
