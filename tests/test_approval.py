@@ -232,19 +232,14 @@ def _answer_from_outside(dag_id: str, task_id: str, option: str, user: dict, com
     request is up, before the answer (what else happens while the person reads it)."""
     from airflow._shared.timezones import timezone
     from airflow.models.hitl import HITLDetail
-    from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import handle_event_submit
     from airflow.triggers.base import TriggerEvent
     from airflow.utils.session import create_session
-    from airflow.utils.state import TaskInstanceState
-    from sqlalchemy import select
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with create_session() as s:
-            ti = s.scalars(select(TaskInstance).where(
-                TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id,
-                TaskInstance.state == TaskInstanceState.AWAITING_INPUT)).first()
+            ti = _awaiting_input(s, dag_id, task_id)
             hd = s.get(HITLDetail, ti.id) if ti is not None else None
             if hd is not None and hd.responded_at is None:
                 seen.update(subject=hd.subject, body=hd.body, options=list(hd.options), defaults=hd.defaults,
@@ -262,23 +257,29 @@ def _answer_from_outside(dag_id: str, task_id: str, option: str, user: dict, com
     seen["error"] = "no request appeared"
 
 
+def _awaiting_input(session, dag_id: str, task_id: str):
+    """The task instance of ``dag_id``.``task_id`` waiting for a person's input, or None."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import TaskInstanceState
+    from sqlalchemy import select
+
+    return session.scalars(select(TaskInstance).where(
+        TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id,
+        TaskInstance.state == TaskInstanceState.AWAITING_INPUT)).first()
+
+
 def _time_out_from_outside(dag_id: str, task_id: str, seen: dict, timeout: float = 120) -> None:
     """The scheduler's sweep of AWAITING_INPUT tasks past their response timeout (its own method),
     once the request's deadline has passed: the defaults are chosen, nobody responded."""
     from airflow._shared.timezones import timezone
     from airflow.jobs.job import Job
     from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
-    from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
-    from airflow.utils.state import TaskInstanceState
-    from sqlalchemy import select
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with create_session() as s:
-            ti = s.scalars(select(TaskInstance).where(
-                TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id,
-                TaskInstance.state == TaskInstanceState.AWAITING_INPUT)).first()
+            ti = _awaiting_input(s, dag_id, task_id)
             due = ti is not None and ti.trigger_timeout is not None and ti.trigger_timeout < timezone.utcnow()
             if ti is not None:
                 seen["trigger_timeout"] = ti.trigger_timeout
