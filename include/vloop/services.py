@@ -98,10 +98,23 @@ def group_alive(pgid: int) -> bool:
     for stat in proc.glob("[0-9]*/stat"):
         try:
             state, _ppid, group = stat.read_text().rpartition(")")[2].split()[:3]
+            # A process whose main thread has exited shows "Z" while its other threads still run
+            # and hold its files (a lock, a port): it counts as running until every thread is gone.
+            if int(group) == pgid and (state != "Z" or _threads_running(stat.parent)):
+                return True
         except (OSError, ValueError):
             continue  # it exited while we looked
-        if int(group) == pgid and state != "Z":
-            return True
+    return False
+
+
+def _threads_running(proc_dir: Path) -> bool:
+    """Whether any thread of the process at ``/proc/<pid>`` is not yet a zombie."""
+    for stat in (proc_dir / "task").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rpartition(")")[2].split()[0] != "Z":
+                return True
+        except (OSError, IndexError):
+            continue
     return False
 
 
