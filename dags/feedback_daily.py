@@ -1,41 +1,44 @@
 """
-### feedback_daily — from the day's logs to Label Studio and back, an hour partition at a time
+### feedback_daily — from the day's logs to Label Studio and back, a slice of rows at a time
 
 For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`. The steps marked
-*(per hour)* are **mapped** over D's hours (dynamic task mapping, `.expand(hour=…)` over what
-**hours** lists): each mapped task holds one hour of traffic, never the day, and the hours run
-side by side on whatever workers the executor has (LocalExecutor here; Celery or Kubernetes
-workers in production, with the same code and a lake they all reach). The steps that need the
-whole day are **reduces** over the hours' outputs in the lake.
+*(per slice)* are **mapped** over D's slices (dynamic task mapping, `.expand(slice_no=…)` over
+what **slices** lists). A slice is at most Variable `vloop_slice_rows` interactions (default
+50,000) cut from D's hour partitions: a quiet day is one slice, a busy hour is split, so each
+mapped task holds a bounded amount of traffic whatever the day's size, and the slices run side by
+side on whatever workers the executor has (LocalExecutor here; Celery or Kubernetes workers in
+production, with the same code and a lake they all reach). The steps that need the whole day are
+**reduces** over the slices' outputs in the lake.
 
 0. **wait_for_shippers** — a gateway that lost the lake for a while ships D's records late: wait
    (a sensor, rescheduled every 5 minutes) until every gateway's shipper watermark
    (`shippers/*.json`) has passed the end of D, or until the grace period after the end of D,
    Variable `vloop_late_data_grace_minutes` (default 120), is over. In simulation mode
    (`VLOOP_SIMULATION=1`) the demo's driver waits for the shipper itself;
-   **remine_previous_day** — D-1 is ingested, validated and mined again (hour after hour, in one
-   task), so feedback that arrived after D-1's run counts (its selection and Label Studio tasks
-   stay as they were);
-1. **hours** — the hours of D with interactions (`raw/interactions/dt=D/hour=HH/`); a day
-   without any is one empty hour, `[0]`, so every step below runs instead of being skipped;
-2. **ingest** *(per hour)* — the hour's interactions and every feedback event about them up to
+   **remine_previous_day** — D-1 is ingested, validated and mined again (in one
+   task, slice after slice), so feedback that arrived after D-1's run counts (its selection and
+   Label Studio tasks stay as they were);
+1. **slices** — D's interactions cut into slices (only their timestamps are read), the plan
+   stored in `curated/dt=D/slices.json`; a day without any is one empty slice, so every step
+   below runs instead of being skipped;
+2. **ingest** *(per slice)* — the slice's interactions and every feedback event about them up to
    now (late ones count), exact duplicates dropped;
-3. **validate_hour** *(per hour)* — Great Expectations suites (`vloop.curate.quality`); bad rows go to
-   `quarantine/dt=D/hour=HH/` with a reason each, with the validation result; the good rows are
-   staged; **validate** (reduce: the quality gate) — ids unique across hours, the day's bad
+3. **validate_slice** *(per slice)* — Great Expectations suites (`vloop.curate.quality`); bad rows go to
+   `quarantine/dt=D/slice=NNN/` with a reason each, with the validation result; the good rows are
+   staged; **validate** (reduce: the quality gate) — ids unique across slices, the day's bad
    share added up into `quarantine/dt=D/validation.json`, and the run **stops** when it is over
-   the Variable `vloop_max_bad_fraction`; otherwise the staged rows become the curated hours;
-4. **mine** *(per hour)* implicit feedback into weak labels (`vloop.curate.mining`; a question asked again
-   just after the hour's end still counts), **phrasings** (reduce) clusters the hours' badly
+   the Variable `vloop_max_bad_fraction`; otherwise the staged rows become the curated slices;
+4. **mine** *(per slice)* implicit feedback into weak labels (`vloop.curate.mining`; a question asked again
+   just after the slice's end still counts), **phrasings** (reduce) clusters the slices' badly
    handled questions;
-5. **confidence** *(per hour)* from the logged log-probs, re-scoring rows without them with
+5. **confidence** *(per slice)* from the logged log-probs, re-scoring rows without them with
    `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.curate.grounding`);
-6. **image_quality** *(per hour slot)* — blurry, dark, blown-out and tiny photos are flagged, and
+6. **image_quality** *(per slice slot)* — blurry, dark, blown-out and tiny photos are flagged, and
    NIQE is computed for every photo from a reduced decode ("distorted" above the default threshold,
    shown to annotators and in the report); each of the day's images is checked once, by the slot
    its key hashes to;
 7. **select** (reduce) the items most worth an annotator's time under the Variable
-   `vloop_label_budget`, for the whole day (read an hour at a time, the best kept);
+   `vloop_label_budget`, for the whole day (read a slice at a time, the best kept);
 8. **push** them to Label Studio (connection `vloop_label_studio`) with the model's answer as a
    prediction; a re-run never creates a duplicate task;
 9. **pull** finished annotations into `labeled/dt=D/`; when any are new, it updates the asset
@@ -54,8 +57,8 @@ The report needs the validated day: it waits for select, phrasings and pull (aft
 unless one of them failed (`none_failed`), so it runs when push/pull were skipped for want of
 Label Studio and is `upstream_failed` on a day the quality gate stopped.
 
-Every step replaces its own output for D (an hour step its hour's), and the gate removes the
-outputs of hours D no longer has, so re-running a day is safe; trigger with the param `day` to
+Every step replaces its own output for D (a slice step its slice's), and the gate removes the
+outputs of slices D no longer has, so re-running a day is safe; trigger with the param `day` to
 (re)process a given day. Without a `vloop_label_studio` connection, push and pull are skipped and
 the report still runs. The logic lives in `vloop.curate.daily`; this file is wiring.
 """
@@ -87,12 +90,18 @@ def _day(context) -> dt.date:
     return context["data_interval_start"].astimezone(dt.timezone.utc).date()
 
 
-# The mapped instances' names in the UI and logs: hour=07 rather than a bare map index.
-HOUR_LABEL = "hour={{ '%02d' % task.op_kwargs['hour'] }}"
+# The mapped instances' names in the UI and logs: slice=003 rather than a bare map index.
+SLICE_LABEL = "slice={{ '%03d' % task.op_kwargs['slice_no'] }}"
 
 
 def _max_bad_fraction() -> float:
     return float(Variable.get("vloop_max_bad_fraction", default=0.05))
+
+
+def _slice_rows() -> int:
+    from vloop.curate.daily import DEFAULT_SLICE_ROWS
+
+    return int(Variable.get("vloop_slice_rows", default=DEFAULT_SLICE_ROWS))
 
 
 def _lake():
@@ -146,37 +155,37 @@ def feedback_daily():
         from vloop.curate import daily
 
         return daily.remine(_lake(), _day(context) - dt.timedelta(days=1), daily.run_time(_day(context)),
-                            max_bad_fraction=_max_bad_fraction())
+                            max_bad_fraction=_max_bad_fraction(), slice_rows=_slice_rows())
 
     @task
-    def hours(**context) -> list[int]:
+    def slices(**context) -> list[int]:
         from vloop.curate import daily
 
-        return daily.day_hours(_lake(), _day(context))
+        return daily.plan(_lake(), _day(context), _slice_rows())
 
-    @task(map_index_template=HOUR_LABEL)
-    def ingest(hour: int, **context):
+    @task(map_index_template=SLICE_LABEL)
+    def ingest(slice_no: int, **context):
         from vloop.curate import daily
 
-        return daily.ingest_hour(_lake(), _day(context), hour, daily.run_time(_day(context)))
+        return daily.ingest_slice(_lake(), _day(context), slice_no, daily.run_time(_day(context)))
 
-    @task(map_index_template=HOUR_LABEL)
-    def validate_hour(hour: int, **context):
+    @task(map_index_template=SLICE_LABEL)
+    def validate_slice(slice_no: int, **context):
         from vloop.curate import daily
 
-        return daily.validate_hour(_lake(), _day(context), hour, max_bad_fraction=_max_bad_fraction())
+        return daily.validate_slice(_lake(), _day(context), slice_no, max_bad_fraction=_max_bad_fraction())
 
     @task(retries=0)  # a failed quality gate is a finding, not a glitch: retrying cannot fix the data
-    def validate(hour_list: list[int], **context):
+    def validate(slice_list: list[int], **context):
         from vloop.curate import daily
 
-        return daily.gate(_lake(), _day(context), list(hour_list), max_bad_fraction=_max_bad_fraction())
+        return daily.gate(_lake(), _day(context), list(slice_list), max_bad_fraction=_max_bad_fraction())
 
-    @task(map_index_template=HOUR_LABEL)
-    def mine(hour: int, **context):
+    @task(map_index_template=SLICE_LABEL)
+    def mine(slice_no: int, **context):
         from vloop.curate import daily
 
-        return daily.mine_hour(_lake(), _day(context), hour)
+        return daily.mine_slice(_lake(), _day(context), slice_no)
 
     @task
     def phrasings(**context):
@@ -184,21 +193,21 @@ def feedback_daily():
 
         return daily.mine_day_phrasings(_lake(), _day(context))
 
-    # On a vLLM (VLOOP_SCORING_URL) one hour is scored at a time: its CPU backend with LoRA crashes
+    # On a vLLM (VLOOP_SCORING_URL) one slice is scored at a time: its CPU backend with LoRA crashes
     # when prompt log-probabilities of two requests share a step (vloop.vlm.scoring_client).
-    @task(map_index_template=HOUR_LABEL, max_active_tis_per_dagrun=1 if load_settings().scoring_url else None)
-    def confidence(hour: int, **context):
+    @task(map_index_template=SLICE_LABEL, max_active_tis_per_dagrun=1 if load_settings().scoring_url else None)
+    def confidence(slice_no: int, **context):
         from vloop.curate import daily
         from vloop.store.config import load_settings
 
         loader = daily.base_model_loader(load_settings().base_model)  # loaded once per process
-        return daily.score_confidence_hour(_lake(), _day(context), hour, loader)
+        return daily.score_confidence_slice(_lake(), _day(context), slice_no, loader)
 
-    @task(map_index_template=HOUR_LABEL)
-    def image_quality(hour: int, **context):
+    @task(map_index_template=SLICE_LABEL)
+    def image_quality(slice_no: int, **context):
         from vloop.curate import daily
 
-        return daily.check_images_slot(_lake(), _day(context), hour)
+        return daily.check_images_slot(_lake(), _day(context), slice_no)
 
     @task
     def select(**context):
@@ -239,13 +248,13 @@ def feedback_daily():
 
     waited = wait_for_shippers()
     waited >> remine_previous_day()  # a leaf: its failure shows on the run, D's steps go on
-    hour_list = hours()
-    waited >> hour_list
+    slice_list = slices()
+    waited >> slice_list
     # Mapped steps wait for every instance of the one before (a reduce needs them all anyway).
-    checked = validate(hour_list)
-    ingest.expand(hour=hour_list) >> validate_hour.expand(hour=hour_list) >> checked
-    mined, scored, images = (mine.expand(hour=hour_list), confidence.expand(hour=hour_list),
-                             image_quality.expand(hour=hour_list))
+    checked = validate(slice_list)
+    ingest.expand(slice_no=slice_list) >> validate_slice.expand(slice_no=slice_list) >> checked
+    mined, scored, images = (mine.expand(slice_no=slice_list), confidence.expand(slice_no=slice_list),
+                             image_quality.expand(slice_no=slice_list))
     checked >> [mined, scored, images]
     clustered, chosen = phrasings(), select()
     mined >> clustered

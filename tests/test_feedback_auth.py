@@ -145,14 +145,14 @@ def test_daily_report_per_app_metrics(tmp_path):
     import pandas as pd
     import pyarrow as pa
 
-    from vloop.curate.daily import CURATED, app_metrics, hour_key
+    from vloop.curate.daily import CURATED, app_metrics, slice_key
     from vloop.store.lake import LocalLake
 
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     day = dt.date(2026, 11, 3)
-    lake.write_parquet(hour_key(CURATED, day, 0, "interactions.parquet"), pa.table({"request_id": ["a", "b"]}))
+    lake.write_parquet(slice_key(CURATED, day, 0, "interactions.parquet"), pa.table({"request_id": ["a", "b"]}))
     assert app_metrics(lake, day, pd.DataFrame(columns=["request_id", "weak_label", "reason"])).empty
-    lake.write_parquet(hour_key(CURATED, day, 1, "interactions.parquet"),
+    lake.write_parquet(slice_key(CURATED, day, 1, "interactions.parquet"),
                        pa.table({"request_id": ["c", "d", "e"], "app": ["shop", "shop", "other"]}))
     mined = pd.DataFrame({"request_id": ["a", "c", "d", "e"], "weak_label": ["positive", "negative", "positive", "unknown"],
                           "reason": ["accepted", "edited", "accepted", "no reaction"]})

@@ -129,8 +129,8 @@ def test_quality_gate_stops_the_day(local_lake):
         daily.validate(local_lake, D1)
     assert len(daily.read_table(local_lake, "quarantine", D1, "interactions.parquet")) == 30
     # Nothing reaches the curated tables (the hours' validated rows stay staged): nothing downstream.
-    assert daily.hour_keys(local_lake, "curated", D1, "validated_interactions.parquet")
-    assert not daily.hour_keys(local_lake, "curated", D1, "interactions.parquet")
+    assert daily.part_keys(local_lake, "curated", D1, "validated_interactions.parquet")
+    assert not daily.part_keys(local_lake, "curated", D1, "interactions.parquet")
     assert not local_lake.exists(daily.key("curated", D1, "interactions.parquet"))
 
 

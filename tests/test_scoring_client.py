@@ -165,8 +165,8 @@ def _curated_hour(lake, tmp_path):
         "adapter": [None, None, "vqa@v1", "unknown@v9", "gone@v1", None, None, None],
         "confidence": [np.nan] * 6 + [0.5, np.nan],
         "token_logprobs": [None] * 7 + [[-1.0, -1.0]]})
-    daily.put_frame(lake, daily.hour_key(daily.CURATED, DAY, 0, "interactions.parquet"), rows)
-    daily.put_frame(lake, daily.hour_key(daily.CURATED, DAY, 0, "feedback.parquet"), pd.DataFrame({"request_id": []}))
+    daily.put_frame(lake, daily.slice_key(daily.CURATED, DAY, 0, "interactions.parquet"), rows)
+    daily.put_frame(lake, daily.slice_key(daily.CURATED, DAY, 0, "feedback.parquet"), pd.DataFrame({"request_id": []}))
     return rows
 
 
@@ -183,8 +183,8 @@ def test_daily_step_scores_on_the_server_by_the_version_that_answered(local_lake
         raise AssertionError("the model was loaded although a scoring server is set")
 
     monkeypatch.setenv("VLOOP_SCORING_URL", "http://vllm:8000")
-    summary = daily.score_confidence_hour(local_lake, DAY, 0, no_model)
-    out = daily.get_frame(local_lake, daily.hour_key(daily.CURATED, DAY, 0, "confidence.parquet")).set_index("request_id")
+    summary = daily.score_confidence_slice(local_lake, DAY, 0, no_model)
+    out = daily.get_frame(local_lake, daily.slice_key(daily.CURATED, DAY, 0, "confidence.parquet")).set_index("request_id")
     # Real image: -1 per token on the base, -0.5 on the adapter; grey: -3 (3 tokens in "red").
     assert out.loc["base", "confidence"] == pytest.approx(math.exp(-1)) and out.loc["base", "grounding"] == pytest.approx(6)
     assert out.loc["rgba", "grounding"] == pytest.approx(8)
@@ -205,14 +205,14 @@ def test_daily_step_scores_on_the_server_by_the_version_that_answered(local_lake
 
     # Grounding off: only the rows without a confidence are sent, once each.
     fake.calls.clear()
-    summary = daily.score_confidence_hour(local_lake, DAY, 0, no_model, grounding=False)
+    summary = daily.score_confidence_slice(local_lake, DAY, 0, no_model, grounding=False)
     assert sum(p == "/v1/chat/completions" for p, _ in fake.calls) == 5  # once per row to re-score; never for "gone"
     assert summary["grounded"] == 0 and summary["rescored"] == 4
 
     # A server that is down fails the step (Airflow retries it), it does not write empty scores.
     fake.status = 503
     with pytest.raises(ScoringUnavailable):
-        daily.score_confidence_hour(local_lake, DAY, 0, no_model)
+        daily.score_confidence_slice(local_lake, DAY, 0, no_model)
     # "" turns the server off: the local path, which needs the model.
     with pytest.raises(AssertionError, match="the model was loaded"):
-        daily.score_confidence_hour(local_lake, DAY, 0, no_model, scoring_url="")
+        daily.score_confidence_slice(local_lake, DAY, 0, no_model, scoring_url="")

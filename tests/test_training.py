@@ -85,8 +85,8 @@ def write_labels(lake, day, samples, answers=None, verdict="wrong", **extra) -> 
     daily.put_frame(lake, daily.key(daily.LABELED, day, daily.LABELED_FILE), df)
     # The users of the labelled requests, where the dataset builder looks them up (the day's
     # curated interactions); without them the labels would be dropped as of unknown users.
-    hours = daily.hour_keys(lake, daily.CURATED, day, "interactions.parquet")  # a day processed by the hour
-    k = hours[min(hours)] if hours else daily.key(daily.CURATED, day, "interactions.parquet")
+    parts = daily.part_keys(lake, daily.CURATED, day, "interactions.parquet")  # a day processed by slices
+    k = parts[min(parts)] if parts else daily.key(daily.CURATED, day, "interactions.parquet")
     users = pd.DataFrame({"request_id": df["request_id"], "user_key": [f"shopper-{i % 7}" for i in range(len(df))]})
     if lake.exists(k):
         users = pd.concat([daily.get_frame(lake, k), users], ignore_index=True)

@@ -335,15 +335,15 @@ def test_rescoring_and_grounding_on_vllm_agree_with_the_local_model(vllm, base_m
                              "adapter": adapter, "confidence": np.nan, "token_logprobs": None})
         too_long = rows.iloc[:1].assign(request_id="long", question="很长的问题 " * 300)
         frame = pd.concat([rows, too_long], ignore_index=True)
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, day, 0, "interactions.parquet"), frame)
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, day, 0, "feedback.parquet"), pd.DataFrame({"request_id": []}))
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, day, 0, "interactions.parquet"), frame)
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, day, 0, "feedback.parquet"), pd.DataFrame({"request_id": []}))
 
         def no_model():
             raise AssertionError("the model was loaded although a scoring server is set")
 
-        summary = daily.score_confidence_hour(lake, day, 0, no_model, scoring_url=vllm.url)
+        summary = daily.score_confidence_slice(lake, day, 0, no_model, scoring_url=vllm.url)
         assert summary["scored_on"] == "server" and summary["unscored"] == 1 and summary["rescored"] == 20
-        out = daily.get_frame(lake, daily.hour_key(daily.CURATED, day, 0, "confidence.parquet")).set_index("request_id")
+        out = daily.get_frame(lake, daily.slice_key(daily.CURATED, day, 0, "confidence.parquet")).set_index("request_id")
         assert np.isnan(out.loc["long", "confidence"]) and out.loc["long", "confidence_source"] == "missing"
 
         # The same rows scored locally, each by the version that answered.

@@ -1,36 +1,39 @@
 """The daily feedback pipeline, one function per step of the ``feedback_daily`` DAG.
 
-A day is processed an **hour partition at a time** wherever a step only needs the rows in front
-of it (ingest, validation, mining, confidence, image checks): the DAG maps those steps over the
-day's hours (Airflow dynamic task mapping), so a worker holds an hour of traffic, never a day,
-and hours run side by side on as many workers as there are. The steps that need the whole day
-are **reduces** over the hours' outputs: the quality gate (the day's bad share, ids unique across
-hours), the phrasings clustering, the selection under one label budget (an hour at a time, best
-``budget`` kept), and the report. Each hour step is a plain function of ``(lake, day, hour)``;
-the whole-day functions (:func:`ingest`, :func:`validate`, :func:`mine_feedback`,
-:func:`score_confidence`, :func:`check_images`) run the same hour steps one after another, for
-callers without Airflow.
+A day is processed a **slice at a time** wherever a step only needs the rows in front of it
+(ingest, validation, mining, confidence, image checks). A slice is at most ``slice_rows``
+interactions cut from the day's raw hour partitions (:func:`vloop.curate.ingest.plan_slices`):
+a quiet day is one slice, a busy hour is split. The DAG maps those steps over the day's slices
+(Airflow dynamic task mapping), so a worker holds a slice of traffic, never a day, whatever the
+day's size, and slices run side by side on as many workers as there are. The steps that need the
+whole day are **reduces** over the slices' outputs: the quality gate (the day's bad share, ids
+unique across slices), the phrasings clustering, the selection under one label budget (a slice
+at a time, best ``budget`` kept), and the report. Each slice step is a plain function of
+``(lake, day, slice_no)``; the whole-day functions (:func:`ingest`, :func:`validate`,
+:func:`mine_feedback`, :func:`score_confidence`, :func:`check_images`) run the same slice steps
+one after another, for callers without Airflow.
 
 Each step reads what the previous one left in the lake and writes its own output there, whole
 objects at a time (atomic: a failed step leaves its previous output or nothing, never half of one).
-Every output of day D lives under ``…/dt=D/`` (hour outputs under ``…/dt=D/hour=HH/``), and a
-step re-run for D replaces it, so re-running a day changes nothing. Each returns a small
-JSON-able summary (the DAG's XCom and log line).
+Every output of day D lives under ``…/dt=D/`` (slice outputs under ``…/dt=D/slice=NNN/``; days
+processed before slices have ``hour=HH/`` instead, which every reader still reads), and a step
+re-run for D replaces it, so re-running a day changes nothing. Each returns a small JSON-able
+summary (the DAG's XCom and log line).
 
-A day without traffic (a deployment's first night) is a normal day: its hour list is ``[0]``, one
-empty hour, so every step runs, writes its output with the columns it always has and no rows,
-and counts zeros; the report says "no traffic".
+A day without traffic (a deployment's first night) is a normal day: it is one empty slice, so
+every step runs, writes its output with the columns it always has and no rows, and counts
+zeros; the report says "no traffic".
 
 | step | per | reads | writes |
 |---|---|---|---|
-| :func:`day_hours` | day | ``raw/interactions`` listing | (the hour list the DAG maps over) |
-| :func:`ingest_hour` | hour | ``raw/interactions/…/hour=HH``, ``raw/feedback`` | ``curated/dt=D/hour=HH/ingested_*.parquet`` |
-| :func:`validate_hour` | hour | ingested | ``quarantine/dt=D/hour=HH/`` (rows + reasons, validation result), ``curated/dt=D/hour=HH/validated_*.parquet`` |
-| :func:`gate` | day | validated hours | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/hour=HH/{interactions,feedback}.parquet`` |
-| :func:`mine_hour` | hour | curated (+ the next hour's first minutes) | ``curated/dt=D/hour=HH/{mined,mined_counts,phrasing_candidates}.parquet`` |
+| :func:`plan` | day | ``raw/interactions`` (``ts`` only) | ``curated/dt=D/slices.json`` (the slices the DAG maps over) |
+| :func:`ingest_slice` | slice | ``raw/interactions/…/hour=HH``, ``raw/feedback`` | ``curated/dt=D/slice=NNN/ingested_*.parquet`` |
+| :func:`validate_slice` | slice | ingested | ``quarantine/dt=D/slice=NNN/`` (rows + reasons, validation result), ``curated/dt=D/slice=NNN/validated_*.parquet`` |
+| :func:`gate` | day | validated slices | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback}.parquet`` |
+| :func:`mine_slice` | slice | curated (+ the next slices' first minutes) | ``curated/dt=D/slice=NNN/{mined,mined_counts,phrasing_candidates}.parquet`` |
 | :func:`mine_day_phrasings` | day | phrasing candidates | ``curated/dt=D/phrasings.parquet`` |
-| :func:`score_confidence_hour` | hour | curated (+ the model) | ``curated/dt=D/hour=HH/confidence.parquet`` |
-| :func:`check_images_slot` | hour slot | curated image keys, ``raw/images`` | ``curated/dt=D/hour=HH/image_quality.parquet`` (the images whose key hashes to the slot) |
+| :func:`score_confidence_slice` | slice | curated (+ the model) | ``curated/dt=D/slice=NNN/confidence.parquet`` |
+| :func:`check_images_slot` | slice slot | curated image keys, ``raw/images`` | ``curated/dt=D/slice=NNN/image_quality.parquet`` (the images whose key hashes to the slot) |
 | :func:`select_for_labelling` | day | all of the above, ``labeled/``, ``privacy/`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | day | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | day | Label Studio | ``labeled/dt=D/annotations.parquet`` |
@@ -61,7 +64,7 @@ log = logging.getLogger(__name__)
 CURATED, QUARANTINE, LABELING, LABELED, REPORTS = "curated", "quarantine", "labeling", "labeled", "reports"
 LABELED_FILE = "annotations.parquet"
 HISTORY_DAYS = 30  # how far back the report's trend plots and the category error rates look
-# The curated tables the gate publishes per hour, and the staged names validation writes them under.
+# The curated tables the gate publishes per slice, and the staged names validation writes them under.
 PUBLISHED = {"validated_interactions.parquet": "interactions.parquet",
              "validated_feedback.parquet": "feedback.parquet"}
 
@@ -70,8 +73,8 @@ def key(dataset: str, day: dt.date | str, name: str) -> str:
     return partition_prefix(dataset, day) + name
 
 
-def hour_key(dataset: str, day: dt.date | str, hour: int, name: str) -> str:
-    return partition_prefix(dataset, day, hour) + name
+def slice_key(dataset: str, day: dt.date | str, slice_no: int, name: str) -> str:
+    return f"{partition_prefix(dataset, day)}slice={slice_no:03d}/{name}"
 
 
 def put_frame(lake: Lake, k: str, df: pd.DataFrame, schema: pa.Schema | None = None) -> None:
@@ -98,20 +101,25 @@ def get_frame(lake: Lake, k: str, columns: list[str] | None = None) -> pd.DataFr
 LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n not in ("token_logprobs", "app")]
 
 
-def hour_keys(lake: Lake, dataset: str, day: dt.date | str, name: str) -> dict[int, str]:
-    """``dataset/dt=D/hour=HH/name`` for every hour that has one, by hour."""
+def part_keys(lake: Lake, dataset: str, day: dt.date | str, name: str) -> dict[int, str]:
+    """``dataset/dt=D/slice=NNN/name`` for every slice that has one, by slice number; for a day
+    processed by the hour (before slices), its ``hour=HH/name`` files by hour."""
     prefix = partition_prefix(dataset, day)
-    found = (re.fullmatch(r"hour=(\d\d)/" + re.escape(name), k[len(prefix):]) for k in lake.list(prefix))
-    return {int(m.group(1)): prefix + m.group(0) for m in found if m}
+    found: dict[str, dict[int, str]] = {"slice": {}, "hour": {}}
+    for k in lake.list(prefix):
+        m = re.fullmatch(r"(slice|hour)=(\d+)/" + re.escape(name), k[len(prefix):])
+        if m:
+            found[m.group(1)][int(m.group(2))] = k
+    return found["slice"] or found["hour"]
 
 
 def read_table(lake: Lake, dataset: str, day: dt.date | str, name: str,
                columns: list[str] | None = None) -> pd.DataFrame:
-    """A day's table: its hours' ``hour=HH/name`` files concatenated, or the day-level ``name``
-    (days processed before the pipeline ran by the hour, and tables only a day has);
+    """A day's table: its slices' files concatenated (:func:`part_keys`), or the day-level
+    ``name`` (days processed before the pipeline was mapped, and tables only a day has);
     :class:`LakeKeyNotFound` if there is neither. Whole-day readers only (the reduces, dataset
-    builds): an hour step reads its own hour."""
-    parts = hour_keys(lake, dataset, day, name)
+    builds): a slice step reads its own slice."""
+    parts = part_keys(lake, dataset, day, name)
     if not parts:
         return get_frame(lake, key(dataset, day, name), columns)
     tables = [lake.read_parquet(parts[h], columns=columns) for h in sorted(parts)]
@@ -123,7 +131,7 @@ def _days_back(day: dt.date, n: int) -> list[dt.date]:
 
 
 def read_days(lake: Lake, dataset: str, name: str, days=None, exclude: dt.date | None = None) -> pd.DataFrame:
-    """Concatenate ``dataset/dt=*/name`` (or its hours' files) over ``days`` (or every day
+    """Concatenate ``dataset/dt=*/name`` (or its slices' files) over ``days`` (or every day
     present), except ``exclude``."""
     if days is None:
         days = sorted({k.split("dt=")[1].split("/")[0] for k in lake.list(dataset + "/")
@@ -150,66 +158,108 @@ def run_time(day: dt.date) -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-# -- 0. the hours ---------------------------------------------------------------------------------
-def day_hours(lake: Lake, day: dt.date) -> list[int]:
-    """The hours of ``day`` with interactions: what the hour steps are mapped over. A day without
-    any is ``[0]``: one empty hour, so every step runs on empty tables instead of being skipped."""
-    from vloop.curate.ingest import raw_hours
+# -- 0. the slices --------------------------------------------------------------------------------
+SLICE_PLAN = "slices.json"
+# Interactions per slice: on a 2-core worker a slice of 50,000 takes a few seconds per step and a
+# few hundred MB (bench/daily_pipeline.py); a quiet day is one slice, a million-row day twenty.
+DEFAULT_SLICE_ROWS = 50_000
 
-    return raw_hours(lake, day) or [0]
+
+def plan(lake: Lake, day: dt.date, slice_rows: int = DEFAULT_SLICE_ROWS) -> list[int]:
+    """Cut ``day`` into slices of at most ``slice_rows`` interactions
+    (:func:`vloop.curate.ingest.plan_slices`), store the plan in ``curated/dt=D/slices.json`` and
+    return the slice numbers the slice steps are mapped over."""
+    from vloop.curate.ingest import plan_slices
+
+    slices = plan_slices(lake, day, slice_rows)
+    lake.put_json(key(CURATED, day, SLICE_PLAN), {
+        "day": day.isoformat(), "slice_rows": slice_rows,
+        "slices": [{"rows": rows, "pieces": [p.to_json() for p in pieces]} for pieces, rows in slices]})
+    log.info("%s: %d interactions in %d slice(s) of at most %d", day, sum(r for _, r in slices), len(slices),
+             slice_rows)
+    return list(range(len(slices)))
+
+
+def _plan(lake: Lake, day: dt.date) -> list[dict]:
+    try:
+        return lake.get_json(key(CURATED, day, SLICE_PLAN))["slices"]
+    except LakeKeyNotFound:
+        raise LakeKeyNotFound(f"{key(CURATED, day, SLICE_PLAN)}: no slice plan for {day} (run plan first)") from None
+
+
+def slice_pieces(lake: Lake, day: dt.date, slice_no: int):
+    """The raw pieces (:class:`vloop.curate.ingest.Piece`) of slice ``slice_no`` of the stored plan."""
+    from vloop.curate.ingest import Piece
+
+    return [Piece.from_json(p) for p in _plan(lake, day)[slice_no]["pieces"]]
+
+
+def slice_span(lake: Lake, day: dt.date, slice_no: int) -> tuple[dt.datetime, dt.datetime]:
+    """When slice ``slice_no``'s interactions happened (its first piece's start, its last's end)."""
+    pieces = slice_pieces(lake, day, slice_no)
+    if not pieces:
+        start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+        return start, start
+    return pieces[0].span(day)[0], pieces[-1].span(day)[1]
+
+
+def _span_text(lake: Lake, day: dt.date, slice_no: int) -> str:
+    start, end = slice_span(lake, day, slice_no)
+    return f"{start:%H:%M:%S}-{end:%H:%M:%S}" if end > start else "empty"
 
 
 def _summed(summaries: list[dict], day: dt.date) -> dict:
-    """The hours' summaries added up (their numbers; the day's date)."""
-    out: dict = {"day": day.isoformat(), "hours": len(summaries)}
+    """The slices' summaries added up (their numbers; the day's date)."""
+    out: dict = {"day": day.isoformat(), "slices": len(summaries)}
     for s in summaries:
         for k, v in s.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "hour":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "slice":
                 out[k] = out.get(k, 0) + v
     return out
 
 
 # -- 1. ingest ------------------------------------------------------------------------------------
-def ingest_hour(lake: Lake, day: dt.date, hour: int, run_time: dt.datetime) -> dict:
-    from vloop.curate.ingest import ingest_hour as read_hour
+def ingest_slice(lake: Lake, day: dt.date, slice_no: int, run_time: dt.datetime) -> dict:
+    from vloop.curate.ingest import ingest_slice as read_slice
 
-    batch = read_hour(lake, day, hour, run_time)
-    put_frame(lake, hour_key(CURATED, day, hour, "ingested_interactions.parquet"), batch.interactions, INTERACTION.arrow)
-    put_frame(lake, hour_key(CURATED, day, hour, "ingested_feedback.parquet"), batch.feedback, FEEDBACK.arrow)
-    return {"day": day.isoformat(), "hour": hour, "interactions": len(batch.interactions),
-            "feedback": len(batch.feedback), "duplicates_dropped": batch.duplicates_dropped,
-            "events_until": run_time.isoformat()}
+    batch = read_slice(lake, day, slice_pieces(lake, day, slice_no), run_time)
+    put_frame(lake, slice_key(CURATED, day, slice_no, "ingested_interactions.parquet"), batch.interactions,
+              INTERACTION.arrow)
+    put_frame(lake, slice_key(CURATED, day, slice_no, "ingested_feedback.parquet"), batch.feedback, FEEDBACK.arrow)
+    return {"day": day.isoformat(), "slice": slice_no, "span": _span_text(lake, day, slice_no),
+            "interactions": len(batch.interactions), "feedback": len(batch.feedback),
+            "duplicates_dropped": batch.duplicates_dropped, "events_until": run_time.isoformat()}
 
 
-def ingest(lake: Lake, day: dt.date, run_time: dt.datetime) -> dict:
-    """Every hour of ``day`` through :func:`ingest_hour`."""
-    summary = _summed([ingest_hour(lake, day, h, run_time) for h in day_hours(lake, day)], day)
+def ingest(lake: Lake, day: dt.date, run_time: dt.datetime, slice_rows: int = DEFAULT_SLICE_ROWS) -> dict:
+    """:func:`plan` the day, then every slice through :func:`ingest_slice`."""
+    summary = _summed([ingest_slice(lake, day, s, run_time) for s in plan(lake, day, slice_rows)], day)
     return {**summary, "events_until": run_time.isoformat()}
 
 
 # -- 2. validate ----------------------------------------------------------------------------------
-def validate_hour(lake: Lake, day: dt.date, hour: int, *, max_bad_fraction: float = 0.05) -> dict:
-    """Run both suites on one hour; bad rows (with reasons) and the validation result go to
-    ``quarantine/dt=D/hour=HH/``, the good ones are staged as ``validated_*`` for :func:`gate`.
-    An hour never stops the run: the gate judges the day."""
+def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction: float = 0.05) -> dict:
+    """Run both suites on one slice; bad rows (with reasons) and the validation result go to
+    ``quarantine/dt=D/slice=NNN/``, the good ones are staged as ``validated_*`` for :func:`gate`.
+    A slice never stops the run: the gate judges the day."""
     from vloop.curate.quality import QualityConfig, validate_feedback, validate_interactions
 
     cfg = QualityConfig(max_bad_fraction=max_bad_fraction)
     start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
-    inter = get_frame(lake, hour_key(CURATED, day, hour, "ingested_interactions.parquet"))
-    fb = get_frame(lake, hour_key(CURATED, day, hour, "ingested_feedback.parquet"))
+    inter = get_frame(lake, slice_key(CURATED, day, slice_no, "ingested_interactions.parquet"))
+    fb = get_frame(lake, slice_key(CURATED, day, slice_no, "ingested_feedback.parquet"))
     vi = validate_interactions(inter, start, start + dt.timedelta(days=1), lake=lake, cfg=cfg)
     vf = validate_feedback(fb, cfg=cfg)
-    put_frame(lake, hour_key(QUARANTINE, day, hour, "interactions.parquet"), vi.quarantined, INTERACTION.arrow)
-    put_frame(lake, hour_key(QUARANTINE, day, hour, "feedback.parquet"), vf.quarantined, FEEDBACK.arrow)
+    put_frame(lake, slice_key(QUARANTINE, day, slice_no, "interactions.parquet"), vi.quarantined, INTERACTION.arrow)
+    put_frame(lake, slice_key(QUARANTINE, day, slice_no, "feedback.parquet"), vf.quarantined, FEEDBACK.arrow)
     # Events about a quarantined interaction stay with it: they are not mined.
     good_fb = vf.good[member(vf.good["request_id"], vi.good["request_id"])]
-    put_frame(lake, hour_key(CURATED, day, hour, "validated_interactions.parquet"), vi.good, INTERACTION.arrow)
-    put_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"), good_fb, FEEDBACK.arrow)
-    summary = {"day": day.isoformat(), "hour": hour, "interactions": len(inter), "feedback": len(fb),
+    put_frame(lake, slice_key(CURATED, day, slice_no, "validated_interactions.parquet"), vi.good, INTERACTION.arrow)
+    put_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"), good_fb, FEEDBACK.arrow)
+    summary = {"day": day.isoformat(), "slice": slice_no, "interactions": len(inter), "feedback": len(fb),
                "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
                "reasons": _reason_counts(vi.quarantined, vf.quarantined)}
-    lake.put_json(hour_key(QUARANTINE, day, hour, "validation.json"),
+    lake.put_json(slice_key(QUARANTINE, day, slice_no, "validation.json"),
                   {**summary, "interactions_result": vi.result, "feedback_result": vf.result})
     return summary
 
@@ -219,12 +269,12 @@ def _reason_counts(*quarantined: pd.DataFrame) -> dict[str, int]:
     return {k: int(v) for k, v in reasons.str.split("; ").explode().value_counts().items()} if len(reasons) else {}
 
 
-def _ids_in_several_hours(lake: Lake, day: dt.date, hours: list[int], name: str, column: str) -> dict[int, set]:
-    """Per hour, the ``column`` values of its staged ``name`` that another hour has too. Each hour
-    checked its own ids; across hours only 64-bit hashes are held, 8 bytes a row, then the few
-    colliding values are compared as strings."""
-    hashed = {h: pd.util.hash_array(get_frame(lake, hour_key(CURATED, day, h, name), [column])[column]
-                                    .astype(object).to_numpy()) for h in hours}
+def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], name: str, column: str) -> dict[int, set]:
+    """Per slice, the ``column`` values of its staged ``name`` that another slice has too. Each
+    slice checked its own ids; across slices only 64-bit hashes are held, 8 bytes a row, then the
+    few colliding values are compared as strings."""
+    hashed = {h: pd.util.hash_array(get_frame(lake, slice_key(CURATED, day, h, name), [column])[column]
+                                    .astype(object).to_numpy()) for h in slices}
     if len(hashed) < 2:
         return {}
     every = np.concatenate([np.unique(v) for v in hashed.values()])
@@ -233,8 +283,8 @@ def _ids_in_several_hours(lake: Lake, day: dt.date, hours: list[int], name: str,
     if not len(shared):
         return {}
     ids: dict[int, set] = {}
-    for h in hours:
-        col = get_frame(lake, hour_key(CURATED, day, h, name), [column])[column]
+    for h in slices:
+        col = get_frame(lake, slice_key(CURATED, day, h, name), [column])[column]
         ids[h] = set(col[np.isin(hashed[h], shared)].dropna())
     seen: dict = {}
     for h, vals in ids.items():
@@ -243,49 +293,50 @@ def _ids_in_several_hours(lake: Lake, day: dt.date, hours: list[int], name: str,
     return {h: {v for v in vals if len(seen[v]) > 1} for h, vals in ids.items() if any(len(seen[v]) > 1 for v in vals)}
 
 
-def _quarantine_more(lake: Lake, day: dt.date, hour: int, what: str, column: str, ids: set, reason: str) -> None:
-    """Move the staged rows of ``hour`` whose ``column`` is in ``ids`` to its quarantine (and, for
+def _quarantine_more(lake: Lake, day: dt.date, slice_no: int, what: str, column: str, ids: set, reason: str) -> None:
+    """Move the staged rows of slice ``slice_no`` whose ``column`` is in ``ids`` to its quarantine (and, for
     interactions, their events out of the staged feedback)."""
     schema = INTERACTION.arrow if what == "interactions" else FEEDBACK.arrow
-    staged = get_frame(lake, hour_key(CURATED, day, hour, f"validated_{what}.parquet"))
+    staged = get_frame(lake, slice_key(CURATED, day, slice_no, f"validated_{what}.parquet"))
     bad = member(staged[column], ids)
-    q = get_frame(lake, hour_key(QUARANTINE, day, hour, f"{what}.parquet"))
+    q = get_frame(lake, slice_key(QUARANTINE, day, slice_no, f"{what}.parquet"))
     moved = staged[bad].assign(quarantine_reason=reason)
-    put_frame(lake, hour_key(QUARANTINE, day, hour, f"{what}.parquet"), pd.concat([q, moved], ignore_index=True), schema)
-    put_frame(lake, hour_key(CURATED, day, hour, f"validated_{what}.parquet"), staged[~bad].reset_index(drop=True), schema)
+    put_frame(lake, slice_key(QUARANTINE, day, slice_no, f"{what}.parquet"), pd.concat([q, moved], ignore_index=True), schema)
+    put_frame(lake, slice_key(CURATED, day, slice_no, f"validated_{what}.parquet"), staged[~bad].reset_index(drop=True), schema)
     if what == "interactions":
-        fb = get_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"))
-        put_frame(lake, hour_key(CURATED, day, hour, "validated_feedback.parquet"),
+        fb = get_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"))
+        put_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"),
                   fb[~member(fb["request_id"], ids)].reset_index(drop=True), FEEDBACK.arrow)
 
 
-def gate(lake: Lake, day: dt.date, hours: list[int], *, max_bad_fraction: float = 0.05) -> dict:
-    """The quality gate over the validated ``hours`` of ``day``: ids are made unique across hours
-    (a request or event id that two hours both have is quarantined in both, as a whole-day suite
+def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float = 0.05) -> dict:
+    """The quality gate over the validated ``slices`` of ``day``: ids are made unique across slices
+    (a request or event id that two slices both have is quarantined in both, as a whole-day suite
     would), the day's bad share is added up and the result stored in
     ``quarantine/dt=D/validation.json``. Over the threshold, raise
     :class:`~vloop.curate.quality.QualityGateError` before anything reaches the curated tables, so
     nothing downstream runs on the day (and an earlier run's curated tables stay as they were).
-    Passed: each hour's staged rows become ``curated/dt=D/hour=HH/{interactions,feedback}.parquet``,
-    and the outputs of hours the day no longer has (a re-run with fewer hours) are removed."""
+    Passed: each slice's staged rows become ``curated/dt=D/slice=NNN/{interactions,feedback}.parquet``,
+    and the outputs of slices the day no longer has (a re-run with fewer slices) are removed, as
+    are those of a run from before slices (by the hour, or the whole day)."""
     from vloop.curate.quality import QualityGateError
 
     shared = {}
     for what, column, reason in (("interactions", "request_id", "request_id not unique"),
                                  ("feedback", "event_id", "event_id not unique")):
-        shared[what] = _ids_in_several_hours(lake, day, hours, f"validated_{what}.parquet", column)
+        shared[what] = _ids_in_several_slices(lake, day, slices, f"validated_{what}.parquet", column)
         for h, ids in shared[what].items():
             _quarantine_more(lake, day, h, what, column, ids, reason)
-    per_hour = [lake.get_json(hour_key(QUARANTINE, day, h, "validation.json")) for h in hours]
-    quarantined = {what: [get_frame(lake, hour_key(QUARANTINE, day, h, f"{what}.parquet"), ["quarantine_reason"])
-                          for h in hours] for what in ("interactions", "feedback")}
-    n_inter = sum(v["interactions"] for v in per_hour)
-    n_fb = sum(v["feedback"] for v in per_hour)
+    per_slice = [lake.get_json(slice_key(QUARANTINE, day, s, "validation.json")) for s in slices]
+    quarantined = {what: [get_frame(lake, slice_key(QUARANTINE, day, s, f"{what}.parquet"), ["quarantine_reason"])
+                          for s in slices] for what in ("interactions", "feedback")}
+    n_inter = sum(v["interactions"] for v in per_slice)
+    n_fb = sum(v["feedback"] for v in per_slice)
     bad_inter = sum(len(q) for q in quarantined["interactions"])
     bad_fb = sum(len(q) for q in quarantined["feedback"])
     frac_inter, frac_fb = (bad_inter / n_inter if n_inter else 0.0), (bad_fb / n_fb if n_fb else 0.0)
     summary = {
-        "day": day.isoformat(), "hours": len(hours), "interactions": n_inter, "feedback": n_fb,
+        "day": day.isoformat(), "slices": len(slices), "interactions": n_inter, "feedback": n_fb,
         "quarantined_interactions": bad_inter, "quarantined_feedback": bad_fb,
         "bad_fraction_interactions": round(frac_inter, 6), "bad_fraction_feedback": round(frac_fb, 6),
         "max_bad_fraction": max_bad_fraction,
@@ -293,9 +344,9 @@ def gate(lake: Lake, day: dt.date, hours: list[int], *, max_bad_fraction: float 
     }
     summary["passed"] = max(frac_inter, frac_fb) <= max_bad_fraction
 
-    def results(which: str, shared: dict) -> dict:  # the hours' Great Expectations results, and the day's verdict
-        return {"success": all(v[which]["success"] for v in per_hour) and not shared,
-                "hours": {f"{v['hour']:02d}": v[which] for v in per_hour}}
+    def results(which: str, shared: dict) -> dict:  # the slices' Great Expectations results, and the day's verdict
+        return {"success": all(v[which]["success"] for v in per_slice) and not shared,
+                "slices": {f"{v['slice']:03d}": v[which] for v in per_slice}}
 
     lake.put_json(key(QUARANTINE, day, "validation.json"),
                   {**summary, "interactions_result": results("interactions_result", shared["interactions"]),
@@ -304,77 +355,75 @@ def gate(lake: Lake, day: dt.date, hours: list[int], *, max_bad_fraction: float 
         raise QualityGateError(
             f"{day}: {frac_inter:.1%} of interactions and {frac_fb:.1%} of feedback events failed "
             f"validation, over the threshold of {max_bad_fraction:.1%}; the rows and reasons are in "
-            f"{partition_prefix(QUARANTINE, day)}hour=*/")
-    for h in hours:
+            f"{partition_prefix(QUARANTINE, day)}slice=*/")
+    for s in slices:
         for staged, published in PUBLISHED.items():
-            lake.put_bytes(hour_key(CURATED, day, h, published), lake.get_bytes(hour_key(CURATED, day, h, staged)),
+            lake.put_bytes(slice_key(CURATED, day, s, published), lake.get_bytes(slice_key(CURATED, day, s, staged)),
                            "application/vnd.apache.parquet")
     for dataset in (CURATED, QUARANTINE):
         prefix = partition_prefix(dataset, day)
         for k in lake.list(prefix):
-            m = re.match(r"hour=(\d\d)/", k[len(prefix):])
-            if m and int(m.group(1)) not in hours:
-                lake.delete(k)
+            m = re.match(r"(slice|hour)=(\d+)/", k[len(prefix):])
+            if m and (m.group(1) == "hour" or int(m.group(2)) not in slices):
+                lake.delete(k)  # a slice the day no longer has, or an hour of a run from before slices
             elif dataset == CURATED and not m and k[len(prefix):] in DAY_LEVEL_BEFORE_HOURS:
-                lake.delete(k)  # a run from before the pipeline went by the hour: its tables now come per hour
+                lake.delete(k)  # a run from before the pipeline was mapped: its tables now come per slice
     return summary
 
 
-# What a run from before the pipeline went by the hour left at the day level of curated/.
+# What a run from before the pipeline was mapped (by the hour, then by the slice) left at the day level of curated/.
 DAY_LEVEL_BEFORE_HOURS = {"ingested_interactions.parquet", "ingested_feedback.parquet", "interactions.parquet",
                           "feedback.parquet", "mined.parquet", "confidence.parquet", "image_quality.parquet"}
 
 
 def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dict:
-    """Every ingested hour of ``day`` through :func:`validate_hour`, then :func:`gate`."""
-    hours = day_hours(lake, day)
-    for h in hours:
-        validate_hour(lake, day, h, max_bad_fraction=max_bad_fraction)
-    return gate(lake, day, hours, max_bad_fraction=max_bad_fraction)
+    """Every ingested slice of ``day`` (the stored plan) through :func:`validate_slice`, then :func:`gate`."""
+    slices = list(range(len(_plan(lake, day))))
+    for s in slices:
+        validate_slice(lake, day, s, max_bad_fraction=max_bad_fraction)
+    return gate(lake, day, slices, max_bad_fraction=max_bad_fraction)
 
 
-def curated_hour(lake: Lake, day: dt.date, hour: int, columns: list[str] | None = None
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (get_frame(lake, hour_key(CURATED, day, hour, "interactions.parquet"), columns),
-            get_frame(lake, hour_key(CURATED, day, hour, "feedback.parquet")))
+def curated_slice(lake: Lake, day: dt.date, slice_no: int, columns: list[str] | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (get_frame(lake, slice_key(CURATED, day, slice_no, "interactions.parquet"), columns),
+            get_frame(lake, slice_key(CURATED, day, slice_no, "feedback.parquet")))
 
 
 def curated(lake: Lake, day: dt.date, columns: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The whole day's curated interactions and feedback (a reduce's view; hours concatenated)."""
+    """The whole day's curated interactions and feedback (a reduce's view; slices concatenated)."""
     return (read_table(lake, CURATED, day, "interactions.parquet", columns),
             read_table(lake, CURATED, day, "feedback.parquet"))
 
 
-def curated_hours(lake: Lake, day: dt.date) -> list[int]:
-    """The hours the gate published for ``day``."""
-    return sorted(hour_keys(lake, CURATED, day, "interactions.parquet"))
+def curated_slices(lake: Lake, day: dt.date) -> list[int]:
+    """The slices the gate published for ``day``."""
+    return sorted(part_keys(lake, CURATED, day, "interactions.parquet"))
 
 
 # -- 3. mine --------------------------------------------------------------------------------------
-def mine_hour(lake: Lake, day: dt.date, hour: int, rules=None) -> dict:
-    """Weak labels of one hour's interactions. A question asked again within the repeat window
-    may fall in the next hour: those first minutes of the following hours are read too (three
-    columns), so the hours of a day mine exactly what the whole day would."""
+def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
+    """Weak labels of one slice's interactions. A question asked again within the repeat window
+    may fall in a later slice: those slices' first minutes are read too (three columns), so the
+    slices of a day mine exactly what the whole day would."""
     from vloop.curate.mining import WEAK_LABELS, MiningRules, mine, phrasing_candidates
 
     rules = rules or MiningRules()
-    inter, fb = curated_hour(lake, day, hour, LIGHT_COLUMNS)
+    inter, fb = curated_slice(lake, day, slice_no, LIGHT_COLUMNS)
     later = []
-    end = dt.datetime.combine(day, dt.time(hour), dt.timezone.utc) + dt.timedelta(hours=1)
-    horizon = pd.Timestamp(end + dt.timedelta(seconds=rules.repeat_window_s))
-    for h in curated_hours(lake, day):
-        h_start = pd.Timestamp(dt.datetime.combine(day, dt.time(h), dt.timezone.utc))
-        if h > hour and h_start <= horizon:
-            nxt = get_frame(lake, hour_key(CURATED, day, h, "interactions.parquet"), ["session_id", "question", "ts"])
+    horizon = pd.Timestamp(slice_span(lake, day, slice_no)[1] + dt.timedelta(seconds=rules.repeat_window_s))
+    for s in curated_slices(lake, day):
+        if s > slice_no and pd.Timestamp(slice_span(lake, day, s)[0]) <= horizon:
+            nxt = get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["session_id", "question", "ts"])
             later.append(nxt[pd.to_datetime(nxt["ts"], utc=True) <= horizon])
     later = pd.concat(later, ignore_index=True) if later else None
-    # An hour without traffic (mine returns no rows) still writes mined.parquet, with its columns.
+    # A slice without traffic (mine returns no rows) still writes mined.parquet, with its columns.
     mined = mine(inter, fb, rules, later=later).merge(inter[["request_id", "category"]], on="request_id", how="left")
-    put_frame(lake, hour_key(CURATED, day, hour, "mined.parquet"), mined)
+    put_frame(lake, slice_key(CURATED, day, slice_no, "mined.parquet"), mined)
     # What the day's reduces need of it, small: category error counts, badly handled phrasings.
-    put_frame(lake, hour_key(CURATED, day, hour, "mined_counts.parquet"), mined_counts(mined))
-    put_frame(lake, hour_key(CURATED, day, hour, "phrasing_candidates.parquet"), phrasing_candidates(inter, mined))
-    return {"day": day.isoformat(), "hour": hour, "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
+    put_frame(lake, slice_key(CURATED, day, slice_no, "mined_counts.parquet"), mined_counts(mined))
+    put_frame(lake, slice_key(CURATED, day, slice_no, "phrasing_candidates.parquet"), phrasing_candidates(inter, mined))
+    return {"day": day.isoformat(), "slice": slice_no, "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
             **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
 
 
@@ -382,14 +431,14 @@ BAD_LABELS = ["negative", "weak_negative"]
 
 
 def mined_counts(mined: pd.DataFrame) -> pd.DataFrame:
-    """Per category: interactions and how many were mined as bad (additive over hours and days)."""
+    """Per category: interactions and how many were mined as bad (additive over slices and days)."""
     m = mined.dropna(subset=["category"])
     out = m.assign(bad=m["weak_label"].isin(BAD_LABELS).astype("int64")).groupby("category", as_index=False)         .agg(n=("bad", "size"), bad=("bad", "sum"))
     return out.astype({"category": "str", "n": "int64", "bad": "int64"})
 
 
 def mine_day_phrasings(lake: Lake, day: dt.date) -> dict:
-    """The reduce of the hours' phrasing candidates: ``curated/dt=D/phrasings.parquet``."""
+    """The reduce of the slices' phrasing candidates: ``curated/dt=D/phrasings.parquet``."""
     from vloop.curate.mining import PHRASING_ARROW, cluster_phrasings
 
     candidates = read_table(lake, CURATED, day, "phrasing_candidates.parquet")
@@ -400,22 +449,23 @@ def mine_day_phrasings(lake: Lake, day: dt.date) -> dict:
 
 
 def mine_feedback(lake: Lake, day: dt.date, rules=None) -> dict:
-    """Every curated hour of ``day`` through :func:`mine_hour`, then :func:`mine_day_phrasings`."""
-    summary = _summed([mine_hour(lake, day, h, rules) for h in curated_hours(lake, day)], day)
+    """Every curated slice of ``day`` through :func:`mine_slice`, then :func:`mine_day_phrasings`."""
+    summary = _summed([mine_slice(lake, day, s, rules) for s in curated_slices(lake, day)], day)
     mine_day_phrasings(lake, day)
     return summary
 
 
-def remine(lake: Lake, day: dt.date, run_time: dt.datetime, *, max_bad_fraction: float = 0.05) -> dict:
+def remine(lake: Lake, day: dt.date, run_time: dt.datetime, *, max_bad_fraction: float = 0.05,
+           slice_rows: int = DEFAULT_SLICE_ROWS) -> dict:
     """Ingest, validate and mine an already processed ``day`` again, so feedback that arrived after
-    its run counts (its selection and Label Studio tasks stay as they were). Hour after hour in
-    one task: memory stays an hour's. A day never processed is left alone; one that now fails the
+    its run counts (its selection and Label Studio tasks stay as they were). Slice after slice in
+    one task: memory stays a slice's. A day never processed is left alone; one that now fails the
     quality gate keeps its curated tables as its own run left them."""
     from vloop.curate.quality import QualityGateError
 
-    if not hour_keys(lake, CURATED, day, "mined.parquet") and not lake.exists(key(CURATED, day, "mined.parquet")):
+    if not part_keys(lake, CURATED, day, "mined.parquet") and not lake.exists(key(CURATED, day, "mined.parquet")):
         return {"day": day.isoformat(), "remined": False, "why": "never processed"}
-    ingested = ingest(lake, day, run_time)
+    ingested = ingest(lake, day, run_time, slice_rows)
     try:
         validate(lake, day, max_bad_fraction=max_bad_fraction)
     except QualityGateError as e:
@@ -424,9 +474,9 @@ def remine(lake: Lake, day: dt.date, run_time: dt.datetime, *, max_bad_fraction:
 
 
 # -- 4. confidence --------------------------------------------------------------------------------
-def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Callable[[], object] | None = None,
+def score_confidence_slice(lake: Lake, day: dt.date, slice_no: int, load_model: Callable[[], object] | None = None,
                           batch_size: int = 32, grounding: bool = True, scoring_url: str | None = None) -> dict:
-    """Confidence per interaction of one hour: as logged; else from the logged token logprobs;
+    """Confidence per interaction of one slice: as logged; else from the logged token logprobs;
     else the model re-scores the logged answer (teacher-forced, in batches). With a model
     (``load_model``) and ``grounding``, also each answer's image-text grounding
     (:mod:`vloop.curate.grounding`); without one, ``load_model`` is called only if some row needs
@@ -438,7 +488,7 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
     score and a logged reason (counted as ``unscored``), an unreachable server fails the step."""
     from vloop.vlm.model import Confidence, score_answers
 
-    inter, _ = curated_hour(lake, day, hour)
+    inter, _ = curated_slice(lake, day, slice_no)
     conf = inter["confidence"].astype("float64")
     source = pd.Series("logged", index=inter.index, dtype=object)
     source[conf.isna()] = "logprobs"
@@ -493,8 +543,8 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
         log.info("grounding of %d answers in %.1fs", len(answered), time.perf_counter() - t0)
     out = pd.DataFrame({"request_id": inter["request_id"], "confidence": conf,
                         "confidence_source": source.astype("str"), "grounding": grounded})
-    put_frame(lake, hour_key(CURATED, day, hour, "confidence.parquet"), out)  # no rows on an hour without traffic
-    return {"day": day.isoformat(), "hour": hour, "interactions": len(out),
+    put_frame(lake, slice_key(CURATED, day, slice_no, "confidence.parquet"), out)  # no rows on an empty day
+    return {"day": day.isoformat(), "slice": slice_no, "interactions": len(out),
             "grounded": int(out["grounding"].notna().sum()),
             **dict.fromkeys(("logged", "logprobs", "rescored", "missing"), 0),
             **{k: int(v) for k, v in out["confidence_source"].value_counts().items()},
@@ -502,9 +552,9 @@ def score_confidence_hour(lake: Lake, day: dt.date, hour: int, load_model: Calla
 
 
 def base_model_loader(name_or_path: str | None) -> Callable[[], object] | None:
-    """The ``load_model`` argument of :func:`score_confidence_hour` for the base model
+    """The ``load_model`` argument of :func:`score_confidence_slice` for the base model
     ``VLOOP_BASE_MODEL`` (None without one): the model is loaded once per process, so a worker
-    that runs several hour tasks (``dag.test()``, a warm worker) pays the load once, not per hour.
+    that runs several slice tasks (``dag.test()``, a warm worker) pays the load once, not per slice.
     A model directory replaced on disk (its config's mtime changes) is loaded again."""
     if not name_or_path:
         return None
@@ -524,11 +574,11 @@ def _load_model_once(name_or_path: str, stamp) -> object:
 
 def score_confidence(lake: Lake, day: dt.date, load_model: Callable[[], object] | None = None,
                      batch_size: int = 32, grounding: bool = True, scoring_url: str | None = None) -> dict:
-    """Every curated hour of ``day`` through :func:`score_confidence_hour`, the model (when one is
+    """Every curated slice of ``day`` through :func:`score_confidence_slice`, the model (when one is
     needed) loaded once for them all."""
     loader = functools.cache(load_model) if load_model is not None else None
-    return _summed([score_confidence_hour(lake, day, h, loader, batch_size, grounding, scoring_url)
-                    for h in curated_hours(lake, day)], day)
+    return _summed([score_confidence_slice(lake, day, s, loader, batch_size, grounding, scoring_url)
+                    for s in curated_slices(lake, day)], day)
 
 
 # -- 5. image quality -----------------------------------------------------------------------------
@@ -537,23 +587,24 @@ IMAGE_QUALITY_TYPES = {"image_key": "str", "poor": "bool", "flags": "str", "shar
                        "niqe": "float64"}
 
 
-def image_slot(image_key: str, hours: list[int]) -> int:
-    """The hour slot whose task checks ``image_key``: a stable hash, so each of the day's images is
-    checked once however many hours it was asked about in."""
-    return hours[zlib.crc32(image_key.encode()) % len(hours)]
+def image_slot(image_key: str, slices: list[int]) -> int:
+    """The slice slot whose task checks ``image_key``: a stable hash, so each of the day's images is
+    checked once however many slices it was asked about in."""
+    return slices[zlib.crc32(image_key.encode()) % len(slices)]
 
 
-def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> dict:
-    """Image quality of the day's images whose key hashes to ``hour``'s slot (:func:`image_slot`):
-    the hours' image keys are read one hour at a time (one column), and each image once."""
+def check_images_slot(lake: Lake, day: dt.date, slice_no: int, thresholds=None) -> dict:
+    """Image quality of the day's images whose key hashes to slice ``slice_no``'s slot
+    (:func:`image_slot`): the slices' image keys are read one slice at a time (one column), and
+    each image once."""
     from vloop.curate.imagequality import QualityThresholds
 
     thresholds = thresholds or QualityThresholds()
-    hours = curated_hours(lake, day) or [hour]
+    slices = curated_slices(lake, day) or [slice_no]
     mine: set[str] = set()
-    for h in hours:
-        keys = get_frame(lake, hour_key(CURATED, day, h, "interactions.parquet"), ["image_key"])["image_key"]
-        mine.update(k for k in keys.dropna().unique() if image_slot(k, hours) == hour)
+    for s in slices:
+        keys = get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["image_key"])["image_key"]
+        mine.update(k for k in keys.dropna().unique() if image_slot(k, slices) == slice_no)
     rows = []
     t0 = time.perf_counter()
     for i, k in enumerate(sorted(mine), 1):
@@ -564,8 +615,8 @@ def check_images_slot(lake: Lake, day: dt.date, hour: int, thresholds=None) -> d
     out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
     if not len(out):  # no images: the same typed columns
         out = out.astype(IMAGE_QUALITY_TYPES)
-    put_frame(lake, hour_key(CURATED, day, hour, "image_quality.parquet"), out)
-    return {"day": day.isoformat(), "hour": hour, "images": len(out), "poor": int(out["poor"].sum())}
+    put_frame(lake, slice_key(CURATED, day, slice_no, "image_quality.parquet"), out)
+    return {"day": day.isoformat(), "slice": slice_no, "images": len(out), "poor": int(out["poor"].sum())}
 
 
 def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) -> dict:
@@ -599,8 +650,8 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) 
 
 
 def check_images(lake: Lake, day: dt.date, thresholds=None) -> dict:
-    """Every hour slot of ``day`` through :func:`check_images_slot`."""
-    return _summed([check_images_slot(lake, day, h, thresholds) for h in curated_hours(lake, day)], day)
+    """Every slice slot of ``day`` through :func:`check_images_slot`."""
+    return _summed([check_images_slot(lake, day, s, thresholds) for s in curated_slices(lake, day)], day)
 
 
 # -- 6. select ------------------------------------------------------------------------------------
@@ -613,7 +664,7 @@ def labelled_request_ids(lake: Lake, exclude: dt.date | None = None) -> set[str]
 
 def category_error_rates(lake: Lake, day: dt.date) -> dict[str, float]:
     """Share of interactions mined as bad per category over ``day`` and the HISTORY_DAYS before it,
-    from the hours' ``mined_counts`` (or the whole ``mined.parquet`` of a day processed before)."""
+    from the slices' ``mined_counts`` (or the whole ``mined.parquet`` of a day processed before)."""
     counts = []
     for d in _days_back(day, HISTORY_DAYS):
         try:
@@ -631,9 +682,9 @@ def category_error_rates(lake: Lake, day: dt.date) -> dict[str, float]:
 
 
 def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
-    """The reduce that picks the day's items under one budget. It reads the day an hour at a time
+    """The reduce that picks the day's items under one budget. It reads the day a slice at a time
     and keeps what the day's selection can still need (the best priority rows so far and the audit
-    pool, :class:`vloop.curate.selection.SelectionPart`): each hour's contribution can only lose to
+    pool, :class:`vloop.curate.selection.SelectionPart`): each slice's contribution can only lose to
     better rows, so the result is the whole day's selection."""
     from vloop.privacy import excluded_users
     from vloop.curate.selection import SelectionConfig, finish_selection, merge_parts, select_part
@@ -643,14 +694,15 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     poor_images = set(poor.loc[poor["poor"], "image_key"])
     opted_out, already = excluded_users(lake), labelled_request_ids(lake, exclude=day)
     err = category_error_rates(lake, day)
-    hours = curated_hours(lake, day)
-    if not hours:
-        raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}hour=*/interactions.parquet (did the gate pass?)")
+    slices = part_keys(lake, CURATED, day, "interactions.parquet")
+    if not slices:
+        raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}slice=*/interactions.parquet (did the gate pass?)")
     best, candidates = None, 0
-    for h in hours:
-        inter, _ = curated_hour(lake, day, h, LIGHT_COLUMNS)
-        mined = get_frame(lake, hour_key(CURATED, day, h, "mined.parquet"))
-        conf = get_frame(lake, hour_key(CURATED, day, h, "confidence.parquet"))
+    for _, k in sorted(slices.items()):
+        folder = k.rsplit("/", 1)[0] + "/"  # the slice's (on a day from before slices, the hour's)
+        inter = get_frame(lake, k, LIGHT_COLUMNS)
+        mined = get_frame(lake, folder + "mined.parquet")
+        conf = get_frame(lake, folder + "confidence.parquet")
         cands = inter.drop(columns=["confidence"]).merge(
             conf[[c for c in ("request_id", "confidence", "grounding") if c in conf.columns]], on="request_id")
         candidates += len(cands)
@@ -757,7 +809,7 @@ def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
     column counts as no app. Empty when no request of the day named an app."""
     from vloop.store.lake import LakeError
 
-    parts = hour_keys(lake, CURATED, day, "interactions.parquet")
+    parts = part_keys(lake, CURATED, day, "interactions.parquet")
     frames = []
     for k in [parts[h] for h in sorted(parts)] or [key(CURATED, day, "interactions.parquet")]:
         try:

@@ -66,9 +66,39 @@ def ingest_day(lake: Lake, day: dt.date, run_time: dt.datetime) -> DayBatch:
     return DayBatch(inter, fb, d1 + d2)
 
 
-# -- one hour ---------------------------------------------------------------------------------------
+# -- one slice -------------------------------------------------------------------------------------
+# The daily pipeline's mapped unit is a slice of at most `slice_rows` interactions, cut from the
+# day's raw hour partitions: consecutive quiet hours share a slice, a busy hour is split at
+# quantiles of its timestamps. A slice is a list of pieces; every row of the day lies in exactly
+# one piece, so the slices of a day together ingest what the whole day would.
 HOUR_FILE = re.compile(r"/hour=(\d\d)/[^/]+$")
 FEEDBACK_BATCH_ROWS = 65_536  # feedback is scanned a record batch at a time, never a whole file decoded
+INTERACTION_BATCH_ROWS = 32_768  # likewise a busy hour's interactions, when a slice takes part of it
+NO_TS = np.iinfo(np.int64).min  # a row without a timestamp sorts first: it falls in its hour's first piece
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The rows of raw hour ``hour`` whose ``ts`` (epoch microseconds, UTC) lies in [lo, hi);
+    None is open. An hour's pieces cover all its rows: the first is open below, the last above."""
+
+    hour: int
+    lo: int | None = None
+    hi: int | None = None
+
+    def to_json(self) -> list:
+        return [self.hour, self.lo, self.hi]
+
+    @classmethod
+    def from_json(cls, v) -> "Piece":
+        return cls(int(v[0]), v[1], v[2])
+
+    def span(self, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+        """When the piece's rows happened: its bounds, or its hour's where it is open."""
+        start = dt.datetime.combine(day, dt.time(self.hour), dt.timezone.utc)
+        as_time = lambda us: dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc)  # noqa: E731
+        return (as_time(self.lo) if self.lo is not None else start,
+                as_time(self.hi) if self.hi is not None else start + dt.timedelta(hours=1))
 
 
 def _hour_of(key: str) -> int | None:
@@ -76,31 +106,102 @@ def _hour_of(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _ts_us(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as int64 epoch microseconds, a missing one as NO_TS."""
+    us = pc.cast(pc.cast(ts, pa.timestamp("us", tz="UTC")), pa.int64())
+    return pc.fill_null(us, NO_TS).to_numpy(zero_copy_only=False)
+
+
+def _day_level_hours(ts) -> np.ndarray:
+    """The hour of each row of a day-level file (not the shippers' layout); 0 without a timestamp."""
+    return pc.fill_null(pc.hour(ts), 0).to_numpy(zero_copy_only=False)
+
+
+def _raw_files(lake: Lake, day: dt.date) -> dict[int | None, list[str]]:
+    """The day's raw interaction files by hour partition (None: day-level files)."""
+    out: dict[int | None, list[str]] = {}
+    for k in lake.partition_keys(INTERACTIONS, day, day):
+        out.setdefault(_hour_of(k), []).append(k)
+    return out
+
+
+def _hour_batches(lake: Lake, day: dt.date, hour: int, files: dict, columns: list[str] | None = None):
+    """Record batches of raw hour ``hour`` (its partition's files, and that hour's rows of day-level
+    files), a few tens of thousands of rows at a time, conformed to the interaction schema."""
+    target = INTERACTION.arrow if columns is None else pa.schema([INTERACTION.arrow.field(c) for c in columns])
+    for k in files.get(hour, []) + files.get(None, []):
+        pf = pq.ParquetFile(pa.BufferReader(lake.get_bytes(k)))
+        for batch in pf.iter_batches(batch_size=INTERACTION_BATCH_ROWS, columns=columns):
+            t = conform(pa.Table.from_batches([batch]), target)  # old files lack newer optional columns
+            if _hour_of(k) is None:
+                t = t.filter(pa.array(_day_level_hours(t.column("ts")) == hour))
+            yield t
+
+
 def raw_hours(lake: Lake, day: dt.date) -> list[int]:
     """The hours of ``day`` with interactions in the lake (``hour=HH`` partitions, and the hours
     of any day-level file's rows), sorted."""
-    keys = lake.partition_keys(INTERACTIONS, day, day)
-    hours = {h for h in map(_hour_of, keys) if h is not None}
-    for k in keys:
-        if _hour_of(k) is None:  # not the shippers' layout, but readable: its rows' own hours
-            ts = lake.read_parquet(k, columns=["ts"]).column("ts")
-            hours |= set(pc.unique(pc.hour(ts)).to_pylist())
+    files = _raw_files(lake, day)
+    hours = {h for h in files if h is not None}
+    for k in files.get(None, []):  # not the shippers' layout, but readable: its rows' own hours
+        hours |= set(_day_level_hours(lake.read_parquet(k, columns=["ts"]).column("ts")).tolist())
     return sorted(hours)
 
 
-def _hour_interactions(lake: Lake, day: dt.date, hour: int) -> pa.Table:
-    """Interactions of one hour: its ``hour=HH`` partition plus that hour's rows of day-level files."""
-    tables = []
-    for k in lake.partition_keys(INTERACTIONS, day, day):
-        h = _hour_of(k)
-        if h == hour:
-            tables.append(lake.read_parquet(k))
-        elif h is None:
-            t = lake.read_parquet(k)
-            tables.append(t.filter(pc.equal(pc.hour(t.column("ts")), hour)))
-    target = INTERACTION.arrow
-    tables = [conform(t, target) for t in tables]  # old files lack newer optional columns
-    return pa.concat_tables(tables) if tables else target.empty_table()
+def plan_slices(lake: Lake, day: dt.date, slice_rows: int) -> list[tuple[list[Piece], int]]:
+    """Cut ``day``'s interactions into slices of at most ``slice_rows`` rows: (pieces, rows) each.
+    The day's rows are taken in order (hour partition, then timestamp) and cut every
+    ``slice_rows`` rows, so quiet hours share a slice and a busy hour is split; a cut never
+    separates rows with the same timestamp (a slice can exceed the size by such ties). Only the
+    ``ts`` column is read, an hour at a time. A day without interactions is one empty slice, so
+    every step runs on empty tables."""
+    if slice_rows < 1:
+        raise ValueError(f"slice_rows must be at least 1, got {slice_rows}")
+    files = _raw_files(lake, day)
+    slices: list[tuple[list[Piece], int]] = []
+    current: list[Piece] = []
+    rows = 0
+    for hour in raw_hours(lake, day):
+        ts = [_ts_us(b.column("ts")) for b in _hour_batches(lake, day, hour, files, columns=["ts"])]
+        ts = np.sort(np.concatenate(ts)) if ts else np.zeros(0, np.int64)
+        start, lo = 0, None  # the hour's rows before `start` are in earlier slices; they end at `lo`
+        while len(ts) - start > slice_rows - rows:
+            cut = int(np.searchsorted(ts, ts[start + slice_rows - rows], side="left"))  # before the ties
+            if cut == start:  # the slice's room is all one instant
+                if rows:
+                    slices.append((current, rows))
+                    current, rows = [], 0
+                    continue
+                cut = int(np.searchsorted(ts, ts[start], side="right"))  # a slice of the ties alone
+                if cut == len(ts):
+                    break
+            current.append(Piece(hour, lo, int(ts[cut])))
+            slices.append((current, rows + cut - start))
+            current, rows, start, lo = [], 0, cut, int(ts[cut])
+        current.append(Piece(hour, lo, None))
+        rows += len(ts) - start
+    if current or not slices:
+        slices.append((current, rows))
+    return slices
+
+
+def slice_interactions(lake: Lake, day: dt.date, pieces: list[Piece]) -> pa.Table:
+    """The interactions of one slice, read a record batch at a time (memory follows the slice,
+    not the hours it is cut from)."""
+    files, tables = _raw_files(lake, day), []
+    for p in pieces:
+        for t in _hour_batches(lake, day, p.hour, files):
+            if p.lo is not None or p.hi is not None:
+                ts = _ts_us(t.column("ts"))
+                keep = np.ones(len(ts), dtype=bool)
+                if p.lo is not None:
+                    keep &= ts >= p.lo
+                if p.hi is not None:
+                    keep &= ts < p.hi
+                t = t.filter(pa.array(keep))
+            if t.num_rows:
+                tables.append(t)
+    return pa.concat_tables(tables) if tables else INTERACTION.arrow.empty_table()
 
 
 def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids: pa.Array) -> pa.Table:
@@ -124,11 +225,11 @@ def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids
     return pa.concat_tables(found) if found else target.empty_table()
 
 
-def ingest_hour(lake: Lake, day: dt.date, hour: int, run_time: dt.datetime) -> DayBatch:
-    """:func:`ingest_day` for one hour of ``day``: its interactions and every feedback event about
-    them up to ``run_time``. Exact duplicates share their timestamp, so they share the hour: the
-    hours of a day together drop exactly what the whole day would."""
-    inter = _hour_interactions(lake, day, hour)
+def ingest_slice(lake: Lake, day: dt.date, pieces: list[Piece], run_time: dt.datetime) -> DayBatch:
+    """:func:`ingest_day` for one slice of ``day`` (:func:`plan_slices`): its interactions and every
+    feedback event about them up to ``run_time``. Exact duplicates share their timestamp, so they
+    share the slice: the slices of a day together drop exactly what the whole day would."""
+    inter = slice_interactions(lake, day, pieces)
     fb = _feedback_about(lake, day, run_time, pc.unique(inter.column("request_id").drop_null()))
     inter, d1 = _dedupe(inter.to_pandas(), "request_id")
     fb, d2 = _dedupe(fb.to_pandas().reset_index(drop=True), "event_id", ignore=RETRY_VARIES)

@@ -282,17 +282,17 @@ class Run:
                                "rating": None})
             truth[r.request_id] = (r.sample.answer, a.answer, _right(a.answer, r.sample.answer))
         inter, fb = INTERACTION.to_table(rows), FEEDBACK.to_table(events)
-        lake.write_parquet(daily.hour_key(daily.CURATED, d, 0, "interactions.parquet"), inter)
-        lake.write_parquet(daily.hour_key(daily.CURATED, d, 0, "feedback.parquet"), fb)
+        lake.write_parquet(daily.slice_key(daily.CURATED, d, 0, "interactions.parquet"), inter)
+        lake.write_parquet(daily.slice_key(daily.CURATED, d, 0, "feedback.parquet"), fb)
         inter_df, fb_df = inter.to_pandas(), fb.to_pandas()
         mined = mine(inter_df, fb_df)
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, d, 0, "mined.parquet"), mined)
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, d, 0, "mined_counts.parquet"),
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, d, 0, "mined.parquet"), mined)
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, d, 0, "mined_counts.parquet"),
                         daily.mined_counts(mined.merge(inter_df[["request_id", "category"]], on="request_id")))
         conf = pd.DataFrame({"request_id": inter_df["request_id"], "confidence": ans["confidence"].to_numpy(),
                              "grounding": ans["grounding"].to_numpy()})
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, d, 0, "confidence.parquet"), conf)
-        daily.put_frame(lake, daily.hour_key(daily.CURATED, d, 0, "image_quality.parquet"),
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, d, 0, "confidence.parquet"), conf)
+        daily.put_frame(lake, daily.slice_key(daily.CURATED, d, 0, "image_quality.parquet"),
                         pd.DataFrame({"image_key": sorted({k.key for k in keys.values()}), "poor": False}))
         chosen = self.pick(d, inter_df.drop(columns=["confidence"]).merge(conf, on="request_id"), mined)
         self.annotate(d, chosen, truth, day)

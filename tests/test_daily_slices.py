@@ -1,6 +1,7 @@
-"""feedback_daily by the hour: a day split into hour partitions gives the figures the whole day
-gives (quarantine, weak labels, phrasings, selection under one budget, report metrics), and the
-mapped DAG runs under `dag.test()` on a day with traffic in a few hours and on an empty day."""
+"""feedback_daily by the slice: a day cut into slices of rows (busy hours split, quiet ones
+packed together) gives the figures the whole day gives (quarantine, weak labels, phrasings,
+selection under one budget, report metrics); the plan loses no row; and the mapped DAG runs under
+`dag.test()` on a day cut into a few slices and on an empty day."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 from tests.conftest import load_dag
 from vloop.curate import daily
@@ -29,7 +31,12 @@ def _add_interactions(lake, rows: list[dict], name: str) -> None:
         lake.write_parquet(partition_prefix(INTERACTIONS_DATASET, D, hour) + name, part)
 
 
-def test_hours_give_the_whole_day_figures(local_lake):
+def _slice_of(lake, request_id: str) -> set[int]:
+    return {s for s, k in daily.part_keys(lake, "curated", D, "interactions.parquet").items()
+            if request_id in set(daily.get_frame(lake, k, ["request_id"])["request_id"])}
+
+
+def test_slices_give_the_whole_day_figures(local_lake):
     from vloop.curate.ingest import ingest_day
     from vloop.curate.mining import mine, mine_phrasings
     from vloop.privacy import excluded_users
@@ -40,27 +47,37 @@ def test_hours_give_the_whole_day_figures(local_lake):
     lake = local_lake
     simulated_day(lake, D, 1500, seed=11, pool=60, corrupt=5)
     raw = lake.read_partitions(INTERACTIONS_DATASET, D, D).to_pylist()
-    # Across an hour boundary: the same question again in the same session 20 s later (mined
-    # "repeated" only if the hour looks past its end), and one request id in two hours with
-    # different answers (quarantined in both only if the gate compares hours).
-    first, second = dict(raw[10]), dict(raw[11])
-    first.update(request_id="cross-1", session_id="s-cross", ts=dt.datetime(2026, 9, 14, 10, 59, 50, tzinfo=dt.timezone.utc))
-    second.update(request_id="cross-2", session_id="s-cross", question=first["question"],
-                  ts=dt.datetime(2026, 9, 14, 11, 0, 10, tzinfo=dt.timezone.utc))
+    # Across a slice boundary: the same question again in the same session 20 s later (mined
+    # "repeated" only if the slice looks past its end), and one request id in two slices with
+    # different answers (quarantined in both only if the gate compares slices).
     twin_a, twin_b = dict(raw[20]), dict(raw[21])
     twin_a.update(request_id="twin", ts=dt.datetime(2026, 9, 14, 5, 0, tzinfo=dt.timezone.utc))
     twin_b.update(request_id="twin", ts=dt.datetime(2026, 9, 14, 17, 0, tzinfo=dt.timezone.utc), answer="other")
+    # The first question is the last row of slice 14 (slices of 45 rows, cut in time order).
+    order = sorted([r["ts"] for r in raw] + [twin_a["ts"], twin_b["ts"]])
+    before, after = order[15 * 45 - 2], order[15 * 45 - 1]
+    assert before < after
+    first, second = dict(raw[10]), dict(raw[11])
+    first.update(request_id="cross-1", session_id="s-cross", ts=before + (after - before) / 2)
+    second.update(request_id="cross-2", session_id="s-cross", question=first["question"],
+                  ts=first["ts"] + dt.timedelta(seconds=20))
     _add_interactions(lake, [first, second, twin_a, twin_b], "extra.parquet")
 
     cfg = SelectionConfig(budget=25)
-    daily.ingest(lake, D, RUN_TIME)
+    daily.ingest(lake, D, RUN_TIME, slice_rows=45)
     gate = daily.validate(lake, D)
     daily.mine_feedback(lake, D)
     daily.score_confidence(lake, D)
     images = daily.check_images(lake, D)
     chosen = daily.select_for_labelling(lake, D, cfg)
     report = daily.report(lake, D)
-    assert gate["hours"] == 24
+    plan = lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["slices"]
+    hours_of = [{p[0] for p in s["pieces"]} for s in plan]
+    assert gate["slices"] == len(plan) > 24 and max(s["rows"] for s in plan) <= 45
+    assert sum(s["rows"] for s in plan) == len(raw) + 4
+    assert any(len(h) > 1 for h in hours_of), "no quiet hours packed into one slice"
+    assert any(sum(h in s for s in hours_of) > 1 for h in range(24)), "no busy hour split"
+    assert _slice_of(lake, "cross-1") == {14} and _slice_of(lake, "cross-2") == {15}  # the repeat crosses slices
 
     # The whole day, at once, through the same library functions.
     start = dt.datetime.combine(D, dt.time(), dt.timezone.utc)
@@ -90,7 +107,7 @@ def test_hours_give_the_whole_day_figures(local_lake):
 
     iq = daily.read_table(lake, "curated", D, "image_quality.parquet")
     assert not iq["image_key"].duplicated().any() and set(iq["image_key"]) == set(inter["image_key"])
-    assert images["images"] == inter["image_key"].nunique() == 60  # each photo once, however many hours
+    assert images["images"] == inter["image_key"].nunique() == 60  # each photo once, however many slices
 
     # One budget over the day: the same rows, in the same order, as selecting from the whole day.
     conf = daily.read_table(lake, "curated", D, "confidence.parquet")
@@ -111,29 +128,66 @@ def test_hours_give_the_whole_day_figures(local_lake):
                                   check_dtype=False)
     assert report["interactions"] == len(vi.good) and report["quarantined"] == 7
 
-    # Re-running the day with fewer hours leaves no output of the hours it lost.
+    # Re-running the day with fewer rows leaves no output of the slices it lost.
     table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
     lake.write_hourly(INTERACTIONS_DATASET, table.filter(pc.less(pc.hour(table.column("ts")), 12)), D)
-    daily.ingest(lake, D, RUN_TIME)
+    kept = daily.ingest(lake, D, RUN_TIME, slice_rows=45)["slices"]
     daily.validate(lake, D)
-    assert daily.curated_hours(lake, D) == list(range(12))
-    assert not [k for k in lake.list(partition_prefix("curated", D)) if "/hour=12/" in k or "/hour=23/" in k]
+    assert kept < len(plan) and daily.curated_slices(lake, D) == list(range(kept))
+    left = {k.split("/")[2] for k in lake.list(partition_prefix("curated", D)) if "/slice=" in k}
+    assert left == {f"slice={s:03d}" for s in range(kept)}
 
 
-def test_mapped_dag_on_a_few_hours_and_on_an_empty_day(airflow_db, local_lake, monkeypatch):
+def test_the_plan_loses_no_row_and_keeps_ties_together(local_lake):
+    """Every row of the day lands in exactly one slice: rows of several files of an hour, rows of
+    a day-level file, rows sharing the timestamp a busy hour is cut at. A quiet day is one slice."""
+    from vloop.curate.ingest import plan_slices, slice_interactions
+
+    lake = local_lake
+    simulated_day(lake, D, 300, seed=3, pool=20)
+    table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
+    assert daily.plan(lake, D) == [0]  # the default slice size: a quiet day is one slice
+    # A busy hour 08 (120 rows, 40 of them at one instant) and a file of the old day-level layout.
+    rows = table.slice(0, 120).to_pylist()
+    at = dt.datetime(2026, 9, 14, 8, 30, tzinfo=dt.timezone.utc)
+    for i, r in enumerate(rows):
+        r.update(request_id=f"busy-{i}", ts=at if i < 40 else at + dt.timedelta(seconds=i - 60))
+    _add_interactions(lake, rows[:60], "busy-1.parquet")  # two segment files, as two shipper flushes
+    _add_interactions(lake, rows[60:], "busy-2.parquet")
+    legacy = table.slice(120, 10).to_pylist()
+    for i, r in enumerate(legacy):
+        r["request_id"] = f"legacy-{i}"
+    lake.write_parquet(partition_prefix(INTERACTIONS_DATASET, D) + "day.parquet",
+                       pa.Table.from_pylist(legacy, schema=INTERACTION.arrow))
+    every = table.num_rows + 120 + 10
+    slices = plan_slices(lake, D, 25)
+    seen = [r for pieces, _ in slices for r in slice_interactions(lake, D, pieces).column("request_id").to_pylist()]
+    assert len(seen) == every == sum(n for _, n in slices) and len(set(seen)) == len(set(table.column("request_id").to_pylist())) + 130
+    at_tie = [i for i, (pieces, _) in enumerate(slices)
+              if "busy-0" in slice_interactions(lake, D, pieces).column("request_id").to_pylist()]
+    tied = slice_interactions(lake, D, slices[at_tie[0]][0]).column("request_id").to_pylist()
+    assert {f"busy-{i}" for i in range(40)} <= set(tied)  # the 40 rows of one instant stay together
+    assert sum(any(p.hour == 8 for p in pieces) for pieces, _ in slices) >= 3  # the busy hour is split
+    with pytest.raises(ValueError, match="slice_rows"):
+        plan_slices(lake, D, 0)
+
+
+def test_mapped_dag_on_a_few_slices_and_on_an_empty_day(airflow_db, local_lake, monkeypatch):
     lake = local_lake
     monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",
                                                               "extra": {"lake_url": lake.root.as_uri()}}))
     monkeypatch.delenv("AIRFLOW_CONN_VLOOP_LABEL_STUDIO", raising=False)
     monkeypatch.setenv("AIRFLOW_VAR_VLOOP_LATE_DATA_GRACE_MINUTES", "0")  # the days are long over
     monkeypatch.setenv("AIRFLOW_VAR_VLOOP_LABEL_BUDGET", "10")
+    monkeypatch.setenv("AIRFLOW_VAR_VLOOP_SLICE_ROWS", "40")
     dag = load_dag("feedback_daily")
 
     def run(day):
         dr = dag.test(logical_date=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc))
         return dr.state, dr.get_task_instances()
 
-    # Traffic in three hours only: three mapped instances of each hour step, named by their hour.
+    # Traffic in three hours only, 30 rows each: slices of 40, 40 and 10 rows, three mapped
+    # instances of each slice step.
     simulated_day(lake, D, 90, seed=2, pool=12)
     table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
     start = pd.Timestamp(dt.datetime.combine(D, dt.time(), dt.timezone.utc))
@@ -145,17 +199,18 @@ def test_mapped_dag_on_a_few_hours_and_on_an_empty_day(airflow_db, local_lake, m
     for ti in tis:
         by_task.setdefault(ti.task_id, []).append(ti)
     assert state == "success", {ti.task_id: ti.state for ti in tis}
-    for step in ("ingest", "validate_hour", "mine", "confidence", "image_quality"):
+    for step in ("ingest", "validate_slice", "mine", "confidence", "image_quality"):
         assert sorted(ti.map_index for ti in by_task[step]) == [0, 1, 2], step
         assert {ti.state for ti in by_task[step]} == {"success"}, step
-    assert sorted(ti.rendered_map_index for ti in by_task["ingest"]) == ["hour=02", "hour=09", "hour=17"]
+    assert sorted(ti.rendered_map_index for ti in by_task["ingest"]) == ["slice=000", "slice=001", "slice=002"]
     assert {ti.task_id: ti.state for ti in tis if ti.task_id in ("push", "pull")} == {"push": "skipped", "pull": "skipped"}
-    assert daily.curated_hours(lake, D) == [2, 9, 17]
+    plan = lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["slices"]
+    assert [([p[0] for p in s["pieces"]], s["rows"]) for s in plan] == [([2, 9], 40), ([9, 17], 40), ([17], 10)]
     assert len(daily.read_table(lake, "curated", D, "interactions.parquet")) == 90
     assert 0 < len(daily.read_table(lake, "labeling", D, "selected.parquet")) <= 10  # one budget for the day
     assert lake.exists(daily.key("reports", D, "index.html"))
 
-    # A day without traffic: one empty hour, every task succeeds, the report says so.
+    # A day without traffic: one empty slice, every task succeeds, the report says so.
     empty = D + dt.timedelta(days=3)
     state, tis = run(empty)
     assert state == "success" and {ti.state for ti in tis} == {"success", "skipped"}
@@ -182,7 +237,7 @@ def test_image_check_shows_photos_as_seen_and_flags_one_no_decoder_reads(local_l
     turned = local_lake.put_image(buf.getvalue()).key
     broken = "raw/images/00/" + "0" * 64 + ".jpg"
     local_lake.put_bytes(broken, b"\xff\xd8\xff\xe0 not really a photo")
-    daily.put_frame(local_lake, daily.hour_key(daily.CURATED, day, 5, "interactions.parquet"),
+    daily.put_frame(local_lake, daily.slice_key(daily.CURATED, day, 5, "interactions.parquet"),
                     pd.DataFrame({"request_id": ["a", "b"], "image_key": [turned, broken]}))
     summary = daily.check_images(local_lake, day)
     iq = daily.read_table(local_lake, daily.CURATED, day, "image_quality.parquet").set_index("image_key")
