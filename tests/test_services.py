@@ -50,7 +50,7 @@ def test_start_waits_for_health_and_records_the_pid(web, tmp_path):
     web.start(health_url=web.url, timeout=30)
     assert http_ok(web.url)  # start() returned only once it answered
     pid_file = tmp_path / "home" / "run" / "web.pid"
-    assert int(pid_file.read_text()) == web.proc.pid == web.pid
+    assert int(pid_file.read_text().split()[0]) == web.proc.pid == web.pid
     assert os.getpgid(web.proc.pid) == web.proc.pid  # its own process group
     assert os.getpgid(web.proc.pid) != os.getpgrp()
     assert (tmp_path / "home" / "log" / "web.log").exists()
@@ -60,7 +60,7 @@ def test_start_waits_for_health_and_records_the_pid(web, tmp_path):
     with pytest.raises(AlreadyRunning, match=str(web.proc.pid)):
         again.start(timeout=5)
     assert again.proc is None and http_ok(web.url)
-    assert int(pid_file.read_text()) == web.proc.pid
+    assert int(pid_file.read_text().split()[0]) == web.proc.pid
 
     assert web.stop(grace=5) is True
     assert gone(web.proc.pid) and not pid_file.exists() and not http_ok(web.url)
@@ -73,7 +73,37 @@ def test_a_stale_pid_file_does_not_block_a_start(web, tmp_path):
     pid_file.parent.mkdir(parents=True)
     pid_file.write_text(f"{dead.pid}\n")
     web.start(health_url=web.url, timeout=30)
-    assert int(pid_file.read_text()) == web.proc.pid != dead.pid
+    assert int(pid_file.read_text().split()[0]) == web.proc.pid != dead.pid
+
+
+def test_a_pid_file_naming_another_process_now_is_stale(web, tmp_path):
+    """After a reboot the PID in a PID file may be some unrelated process: its start time differs
+    from the recorded one, so it is neither signalled nor taken for the service."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pid_file = tmp_path / "home" / "run" / "web.pid"
+        pid_file.parent.mkdir(parents=True)
+        pid_file.write_text(f"{other.pid} 1\n")  # its PID, but a start time from another boot
+        assert web.pid is None and web.stop(grace=1) is False
+        assert not gone(other.pid)  # not signalled
+        web.start(health_url=web.url, timeout=30)
+        ticks = Path(f"/proc/{web.proc.pid}/stat").read_text().rpartition(")")[2].split()[19]  # field 22
+        assert pid_file.read_text().split() == [str(web.proc.pid), ticks]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_port_already_answering_fails_the_start_instead_of_passing_its_check(web, tmp_path):
+    """An earlier instance left on the port (or another program) would answer the new one's health
+    check: the start is refused with a clear error, and nothing is left running."""
+    web.start(health_url=web.url, timeout=30)
+    port = web.url.rsplit(":", 1)[1].strip("/")
+    second = Service.under_home("web-copy", http_server(int(port)), tmp_path / "home2")
+    with pytest.raises(ServiceError, match="already answers at"):
+        second.start(health_url=web.url, timeout=10)
+    assert second.proc is None and not (tmp_path / "home2" / "run" / "web-copy.pid").exists()
+    assert http_ok(web.url)
 
 
 def test_stop_by_pid_file_ends_the_whole_group_even_a_child_ignoring_sigint(tmp_path):
@@ -157,7 +187,7 @@ def test_the_command_line_round_trip(tmp_path):
         r = services_cli(*start)
         assert r.returncode == 0, r.stderr
         pid = int(r.stdout)
-        assert http_ok(url) and int((home / "run" / "web.pid").read_text()) == pid
+        assert http_ok(url) and int((home / "run" / "web.pid").read_text().split()[0]) == pid
 
         r = services_cli("status", "web", "--home", str(home))
         assert r.returncode == 0 and f"pid {pid}" in r.stdout

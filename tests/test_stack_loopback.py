@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def stack_processes(run_dir: Path) -> list[psutil.Process]:
     """Every process in the process groups bin/stack started (setsid: pid = pgid)."""
-    groups = {int(p.read_text()) for p in run_dir.glob("*.pid")}
+    groups = {int(p.read_text().split()[0]) for p in run_dir.glob("*.pid")}
     out = []
     for p in psutil.process_iter():
         try:

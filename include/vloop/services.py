@@ -84,6 +84,16 @@ def pid_alive(pid: int) -> bool:
     return _state(pid) != "Z"
 
 
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    when it does not exist or there is no /proc. With the PID it names one process for good: after
+    a reboot or a wrap-around the same PID is another process, with another start time."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any process of process group ``pgid`` still runs (zombies do not count)."""
     try:
@@ -197,11 +207,17 @@ class Service:
         return pid if pid is not None and pid_alive(pid) else None
 
     def recorded_pid(self) -> int | None:
-        """The PID in the PID file, alive or not; None without a readable one."""
+        """The PID in the PID file, alive or not; None without a readable one, and None when that
+        PID is now another process (its start time is not the recorded one: the file outlived a
+        reboot), so nothing unrelated is ever signalled."""
         try:
-            return int(self.pid_file.read_text().strip()) if self.pid_file else None
+            pid, *started = self.pid_file.read_text().split() if self.pid_file else [None]
+            pid = int(pid) if pid is not None else None
         except (OSError, ValueError):
             return None
+        if pid is not None and started and pid_alive(pid) and start_time(pid) not in (None, started[0]):
+            return None
+        return pid
 
     def running(self) -> bool:
         return self.pid is not None
@@ -211,8 +227,9 @@ class Service:
         """Start the process and return once it is healthy (by at most one of ``health_url``: a GET
         answers 200; ``health_log``: a regular expression matches a line this start wrote to the log;
         ``health``: a callable returns true; with none, as soon as it runs). Raises ServiceError if a
-        live process holds the PID file, or when the process exits or is not healthy within
-        ``timeout`` seconds — then what it started is stopped again."""
+        live process holds the PID file, if something already answers at ``health_url`` before the
+        start, or when the process exits or is not healthy within ``timeout`` seconds — then what
+        it started is stopped again."""
         if sum(x is not None for x in (health_url, health_log, health)) > 1:
             raise ValueError("give one of health_url, health_log, health")
         if self.proc is not None and self.proc.poll() is None:
@@ -223,14 +240,17 @@ class Service:
                 raise AlreadyRunning(f"{self.name} already runs (pid {pid}, pid file {self.pid_file})")
             self.pid_file.unlink(missing_ok=True)  # a stale one, from a process that is gone
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        if health_url is not None and http_ok(health_url):  # else the old one would pass the new one's check
+            raise ServiceError(f"{self.name}: something already answers at {health_url} (an earlier instance "
+                               "not stopped, or another program on its port); stop it or choose another port")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:  # the child keeps its own copy of the descriptor
             self._log_start = log.tell()
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:  # whatever fails from here on (the PID file's write too) stops what was started
-            if self.pid_file:
-                self.pid_file.write_text(f"{self.proc.pid}\n")
+            if self.pid_file:  # the PID and its start time: see recorded_pid
+                self.pid_file.write_text(f"{self.proc.pid} {start_time(self.proc.pid) or ''}".rstrip() + "\n")
             self._wait_healthy(self._health_check(health_url, health_log, health), timeout, poll)
         except BaseException:
             self.stop()
