@@ -218,7 +218,12 @@ def test_rollout_approve_and_reject_from_a_terminal(tmp_path):
     st = canary.start(reg, nxt, actor="test", reason="gate", cfg=CFG, now=t1)
     traffic(lake, st, t1, 3, 150, BETTER, seed=8)
     assert canary.step(lake, CFG, now=t1 + dt.timedelta(hours=3), approval="manual").action == "awaiting_approval"
-    out = vloop("approve", "--comment", "ship it")
+    out = vloop("approve", "--request", "an-earlier-request")  # the person looked at another request
+    assert out.returncode == 2 and "is pending now" in out.stderr, out.stderr
+    assert reg.serving_state().champion == champ
+    pending_id = reg.serving_state().experiment["pending_promotion"]["id"]
+    assert f"--request {pending_id}" in vloop("status", "--now", (t1 + dt.timedelta(hours=3)).isoformat()).stdout
+    out = vloop("approve", "--comment", "ship it", "--request", pending_id)
     assert out.returncode == 0, out.stderr
     assert reg.serving_state().champion == nxt
     answer = events(reg, approval.EVENT)[-1]

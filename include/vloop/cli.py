@@ -85,7 +85,7 @@ def _cmd_rollout_status(args) -> int:
     pending = (st["experiment"] or {}).get("pending_promotion")
     if pending:
         print(f"promotion to champion awaits a person since {pending['requested_at']} (request {pending['id']}): "
-              "`vloop rollout approve` or `vloop rollout reject`")
+              f"`vloop rollout approve --request {pending['id']}` or `vloop rollout reject --request {pending['id']}`")
     if "decision" not in st:
         print("no live experiment")
         return 0
@@ -127,7 +127,8 @@ def _cmd_rollout_answer(args) -> int:
     from vloop.release.approval import settle
     from vloop.store.lake import open_lake
 
-    r = settle(open_lake(args.url), args.rollout_command, by=args.by, comment=args.comment, via="terminal")
+    r = settle(open_lake(args.url), args.rollout_command, by=args.by, comment=args.comment, via="terminal",
+               request_id=args.request)
     print(r.message)
     print(f"serving state #{r.state.seq}: champion {r.state.champion or 'base'}, canary {r.state.canary or '-'} "
           "(replicas apply it at their next reconciliation)")
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         q = rsub.add_parser(verb, help=what)
         q.add_argument("--comment", help="why (kept in the registry's history)")
         q.add_argument("--by", default=_login(), help="who answers (kept in the history; default: your login)")
+        q.add_argument("--request", metavar="ID",
+                       help="the request you looked at (`vloop rollout status` names it): refused if another one "
+                            "is pending by then")
         q.set_defaults(fn=_cmd_rollout_answer)
         answers.append(q)
     for q in (rs, rr, rt, *answers):
