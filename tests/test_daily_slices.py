@@ -41,7 +41,7 @@ def test_slices_give_the_whole_day_figures(local_lake):
     from vloop.curate.mining import mine, mine_phrasings
     from vloop.privacy import excluded_users
     from vloop.curate.quality import validate_feedback, validate_interactions
-    from vloop.curate.report import daily_metrics
+    from vloop.curate.report import answer_quality, daily_metrics, top_error_categories
     from vloop.curate.selection import SelectionConfig, select
 
     lake = local_lake
@@ -127,6 +127,18 @@ def test_slices_give_the_whole_day_figures(local_lake):
     pd.testing.assert_frame_equal(metrics.drop(columns=["dt"]).reset_index(drop=True), ref_metrics.reset_index(drop=True),
                                   check_dtype=False)
     assert report["interactions"] == len(vi.good) and report["quarantined"] == 7
+
+    # The report folds the day in a slice at a time (DayReport): every table it writes is what the
+    # whole-day functions give on the day's rows (in the slices' order, which decides examples).
+    day_rows = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
+    day_mined = daily.read_table(lake, "curated", D, "mined.parquet")
+    pd.testing.assert_frame_equal(daily.read_table(lake, "reports", D, "top_errors.parquet"),
+                                  top_error_categories(day_rows, day_mined), check_dtype=False)
+    ref_quality = answer_quality(day_rows, fb, day_mined, None, pd.DataFrame())
+    assert min(len(ref_quality[n]) for n in ("errors", "error_types", "edit_length", "deleted_phrases", "signals")) > 0
+    for name, ref in ref_quality.items():
+        pd.testing.assert_frame_equal(daily.read_table(lake, "reports", D, f"{name}.parquet"), ref,
+                                      check_dtype=False, obj=name)
 
     # Re-running the day with fewer rows leaves no output of the slices it lost.
     table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)

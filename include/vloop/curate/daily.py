@@ -8,7 +8,8 @@ a quiet day is one slice, a busy hour is split. The DAG maps those steps over th
 day's size, and slices run side by side on as many workers as there are. The steps that need the
 whole day are **reduces** over the slices' outputs: the quality gate (the day's bad share, ids
 unique across slices), the phrasings clustering, the selection under one label budget (a slice
-at a time, best ``budget`` kept), and the report. Each slice step is a plain function of
+at a time, best ``budget`` kept), and the report (a slice at a time, folded into partial
+aggregates). Each slice step is a plain function of
 ``(lake, day, slice_no)``; the whole-day functions (:func:`ingest`, :func:`validate`,
 :func:`mine_feedback`, :func:`score_confidence`, :func:`check_images`) run the same slice steps
 one after another, for callers without Airflow.
@@ -37,7 +38,7 @@ zeros; the report says "no traffic".
 | :func:`select_for_labelling` | day | all of the above, ``labeled/``, ``privacy/`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | day | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | day | Label Studio | ``labeled/dt=D/annotations.parquet`` |
-| :func:`report` | day | curated, labeled | ``reports/dt=D/{metrics,top_errors,errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/index.html`` |
+| :func:`report` | day (a slice at a time) | curated, labeled | ``reports/dt=D/{metrics,top_errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/slice=NNN/errors.parquet``, ``reports/dt=D/index.html`` |
 """
 
 from __future__ import annotations
@@ -271,26 +272,31 @@ def _reason_counts(*quarantined: pd.DataFrame) -> dict[str, int]:
 
 def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], name: str, column: str) -> dict[int, set]:
     """Per slice, the ``column`` values of its staged ``name`` that another slice has too. Each
-    slice checked its own ids; across slices only 64-bit hashes are held, 8 bytes a row, then the
-    few colliding values are compared as strings."""
-    hashed = {h: pd.util.hash_array(get_frame(lake, slice_key(CURATED, day, h, name), [column])[column]
-                                    .astype(object).to_numpy()) for h in slices}
-    if len(hashed) < 2:
+    slice checked its own ids; across slices only one sorted array of 64-bit hashes is held (each
+    slice's distinct ids, 8 bytes a row), then the slices are read again and the few values whose
+    hash repeats are compared as strings."""
+    if len(slices) < 2:
         return {}
-    every = np.concatenate([np.unique(v) for v in hashed.values()])
-    values, counts = np.unique(every, return_counts=True)
-    shared = values[counts > 1]
+
+    def hashes(s: int) -> tuple[pd.Series, np.ndarray]:
+        col = get_frame(lake, slice_key(CURATED, day, s, name), [column])[column]
+        return col, pd.util.hash_array(col.astype(object).to_numpy())
+
+    every = np.concatenate([np.unique(hashes(s)[1]) for s in slices])
+    every.sort()  # in place: no second copy
+    shared = np.unique(every[1:][every[1:] == every[:-1]])
+    del every
     if not len(shared):
         return {}
     ids: dict[int, set] = {}
-    for h in slices:
-        col = get_frame(lake, slice_key(CURATED, day, h, name), [column])[column]
-        ids[h] = set(col[np.isin(hashed[h], shared)].dropna())
+    for s in slices:
+        col, h = hashes(s)
+        ids[s] = set(col[np.isin(h, shared)].dropna())
     seen: dict = {}
-    for h, vals in ids.items():
+    for s, vals in ids.items():
         for v in vals:
-            seen.setdefault(v, set()).add(h)
-    return {h: {v for v in vals if len(seen[v]) > 1} for h, vals in ids.items() if any(len(seen[v]) > 1 for v in vals)}
+            seen.setdefault(v, set()).add(s)
+    return {s: {v for v in vals if len(seen[v]) > 1} for s, vals in ids.items() if any(len(seen[v]) > 1 for v in vals)}
 
 
 def _quarantine_more(lake: Lake, day: dt.date, slice_no: int, what: str, column: str, ids: set, reason: str) -> None:
@@ -694,13 +700,9 @@ def select_for_labelling(lake: Lake, day: dt.date, cfg=None) -> dict:
     poor_images = set(poor.loc[poor["poor"], "image_key"])
     opted_out, already = excluded_users(lake), labelled_request_ids(lake, exclude=day)
     err = category_error_rates(lake, day)
-    slices = part_keys(lake, CURATED, day, "interactions.parquet")
-    if not slices:
-        raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}slice=*/interactions.parquet (did the gate pass?)")
     best, candidates = None, 0
-    for _, k in sorted(slices.items()):
-        folder = k.rsplit("/", 1)[0] + "/"  # the slice's (on a day from before slices, the hour's)
-        inter = get_frame(lake, k, LIGHT_COLUMNS)
+    for _, folder in _slice_folders(lake, day):
+        inter = get_frame(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
         mined = get_frame(lake, folder + "mined.parquet")
         conf = get_frame(lake, folder + "confidence.parquet")
         cands = inter.drop(columns=["confidence"]).merge(
@@ -803,31 +805,42 @@ def _experiment(lake: Lake, day: dt.date, summary: dict) -> str | None:
 
 
 # -- 9. report ------------------------------------------------------------------------------------
-def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
-    """Per app (the API key's name, VLOOP_API_KEYS): requests and the shares accepted, edited and
-    negative (mined). Two columns of the curated interactions; a file from before the ``app``
-    column counts as no app. Empty when no request of the day named an app."""
+def _slice_folders(lake: Lake, day: dt.date) -> list[tuple[int, str]]:
+    """(slice number, folder) of each curated slice of ``day`` (the hours of a day processed by the
+    hour; the day itself, as slice 0, for a day processed before the pipeline was mapped)."""
+    parts = part_keys(lake, CURATED, day, "interactions.parquet")
+    if parts:
+        return [(s, k.rsplit("/", 1)[0] + "/") for s, k in sorted(parts.items())]
+    if lake.exists(key(CURATED, day, "interactions.parquet")):
+        return [(0, partition_prefix(CURATED, day))]
+    raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}slice=*/interactions.parquet (did the gate pass?)")
+
+
+def _apps_of(lake: Lake, k: str) -> pd.DataFrame:
+    """request_id and app of a curated interactions file; a file from before the ``app`` column
+    counts as no app."""
     from vloop.store.lake import LakeError
 
-    parts = part_keys(lake, CURATED, day, "interactions.parquet")
-    frames = []
-    for k in [parts[h] for h in sorted(parts)] or [key(CURATED, day, "interactions.parquet")]:
-        try:
-            frames.append(get_frame(lake, k, ["request_id", "app"]))
-        except LakeKeyNotFound:
-            continue
-        except LakeError:  # no app column: written before it existed
-            frames.append(get_frame(lake, k, ["request_id"]).assign(app=None))
-    inter = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "app"])
-    if not inter["app"].notna().any():
-        return pd.DataFrame(columns=["app", "requests", "accepted", "edited", "negative"])
-    df = inter.merge(mined[["request_id", "weak_label", "reason"]], on="request_id", how="left")
-    df["app"] = df["app"].fillna("(no key)")
-    g = df.groupby("app").agg(requests=("request_id", "size"),
-                              accepted=("reason", lambda r: (r == "accepted").mean()),
-                              edited=("reason", lambda r: (r == "edited").mean()),
-                              negative=("weak_label", lambda w: w.isin(["negative", "weak_negative"]).mean()))
-    return g.reset_index()
+    try:
+        return get_frame(lake, k, ["request_id", "app"])
+    except LakeError:  # no app column: written before it existed
+        return get_frame(lake, k, ["request_id"]).assign(app=None)
+
+
+def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
+    """Per app (the API key's name, VLOOP_API_KEYS): requests and the shares accepted, edited and
+    negative (mined). Two columns of the curated interactions, a slice at a time; a file from
+    before the ``app`` column counts as no app. Empty when no request of the day named an app."""
+    from vloop.curate.report import app_part, apps_from, merge_sums
+
+    total: dict = {}
+    try:
+        folders = _slice_folders(lake, day)
+    except LakeKeyNotFound:
+        folders = []
+    for _, folder in folders:
+        merge_sums(total, app_part(_apps_of(lake, folder + "interactions.parquet"), mined))
+    return apps_from(total)
 
 
 def image_summary(lake: Lake, day: dt.date) -> str | None:
@@ -846,48 +859,55 @@ def image_summary(lake: Lake, day: dt.date) -> str | None:
 
 
 def report(lake: Lake, day: dt.date) -> dict:
-    """Metrics, top errors and the HTML page for ``day``: a reduce that reads the whole day's
-    curated tables (without the log-probabilities), so its memory follows the day. A day without interactions is reported
+    """Metrics, top errors and the HTML page for ``day``: a reduce that reads the day a slice at a
+    time and folds each into partial aggregates (:class:`vloop.curate.report.DayReport`), so its
+    memory follows a slice, not the day; the day's erroneous answers go to
+    ``reports/dt=D/slice=NNN/errors.parquet`` as they come. A day without interactions is reported
     as such (``summary["traffic"] == "no traffic"``), with empty tables, not as an error."""
-    from vloop.curate.report import NO_TRAFFIC, daily_metrics, plots, render_html, top_error_categories
+    from vloop.curate.report import NO_TRAFFIC, AnswerQualityConfig, DayReport, plots, render_html, selection_hit_rates
 
-    inter, fb = curated(lake, day, LIGHT_COLUMNS)
-    mined = read_table(lake, CURATED, day, "mined.parquet")
-    conf = read_table(lake, CURATED, day, "confidence.parquet", ["request_id", "confidence"])
-    inter = inter.drop(columns=["confidence"]).merge(conf[["request_id", "confidence"]], on="request_id")
     try:
         labels = get_frame(lake, key(LABELED, day, LABELED_FILE))
     except LakeKeyNotFound:  # the pull did not run (no Label Studio configured)
         labels = pd.DataFrame()
-    metrics = daily_metrics(inter, fb, mined, labels if len(labels) else None)
+    day_report = DayReport(labels if len(labels) else None)
+    written = set()
+    for s, folder in _slice_folders(lake, day):
+        inter = get_frame(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+        conf = get_frame(lake, folder + "confidence.parquet", ["request_id", "confidence"])
+        inter = inter.drop(columns=["confidence"]).merge(conf, on="request_id")
+        errors = day_report.add(inter, get_frame(lake, folder + "feedback.parquet"),
+                                get_frame(lake, folder + "mined.parquet"), _apps_of(lake, folder + "interactions.parquet"))
+        put_frame(lake, slice_key(REPORTS, day, s, "errors.parquet"), errors)
+        written.add(slice_key(REPORTS, day, s, "errors.parquet"))
+    for k in lake.list(partition_prefix(REPORTS, day)):  # a re-run with fewer slices, or from before slices
+        if (k.endswith("/errors.parquet") and k not in written) or k == key(REPORTS, day, "errors.parquet"):
+            lake.delete(k)
+    metrics = day_report.metrics()
     metrics.insert(0, "dt", day.isoformat())
-    top = top_error_categories(inter, mined)
+    top = day_report.top_error_categories()
     put_frame(lake, key(REPORTS, day, "metrics.parquet"), metrics)
     put_frame(lake, key(REPORTS, day, "top_errors.parquet"), top)
     # Error types, edit length per category against its previous 7 days, phrases users delete.
-    from vloop.curate.report import AnswerQualityConfig, answer_quality
-
     earlier = _days_back(day - dt.timedelta(days=1), AnswerQualityConfig.trend_days)
     # The grounding of the judged answers, from the confidence step of the days they were chosen.
     judged_on = sorted(set(labels["selected_on"].dropna())) if "selected_on" in labels.columns else []
     scored = read_days(lake, CURATED, "confidence.parquet", days=judged_on)
     grounding = dict(zip(scored["request_id"], scored["grounding"])) if "grounding" in scored.columns else {}
-    quality = answer_quality(inter, fb, mined, labels if len(labels) else None,
-                             read_days(lake, REPORTS, "edit_length.parquet", days=earlier), grounding=grounding)
-    from vloop.curate.report import selection_hit_rates
-
+    quality = day_report.answer_quality(read_days(lake, REPORTS, "edit_length.parquet", days=earlier),
+                                        grounding=grounding)
     recent = _days_back(day, HISTORY_DAYS)
     quality["selection"] = selection_hit_rates(read_days(lake, LABELING, "selected.parquet", days=recent),
                                                read_days(lake, LABELED, LABELED_FILE, days=recent))
     for name, table in quality.items():
         put_frame(lake, key(REPORTS, day, f"{name}.parquet"), table)
-    apps = app_metrics(lake, day, mined)
+    apps = day_report.apps()
     if len(apps):  # only deployments with API keys name apps
         put_frame(lake, key(REPORTS, day, "apps.parquet"), apps)
     history = read_days(lake, REPORTS, "metrics.parquet", days=_days_back(day, HISTORY_DAYS))
     validation = lake.get_json(key(QUARANTINE, day, "validation.json"))
     summary = {
-        "day": day.isoformat(), "interactions": len(inter), "feedback events": len(fb),
+        "day": day.isoformat(), "interactions": day_report.interactions, "feedback events": day_report.feedback,
         "quarantined": validation["quarantined_interactions"] + validation["quarantined_feedback"],
         "labels pulled": len(labels),
     }
@@ -904,7 +924,7 @@ def report(lake: Lake, day: dt.date) -> dict:
         if lake.exists(k):
             summary[name.split(".")[0]] = (len(get_frame(lake, k)) if name.endswith(".parquet")
                                            else len(lake.get_json(k)["request_ids"]))
-    images = plots(history, inter["confidence"], labels)
+    images = plots(history, day_report.confidence, labels)
     images["experiment"] = _experiment(lake, day, summary)
     page = render_html(day.isoformat(), metrics, top, summary, images, quality)
     lake.put_bytes(key(REPORTS, day, "index.html"), page.encode(), "text/html")

@@ -89,9 +89,10 @@ JUDGED_TYPES = {"model_version": "str", "arm": "str", "judged": "int64", "human_
                 "ece": "float64", "implicit_agreement": "float64"}
 
 
-def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model_version, arm): what the users did with the day's answers (no rows for a
-    day without traffic)."""
+def traffic_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> dict:
+    """What :func:`traffic_metrics` needs of some of a day's rows, additive over parts
+    (:func:`merge_traffic`): per (model_version, arm) the counts and sums, and the latencies
+    (float32, 4 bytes a request, for the exact percentiles)."""
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
     df["model_version"] = model_versions(df["adapter"])
     flags = outcome_flags(df, feedback)
@@ -103,19 +104,50 @@ def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: p
 
     df["hedged"] = hedged_mask(df["answer"]).to_numpy() if len(df) else []
     df["answer_chars"] = df["answer"].fillna("").astype("str").str.len()
-    rows = []
+    out = {}
     for (version, arm), g in df.groupby(GROUP, dropna=False):
-        lat = g["latency_ms"].dropna()
+        ratio = pd.to_numeric(g["edit_ratio"], errors="coerce")
+        out[(version, None if pd.isna(arm) else arm)] = {
+            "requests": len(g), "accepted": int(g["accepted"].sum()), "edited": int(g["edited"].sum()),
+            "edit_ratio_sum": float(ratio.sum()), "edit_ratio_n": int(ratio.count()),
+            "repeated": int(g["repeated"].sum()), "hedged": int(g["hedged"].sum()),
+            "answer_chars": int(g["answer_chars"].sum()), "latency": [g["latency_ms"].dropna().to_numpy(np.float32)]}
+    return out
+
+
+def merge_traffic(total: dict, part: dict) -> dict:
+    for k, v in part.items():
+        if k not in total:
+            total[k] = {**v, "latency": list(v["latency"])}
+        else:
+            for name, x in v.items():
+                total[k][name] = total[k][name] + x  # the latency lists are joined
+    return total
+
+
+def traffic_from(parts: dict) -> pd.DataFrame:
+    """:func:`traffic_metrics` from the sums of :func:`traffic_part`."""
+    rows = []
+    for (version, arm) in sorted(parts, key=lambda k: (k[0], k[1] is None, k[1] or "")):
+        t = parts[(version, arm)]
+        lat = np.concatenate(t["latency"]).astype(np.float64) if t["latency"] else np.zeros(0)
+        n = t["requests"]
         rows.append({
-            "model_version": version, "arm": arm, "requests": len(g),
-            "acceptance_rate": g["accepted"].mean(), "edit_rate": g["edited"].mean(),
-            "mean_edit_ratio": g["edit_ratio"].dropna().mean() if g["edit_ratio"].notna().any() else float("nan"),
-            "repeat_rate": g["repeated"].mean(),
+            "model_version": version, "arm": np.nan if arm is None else arm, "requests": n,
+            "acceptance_rate": t["accepted"] / n, "edit_rate": t["edited"] / n,
+            "mean_edit_ratio": t["edit_ratio_sum"] / t["edit_ratio_n"] if t["edit_ratio_n"] else float("nan"),
+            "repeat_rate": t["repeated"] / n,
             "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-            "hedge_rate": g["hedged"].mean(), "mean_answer_chars": g["answer_chars"].mean(),
+            "hedge_rate": t["hedged"] / n, "mean_answer_chars": t["answer_chars"] / n,
         })
     return pd.DataFrame(rows, columns=list(TRAFFIC_TYPES)).astype(TRAFFIC_TYPES)
+
+
+def traffic_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model_version, arm): what the users did with the day's answers (no rows for a
+    day without traffic)."""
+    return traffic_from(traffic_part(interactions, feedback, mined))
 
 
 def judged_metrics(labels: pd.DataFrame) -> pd.DataFrame:
@@ -150,10 +182,20 @@ def daily_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.
     ``labels`` either carries its own group columns and confidence (labels pulled today, about
     any day's answers) or only request_id + verdict about ``interactions``."""
     if labels is not None and len(labels) and "confidence" not in labels.columns:
-        labels = labels[["request_id", "verdict"]].merge(
-            interactions[["request_id", "confidence", "adapter", "arm"]], on="request_id").merge(
-            mined[["request_id", "weak_label"]], on="request_id", how="left")
-    traffic = traffic_metrics(interactions, feedback, mined)
+        labels = labels[["request_id", "verdict"]].merge(labelled_answers(interactions, mined, labels), on="request_id")
+    return metrics_from(traffic_metrics(interactions, feedback, mined), labels)
+
+
+def labelled_answers(interactions: pd.DataFrame, mined: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """What the judged metrics need of the labelled requests among ``interactions``, for labels
+    that do not carry it themselves: confidence, adapter, arm, weak label."""
+    mine = interactions[member(interactions["request_id"], labels["request_id"])]
+    return mine[["request_id", "confidence", "adapter", "arm"]].merge(
+        mined[["request_id", "weak_label"]], on="request_id", how="left")
+
+
+def metrics_from(traffic: pd.DataFrame, labels: pd.DataFrame | None) -> pd.DataFrame:
+    """The traffic metrics joined with the judged metrics of ``labels`` per (model_version, arm)."""
     judged = judged_metrics(labels)
     out = traffic.merge(judged, on=GROUP, how="outer")
     out["requests"] = out["requests"].fillna(0).astype(int)
@@ -161,10 +203,19 @@ def daily_metrics(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.
     return out
 
 
-def top_error_categories(interactions: pd.DataFrame, mined: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+def category_part(interactions: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """Per category: requests and negative outcomes (additive over parts of a day)."""
     df = interactions.merge(mined[["request_id", "weak_label"]], on="request_id", how="left")
     df["bad"] = df["weak_label"].isin(["negative", "weak_negative"])
-    g = df.groupby("category").agg(requests=("request_id", "size"), errors=("bad", "sum"))
+    return df.groupby("category").agg(requests=("request_id", "size"), errors=("bad", "sum"))
+
+
+def top_error_categories(interactions: pd.DataFrame, mined: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    return top_error_categories_from(category_part(interactions, mined), k)
+
+
+def top_error_categories_from(counts: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    g = counts.sort_index()
     g["error_rate"] = g["errors"] / g["requests"]
     return g.sort_values(["errors", "error_rate"], ascending=False).head(k).reset_index()
 
@@ -242,38 +293,85 @@ def errors_of_the_day(interactions: pd.DataFrame, feedback: pd.DataFrame, labels
     return df[list(ERRORS_TYPES)].astype({k: v for k, v in ERRORS_TYPES.items() if k != "correction"})
 
 
+def error_type_part(errors: pd.DataFrame) -> dict:
+    """What :func:`top_error_types` needs of some of a day's errors (in order), additive over parts
+    (:func:`merge_error_types`): per scope ("all" and each arm) the erroneous answers, per scope and
+    type their number and the first one's example."""
+    part: dict = {"n": {}, "count": {}, "example": {}}
+    if not len(errors):
+        return part
+    exploded = errors.assign(error_type=errors["error_types"].str.split("; ")).explode("error_type")
+    scopes = [("all", exploded, len(errors))] + [
+        (str(arm), g, int((errors["arm"] == arm).sum())) for arm, g in exploded.groupby("arm", dropna=True)]
+    for scope, g, n in scopes:
+        part["n"][scope] = n
+        for etype, c in g.groupby("error_type").size().items():
+            part["count"][(scope, etype)] = int(c)
+        for ex in g.drop_duplicates("error_type").itertuples():
+            fix = ex.correction if isinstance(ex.correction, str) and ex.correction else "(no text)"
+            part["example"][(scope, ex.error_type)] = f"{ex.question} → {ex.answer!s:.80} → {fix:.80}"
+    return part
+
+
+def merge_error_types(total: dict, part: dict) -> dict:
+    for what in ("n", "count"):
+        for k, v in part[what].items():
+            total.setdefault(what, {})[k] = total.get(what, {}).get(k, 0) + v
+    for k, v in part["example"].items():
+        total.setdefault("example", {}).setdefault(k, v)  # the first one, in the day's order
+    return total
+
+
 def top_error_types(errors: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     """The ``k`` most frequent error types over all of the day's errors (``arm`` "all") and per
     arm: how many erroneous answers have the type, their share of the scope's erroneous answers
     (an answer with two types counts for both), and one example."""
+    return top_error_types_from(error_type_part(errors), k)
+
+
+def top_error_types_from(part: dict, k: int = 5) -> pd.DataFrame:
+    """:func:`top_error_types` from :func:`error_type_part` (merged)."""
     rows = []
-    if len(errors):
-        exploded = errors.assign(error_type=errors["error_types"].str.split("; ")).explode("error_type")
-        scopes = [("all", exploded, len(errors))] + [
-            (str(arm), g, int((errors["arm"] == arm).sum())) for arm, g in exploded.groupby("arm", dropna=True)]
-        for arm, g, n in scopes:
-            # Most frequent first; equal counts in name order, so the table is the same on a re-run.
-            counts = g.groupby("error_type").size().sort_index().sort_values(ascending=False, kind="stable").head(k)
-            for rank, (etype, c) in enumerate(counts.items(), start=1):
-                ex = g[g["error_type"] == etype].iloc[0]
-                fix = ex["correction"] if isinstance(ex["correction"], str) and ex["correction"] else "(no text)"
-                rows.append({"arm": arm, "rank": rank, "error_type": etype, "errors": int(c), "share": c / n,
-                             "example": f"{ex['question']} → {ex['answer']!s:.80} → {fix:.80}"})
+    scopes = ["all"] * ("all" in part.get("n", {})) + sorted(s for s in part.get("n", {}) if s != "all")
+    for scope in scopes:
+        n = part["n"][scope]
+        counts = pd.Series({t: c for (sc, t), c in part["count"].items() if sc == scope}, dtype="int64")
+        # Most frequent first; equal counts in name order, so the table is the same on a re-run.
+        counts = counts.sort_index().sort_values(ascending=False, kind="stable").head(k)
+        for rank, (etype, c) in enumerate(counts.items(), start=1):
+            rows.append({"arm": scope, "rank": rank, "error_type": etype, "errors": int(c), "share": c / n,
+                         "example": part["example"][(scope, etype)]})
     return pd.DataFrame(rows, columns=list(ERROR_TYPES_TYPES)).astype(ERROR_TYPES_TYPES)
 
 
 def edit_length_by_category(interactions: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
     """Per category, the day's edited answers and their mean edit length: the characters the user
     changed (Levenshtein distance between the answer and the edit, from :mod:`vloop.curate.mining`)."""
+    return edit_length_from(edit_length_part(interactions, mined))
+
+
+def edit_length_part(interactions: pd.DataFrame, mined: pd.DataFrame) -> dict:
+    """Per category: edits and the sum of their edit distances (additive over parts of a day)."""
     df = mined[["request_id", "edit_distance"]].merge(interactions[["request_id", "category"]], on="request_id")
     df = df[df["edit_distance"].notna()]
-    if not len(df):
-        return pd.DataFrame({"category": pd.Series(dtype="str"), "edits": pd.Series(dtype="int64"),
-                             "mean_edit_chars": pd.Series(dtype="float64")})
     df = df.assign(category=df["category"].fillna("(none)").astype("str"),
                    edit_distance=df["edit_distance"].astype("float64"))
-    g = df.groupby("category")["edit_distance"].agg(edits="size", mean_edit_chars="mean").reset_index()
-    return g.astype({"category": "str", "edits": "int64", "mean_edit_chars": "float64"})
+    return {c: [len(g), float(g["edit_distance"].sum())] for c, g in df.groupby("category")}
+
+
+def merge_sums(total: dict, part: dict) -> dict:
+    """Add ``part``'s lists of numbers into ``total``'s, key by key."""
+    for k, v in part.items():
+        total[k] = [a + b for a, b in zip(total[k], v)] if k in total else list(v)
+    return total
+
+
+def edit_length_from(part: dict) -> pd.DataFrame:
+    if not part:
+        return pd.DataFrame({"category": pd.Series(dtype="str"), "edits": pd.Series(dtype="int64"),
+                             "mean_edit_chars": pd.Series(dtype="float64")})
+    rows = [{"category": c, "edits": n, "mean_edit_chars": total / n} for c, (n, total) in sorted(part.items())]
+    return pd.DataFrame(rows).astype({"category": "str", "edits": "int64", "mean_edit_chars": "float64"})
 
 
 def edit_length_trend(today: pd.DataFrame, history: pd.DataFrame, cfg: AnswerQualityConfig | None = None
@@ -381,14 +479,23 @@ def deleted_phrases(edits: pd.DataFrame, cfg: AnswerQualityConfig | None = None)
     examples. Content words (colours, products, numbers, yes/no) are corrections, not phrasing,
     and are left out; a phrase is dropped in favour of a longer one deleted just as often ("i" and
     "think" inside "i think")."""
-    cfg = cfg or AnswerQualityConfig()
-    if len(edits):
-        edits = edits[_col(edits, "correction").fillna("").astype("str").str.strip().ne("")]
-    pairs = list(zip(_col(edits, "answer").fillna("").astype("str"), _col(edits, "correction").fillna("").astype("str")))
-    # The same answer is often edited the same way: each distinct pair is diffed once, counted n times.
+    return deleted_phrases_from(edit_pairs(edits), cfg)
+
+
+def edit_pairs(edits: pd.DataFrame):
+    """The distinct (answer, user's text) pairs of ``edits`` with a text, counted: the same answer is
+    often edited the same way, so each pair is diffed once (a Counter: additive over parts of a
+    day, in the order first seen)."""
     from collections import Counter
 
-    distinct = Counter(pairs)
+    if len(edits):
+        edits = edits[_col(edits, "correction").fillna("").astype("str").str.strip().ne("")]
+    return Counter(zip(_col(edits, "answer").fillna("").astype("str"), _col(edits, "correction").fillna("").astype("str")))
+
+
+def deleted_phrases_from(distinct, cfg: AnswerQualityConfig | None = None) -> pd.DataFrame:
+    """:func:`deleted_phrases` from :func:`edit_pairs` (merged)."""
+    cfg = cfg or AnswerQualityConfig()
     deleted: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     for (a, c), times in distinct.items():
@@ -429,7 +536,28 @@ def signal_quality(labels: pd.DataFrame | None, grounding: dict, edits: pd.DataF
     * on the answers users edited, BLEU and ROUGE-L of the answer against the user's edit
       (as :func:`vloop.learn.evaluation.scores` computes them): how far the model's wording was from
       what users wanted."""
+    return signal_quality_from(labels, grounding, edit_score_part(edits))
+
+
+def edit_score_part(edits: pd.DataFrame) -> dict:
+    """Per arm and over all ("all"): the edits with a text, and the sums of their answers' BLEU and
+    ROUGE-L against the text (additive over parts of a day)."""
     from vloop.learn.evaluation import sentence_bleu_rouge
+
+    edits = edits[edits["correction"].fillna("").astype("str").str.strip().ne("")] if len(edits) else edits
+    if not len(edits):
+        return {}
+    bleu, rouge = sentence_bleu_rouge(edits["answer"].fillna("").astype("str").tolist(),
+                                      edits["correction"].astype("str").tolist())  # each edit scored once
+    edits = edits.assign(bleu=bleu, rouge_l=rouge)
+    out = {"all": [len(edits), float(edits["bleu"].sum()), float(edits["rouge_l"].sum())]}
+    for arm, e in edits.groupby("arm", dropna=True):
+        out[arm] = [len(e), float(e["bleu"].sum()), float(e["rouge_l"].sum())]
+    return out
+
+
+def signal_quality_from(labels: pd.DataFrame | None, grounding: dict, edit_scores: dict) -> pd.DataFrame:
+    """:func:`signal_quality` with the edits' part from :func:`edit_score_part` (merged)."""
     from vloop.vlm.model import auroc
 
     judged = labels[labels["verdict"].isin(["correct", "wrong"])] if labels is not None and len(labels) else None
@@ -438,22 +566,17 @@ def signal_quality(labels: pd.DataFrame | None, grounding: dict, edits: pd.DataF
                                "verdict": pd.Series(dtype="str"), "confidence": pd.Series(dtype="float64")})
     judged = judged.assign(grounding=judged["request_id"].map(grounding).astype("float64"),
                            right=judged["verdict"] == "correct")
-    edits = edits[edits["correction"].fillna("").astype("str").str.strip().ne("")] if len(edits) else edits
-    if len(edits):  # each edit scored once, then averaged per arm
-        bleu, rouge = sentence_bleu_rouge(edits["answer"].fillna("").astype("str").tolist(),
-                                          edits["correction"].astype("str").tolist())
-        edits = edits.assign(bleu=bleu, rouge_l=rouge)
-    arms = sorted(set(judged["arm"].dropna()) | set(edits["arm"].dropna() if len(edits) else []))
+    arms = sorted(set(judged["arm"].dropna()) | {a for a in edit_scores if a != "all"})
     rows = []
     for arm in ["all"] + arms:
         j = judged if arm == "all" else judged[judged["arm"] == arm]
-        e = edits if arm == "all" or not len(edits) else edits[edits["arm"] == arm]
+        n, bleu, rouge = edit_scores.get(arm, [0, 0.0, 0.0])
         g, c = j.dropna(subset=["grounding"]), j.dropna(subset=["confidence"])
         rows.append({"arm": arm, "judged": len(j), "grounding_auroc": auroc(g["grounding"], g["right"]),
-                     "confidence_auroc": auroc(pd.to_numeric(c["confidence"]), c["right"]), "edits": len(e),
-                     "bleu_vs_edits": e["bleu"].mean() if len(e) else float("nan"),
-                     "rouge_l_vs_edits": e["rouge_l"].mean() if len(e) else float("nan")})
-    if not len(judged) and not len(edits):
+                     "confidence_auroc": auroc(pd.to_numeric(c["confidence"]), c["right"]), "edits": n,
+                     "bleu_vs_edits": bleu / n if n else float("nan"),
+                     "rouge_l_vs_edits": rouge / n if n else float("nan")})
+    if not len(judged) and not edit_scores:
         rows = []
     return pd.DataFrame(rows, columns=list(SIGNAL_TYPES)).astype(SIGNAL_TYPES)
 
@@ -474,6 +597,124 @@ def answer_quality(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd
             "deleted_phrases": deleted_phrases(edits, cfg), "signals": signal_quality(labels, grounding or {}, edits)}
 
 
+def app_part(apps: pd.DataFrame, mined: pd.DataFrame) -> dict:
+    """Per app (the API key's name; ``"(no key)"`` for none): requests, and how many were accepted,
+    edited and negative (mined), additive over parts of a day; ``"*named"``: whether any request
+    named an app. ``apps``: request_id, app."""
+    df = apps.merge(mined[["request_id", "weak_label", "reason"]], on="request_id", how="left")
+    out = {"*named": [int(df["app"].notna().any())]}
+    for app, g in df.assign(app=df["app"].fillna("(no key)")).groupby("app"):
+        out[app] = [len(g), int((g["reason"] == "accepted").sum()), int((g["reason"] == "edited").sum()),
+                    int(g["weak_label"].isin(["negative", "weak_negative"]).sum())]
+    return out
+
+
+def apps_from(part: dict) -> pd.DataFrame:
+    """Per app: requests and the shares accepted, edited and negative; empty when no request of the
+    day named an app."""
+    if not part.get("*named", [0])[0]:
+        return pd.DataFrame(columns=["app", "requests", "accepted", "edited", "negative"])
+    rows = [{"app": a, "requests": n, "accepted": acc / n, "edited": ed / n, "negative": neg / n}
+            for a, (n, acc, ed, neg) in sorted((k, v) for k, v in part.items() if k != "*named")]
+    return pd.DataFrame(rows)
+
+
+# -- the report as a reduce over a day's slices ------------------------------------------------------
+CONFIDENCE_BINS = 20  # the report's histogram of today's confidences, over [0, 1]
+
+
+def confidence_counts(confidence: pd.Series) -> np.ndarray:
+    """How many of ``confidence`` fall in each of CONFIDENCE_BINS equal bins over [0, 1] (additive)."""
+    values = pd.to_numeric(confidence, errors="coerce").dropna().to_numpy(dtype=float)
+    return np.histogram(values, bins=CONFIDENCE_BINS, range=(0, 1))[0]
+
+
+class DayReport:
+    """The daily report's figures folded in a slice of the day at a time (:meth:`add`): what it
+    keeps is partial aggregates (counts and sums per group, each request's latency as float32 for
+    exact percentiles, the distinct edit pairs, the judged requests' answers), never the day's rows,
+    so the report's memory follows a slice. :meth:`tables` gives what :func:`daily_metrics`,
+    :func:`top_error_categories` and :func:`answer_quality` give on the whole day
+    (tests/test_daily_slices.py). :meth:`add` returns the slice's erroneous answers, the rows of
+    the day's ``errors`` table (the first slice's led by the annotators' wrong verdicts), for the
+    caller to store slice by slice."""
+
+    def __init__(self, labels: pd.DataFrame | None, cfg: AnswerQualityConfig | None = None):
+        from collections import Counter
+
+        self.cfg = cfg or AnswerQualityConfig()
+        self.labels = labels if labels is not None and len(labels) else None
+        # Labels pulled with their own confidence and arm need nothing of the day's rows.
+        self._needs_answers = self.labels is not None and "confidence" not in self.labels.columns
+        no_edits = pd.DataFrame(columns=["request_id", "type", "ts", "edited_text"])
+        self._label_errors = errors_of_the_day(pd.DataFrame(columns=["request_id"]), no_edits, self.labels)
+        self._judged_wrong = set(self._label_errors["request_id"])  # their error row is the annotator's
+        self.interactions = self.feedback = self.slices = 0
+        self._traffic: dict = {}
+        self._categories: pd.DataFrame | None = None
+        self._types: dict = {}
+        self._edit_length: dict = {}
+        self._edit_scores: dict = {}
+        self._pairs = Counter()
+        self._apps: dict = {}
+        self._answers: list[pd.DataFrame] = []
+        self.confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
+
+    def add(self, interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+            apps: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Fold in one slice (its interactions with their confidence, feedback, mined labels, and
+        optionally its request_id/app pairs); return its rows of the ``errors`` table."""
+        first = self.slices == 0
+        self.slices += 1
+        self.interactions += len(interactions)
+        self.feedback += len(feedback)
+        merge_traffic(self._traffic, traffic_part(interactions, feedback, mined))
+        cats = category_part(interactions, mined)
+        self._categories = cats if self._categories is None else pd.concat([self._categories, cats]).groupby(level=0).sum()
+        merge_sums(self._edit_length, edit_length_part(interactions, mined))
+        edits = user_edits(interactions, feedback)
+        merge_sums(self._edit_scores, edit_score_part(edits))
+        self._pairs.update(edit_pairs(edits))
+        self.confidence += confidence_counts(interactions["confidence"])
+        if self._needs_answers:
+            self._answers.append(labelled_answers(interactions, mined, self.labels))
+        if apps is not None:
+            merge_sums(self._apps, app_part(apps, mined))
+        errors = errors_of_the_day(interactions, feedback)
+        errors = errors[~member(errors["request_id"], self._judged_wrong)]
+        if first and len(self._label_errors):
+            errors = pd.concat([self._label_errors, errors], ignore_index=True) if len(errors) else self._label_errors
+        merge_error_types(self._types, error_type_part(errors))
+        return errors.reset_index(drop=True)
+
+    def judged(self) -> pd.DataFrame | None:
+        """The labels with what the judged metrics need (from the day's rows when they lack it)."""
+        if not self._needs_answers:
+            return self.labels
+        answers = pd.concat(self._answers, ignore_index=True) if self._answers else pd.DataFrame(
+            columns=["request_id", "confidence", "adapter", "arm", "weak_label"])
+        return self.labels[["request_id", "verdict"]].merge(answers, on="request_id")
+
+    def metrics(self) -> pd.DataFrame:
+        return metrics_from(traffic_from(self._traffic), self.judged())
+
+    def top_error_categories(self, k: int = 5) -> pd.DataFrame:
+        counts = self._categories if self._categories is not None else pd.DataFrame(
+            {"requests": pd.Series(dtype="int64"), "errors": pd.Series(dtype="int64")}).rename_axis("category")
+        return top_error_categories_from(counts, k)
+
+    def answer_quality(self, edit_length_history: pd.DataFrame, grounding: dict | None = None) -> dict[str, pd.DataFrame]:
+        """:func:`answer_quality` of the day but its ``errors`` (which :meth:`add` returned)."""
+        cfg = self.cfg
+        return {"error_types": top_error_types_from(self._types, cfg.top_types),
+                "edit_length": edit_length_trend(edit_length_from(self._edit_length), edit_length_history, cfg),
+                "deleted_phrases": deleted_phrases_from(self._pairs, cfg),
+                "signals": signal_quality_from(self.labels, grounding or {}, self._edit_scores)}
+
+    def apps(self) -> pd.DataFrame:
+        return apps_from(self._apps)
+
+
 def png_data_url(fig) -> str:
     """A matplotlib figure as a PNG data URL, for an ``<img>`` of a self-contained page."""
     import base64
@@ -484,9 +725,10 @@ def png_data_url(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | None) -> dict[str, str]:
-    """PNG data URLs: rates per arm over the recent days; today's confidence distribution; the
-    reliability diagram of the answers annotators judged today."""
+def plots(history: pd.DataFrame, confidence: np.ndarray | pd.Series, labels: pd.DataFrame | None) -> dict[str, str]:
+    """PNG data URLs: rates per arm over the recent days; today's confidence distribution
+    (``confidence``: the values, or their :func:`confidence_counts`); the reliability diagram of
+    the answers annotators judged today."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,7 +751,8 @@ def plots(history: pd.DataFrame, confidence: pd.Series, labels: pd.DataFrame | N
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    axes[0].hist(confidence.dropna(), bins=20, range=(0, 1), color="#4a7")
+    counts = confidence if isinstance(confidence, np.ndarray) else confidence_counts(confidence)
+    axes[0].stairs(counts, np.linspace(0, 1, CONFIDENCE_BINS + 1), fill=True, color="#4a7")
     axes[0].set_title("confidence of today's answers")
     axes[1].plot([0, 1], [0, 1], "--", color="grey")
     judged = labels[labels["verdict"].isin(["correct", "wrong"])].dropna(subset=["confidence"]) \
