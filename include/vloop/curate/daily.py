@@ -114,6 +114,13 @@ def part_keys(lake: Lake, dataset: str, day: dt.date | str, name: str) -> dict[i
     return found["slice"] or found["hour"]
 
 
+def iter_table(lake: Lake, dataset: str, day: dt.date | str, name: str, columns: list[str] | None = None):
+    """:func:`read_table`'s parts, one slice's file at a time (a reduce that folds them holds one)."""
+    parts = part_keys(lake, dataset, day, name)
+    for k in [parts[s] for s in sorted(parts)] or [key(dataset, day, name)]:
+        yield get_frame(lake, k, columns)
+
+
 def read_table(lake: Lake, dataset: str, day: dt.date | str, name: str,
                columns: list[str] | None = None) -> pd.DataFrame:
     """A day's table: its slices' files concatenated (:func:`part_keys`), or the day-level
@@ -445,10 +452,10 @@ def mined_counts(mined: pd.DataFrame) -> pd.DataFrame:
 
 def mine_day_phrasings(lake: Lake, day: dt.date) -> dict:
     """The reduce of the slices' phrasing candidates: ``curated/dt=D/phrasings.parquet``."""
-    from vloop.curate.mining import PHRASING_ARROW, cluster_phrasings
+    from vloop.curate.mining import PHRASING_ARROW, cluster_phrasing_parts
 
-    candidates = read_table(lake, CURATED, day, "phrasing_candidates.parquet")
-    phrasings = cluster_phrasings(candidates)
+    # Two passes over the slices' candidates, one slice's in memory at a time.
+    phrasings = cluster_phrasing_parts(lambda: iter_table(lake, CURATED, day, "phrasing_candidates.parquet"))
     # With the request ids its wordings came from (PHRASING_ARROW), so an erasure can match them.
     put_frame(lake, key(CURATED, day, "phrasings.parquet"), phrasings, PHRASING_ARROW)
     return {"day": day.isoformat(), "phrasings": len(phrasings)}

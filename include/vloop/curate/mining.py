@@ -15,6 +15,7 @@ Rules (configurable in :class:`MiningRules`; the first that applies wins):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,39 +212,60 @@ def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: 
 
 
 def cluster_phrasings(candidates: pd.DataFrame, rules: PhrasingRules | None = None) -> pd.DataFrame:
-    """Cluster :func:`phrasing_candidates` (of a day, or of its hours concatenated) into the table
+    """Cluster :func:`phrasing_candidates` (of a day, or of its slices concatenated) into the table
     :func:`mine_phrasings` describes."""
+    return cluster_phrasing_parts(lambda: [candidates], rules)
+
+
+def cluster_phrasing_parts(parts: Callable[[], Iterable[pd.DataFrame]], rules: PhrasingRules | None = None
+                           ) -> pd.DataFrame:
+    """:func:`cluster_phrasings` of the concatenation of what ``parts()`` yields (a day's slices'
+    candidates), in two passes over the parts without holding them: the first counts each wording
+    (distinct (key, question) pairs), which decides the clusters; the second collects the clusters'
+    users, wordings and request ids."""
     from rapidfuzz import fuzz
 
     rules = rules or PhrasingRules()
-    if not len(candidates):
+    wordings = None
+    for c in parts():  # pass 1: how often each wording was asked
+        if len(c):
+            w = c.groupby(["key", "question"]).agg(n=("asked", "sum"), intent=("intent", "first"))
+            wordings = w if wordings is None else pd.concat([wordings, w]).groupby(level=[0, 1]).agg(
+                n=("n", "sum"), intent=("intent", "first"))
+    if wordings is None:
         return pd.DataFrame(columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
-    if "request_id" not in candidates:  # hours mined before candidates kept their request ids
-        candidates = candidates.assign(request_id="")
-    df = candidates.groupby(["intent", "key", "question", "user_key"], as_index=False)["asked"].sum()
-    wordings = df.groupby(["key", "question"], as_index=False).agg(n=("asked", "sum"), intent=("intent", "first"))
+    wordings = wordings.reset_index()
     # A key's name is its commonest wording (ties: the first in sort order, so every split agrees).
     top = wordings.sort_values(["key", "n", "question"], ascending=[True, False, True]).drop_duplicates("key")
     per_key = top.set_index("key")[["question", "intent"]].rename(columns={"question": "phrasing"})
-    per_key["asked"] = df.groupby("key")["asked"].sum()
+    per_key["asked"] = wordings.groupby("key")["n"].sum()
     per_key = per_key.sort_values(["asked"], ascending=False, kind="stable").head(rules.max_phrasings)
     clusters: list[dict] = []
     for key, r in per_key.iterrows():  # most frequent first: a cluster is named by its commonest wording
         home = next((c for c in clusters if c["intent"] == r["intent"]
                      and fuzz.ratio(key, c["key"]) >= rules.similarity), None)
         if home is None:
-            clusters.append({"key": key, "intent": r["intent"], "phrasing": r["phrasing"], "keys": [key]})
+            clusters.append({"key": key, "intent": r["intent"], "phrasing": r["phrasing"], "keys": [key],
+                             "asked": 0, "users": set(), "questions": set(), "request_ids": set()})
         else:
             home["keys"].append(key)
-    rows = []
-    for c in clusters:
-        members = df[df["key"].isin(c["keys"])]
-        users = members.loc[members["user_key"] != "", "user_key"]
-        rows.append({"intent": c["intent"], "lang": language_of(c["phrasing"]), "phrasing": c["phrasing"],
-                     "asked": int(members["asked"].sum()), "users": users.nunique(),
-                     "variants": " | ".join(sorted(set(members["question"]) - {c["phrasing"]})[:5]),
-                     "request_ids": sorted(set(candidates.loc[candidates["key"].isin(c["keys"]), "request_id"]
-                                               .dropna().astype(str)) - {""})})
+    home_of = {k: i for i, c in enumerate(clusters) for k in c["keys"]}
+    for c in parts():  # pass 2: the clusters' users, wordings and requests
+        if not len(c):
+            continue
+        if "request_id" not in c:  # slices mined before candidates kept their request ids
+            c = c.assign(request_id="")
+        where = c["key"].map(home_of)
+        for i, g in c[where.notna()].groupby(where[where.notna()].astype(int)):
+            cl = clusters[i]
+            cl["asked"] += int(g["asked"].sum())
+            cl["users"] |= set(g.loc[g["user_key"] != "", "user_key"])
+            cl["questions"] |= set(g["question"])
+            cl["request_ids"] |= set(g["request_id"].dropna().astype(str)) - {""}
+    rows = [{"intent": c["intent"], "lang": language_of(c["phrasing"]), "phrasing": c["phrasing"],
+             "asked": c["asked"], "users": len(c["users"]),
+             "variants": " | ".join(sorted(c["questions"] - {c["phrasing"]})[:5]),
+             "request_ids": sorted(c["request_ids"])} for c in clusters]
     return pd.DataFrame(rows, columns=list(PHRASING_COLUMNS)).astype(PHRASING_COLUMNS)
 
 

@@ -89,6 +89,7 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("raw/*.parquet", "rows"),
     ("curated/dt=*/phrasings.parquet", "phrasings: rebuilt from the cleaned candidates (request_ids)"),
     ("curated/*/mined_counts.parquet", "free: interactions and bad ones per category"),
+    ("curated/dt=*/slices.json", "free: how the day was cut into slices (hours, timestamps, row counts)"),
     ("curated/*/image_quality.parquet", "image rows: rows about images only erased users sent"),
     ("curated/*.parquet", "rows"),
     ("quarantine/*.parquet", "rows"),
