@@ -1,5 +1,5 @@
 """The selection's random audit: a uniform sample, the same whether a day is selected at once or
-an hour at a time, and never a copy of a priority pick."""
+a slice at a time, and never a copy of a priority pick."""
 
 import numpy as np
 import pytest

@@ -73,8 +73,8 @@ def mine(interactions: pd.DataFrame, feedback: pd.DataFrame, rules: MiningRules 
 
     Vectorised (a million interactions take seconds): per-request facts from the events first,
     then the rules applied in order with the first match winning. ``later`` (``session_id``,
-    ``question``, ``ts``) are requests just after these (the next hour's first minutes, when a
-    day is mined an hour at a time): they are not mined, but a question asked again among them
+    ``question``, ``ts``) are requests just after these (the next slices' first minutes, when a
+    day is mined a slice at a time): they are not mined, but a question asked again among them
     counts as repeated, as it would over the whole day."""
     rules = rules or MiningRules()
     inter = interactions.reset_index(drop=True)

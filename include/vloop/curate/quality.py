@@ -135,7 +135,7 @@ class _Validation:
 def _validations(limits: tuple) -> dict[str, _Validation]:
     """Both suites and their validation definitions in one ephemeral Great Expectations context,
     built once per process and per set of limits (``QualityConfig`` but its gate threshold).
-    Building them cost ~45 ms a call, two calls an hour task, 48 a day under ``dag.test()``."""
+    Building them cost ~45 ms a call, two calls a slice task."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
