@@ -138,6 +138,7 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
             pending = api.get("/api/v2/dags/~/dagRuns/~/hitlDetails",
                               params={"response_received": "false"}).json()["hitl_details"]
         assert pending and pending[0]["subject"] == f"Promote {cand} to champion?", pending
+        asked_at = time.monotonic()
         deadline, notes = time.monotonic() + 120, []
         while time.monotonic() < deadline and not notes:  # the look's run ends, its note says why
             notes = [r["note"] for r in api.get("/api/v2/dags/canary_rollout/dagRuns").json()["dag_runs"]
@@ -155,6 +156,11 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
         if os.environ.get("VLOOP_SCREENSHOTS"):
             browser.save_screenshot(str(Path(os.environ["VLOOP_SCREENSHOTS"]) / "airflow-required-action.png"))
         comment.send_keys("figures look right")
+        # A person reads the figures first. An answer within seconds of the request races Airflow
+        # itself: the scheduler, not yet done with the paused task's first workload, marks the
+        # resumed task up for retry and the retry asks again (its log: "Executor ... reported that
+        # the task instance ... [queued] finished with state success").
+        time.sleep(max(0.0, asked_at + 20 - time.monotonic()))
         browser.find_element(By.XPATH, "//button[normalize-space()='Approve']").click()
 
         deadline = time.monotonic() + 180
