@@ -202,13 +202,25 @@ def slice_pieces(lake: Lake, day: dt.date, slice_no: int):
     return [Piece.from_json(p) for p in _plan(lake, day)[slice_no]["pieces"]]
 
 
+def slice_spans(lake: Lake, day: dt.date) -> list[tuple[dt.datetime, dt.datetime]]:
+    """When each slice's interactions happened (its first piece's start, its last's end), from one
+    read of the stored plan."""
+    from vloop.curate.ingest import Piece
+
+    out = []
+    for sl in _plan(lake, day):
+        pieces = [Piece.from_json(p) for p in sl["pieces"]]
+        if not pieces:
+            start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+            out.append((start, start))
+        else:
+            out.append((pieces[0].span(day)[0], pieces[-1].span(day)[1]))
+    return out
+
+
 def slice_span(lake: Lake, day: dt.date, slice_no: int) -> tuple[dt.datetime, dt.datetime]:
-    """When slice ``slice_no``'s interactions happened (its first piece's start, its last's end)."""
-    pieces = slice_pieces(lake, day, slice_no)
-    if not pieces:
-        start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
-        return start, start
-    return pieces[0].span(day)[0], pieces[-1].span(day)[1]
+    """When slice ``slice_no``'s interactions happened (:func:`slice_spans`)."""
+    return slice_spans(lake, day)[slice_no]
 
 
 def _span_text(lake: Lake, day: dt.date, slice_no: int) -> str:
@@ -424,9 +436,10 @@ def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
     rules = rules or MiningRules()
     inter, fb = curated_slice(lake, day, slice_no, LIGHT_COLUMNS)
     later = []
-    horizon = pd.Timestamp(slice_span(lake, day, slice_no)[1] + dt.timedelta(seconds=rules.repeat_window_s))
+    spans = slice_spans(lake, day)  # the plan read once, not once per later slice
+    horizon = pd.Timestamp(spans[slice_no][1] + dt.timedelta(seconds=rules.repeat_window_s))
     for s in curated_slices(lake, day):
-        if s > slice_no and pd.Timestamp(slice_span(lake, day, s)[0]) <= horizon:
+        if s > slice_no and pd.Timestamp(spans[s][0]) <= horizon:
             nxt = get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["session_id", "question", "ts"])
             later.append(nxt[pd.to_datetime(nxt["ts"], utc=True) <= horizon])
     later = pd.concat(later, ignore_index=True) if later else None
