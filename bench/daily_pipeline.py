@@ -19,6 +19,13 @@ included: the baseline is printed too), and the total. Goals (issue #15): 1,000,
     python bench/daily_pipeline.py                 # 1,000,000 interactions
     python bench/daily_pipeline.py --rows 4000000
     python bench/daily_pipeline.py --quick         # 100,000 interactions, 10,000 photos
+    python bench/daily_pipeline.py --scheduler     # also the DAG itself under Airflow's scheduler
+    python bench/daily_pipeline.py --compare-rows 4000000   # also a 4M day: peak_task_mb_4m_ratio
+
+``--scheduler`` then runs the same day through ``feedback_daily`` in a real Airflow (``airflow
+standalone`` on a fresh SQLite DB, LocalExecutor with ``--workers`` parallel tasks) and prints its
+wall time beside the library figure: the difference is what the scheduler, the task processes
+and the metadata DB cost.
 """
 
 from __future__ import annotations
@@ -222,6 +229,88 @@ def run(root: str, workers: int, slice_rows: int) -> dict:
             "selected": selected["selected"]}
 
 
+# -- the same DAG under Airflow's scheduler ---------------------------------------------------------
+def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 3600) -> dict:
+    """``feedback_daily`` for the day, triggered in a real Airflow (``airflow standalone``: scheduler,
+    DAG processor, API server, LocalExecutor with ``workers`` parallel tasks) on a fresh SQLite
+    metadata DB, over the same lake. Returns the run's wall time (its start to its end, as the
+    scheduler recorded them; Airflow's own start-up not counted), the task instances it ran and the
+    slowest of them."""
+    import json
+    import shutil
+    import socket
+    import sqlite3
+
+    from vloop.services import Service
+
+    repo = Path(__file__).resolve().parents[1]
+    home = Path(tempfile.mkdtemp(prefix="vloop-bench-airflow-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    venv_bin = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VLOOP_"))} | {
+        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(repo / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(repo / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": str(workers),
+        "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        "AIRFLOW_CONN_VLOOP_LAKE": json.dumps({"conn_type": "generic", "extra": {"lake_url": f"file://{root}"}}),
+        "AIRFLOW_VAR_VLOOP_SLICE_ROWS": str(slice_rows), "VLOOP_MAX_IMAGE_BYTES": str(2**24),
+        "VLOOP_MAX_IMAGE_PIXELS": str(2**24), "PYTHONPATH": str(repo / "plugins"),
+        "VLOOP_AIRFLOW_BIN": str(venv_bin / "airflow"),
+        "PATH": f"{repo / 'bin' / 'airflow-shim'}:{venv_bin}:{os.environ.get('PATH', '')}"}
+    airflow = Service("airflow", [str(venv_bin / "airflow"), "standalone"], log_file=home / "standalone.log", env=env)
+    db = home / "airflow.db"
+
+    def query(sql: str, *args):
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as c:
+            return c.execute(sql, args).fetchall()
+
+    def wait(what: str, done, limit: float) -> None:
+        t = time.monotonic()
+        while not done():
+            if time.monotonic() - t > limit:
+                raise TimeoutError(f"{what}: not within {limit:.0f} s; see {home / 'standalone.log'}")
+            time.sleep(2)
+
+    t0 = time.perf_counter()
+    try:
+        airflow.start(health_url=f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=300)
+        wait("feedback_daily parsed", lambda: db.exists() and query(
+            "select 1 from dag where dag_id='feedback_daily'"), 300)
+        print(f"airflow standalone up, DAGs parsed in {time.perf_counter() - t0:.0f}s (not counted)", flush=True)
+        run_id = f"bench_{int(time.time())}"
+        subprocess.run([str(venv_bin / "airflow"), "dags", "trigger", "feedback_daily", "--run-id", run_id,
+                        "--conf", json.dumps({"day": DAY.isoformat()})], env=env, check=True, capture_output=True)
+        # Unpaused after the trigger: the scheduler may also queue the latest interval's run, which
+        # max_active_runs=1 keeps from running beside this one.
+        subprocess.run([str(venv_bin / "airflow"), "dags", "unpause", "feedback_daily"], env=env, check=True,
+                       capture_output=True)
+        state = lambda: query("select state from dag_run where run_id=?", run_id)[0][0]  # noqa: E731
+        wait("the run", lambda: state() in ("success", "failed"), timeout)
+        start, end = query("select start_date, end_date from dag_run where run_id=?", run_id)[0]
+        tis = query("select task_id, map_index, state, duration from task_instance where run_id=?", run_id)
+    finally:
+        airflow.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    wall = (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
+    slowest = sorted((t for t in tis if t[3] is not None), key=lambda t: -t[3])[:5]
+    print(f"under the scheduler: {state_of(tis)} in {wall:.1f} s, {len(tis)} task instances; slowest: "
+          + ", ".join(f"{t}{'' if m < 0 else f'[{m}]'} {d:.1f}s" for t, m, _, d in slowest), flush=True)
+    if any(t[2] != "success" for t in tis):
+        raise RuntimeError(f"feedback_daily under the scheduler did not succeed: {tis}")
+    return {"scheduler_s": wall, "scheduler_tis": len(tis)}
+
+
+def state_of(tis) -> str:
+    states: dict[str, int] = {}
+    for t in tis:
+        states[t[2]] = states.get(t[2], 0) + 1
+    return ", ".join(f"{k}:{v}" for k, v in sorted(states.items(), key=lambda kv: str(kv[0])))
+
+
 def niqe_rate(root: str, n: int = 500) -> float:
     """Photos/s of the daily check's NIQE (vloop.curate.imagequality.niqe_reduced, as image_check calls
     it: from the decoded photo, or a JPEG's bytes) on one core, over ``n`` of the lake's photos."""
@@ -241,16 +330,12 @@ def niqe_rate(root: str, n: int = 500) -> float:
     return len(blobs) / (time.perf_counter() - t)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=None)
-    ap.add_argument("--images", type=int, default=None, help="distinct photos (default: 100,000; --quick 10,000)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--slice-rows", type=int, default=None, help="interactions per slice (default: the DAG's)")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    rows = args.rows or (100_000 if args.quick else 1_000_000)
-    photos = args.images or (10_000 if args.quick else 100_000)
+def measure(rows: int, photos: int, args) -> dict:
+    """A simulated day of ``rows`` in a temporary lake, through the library run (and the scheduler's
+    with ``--scheduler``)."""
+    from vloop.curate.daily import DEFAULT_SLICE_ROWS
+
+    slice_rows = args.slice_rows or DEFAULT_SLICE_ROWS
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp) / "lake")
         t = time.perf_counter()
@@ -259,17 +344,45 @@ def main() -> None:
                         str(Path(__file__).parent)], check=True)
         print(f"simulated in {time.perf_counter() - t:.0f}s; running feedback_daily's steps on "
               f"{args.workers} workers", flush=True)
-        from vloop.curate.daily import DEFAULT_SLICE_ROWS
-
-        r = run(root, args.workers, args.slice_rows or DEFAULT_SLICE_ROWS)
+        r = run(root, args.workers, slice_rows)
         r["niqe_per_s"] = niqe_rate(root)
+        if args.scheduler:
+            r |= run_scheduled(root, args.workers, slice_rows)
     print(f"total {r['total']:.1f} s (goal <= 60 s at 1M rows) for {r['interactions']:,} interactions in "
           f"{r['slices']} slice tasks per step, {r['quarantined']:,} quarantined, {r['selected']} selected")
     print(f"largest task: {r['peak_task_kind']} {r['peak_task']:.0f} MB peak RSS (libraries included); largest "
-          f"mapped task {r['peak_mapped_kind']} {r['peak_mapped']:.0f} MB; largest reduce {r['peak_reduce']:.0f} MB")
+          f"mapped task {r['peak_mapped_kind']} {r['peak_mapped']:.0f} MB; largest reduce {r['peak_reduce']:.0f} MB",
+          flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=None)
+    ap.add_argument("--images", type=int, default=None, help="distinct photos (default: 100,000; --quick 10,000)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--slice-rows", type=int, default=None, help="interactions per slice (default: the DAG's)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scheduler", action="store_true",
+                    help="then run the same day through the DAG under Airflow's scheduler (LocalExecutor) too")
+    ap.add_argument("--compare-rows", type=int, default=None, metavar="N",
+                    help="then a day of N rows (the issue's 4,000,000), for peak_task_mb_4m_ratio: its "
+                         "largest task over this day's")
+    args = ap.parse_args()
+    rows = args.rows or (100_000 if args.quick else 1_000_000)
+    photos = args.images or (10_000 if args.quick else 100_000)
+    r = measure(rows, photos, args)
+    extra = ""
+    if args.scheduler:
+        extra += f" scheduler_s={r['scheduler_s']:.1f} scheduler_tis={r['scheduler_tis']}"
+    if args.compare_rows:
+        big = measure(args.compare_rows, photos, argparse.Namespace(**{**vars(args), "scheduler": False}))
+        extra += (f" compare_rows={args.compare_rows} compare_total_s={big['total']:.1f} "
+                  f"compare_peak_task_mb={big['peak_task']:.0f} "
+                  f"peak_task_mb_4m_ratio={big['peak_task'] / r['peak_task']:.2f}")
     print(f"RESULT total_s={r['total']:.1f} peak_task_mb={r['peak_task']:.0f} rows={rows} photos={photos} "
           f"slices={r['slices']} workers={args.workers} peak_mapped_mb={r['peak_mapped']:.0f} "
-          f"peak_reduce_mb={r['peak_reduce']:.0f} niqe_per_s={r['niqe_per_s']:.0f}")
+          f"peak_reduce_mb={r['peak_reduce']:.0f} niqe_per_s={r['niqe_per_s']:.0f}" + extra)
 
 
 if __name__ == "__main__":

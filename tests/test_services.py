@@ -4,6 +4,7 @@ loopback port, a parent that forks a child which ignores SIGINT, processes that 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,23 @@ def test_stop_by_pid_file_ends_the_whole_group_even_a_child_ignoring_sigint(tmp_
         assert service.proc.wait(5) is not None  # the parent ended (on SIGINT)
     finally:
         service.stop(grace=1)
+
+
+def test_a_service_started_from_a_background_job_still_stops_on_sigint(tmp_path):
+    """A shell's background job (CI, nohup, `make up &`) runs with SIGINT ignored, and a child
+    inherits that: the service is started with SIGINT at its default again, so stop() ends it with
+    SIGINT at once, not with SIGKILL after the grace period."""
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
+        service = Service("bg", [sys.executable, "-c", "import signal, time; print(signal.getsignal(signal.SIGINT), "
+                                 "flush=True); time.sleep(300)"], log_file=tmp_path / "bg.log", grace=30)
+        service.start(health_log=r"default_int_handler", timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    t0 = time.monotonic()
+    assert service.stop()
+    assert time.monotonic() - t0 < 10  # the grace period (30 s) was not waited out
+    assert service.proc.wait(5) == -signal.SIGINT  # ended by SIGINT (an uncaught KeyboardInterrupt), not SIGKILL
 
 
 def test_a_process_that_exits_early_fails_naming_its_log(tmp_path):

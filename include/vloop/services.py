@@ -25,9 +25,11 @@ Only the standard library is imported: the stack's shell script calls this befor
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,18 @@ from pathlib import Path
 from typing import Callable
 
 TAIL_CHARS = 3000  # how much of the log an error shows
+
+
+@functools.lru_cache(maxsize=1)
+def _env_default_sigint() -> list[str]:
+    """A prefix that starts a command with SIGINT at its default: GNU env (coreutils >= 8.31) can
+    reset a signal's disposition before it executes the command. Empty where it cannot."""
+    env = shutil.which("env")
+    try:
+        ok = env and subprocess.run([env, "--default-signal=INT", "true"], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    return [env, "--default-signal=INT"] if ok else []
 
 
 class ServiceError(RuntimeError):
@@ -246,7 +260,10 @@ class Service:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:  # the child keeps its own copy of the descriptor
             self._log_start = log.tell()
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+            # SIGINT back to its default in the child: started from a background job (CI, nohup, a
+            # script's `&`) it would inherit "ignored", and every stop would wait out the grace
+            # period and end in SIGKILL instead of the service's orderly shutdown.
+            self.proc = subprocess.Popen(_env_default_sigint() + self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:  # whatever fails from here on (the PID file's write too) stops what was started
             if self.pid_file:  # the PID and its start time: see recorded_pid

@@ -98,7 +98,7 @@ def get_frame(lake: Lake, k: str, columns: list[str] | None = None) -> pd.DataFr
 # Every interaction column but the per-token log-probabilities: the steps after validation that
 # do not need them skip reading a million Python lists.
 # Without the log-probabilities (heavy), nor `app`: curated files from before it have no such
-# column, and naming a column a file lacks fails the read (the report reads it apart, app_metrics).
+# column, and naming a column a file lacks fails the read (_with_app reads it when there).
 LIGHT_COLUMNS = [n for n in INTERACTION.arrow.names if n not in ("token_logprobs", "app")]
 
 
@@ -836,15 +836,20 @@ def _slice_folders(lake: Lake, day: dt.date) -> list[tuple[int, str]]:
     raise LakeKeyNotFound(f"{partition_prefix(CURATED, day)}slice=*/interactions.parquet (did the gate pass?)")
 
 
-def _apps_of(lake: Lake, k: str) -> pd.DataFrame:
-    """request_id and app of a curated interactions file; a file from before the ``app`` column
-    counts as no app."""
+def _with_app(lake: Lake, k: str, columns: list[str]) -> pd.DataFrame:
+    """``columns`` and ``app`` of a curated interactions file, in one read; a file from before the
+    ``app`` column counts as no app."""
     from vloop.store.lake import LakeError
 
     try:
-        return get_frame(lake, k, ["request_id", "app"])
+        return get_frame(lake, k, [*columns, "app"])
     except LakeError:  # no app column: written before it existed
-        return get_frame(lake, k, ["request_id"]).assign(app=None)
+        return get_frame(lake, k, columns).assign(app=None)
+
+
+def _apps_of(lake: Lake, k: str) -> pd.DataFrame:
+    """request_id and app of a curated interactions file."""
+    return _with_app(lake, k, ["request_id"])
 
 
 def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
@@ -893,11 +898,12 @@ def report(lake: Lake, day: dt.date) -> dict:
     day_report = DayReport(labels if len(labels) else None)
     written = set()
     for s, folder in _slice_folders(lake, day):
-        inter = get_frame(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+        inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+        apps = inter[["request_id", "app"]]
         conf = get_frame(lake, folder + "confidence.parquet", ["request_id", "confidence"])
-        inter = inter.drop(columns=["confidence"]).merge(conf, on="request_id")
+        inter = inter.drop(columns=["confidence", "app"]).merge(conf, on="request_id")
         errors = day_report.add(inter, get_frame(lake, folder + "feedback.parquet"),
-                                get_frame(lake, folder + "mined.parquet"), _apps_of(lake, folder + "interactions.parquet"))
+                                get_frame(lake, folder + "mined.parquet"), apps)
         put_frame(lake, slice_key(REPORTS, day, s, "errors.parquet"), errors)
         written.add(slice_key(REPORTS, day, s, "errors.parquet"))
     for k in lake.list(partition_prefix(REPORTS, day)):  # a re-run with fewer slices, or from before slices
