@@ -280,6 +280,9 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
         airflow.start(health_url=f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=300)
         wait("feedback_daily parsed", lambda: db.exists() and query(
             "select 1 from dag where dag_id='feedback_daily'"), 300)
+        for pool, slots in (("vloop_label_studio", 2), ("vloop_gpu", 1)):  # as bin/stack makes them
+            subprocess.run([str(venv_bin / "airflow"), "pools", "set", pool, str(slots), "vloop"], env=env,
+                           check=True, capture_output=True)
         print(f"airflow standalone up, DAGs parsed in {time.perf_counter() - t0:.0f}s (not counted)", flush=True)
         run_id = f"bench_{int(time.time())}"
         subprocess.run([str(venv_bin / "airflow"), "dags", "trigger", "feedback_daily", "--run-id", run_id,

@@ -36,6 +36,17 @@ def test_help_lists_the_commands_that_exist():
         assert f"    {cmd}" in out
 
 
+def test_demo_help_states_the_demo_defaults():
+    """`vloop demo --help` names the defaults LoopConfig has (the CLI does not import it for --help)."""
+    import re
+
+    from vloop.sim.demo_loop import LoopConfig
+
+    out = " ".join(vloop("demo", "--help").stdout.split())
+    assert re.search(rf"--users-per-day USERS_PER_DAY .*\(default {LoopConfig.users_per_day}\)", out), out
+    assert re.search(rf"--label-days LABEL_DAYS .*\(default {LoopConfig.label_days}\)", out), out
+
+
 def test_config_masks_secrets(tmp_path):
     out = vloop("config", env={"VLOOP_HOME": str(tmp_path), "VLOOP_ADMIN_TOKEN": "s3cret-value"}).stdout
     assert "s3cret-value" not in out and "VLOOP_ADMIN_TOKEN" in out

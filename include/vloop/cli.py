@@ -52,8 +52,9 @@ def _cmd_lake_check(args) -> int:
 def _cmd_demo(args) -> int:
     from vloop.sim.demo_loop import LoopConfig, run_loop
 
-    cfg = LoopConfig(rounds=args.rounds, keep=args.keep, seed=args.seed, users_per_day=args.users_per_day,
-                     label_days=args.label_days)
+    given = {"users_per_day": args.users_per_day, "label_days": args.label_days}  # else LoopConfig's
+    cfg = LoopConfig(rounds=args.rounds, keep=args.keep, seed=args.seed,
+                     **{k: v for k, v in given.items() if v is not None})
     run_loop(cfg)
     return 0
 
@@ -373,14 +374,6 @@ def _cmd_serve(args) -> int:
     return serve(args)
 
 
-class _LoopDefaults:  # the demo's defaults, without importing the simulation for `vloop --help`
-    users_per_day = 250
-    label_days = 2
-
-
-LOOP_DEFAULTS = _LoopDefaults
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vloop", description="Close the feedback loop around a deployed "
                                 "vision-language model.")
@@ -545,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole loop on real services, simulated users (what `make demo` runs)")
     d.add_argument("--rounds", type=int, default=2, help="rounds of label → retrain → canary → promote")
     d.add_argument("--keep", action="store_true", help="leave Label Studio and serving running afterwards")
-    d.add_argument("--users-per-day", type=int, default=LOOP_DEFAULTS.users_per_day)
-    d.add_argument("--label-days", type=int, default=LOOP_DEFAULTS.label_days,
-                   help="simulated days of traffic and labelling before each retraining")
+    # Defaults: vloop.sim.demo_loop.LoopConfig's (not imported here: `vloop --help` stays fast).
+    d.add_argument("--users-per-day", type=int, help="simulated shoppers a day, two questions each (default 250)")
+    d.add_argument("--label-days", type=int,
+                   help="simulated days of traffic and labelling before each retraining (default 1)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
     return p

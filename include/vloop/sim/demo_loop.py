@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ SEEN = {"categories": ("shoes", "bags", "hats"), "colours": ("red", "blue", "gre
 @dataclass
 class LoopConfig:
     rounds: int = 2
-    label_days: int = 2  # simulated days of traffic before each retraining
+    label_days: int = 1  # simulated days of traffic before each retraining (canary days add theirs)
     users_per_day: int = 250
     questions_per_user: int = 2
     users: int = 600  # the shop's user base; each day some of them come back
@@ -60,7 +61,7 @@ class LoopConfig:
     stages: tuple[float, ...] = (0.5, 1.0)  # equal arms: the fewest days to a decision
     mixture_sd: float = 0.15  # the effect size the rollout's boundary is tuned to in this world
     min_requests: int = 80
-    stage_days: int = 3  # a stage undecided after this many days is retired as inconclusive
+    stage_days: int = 2  # a stage undecided after this many days is retired as inconclusive
     concurrency: int = 8
     eval_samples: int = 240
     seed: int = 0
@@ -127,16 +128,15 @@ def _port(env_name: str, default: int) -> int:
             return s.getsockname()[1]
 
 
-def start_services(home: Path, lake_url: str, model: Path, secrets: dict) -> tuple[Service, Service]:
-    ls_port, sv_port = _port("VLOOP_LABEL_STUDIO_PORT", 8080), _port("VLOOP_SERVING_PORT", 8000)
+def label_studio_service(home: Path, secrets: dict) -> Service:
+    ls_port = _port("VLOOP_LABEL_STUDIO_PORT", 8080)
     exe = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
     if not exe.exists():
         raise RuntimeError(f"{exe} is missing: run `make setup` (it builds Label Studio's own venv)")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("VLOOP_", "AIRFLOW"))}
     # --internal-host is Label Studio's bind address; --host only names it in URLs it generates.
-    ls = Service("label-studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
-                                  "--host", "127.0.0.1", "--port", str(ls_port)], {
-        **base_env, "LABEL_STUDIO_BASE_DATA_DIR": str(home / "label-studio"),
+    return Service("label-studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
+                                    "--host", "127.0.0.1", "--port", str(ls_port)], {
+        **_base_env(), "LABEL_STUDIO_BASE_DATA_DIR": str(home / "label-studio"),
         "LABEL_STUDIO_USERNAME": os.environ.get("LABEL_STUDIO_USERNAME", "admin@vloop.local"),
         "LABEL_STUDIO_PASSWORD": secrets["LABEL_STUDIO_PASSWORD"],
         "LABEL_STUDIO_USER_TOKEN": secrets["LABEL_STUDIO_USER_TOKEN"],
@@ -144,20 +144,46 @@ def start_services(home: Path, lake_url: str, model: Path, secrets: dict) -> tup
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(home), "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "LABEL_STUDIO_COLLECT_ANALYTICS": "false", "LABEL_STUDIO_SENTRY_DSN": "",
         "LABEL_STUDIO_FRONTEND_SENTRY_DSN": ""}, f"http://127.0.0.1:{ls_port}", "/health", home)
-    sv = Service("serving", [sys.executable, "-m", "serving", "--model", str(model), "--lake", lake_url,
-                             "--host", "127.0.0.1", "--port", str(sv_port), "--simulation",
-                             "--reconcile-interval", "1"], {
-        **base_env, "VLOOP_HOME": str(home), "VLOOP_ADMIN_TOKEN": secrets["VLOOP_ADMIN_TOKEN"],
+
+
+def serving_service(home: Path, lake_url: str, model: Path, secrets: dict) -> Service:
+    sv_port = _port("VLOOP_SERVING_PORT", 8000)
+    return Service("serving", [sys.executable, "-m", "serving", "--model", str(model), "--lake", lake_url,
+                               "--host", "127.0.0.1", "--port", str(sv_port), "--simulation",
+                               "--reconcile-interval", "1"], {
+        **_base_env(), "VLOOP_HOME": str(home), "VLOOP_ADMIN_TOKEN": secrets["VLOOP_ADMIN_TOKEN"],
         "VLOOP_USER_KEY_SECRET": secrets["VLOOP_USER_KEY_SECRET"], "VLOOP_SIMULATION": "1",
         "HF_HUB_OFFLINE": "1"}, f"http://127.0.0.1:{sv_port}", "/healthz", home)
-    with ThreadPoolExecutor(2) as pool:  # both start at once: Label Studio's first start takes ~30 s
-        futures = [pool.submit(s.start) for s in (ls, sv)]
+
+
+def _base_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("VLOOP_", "AIRFLOW"))}
+
+
+def start_services(home: Path, lake_url: str, model: Callable[[], Path], secrets: dict,
+                   on_model: Callable[[Path], None] = lambda m: None) -> tuple[Service, Service, Path]:
+    """Label Studio and the serving gateway, started side by side; Label Studio (~30 s on its first
+    start) already while ``model()`` gives the serving model (building the base on a first run)."""
+    ls = label_studio_service(home, secrets)
+    sv = None
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(ls.start)]
+        try:
+            path = model()
+            on_model(path)
+            sv = serving_service(home, lake_url, path, secrets)
+            futures.append(pool.submit(sv.start))
+        except BaseException:  # no model: Label Studio is stopped again once its start returned
+            futures[0].exception()
+            ls.stop()
+            raise
         errors = [f.exception() for f in futures]
     if any(errors):
         ls.stop()
-        sv.stop()
+        if sv is not None:
+            sv.stop()
         raise next(e for e in errors if e)
-    return ls, sv
+    return ls, sv, path
 
 
 # -- Airflow --------------------------------------------------------------------------------------
@@ -440,9 +466,6 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
     settings = load_settings()
     home = Path(home or settings.home).resolve()
     tl = Timeline()
-    t0 = time.perf_counter()
-    model = Path(settings.base_model or ensure_base_model(home, log=lambda s: out("  " + s)))
-    tl.step("base model", t0, model=model.name)
     lake_url = settings.lake_url
     lake = open_lake(lake_url)
     secrets_file = home / "secrets.env"
@@ -451,7 +474,9 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
     out(f"lake {lake.url}; generated secrets (if any) in {secrets_file} (mode 0600)")
 
     t0 = time.perf_counter()
-    ls, sv = start_services(home, lake_url, model, secrets)
+    ls, sv, model = start_services(
+        home, lake_url, lambda: Path(settings.base_model or ensure_base_model(home, log=lambda s: out("  " + s))),
+        secrets, on_model=lambda m: tl.step("base model (Label Studio starting meanwhile)", t0, model=m.name))
     tl.step("services up", t0, label_studio=ls.url, serving=sv.url)
     try:
         t0 = time.perf_counter()
@@ -495,9 +520,9 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
             # Pull what the annotator finished on the last day: feedback_daily's pull task alone (a
             # run of the whole day again would give the same, in ten times the time).
             t0 = time.perf_counter()
-            run_dag(dags["feedback_daily"].partial_subset("^pull$", include_upstream=False),
-                    {"day": (day - dt.timedelta(days=1)).isoformat()}, dag_log)
-            tl.step("pull the last annotations", t0)
+            states = run_dag(dags["feedback_daily"].partial_subset("^pull$", include_upstream=False),
+                             {"day": (day - dt.timedelta(days=1)).isoformat()}, dag_log)
+            tl.step("pull the last annotations", t0, tasks=_states(states))
             t0 = time.perf_counter()
             states = run_dag(dags["retrain_biweekly"], {
                 "min_new_labels": cfg.min_new_labels, "steps": cfg.train_steps, "replay_ratio": 1.0,
