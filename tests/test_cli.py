@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,6 @@ def test_help_lists_the_commands_that_exist():
 
 def test_demo_help_states_the_demo_defaults():
     """`vloop demo --help` names the defaults LoopConfig has (the CLI does not import it for --help)."""
-    import re
-
     from vloop.sim.demo_loop import LoopConfig
 
     out = " ".join(vloop("demo", "--help").stdout.split())
@@ -83,6 +82,8 @@ def test_demo_runs_the_whole_loop_on_real_services(tmp_path, base_model_dir):
     for step in ("traffic via gateway", "feedback_daily (dag.test)", "simulated annotator (LS API)",
                  "retrain_biweekly (dag.test)", "held-out exact match"):
         assert step in out, step
+    # The last labelling day's annotations were pulled (feedback_daily's pull task alone) before training.
+    assert re.search(r"pull the last annotations .*tasks=success:1$", out, re.MULTILINE), out[-3000:]
     assert "Calculating Metrics" not in out  # no third-party progress bars
     from vloop.store.lake import LocalLake
 

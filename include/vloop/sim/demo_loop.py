@@ -520,7 +520,7 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
             # Pull what the annotator finished on the last day: feedback_daily's pull task alone (a
             # run of the whole day again would give the same, in ten times the time).
             t0 = time.perf_counter()
-            states = run_dag(dags["feedback_daily"].partial_subset("^pull$", include_upstream=False),
+            states = run_dag(dags["feedback_daily"].partial_subset(["pull"], include_upstream=False),
                              {"day": (day - dt.timedelta(days=1)).isoformat()}, dag_log)
             tl.step("pull the last annotations", t0, tasks=_states(states))
             t0 = time.perf_counter()
