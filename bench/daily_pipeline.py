@@ -256,6 +256,8 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
         "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        # Only the run the bench triggers: no scheduled runs of the (unpaused) DAG beside it.
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW_CONN_VLOOP_LAKE": json.dumps({"conn_type": "generic", "extra": {"lake_url": f"file://{root}"}}),
         "AIRFLOW_VAR_VLOOP_SLICE_ROWS": str(slice_rows), "VLOOP_MAX_IMAGE_BYTES": str(2**24),
         "VLOOP_MAX_IMAGE_PIXELS": str(2**24), "PYTHONPATH": str(repo / "plugins"),
@@ -272,7 +274,7 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
         t = time.monotonic()
         while not done():
             if time.monotonic() - t > limit:
-                raise TimeoutError(f"{what}: not within {limit:.0f} s; see {home / 'standalone.log'}")
+                raise TimeoutError(f"{what}: not within {limit:.0f} s")
             time.sleep(2)
 
     t0 = time.perf_counter()
@@ -280,21 +282,26 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
         airflow.start(health_url=f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=300)
         wait("feedback_daily parsed", lambda: db.exists() and query(
             "select 1 from dag where dag_id='feedback_daily'"), 300)
+        def cli(*args: str) -> None:
+            r = subprocess.run([str(venv_bin / "airflow"), *args], env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"airflow {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+
         for pool, slots in (("vloop_label_studio", 2), ("vloop_gpu", 1)):  # as bin/stack makes them
-            subprocess.run([str(venv_bin / "airflow"), "pools", "set", pool, str(slots), "vloop"], env=env,
-                           check=True, capture_output=True)
+            cli("pools", "set", pool, str(slots), "vloop")
         print(f"airflow standalone up, DAGs parsed in {time.perf_counter() - t0:.0f}s (not counted)", flush=True)
         run_id = f"bench_{int(time.time())}"
-        subprocess.run([str(venv_bin / "airflow"), "dags", "trigger", "feedback_daily", "--run-id", run_id,
-                        "--conf", json.dumps({"day": DAY.isoformat()})], env=env, check=True, capture_output=True)
-        # Unpaused after the trigger: the scheduler may also queue the latest interval's run, which
-        # max_active_runs=1 keeps from running beside this one.
-        subprocess.run([str(venv_bin / "airflow"), "dags", "unpause", "feedback_daily"], env=env, check=True,
-                       capture_output=True)
+        cli("dags", "trigger", "feedback_daily", "--run-id", run_id, "--conf", json.dumps({"day": DAY.isoformat()}))
+        cli("dags", "unpause", "feedback_daily")
         state = lambda: query("select state from dag_run where run_id=?", run_id)[0][0]  # noqa: E731
         wait("the run", lambda: state() in ("success", "failed"), timeout)
         start, end = query("select start_date, end_date from dag_run where run_id=?", run_id)[0]
         tis = query("select task_id, map_index, state, duration from task_instance where run_id=?", run_id)
+    except BaseException:
+        log = home / "standalone.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+        print(f"--- the end of {log} (removed with the Airflow home) ---\n{tail}", flush=True)
+        raise
     finally:
         airflow.stop()
         shutil.rmtree(home, ignore_errors=True)

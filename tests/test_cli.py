@@ -42,8 +42,18 @@ def test_demo_help_states_the_demo_defaults():
     from vloop.sim.demo_loop import LoopConfig
 
     out = " ".join(vloop("demo", "--help").stdout.split())
-    assert re.search(rf"--users-per-day USERS_PER_DAY .*\(default {LoopConfig.users_per_day}\)", out), out
-    assert re.search(rf"--label-days LABEL_DAYS .*\(default {LoopConfig.label_days}\)", out), out
+    for flag, default in (("--rounds ROUNDS", LoopConfig.rounds), ("--users-per-day USERS_PER_DAY", LoopConfig.users_per_day),
+                          ("--label-days LABEL_DAYS", LoopConfig.label_days), ("--seed SEED", LoopConfig.seed)):
+        assert re.search(rf"{flag} [^-]*\(default {default}\)", out), (flag, out)
+
+
+@pytest.mark.parametrize("args, says", [(["--users-per-day", "0"], "must be at least 1"),
+                                        (["--rounds", "-1"], "must be at least 1"),
+                                        (["--users-per-day", "601"], "users_per_day must be 1..600")])
+def test_demo_refuses_impossible_sizes_before_starting_anything(tmp_path, args, says):
+    r = vloop("demo", *args, env={"VLOOP_HOME": str(tmp_path)}, check=False)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "models").exists()  # nothing started or built
 
 
 def test_config_masks_secrets(tmp_path):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, free_port
-from vloop.services import AlreadyRunning, Service, ServiceError, http_ok, run_streaming
+from vloop.services import AlreadyRunning, Service, ServiceError, _env_default_sigint, http_ok, run_streaming
 
 
 def gone(pid: int) -> bool:
@@ -137,6 +137,7 @@ def test_stop_by_pid_file_ends_the_whole_group_even_a_child_ignoring_sigint(tmp_
         service.stop(grace=1)
 
 
+@pytest.mark.skipif(not _env_default_sigint(), reason="needs GNU env --default-signal (coreutils >= 8.31)")
 def test_a_service_started_from_a_background_job_still_stops_on_sigint(tmp_path):
     """A shell's background job (CI, nohup, `make up &`) runs with SIGINT ignored, and a child
     inherits that: the service is started with SIGINT at its default again, so stop() ends it with

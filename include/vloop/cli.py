@@ -52,9 +52,13 @@ def _cmd_lake_check(args) -> int:
 def _cmd_demo(args) -> int:
     from vloop.sim.demo_loop import LoopConfig, run_loop
 
-    given = {"users_per_day": args.users_per_day, "label_days": args.label_days}  # else LoopConfig's
-    cfg = LoopConfig(rounds=args.rounds, keep=args.keep, seed=args.seed,
-                     **{k: v for k, v in given.items() if v is not None})
+    given = {"rounds": args.rounds, "seed": args.seed, "users_per_day": args.users_per_day,
+             "label_days": args.label_days}  # those not given: LoopConfig's
+    try:
+        cfg = LoopConfig(keep=args.keep, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        print(f"vloop demo: {e}", file=sys.stderr)
+        return 2
     run_loop(cfg)
     return 0
 
@@ -374,6 +378,13 @@ def _cmd_serve(args) -> int:
     return serve(args)
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vloop", description="Close the feedback loop around a deployed "
                                 "vision-language model.")
@@ -536,13 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(fn=_cmd_report)
 
     d = sub.add_parser("demo", help="the whole loop on real services, simulated users (what `make demo` runs)")
-    d.add_argument("--rounds", type=int, default=2, help="rounds of label → retrain → canary → promote")
-    d.add_argument("--keep", action="store_true", help="leave Label Studio and serving running afterwards")
     # Defaults: vloop.sim.demo_loop.LoopConfig's (not imported here: `vloop --help` stays fast).
-    d.add_argument("--users-per-day", type=int, help="simulated shoppers a day, two questions each (default 250)")
-    d.add_argument("--label-days", type=int,
+    d.add_argument("--rounds", type=_positive_int, help="rounds of label → retrain → canary → promote (default 2)")
+    d.add_argument("--keep", action="store_true", help="leave Label Studio and serving running afterwards")
+    d.add_argument("--users-per-day", type=_positive_int,
+                   help="simulated shoppers a day, two questions each, of a user base of 600 (default 250)")
+    d.add_argument("--label-days", type=_positive_int,
                    help="simulated days of traffic and labelling before each retraining (default 1)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, help="the simulation's seed (default 0)")
     d.set_defaults(fn=_cmd_demo)
     return p
 

@@ -263,7 +263,9 @@ class Service:
             # SIGINT back to its default in the child: started from a background job (CI, nohup, a
             # script's `&`) it would inherit "ignored", and every stop would wait out the grace
             # period and end in SIGKILL instead of the service's orderly shutdown.
-            self.proc = subprocess.Popen(_env_default_sigint() + self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+            # (env would read a first word with "=" as a variable: such a command goes as it is.)
+            prefix = _env_default_sigint() if "=" not in self.argv[0] else []
+            self.proc = subprocess.Popen(prefix + self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:  # whatever fails from here on (the PID file's write too) stops what was started
             if self.pid_file:  # the PID and its start time: see recorded_pid

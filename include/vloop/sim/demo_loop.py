@@ -67,6 +67,12 @@ class LoopConfig:
     seed: int = 0
     keep: bool = False
 
+    def __post_init__(self):
+        if not 1 <= self.users_per_day <= self.users:
+            raise ValueError(f"users_per_day must be 1..{self.users} (the shop's user base), got {self.users_per_day}")
+        if self.rounds < 1 or self.label_days < 1:
+            raise ValueError(f"rounds and label_days must be at least 1, got {self.rounds} and {self.label_days}")
+
 
 @dataclass
 class Timeline:
