@@ -315,10 +315,9 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
 
 
 def state_of(tis) -> str:
-    states: dict[str, int] = {}
-    for t in tis:
-        states[t[2]] = states.get(t[2], 0) + 1
-    return ", ".join(f"{k}:{v}" for k, v in sorted(states.items(), key=lambda kv: str(kv[0])))
+    from collections import Counter
+
+    return ", ".join(f"{k}:{v}" for k, v in sorted(Counter(t[2] for t in tis).items(), key=lambda kv: str(kv[0])))
 
 
 def niqe_rate(root: str, n: int = 500) -> float:

@@ -847,11 +847,6 @@ def _with_app(lake: Lake, k: str, columns: list[str]) -> pd.DataFrame:
         return get_frame(lake, k, columns).assign(app=None)
 
 
-def _apps_of(lake: Lake, k: str) -> pd.DataFrame:
-    """request_id and app of a curated interactions file."""
-    return _with_app(lake, k, ["request_id"])
-
-
 def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
     """Per app (the API key's name, VLOOP_API_KEYS): requests and the shares accepted, edited and
     negative (mined). Two columns of the curated interactions, a slice at a time; a file from
@@ -864,7 +859,7 @@ def app_metrics(lake: Lake, day: dt.date, mined: pd.DataFrame) -> pd.DataFrame:
     except LakeKeyNotFound:
         folders = []
     for _, folder in folders:
-        merge_sums(total, app_part(_apps_of(lake, folder + "interactions.parquet"), mined))
+        merge_sums(total, app_part(_with_app(lake, folder + "interactions.parquet", ["request_id"]), mined))
     return apps_from(total)
 
 
