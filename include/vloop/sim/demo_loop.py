@@ -80,8 +80,9 @@ class Timeline:
     rounds: list[dict] = field(default_factory=list)
     looks: list[dict] = field(default_factory=list)
 
-    def step(self, what: str, t0: float, **facts) -> None:
-        el = time.perf_counter() - t0
+    def step(self, what: str, t0: float, seconds: float | None = None, **facts) -> None:
+        """A line for a step that began at ``t0`` (or took ``seconds``, measured elsewhere)."""
+        el = time.perf_counter() - t0 if seconds is None else seconds
         self.steps.append({"step": what, "seconds": round(el, 1), **facts})
         shown = ", ".join(f"{k}={v}" for k, v in facts.items())
         print(f"[{_clock()}] {what:34s} {el:6.1f}s  {shown}", flush=True)
@@ -484,6 +485,7 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
         home, lake_url, lambda: Path(settings.base_model or ensure_base_model(home, log=lambda s: out("  " + s))),
         secrets, on_model=lambda m: tl.step("base model (Label Studio starting meanwhile)", t0, model=m.name))
     tl.step("services up", t0, label_studio=ls.url, serving=sv.url)
+    annotator = ThreadPoolExecutor(1, thread_name_prefix="annotator")  # see live_day
     try:
         t0 = time.perf_counter()
         airflow_env(home, lake_url, ls, sv, secrets, model, cfg)
@@ -500,22 +502,36 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
         evals = [{"round": 0, **evaluate_champion(lake, model, cfg, home / "demo-cache")}]
         tl.step("held-out exact match (before)", t0, **{k: _fmt(v) for k, v in evals[0].items()})
 
-        def live_day(d: dt.date, what: str, annotate: bool = True) -> None:
+        # The simulated annotator works a day's queue in the background, beside what comes next
+        # (the rollout's look, the next day's traffic), as a team would; it must be done before the
+        # next feedback_daily pushes more tasks or pulls, and before a retraining's last pull.
+        queue_work: list = []  # (day, future of (verdicts, seconds)) not yet waited for
+
+        def annotator_done() -> None:
+            for d, future in queue_work:
+                done, seconds = future.result()
+                tl.step(f"{d} simulated annotator (LS API)", 0, seconds=seconds, **done)
+            queue_work.clear()
+
+        def annotate(d: dt.date) -> tuple[dict, float]:
+            t = time.perf_counter()
+            done = annotate_queue(ls.url, secrets["LABEL_STUDIO_USER_TOKEN"], shoppers.truth,
+                                  cfg.annotator_error, cfg.seed + d.toordinal())
+            return done, time.perf_counter() - t
+
+        def live_day(d: dt.date, what: str, annotate_it: bool = True) -> None:
             t = time.perf_counter()
             res = shoppers.day(d)
             wait_shipped(lake, res["ids"], d)
             tl.step(f"{d} traffic via gateway ({what})", t, requests=res["requests"], right=_fmt(res["right"]))
+            annotator_done()
             t = time.perf_counter()
             states = run_dag(dags["feedback_daily"], {"day": d.isoformat()}, dag_log)
             rates.extend(r | {"phase": what} for r in day_rates(lake, d))
             overall = next(r for r in rates if r["day"] == d.isoformat() and r["arm"] == "all")
             tl.step(f"{d} feedback_daily (dag.test)", t, tasks=_states(states), acceptance=_fmt(overall["acceptance"]))
-            if not annotate:
-                return
-            t = time.perf_counter()
-            done = annotate_queue(ls.url, secrets["LABEL_STUDIO_USER_TOKEN"], shoppers.truth,
-                                  cfg.annotator_error, cfg.seed + d.toordinal())
-            tl.step(f"{d} simulated annotator (LS API)", t, **done)
+            if annotate_it:
+                queue_work.append((d, annotator.submit(annotate, d)))
 
         trained = {_round_info(lake).get("ref")}  # versions registered before this round
         for rnd in range(1, cfg.rounds + 1):
@@ -525,6 +541,7 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
                 day += dt.timedelta(days=1)
             # Pull what the annotator finished on the last day: feedback_daily's pull task alone (a
             # run of the whole day again would give the same, in ten times the time).
+            annotator_done()
             t0 = time.perf_counter()
             states = run_dag(dags["feedback_daily"].partial_subset(["pull"], include_upstream=False),
                              {"day": (day - dt.timedelta(days=1)).isoformat()}, dag_log)
@@ -542,7 +559,8 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
             record = {"round": rnd, **info, "train_seconds": info.get("train_seconds")}
             if states.get("deploy_canary") == "success":
                 for _ in range(cfg.stage_days * (len(cfg.stages) - 1)):
-                    live_day(day, "canary")
+                    # Labels of the last round's canary days would train no later round: not asked for.
+                    live_day(day, "canary", annotate_it=rnd < cfg.rounds)
                     t0 = time.perf_counter()
                     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
                     run_dag(dags["canary_rollout"], {"now": end.isoformat(), "min_hours": 20,
@@ -570,7 +588,8 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
             evals.append({"round": rnd, **evaluate_champion(lake, model, cfg, home / "demo-cache")})
             tl.step(f"held-out exact match (round {rnd})", t0, **{k: _fmt(v) for k, v in evals[-1].items()})
             tl.rounds.append(record)
-        live_day(day, "after", annotate=False)
+        live_day(day, "after", annotate_it=False)
+        annotator_done()
         minutes = (time.perf_counter() - t_all) / 60
         before = next(r for r in rates if r["day"] == first.isoformat() and r["arm"] == "all")
         after = next(r for r in rates if r["day"] == day.isoformat() and r["arm"] == "all")
@@ -587,6 +606,7 @@ def run_loop(cfg: LoopConfig | None = None, *, home: Path | None = None, out=pri
             f"accept_after={after['acceptance']:.3f} minutes={minutes:.1f}")
         return result
     finally:
+        annotator.shutdown(cancel_futures=True)  # a queue being worked is finished before its server stops
         if not cfg.keep:
             for s in (sv, ls):
                 s.stop()
