@@ -97,6 +97,21 @@ def base_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def adapters(base_model_dir, tmp_path_factory):
+    """Two real LoRA adapters on the base, trained once per session (read only to the tests that
+    use them): one taught white/yellow colours, one taught to count."""
+    from training.lora import LoraTrainConfig, train_lora
+    from vloop.sim.synth import World
+
+    root = tmp_path_factory.mktemp("adapters")
+    train_lora(base_model_dir, World(11).samples(300, intents=("colour",), colours=("white", "yellow")),
+               root / "colours", LoraTrainConfig(steps=30), log=lambda s: None)
+    train_lora(base_model_dir, World(12).samples(300, intents=("count",)), root / "count",
+               LoraTrainConfig(steps=30, seed=1), log=lambda s: None)
+    return {"colours": root / "colours", "count": root / "count"}
+
+
 LABEL_STUDIO_TOKEN = "vloop-test-token-0123456789"
 
 

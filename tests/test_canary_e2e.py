@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import load_dag
-from tests.test_serving import TOKEN, Server, adapters, data_url, wait_for  # noqa: F401 (fixture)
+from tests.test_serving import TOKEN, Server, data_url, wait_for
 from vloop.release import canary
 from vloop.store.lake import LocalLake
 from vloop.vlm.model import normalise_answer
@@ -79,7 +79,7 @@ def shipped(lake, n_before: int, n_new: int):
     return wait_for(count, timeout=60, what="the replicas to ship their records")
 
 
-def test_canary_rollout_through_real_gateways(airflow_db, base_model_dir, adapters, tmp_path, monkeypatch):  # noqa: F811
+def test_canary_rollout_through_real_gateways(airflow_db, base_model_dir, adapters, tmp_path, monkeypatch):
     lake = LocalLake(tmp_path / "lake", max_image_bytes=2**20, max_image_pixels=2**20)
     reg = Registry(lake)
     refs = {}

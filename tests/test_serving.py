@@ -92,19 +92,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def adapters(base_model_dir, tmp_path_factory):
-    """Two real LoRA adapters: one taught white/yellow colours, one taught to count."""
-    from training.lora import LoraTrainConfig, train_lora
-
-    root = tmp_path_factory.mktemp("adapters")
-    train_lora(base_model_dir, World(11).samples(300, intents=("colour",), colours=("white", "yellow")),
-               root / "colours", LoraTrainConfig(steps=30), log=lambda s: None)
-    train_lora(base_model_dir, World(12).samples(300, intents=("count",)), root / "count",
-               LoraTrainConfig(steps=30, seed=1), log=lambda s: None)
-    return {"colours": root / "colours", "count": root / "count"}
-
-
-@pytest.fixture(scope="module")
 def server(base_model_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("serve")
     srv = Server(base_model_dir, (home / "lake").as_uri(), home).start()
