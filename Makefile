@@ -58,9 +58,11 @@ $(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt requirements/vl
 	    > $(VLLM_VENV)/import-check.log 2>&1 || { cat $(VLLM_VENV)/import-check.log; exit 1; }
 	@touch $@
 
-## test: the whole suite (.ci/run calls this)
+## test: the whole suite (.ci/run calls this), a test file at a time on each of TEST_WORKERS
+## pytest-xdist workers (0: in this process)
+TEST_WORKERS ?= 2
 test: setup vllm
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ## browser: headless Chromium and its driver from Debian's packages (apt-get as root, only where
 ## missing), then the browser test of the playground and vloop-feedback.js

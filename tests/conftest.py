@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Airflow keeps its home (config, SQLite DB) under var/, never in the user's ~/airflow.
-os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test"))
+# Under pytest-xdist (`make test` runs two workers) each worker is its own session: gw0, gw1.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# Airflow keeps its home (config, SQLite DB) under var/, never in the user's ~/airflow; one per
+# worker, since SQLite takes one writer at a time.
+os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test" / (WORKER or "")).rstrip("/"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
@@ -79,22 +82,37 @@ def settings():
     return load_settings({})
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per test run: under pytest-xdist the first worker builds into the
+    run's shared temporary directory and the others wait for it and reuse it (read only)."""
+    if not WORKER:
+        out = tmp_path_factory.mktemp(name) / "model"
+        build(out)
+        return out
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / name  # the run's directory, above each worker's
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "built").exists():
+            build(shared / "model")
+            (shared / "built").touch()
+    return shared / "model"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """The tiny Qwen3-VL, built once per session (a few seconds)."""
+    """The tiny Qwen3-VL, built once per run (a few seconds)."""
     from vloop.sim.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return built_once(tmp_path_factory, "tiny", lambda out: build_tiny_model(out, seed=0))
 
 
 @pytest.fixture(scope="session")
 def base_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model pretrained into the mediocre champion (about 2 minutes on 2 cores)."""
+    """The tiny model pretrained into the mediocre champion (~40 s on 2 cores), once per run."""
     from vloop.sim.pretrain import pretrain_base
 
-    out = tmp_path_factory.mktemp("base") / "model"
-    pretrain_base(tiny_model_dir, out, log=lambda line: None)
-    return out
+    return built_once(tmp_path_factory, "base", lambda out: pretrain_base(tiny_model_dir, out, log=lambda line: None))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +31,16 @@ def ensure_chromium() -> None:
     if os.geteuid() != 0:
         pytest.fail("chromium and chromium-driver are missing: run `sudo make browser` "
                     "(apt-get install chromium chromium-driver)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "chromium", "chromium-driver"]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:  # stale package lists
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
+    from filelock import FileLock
+
+    with FileLock(Path(tempfile.gettempdir()) / "vloop-tests-apt.lock"):  # pytest-xdist workers: one apt-get at a time
+        if CHROMEDRIVER.exists() and shutil.which("chromium"):  # another worker installed them meanwhile
+            return
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "chromium", "chromium-driver"]
+        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
+            subprocess.run(cmd, env=env, capture_output=True, check=True)
 
 
 @pytest.fixture
