@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # Airflow keeps its home (config, SQLite DB) under var/, never in the user's ~/airflow; one per
 # worker, since SQLite takes one writer at a time.
-os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test" / (WORKER or "")).rstrip("/"))
+os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test" / (WORKER or "")))  # "": var/airflow-test
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
