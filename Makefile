@@ -58,9 +58,9 @@ $(VLLM_STAMP): requirements/vllm.txt requirements/vllm-torch.txt requirements/vl
 	    > $(VLLM_VENV)/import-check.log 2>&1 || { cat $(VLLM_VENV)/import-check.log; exit 1; }
 	@touch $@
 
-## test: the whole suite (.ci/run calls this); TEST_WORKERS=2 runs it on two pytest-xdist workers,
-## a test file at a time (faster on a warm checkout, not yet reliable on a fresh one: see README)
-TEST_WORKERS ?= 0
+## test: the whole suite (.ci/run calls this) on TEST_WORKERS pytest-xdist workers (default 2, a
+## test file each at a time; TEST_WORKERS=0 runs it in one process)
+TEST_WORKERS ?= 2
 test: setup vllm
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 

@@ -18,6 +18,11 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # worker, since SQLite takes one writer at a time.
 os.environ.setdefault("AIRFLOW_HOME", str(ROOT / "var" / "airflow-test" / (WORKER or "")))  # "": var/airflow-test
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+if WORKER:
+    # Workers share the cores: one OpenMP/BLAS thread each (inherited by the servers and jobs their
+    # tests start), or torch's thread pools, one per core in every process, spin against each other.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 
 from vloop.store.config import load_settings  # noqa: E402
@@ -160,7 +165,9 @@ def label_studio(tmp_path_factory, s3_endpoint):
                       log_file=base / "label-studio.log", env=env, grace=30)
     url = f"http://127.0.0.1:{port}"
     try:
-        service.start(health_url=url + "/health", timeout=240, poll=1)
+        # A fresh data dir means Django's migrations first: ~30 s alone, several minutes beside
+        # another pytest worker on 2 cores.
+        service.start(health_url=url + "/health", timeout=600, poll=1)
     except ServiceError as e:
         pytest.fail(f"Label Studio did not start: {e}")
     try:

@@ -107,6 +107,15 @@ def _login(browser, stack) -> tuple[str, str]:
     return base, browser.get_cookie("_token")["value"]
 
 
+def _scheduler_took_in(home: Path, dag_id: str, task_id: str) -> bool:
+    """Whether the scheduler (its log, in `make up`'s airflow.log) has processed the executor's
+    report that the task's process ended (a deferral ends the process with "success")."""
+    log = home / "log" / "airflow.log"
+    key = f"for task instance TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}'"
+    return log.exists() and any("Received executor event with state success" in line and key in line
+                                for line in log.read_text(errors="replace").splitlines())
+
+
 def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
     """Manual approval under the real scheduler, answered in a real browser: a canary clearly
     better at its last stage, `vloop_promotion_approval` = manual, a canary_rollout look; the
@@ -138,7 +147,6 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
             pending = api.get("/api/v2/dags/~/dagRuns/~/hitlDetails",
                               params={"response_received": "false"}).json()["hitl_details"]
         assert pending and pending[0]["subject"] == f"Promote {cand} to champion?", pending
-        asked_at = time.monotonic()
         deadline, notes = time.monotonic() + 120, []
         while time.monotonic() < deadline and not notes:  # the look's run ends, its note says why
             notes = [r["note"] for r in api.get("/api/v2/dags/canary_rollout/dagRuns").json()["dag_runs"]
@@ -156,11 +164,15 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
         if os.environ.get("VLOOP_SCREENSHOTS"):
             browser.save_screenshot(str(Path(os.environ["VLOOP_SCREENSHOTS"]) / "airflow-required-action.png"))
         comment.send_keys("figures look right")
-        # A person reads the figures first. An answer within seconds of the request races Airflow
-        # itself: the scheduler, not yet done with the paused task's first workload, marks the
-        # resumed task up for retry and the retry asks again (its log: "Executor ... reported that
-        # the task instance ... [queued] finished with state success").
-        time.sleep(max(0.0, asked_at + 20 - time.monotonic()))
+        # A person reads the figures first. An answer before the scheduler has taken in the paused
+        # task's exit races Airflow itself: it then marks the resumed task up for retry and the
+        # retry asks again (its log: "Executor ... reported that the task instance ... [queued]
+        # finished with state success"). So the answer waits for the scheduler's log to show that
+        # exit, as any person's would have taken longer.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _scheduler_took_in(home, "promotion_approval", "approval"):
+            time.sleep(1)
+        assert _scheduler_took_in(home, "promotion_approval", "approval"), "the scheduler never saw the task pause"
         browser.find_element(By.XPATH, "//button[normalize-space()='Approve']").click()
 
         deadline = time.monotonic() + 180
