@@ -121,8 +121,11 @@ def mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean-subtracted contrast-normalised coefficients of a grey image (0..255), and the local
     standard deviation (the sharpness map patches are chosen by)."""
     mu = _smooth(grey)
-    sigma = np.sqrt(np.abs(_smooth(grey * grey) - mu * mu))
-    m = (grey - mu) / (sigma + 1.0)
+    sigma = _smooth(grey * grey)  # in place from here: each temporary this size costs page faults
+    sigma -= mu * mu
+    np.sqrt(np.abs(sigma, out=sigma), out=sigma)
+    m = grey - mu
+    m /= sigma + 1.0
     # In a flat region the coefficients are rounding noise (~1e-14), whose signs would decide the
     # fitted shapes there: zero is what they are.
     m[np.abs(m) < 1e-9] = 0.0
@@ -147,7 +150,7 @@ def _shape_from_rho(rho: np.ndarray) -> np.ndarray:
 
 def ggd_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Generalized Gaussian (zero mean) fitted to each row of ``x``: (shape, variance)."""
-    var = (x * x).mean(axis=1)
+    var = np.einsum("ij,ij->i", x, x) / x.shape[1]
     mean_abs = np.abs(x).mean(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = var / mean_abs ** 2
@@ -159,14 +162,18 @@ def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
     right variance), by moment matching as in BRISQUE/NIQE."""
     from scipy.special import gammaln  # vectorised; math.lgamma per element cost more than the fit
 
-    # Each pass over x costs: x*x once, the sums masked rather than multiplied by the masks.
-    sq, neg = x * x, x < 0
-    total, left_sum = sq.sum(axis=1), sq.sum(axis=1, where=neg)
+    # Sums of squares as dot products of rows (einsum), and the left side's from min(x, 0): a
+    # masked sum (``where=x < 0``) cost 8x as much, its branches mispredicted on random signs.
+    work = np.minimum(x, 0.0)  # nonzero exactly where x < 0
+    total, left_sum = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", work, work)
+    n_left = np.count_nonzero(work, axis=1)
+    n_right = np.count_nonzero(x, axis=1) - n_left  # zeros add nothing
+    mean_abs = np.abs(x, out=work).mean(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.sqrt(left_sum / np.count_nonzero(neg, axis=1))
-        right = np.sqrt((total - left_sum) / np.count_nonzero(x > 0, axis=1))  # zeros add nothing
+        left = np.sqrt(left_sum / n_left)
+        right = np.sqrt((total - left_sum) / n_right)
         gamma = left / right
-        r = np.abs(x).mean(axis=1) ** 2 / (total / x.shape[1])
+        r = mean_abs ** 2 / (total / x.shape[1])
         big_r = r * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
         alpha = _shape_from_rho(1 / big_r)
         ratio = np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))  # G(2/a) / G(1/a)
@@ -175,11 +182,16 @@ def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
     return alpha, mean, left ** 2, right ** 2
 
 
-def _patches(a: np.ndarray, p: int) -> np.ndarray:
-    """The non-overlapping p x p patches of ``a`` (the remainder at the edges is left out), one
-    per row."""
+def _patch_grid(a: np.ndarray, p: int) -> np.ndarray:
+    """The non-overlapping p x p patches of ``a`` as a (rows, columns, p, p) view (the remainder at
+    the edges is left out)."""
     h, w = (a.shape[0] // p) * p, (a.shape[1] // p) * p
-    return a[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2).reshape(-1, p * p)
+    return a[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2)
+
+
+def _patches(a: np.ndarray, p: int) -> np.ndarray:
+    """The patches of :func:`_patch_grid`, one per row (a copy)."""
+    return _patch_grid(a, p).reshape(-1, p * p)
 
 
 def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,8 +202,13 @@ def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     # (the image's border mirrored, so every map has the image's shape and patch i is the same
     # region in all of them).
     pad = np.pad(m, 1, mode="reflect")
-    # The four directions' patches fitted in one call (rows stacked), not four.
-    products = np.vstack([_patches(m * nb, p) for nb in (pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2])])
+    # The four directions' patches fitted in one call (rows stacked), not four; each product is
+    # written straight into its rows (temporaries this size cost page faults as much as arithmetic).
+    grid = _patch_grid(m, p)
+    products = np.empty((4, *grid.shape))
+    for d, nb in enumerate((pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2])):
+        np.multiply(grid, _patch_grid(nb, p), out=products[d])
+    products = products.reshape(-1, p * p)
     n = len(products) // 4
     fitted = np.stack(aggd_fit(products)).reshape(4, 4, n)  # (parameter, direction, patch)
     feats += list(fitted.swapaxes(0, 1).reshape(16, n))  # per direction: its 4 parameters
