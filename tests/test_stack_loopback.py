@@ -60,7 +60,7 @@ def stack(tmp_path_factory, tiny_model_dir):
                VLOOP_SERVING_PORT=str(free_port()), VLOOP_AIRFLOW_PORT=str(free_port()))
     try:
         up = subprocess.run([str(ROOT / "bin" / "stack"), "up"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=480)
+                            timeout=900)
         assert up.returncode == 0, up.stdout + up.stderr
         yield env, home
     finally:
@@ -167,8 +167,8 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
         # A person reads the figures first. An answer before the scheduler has taken in the paused
         # task's exit races Airflow itself: it then marks the resumed task up for retry and the
         # retry asks again (its log: "Executor ... reported that the task instance ... [queued]
-        # finished with state success"). So the answer waits for the scheduler's log to show that
-        # exit, as any person's would have taken longer.
+        # finished with state success"). So the answer waits until the scheduler's log shows that
+        # exit (seconds; a person reading the figures takes longer).
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not _scheduler_took_in(home, "promotion_approval", "approval"):
             time.sleep(1)
