@@ -333,7 +333,9 @@ def annotate_queue(ls_url: str, token: str, truth: dict[str, str], error: float,
 
     rng = random.Random(seed)
     done = {"correct": 0, "wrong": 0, "unknown": 0}
-    verdicts = []  # (task id, annotation): decided in task order, so a seed gives the same labels
+    # (task id, annotation), decided in task order. Which tasks there are and their order follow the
+    # gateway's random request ids (the selection's ties and audit sample), so runs of a seed differ.
+    verdicts = []
     with LabelStudio(ls_url, token) as ls:
         project = ls.ensure_project(PROJECT_TITLE)
         for t in ls.export(project, all_tasks=True):
