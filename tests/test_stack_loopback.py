@@ -91,6 +91,7 @@ def _login(browser, stack) -> tuple[str, str]:
     session's API token."""
     import json
 
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -100,7 +101,18 @@ def _login(browser, stack) -> tuple[str, str]:
     password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
     wait = WebDriverWait(browser, 90)
     browser.get(base + "/")
-    wait.until(EC.presence_of_element_located((By.NAME, "username"))).send_keys("admin")
+
+    def login_form(driver):
+        # "/" redirects to the login page, in the page's own script too: a lookup that lands on a
+        # navigation is aborted by Chrome ("aborted by navigation"), which means look again.
+        try:
+            return EC.presence_of_element_located((By.NAME, "username"))(driver)
+        except WebDriverException as e:
+            if "aborted by navigation" in str(e):
+                return False
+            raise
+
+    wait.until(login_form).send_keys("admin")
     browser.find_element(By.NAME, "password").send_keys(password)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait.until(lambda d: "/auth/login" not in d.current_url)
