@@ -159,12 +159,18 @@ def test_an_approver_promotes_the_canary_in_required_actions(stack, browser):
             pending = api.get("/api/v2/dags/~/dagRuns/~/hitlDetails",
                               params={"response_received": "false"}).json()["hitl_details"]
         assert pending and pending[0]["subject"] == f"Promote {cand} to champion?", pending
+        # The look's run ends, its note says why. The DAG's own schedule may have started a run too
+        # (the stack unpauses it), whose note ("skipped" or another) can come first: wait for the
+        # note of the run that asked.
+        def asked(notes: list[str]) -> bool:
+            return any(n.startswith(f"awaiting a person's approval (request ") and cand in n for n in notes)
+
         deadline, notes = time.monotonic() + 120, []
-        while time.monotonic() < deadline and not notes:  # the look's run ends, its note says why
+        while time.monotonic() < deadline and not asked(notes):
             notes = [r["note"] for r in api.get("/api/v2/dags/canary_rollout/dagRuns").json()["dag_runs"]
                      if r.get("note")]
             time.sleep(3)
-        assert any(n.startswith(f"awaiting a person's approval (request ") and cand in n for n in notes), notes
+        assert asked(notes), notes
         assert reg.serving_state().champion == champ  # nothing promoted while the person decides
 
         wait = WebDriverWait(browser, 90)
