@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Under pytest-xdist (`TEST_WORKERS=2 make test`) each worker is its own session: gw0, gw1.
+# Under pytest-xdist (`make test` runs two workers) each worker is its own session: gw0, gw1.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # Airflow keeps its home (config, SQLite DB) under var/, never in the user's ~/airflow; one per
 # worker, since SQLite takes one writer at a time.
