@@ -66,6 +66,71 @@ def test_niqe_rises_with_blur_noise_and_jpeg_on_textured_images(seed):
         assert all(a < b for a, b in zip(scores, scores[1:])), (name, scores)  # strictly worse at each step
 
 
+# -- the compiled kernel against NIQE's definitions, in plain numpy ---------------------------------
+def _reference_scale_features(grey, p):
+    """One scale's 18 features and sharpness per patch, straight from the definitions (the
+    imagequality module docstring) with numpy and scipy: what vloop.curate.niqe_kernel computes."""
+    from scipy.ndimage import correlate1d
+    from scipy.special import gammaln
+
+    from vloop.curate.imagequality import _ALPHAS, _RHO, _WINDOW
+
+    def smooth(a):
+        return correlate1d(correlate1d(a, _WINDOW, axis=1, mode="mirror"), _WINDOW, axis=0, mode="mirror")
+
+    def shape(rho):  # the shape of the nearest tabulated moment ratio
+        rev = _RHO[::-1]
+        i = np.clip(np.searchsorted(rev, rho), 1, len(rev) - 1)
+        return _ALPHAS[::-1][np.where(np.abs(rev[i - 1] - rho) <= np.abs(rev[i] - rho), i - 1, i)]
+
+    def patches(a):
+        h, w = (a.shape[0] // p) * p, (a.shape[1] // p) * p
+        return a[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2).reshape(-1, p * p)
+
+    mu = smooth(grey)
+    sigma = np.sqrt(np.abs(smooth(grey * grey) - mu * mu))
+    m = (grey - mu) / (sigma + 1)
+    m[np.abs(m) < 1e-9] = 0.0
+    x = patches(m)
+    var = (x * x).mean(axis=1)
+    feats = [None, var]
+    pad = np.pad(m, 1, mode="reflect")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        feats[0] = shape(var / np.abs(x).mean(axis=1) ** 2)
+        for nb in (pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2]):  # right, lower, lower right, lower left
+            y = patches(m * nb)
+            left = np.sqrt((y * y * (y < 0)).sum(axis=1) / (y < 0).sum(axis=1))
+            right = np.sqrt((y * y * (y > 0)).sum(axis=1) / (y > 0).sum(axis=1))
+            gamma = left / right
+            r = np.abs(y).mean(axis=1) ** 2 / (y * y).mean(axis=1)
+            alpha = shape(1 / (r * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2))
+            mean = (right - left) * np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha))) \
+                * np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))
+            feats += [alpha, mean, left ** 2, right ** 2]
+    return np.stack(feats, axis=1), patches(sigma).mean(axis=1)
+
+
+def test_compiled_features_match_the_definitions():
+    from vloop.curate.imagequality import _scale_features
+    from vloop.sim.synth import World
+
+    photos = [s.image for s in World(3).samples(12, degraded=0.3)] + [textured_scene(s, 200) for s in TEST_SEEDS]
+    photos += [Image.new("RGB", (96, 64), (120, 130, 140))]  # flat: NaN fits, as numpy gives them
+    assert len(photos) == 16
+    for img in photos:
+        grey = np.asarray(img.convert("L"), dtype=np.float64)
+        for p in (32, 16):
+            got, sharp = _scale_features(grey, p)
+            want, want_sharp = _reference_scale_features(grey, p)
+            assert got.shape == want.shape == (len(sharp), 18)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+            # The local deviation is sqrt(E[x^2] - E[x]^2): a difference of numbers ~6e4 whose last
+            # bits depend on the order of the sums: ~1e-7 of a deviation near 1, ~1e-6 grey levels
+            # of a flat patch (far below FLAT, which decides whether a patch counts).
+            np.testing.assert_allclose(sharp, want_sharp, rtol=1e-6, atol=1e-5)
+
+
 def test_niqe_is_deterministic_and_size_robust():
     img = textured_scene(TEST_SEEDS[0], 256)
     assert niqe(img) == niqe(img.copy())

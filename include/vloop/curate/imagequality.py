@@ -110,109 +110,21 @@ def _gaussian_window(size: int = 7, sigma: float = 7 / 6) -> np.ndarray:
 _WINDOW = _gaussian_window()
 
 
-def _smooth(img: np.ndarray) -> np.ndarray:
-    """The 7x7 Gaussian-weighted local mean (separable; borders mirrored, as numpy's "reflect")."""
-    from scipy.ndimage import correlate1d
-
-    return correlate1d(correlate1d(img, _WINDOW, axis=1, mode="mirror"), _WINDOW, axis=0, mode="mirror")
-
-
-def mscn(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-subtracted contrast-normalised coefficients of a grey image (0..255), and the local
-    standard deviation (the sharpness map patches are chosen by)."""
-    mu = _smooth(grey)
-    sigma = _smooth(grey * grey)  # in place from here: each temporary this size costs page faults
-    sigma -= mu * mu
-    np.sqrt(np.abs(sigma, out=sigma), out=sigma)
-    m = grey - mu
-    m /= sigma + 1.0
-    # In a flat region the coefficients are rounding noise (~1e-14), whose signs would decide the
-    # fitted shapes there: zero is what they are.
-    m[np.abs(m) < 1e-9] = 0.0
-    return m, sigma
-
-
 # Shape parameters searched when fitting a generalized Gaussian, and the moment ratio each gives:
 # rho(a) = G(1/a) G(3/a) / G(2/a)^2, which falls monotonically as a grows.
 _ALPHAS = np.arange(0.2, 10.0, 0.001)
 _LG = np.vectorize(math.lgamma, otypes=[float])  # once, for the table: scipy stays a lazy import
 _RHO = np.exp(_LG(1 / _ALPHAS) + _LG(3 / _ALPHAS) - 2 * _LG(2 / _ALPHAS))
-
-
-def _shape_from_rho(rho: np.ndarray) -> np.ndarray:
-    """The shape whose moment ratio is closest to each ``rho`` (moment matching)."""
-    # _RHO is decreasing: search its reverse, then take the nearer neighbour.
-    rev = _RHO[::-1]
-    i = np.clip(np.searchsorted(rev, rho), 1, len(rev) - 1)
-    nearer = np.where(np.abs(rev[i - 1] - rho) <= np.abs(rev[i] - rho), i - 1, i)
-    return _ALPHAS[::-1][nearer]
-
-
-def ggd_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Generalized Gaussian (zero mean) fitted to each row of ``x``: (shape, variance)."""
-    var = np.einsum("ij,ij->i", x, x) / x.shape[1]
-    mean_abs = np.abs(x).mean(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rho = var / mean_abs ** 2
-    return _shape_from_rho(rho), var
-
-
-def aggd_fit(x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Asymmetric generalized Gaussian fitted to each row of ``x``: (shape, mean, left variance,
-    right variance), by moment matching as in BRISQUE/NIQE."""
-    from scipy.special import gammaln  # vectorised; math.lgamma per element cost more than the fit
-
-    # Sums of squares as dot products of rows (einsum), and the left side's from min(x, 0): a
-    # masked sum (``where=x < 0``) cost 8x as much, its branches mispredicted on random signs.
-    work = np.minimum(x, 0.0)  # nonzero exactly where x < 0
-    total, left_sum = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", work, work)
-    n_left = np.count_nonzero(work, axis=1)
-    n_right = np.count_nonzero(x, axis=1) - n_left  # zeros add nothing
-    mean_abs = np.abs(x, out=work).mean(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.sqrt(left_sum / n_left)
-        right = np.sqrt((total - left_sum) / n_right)
-        gamma = left / right
-        r = mean_abs ** 2 / (total / x.shape[1])
-        big_r = r * (gamma ** 3 + 1) * (gamma + 1) / (gamma ** 2 + 1) ** 2
-        alpha = _shape_from_rho(1 / big_r)
-        ratio = np.exp(gammaln(2 / alpha) - gammaln(1 / alpha))  # G(2/a) / G(1/a)
-        scale = np.sqrt(np.exp(gammaln(1 / alpha) - gammaln(3 / alpha)))  # sqrt(G(1/a) / G(3/a))
-        mean = (right - left) * scale * ratio
-    return alpha, mean, left ** 2, right ** 2
-
-
-def _patch_grid(a: np.ndarray, p: int) -> np.ndarray:
-    """The non-overlapping p x p patches of ``a`` as a (rows, columns, p, p) view (the remainder at
-    the edges is left out)."""
-    h, w = (a.shape[0] // p) * p, (a.shape[1] // p) * p
-    return a[:h, :w].reshape(h // p, p, w // p, p).swapaxes(1, 2)
-
-
-def _patches(a: np.ndarray, p: int) -> np.ndarray:
-    """The patches of :func:`_patch_grid`, one per row (a copy)."""
-    return _patch_grid(a, p).reshape(-1, p * p)
+# The kernel looks a ratio up in ascending order: the shape of the nearest ratio (moment matching).
+_RHO_ASCENDING, _SHAPES_BY_RHO = _RHO[::-1].copy(), _ALPHAS[::-1].copy()
 
 
 def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per patch: the 18 features at this scale, and its sharpness (mean local deviation)."""
-    m, sigma = mscn(grey)
-    feats = list(ggd_fit(_patches(m, p)))
-    # Products of each coefficient with its right, lower, lower-right and lower-left neighbour
-    # (the image's border mirrored, so every map has the image's shape and patch i is the same
-    # region in all of them).
-    pad = np.pad(m, 1, mode="reflect")
-    # The four directions' patches fitted in one call (rows stacked), not four; each product is
-    # written straight into its rows (temporaries this size cost page faults as much as arithmetic).
-    grid = _patch_grid(m, p)
-    products = np.empty((4, *grid.shape))
-    for d, nb in enumerate((pad[1:-1, 2:], pad[2:, 1:-1], pad[2:, 2:], pad[2:, :-2])):
-        np.multiply(grid, _patch_grid(nb, p), out=products[d])
-    products = products.reshape(-1, p * p)
-    n = len(products) // 4
-    fitted = np.stack(aggd_fit(products)).reshape(4, 4, n)  # (parameter, direction, patch)
-    feats += list(fitted.swapaxes(0, 1).reshape(16, n))  # per direction: its 4 parameters
-    return np.stack(feats, axis=1), _patches(sigma, p).mean(axis=1)[:n]
+    """Per patch: the 18 features at this scale, and its sharpness (mean local deviation); compiled
+    (vloop.curate.niqe_kernel)."""
+    from vloop.curate.niqe_kernel import scale_features
+
+    return scale_features(np.ascontiguousarray(grey, dtype=np.float64), p, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO)
 
 
 def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
@@ -304,7 +216,12 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     mu = feats.mean(axis=0)
     cov = np.cov(feats, rowvar=False) if len(feats) > 1 else np.zeros_like(model.cov)
     d = model.mean - mu
-    return float(math.sqrt(max(0.0, d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))
+    pooled = (model.cov + cov) / 2
+    try:  # the pristine covariance is positive definite, so the pooled one is: a solve, 6x a pinv's speed
+        x = np.linalg.solve(pooled, d)
+    except np.linalg.LinAlgError:  # a model fitted on too few patches
+        x = np.linalg.pinv(pooled) @ d
+    return float(math.sqrt(max(0.0, d @ x)))
 
 
 # The daily check's NIQE runs on the photo reduced to this longer side (a JPEG decoded at a reduced
