@@ -187,10 +187,11 @@ def run(root: str, workers: int, slice_rows: int) -> dict:
     import PIL.Image  # noqa: F401
 
     import vloop.curate.imagequality  # noqa: F401
+    import vloop.curate.niqe_kernel  # noqa: F401  (numba; the compiled kernel loads from its cache per task)
     import vloop.curate.mining  # noqa: F401
     import vloop.curate.quality  # noqa: F401
     import vloop.curate.report  # noqa: F401
-    from vloop.curate import daily# noqa: F401
+    from vloop.curate import daily  # noqa: F401
 
     print(f"warm worker: libraries imported in {time.perf_counter() - t0:.1f}s (not counted)", flush=True)
     ctx = mp.get_context("fork")

@@ -30,11 +30,11 @@ zeros; the report says "no traffic".
 | :func:`plan` | day | ``raw/interactions`` (``ts`` only) | ``curated/dt=D/slices.json`` (the slices the DAG maps over) |
 | :func:`ingest_slice` | slice | ``raw/interactions/…/hour=HH``, ``raw/feedback`` | ``curated/dt=D/slice=NNN/ingested_*.parquet`` |
 | :func:`validate_slice` | slice | ingested | ``quarantine/dt=D/slice=NNN/`` (rows + reasons, validation result), ``curated/dt=D/slice=NNN/validated_*.parquet`` |
-| :func:`gate` | day | validated slices | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback}.parquet`` |
+| :func:`gate` | day | validated slices | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback,image_keys}.parquet`` |
 | :func:`mine_slice` | slice | curated (+ the next slices' first minutes) | ``curated/dt=D/slice=NNN/{mined,mined_counts,phrasing_candidates}.parquet`` |
 | :func:`mine_day_phrasings` | day | phrasing candidates | ``curated/dt=D/phrasings.parquet`` |
 | :func:`score_confidence_slice` | slice | curated (+ the model) | ``curated/dt=D/slice=NNN/confidence.parquet`` |
-| :func:`check_images_slot` | slice slot | curated image keys, ``raw/images`` | ``curated/dt=D/slice=NNN/image_quality.parquet`` (the images whose key hashes to the slot) |
+| :func:`check_images_slot` | slice slot | the slices' ``image_keys.parquet``, ``raw/images`` | ``curated/dt=D/slice=NNN/image_quality.parquet`` (the images whose key hashes to the slot) |
 | :func:`select_for_labelling` | day | all of the above, ``labeled/``, ``privacy/`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | day | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | day | Label Studio | ``labeled/dt=D/annotations.parquet`` |
@@ -67,7 +67,8 @@ LABELED_FILE = "annotations.parquet"
 HISTORY_DAYS = 30  # how far back the report's trend plots and the category error rates look
 # The curated tables the gate publishes per slice, and the staged names validation writes them under.
 PUBLISHED = {"validated_interactions.parquet": "interactions.parquet",
-             "validated_feedback.parquet": "feedback.parquet"}
+             "validated_feedback.parquet": "feedback.parquet",
+             "validated_image_keys.parquet": "image_keys.parquet"}
 
 
 def key(dataset: str, day: dt.date | str, name: str) -> str:
@@ -276,6 +277,7 @@ def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction:
     good_fb = vf.good[member(vf.good["request_id"], vi.good["request_id"])]
     put_frame(lake, slice_key(CURATED, day, slice_no, "validated_interactions.parquet"), vi.good, INTERACTION.arrow)
     put_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"), good_fb, FEEDBACK.arrow)
+    put_frame(lake, slice_key(CURATED, day, slice_no, "validated_image_keys.parquet"), image_keys(vi.good))
     summary = {"day": day.isoformat(), "slice": slice_no, "interactions": len(inter), "feedback": len(fb),
                "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
                "reasons": _reason_counts(vi.quarantined, vf.quarantined)}
@@ -613,24 +615,31 @@ IMAGE_QUALITY_TYPES = {"image_key": "str", "poor": "bool", "flags": "str", "shar
                        "niqe": "float64"}
 
 
-def image_slot(image_key: str, slices: list[int]) -> int:
-    """The slice slot whose task checks ``image_key``: a stable hash, so each of the day's images is
-    checked once however many slices it was asked about in."""
-    return slices[zlib.crc32(image_key.encode()) % len(slices)]
+def image_keys(interactions: pd.DataFrame) -> pd.DataFrame:
+    """The distinct image keys of a slice's interactions with each one's hash (crc32), which
+    decides the slot that checks it (:func:`check_images_slot`): hashed once here, in the slice's
+    own step, not by every slot's task for every slice."""
+    keys = interactions["image_key"].dropna().unique()
+    return pd.DataFrame({"image_key": pd.Series(keys, dtype=object),
+                         "key_hash": np.fromiter((zlib.crc32(k.encode()) for k in keys), np.int64, len(keys))})
 
 
 def check_images_slot(lake: Lake, day: dt.date, slice_no: int, thresholds=None) -> dict:
-    """Image quality of the day's images whose key hashes to slice ``slice_no``'s slot
-    (:func:`image_slot`): the slices' image keys are read one slice at a time (one column), and
-    each image once."""
+    """Image quality of the day's images whose key hashes to slice ``slice_no``'s slot: slot i of
+    the day's n slices checks the keys whose crc32 is i modulo n. The slices' key lists
+    (:func:`image_keys`) are read one at a time, and each image is checked once."""
     from vloop.curate.imagequality import QualityThresholds
 
     thresholds = thresholds or QualityThresholds()
     slices = curated_slices(lake, day) or [slice_no]
+    owner = np.asarray(slices)
     mine: set[str] = set()
     for s in slices:
-        keys = get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["image_key"])["image_key"]
-        mine.update(k for k in keys.dropna().unique() if image_slot(k, slices) == slice_no)
+        try:
+            keys = get_frame(lake, slice_key(CURATED, day, s, "image_keys.parquet"))
+        except LakeKeyNotFound:  # a day curated before the key lists: from its interactions
+            keys = image_keys(get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["image_key"]))
+        mine.update(keys["image_key"][owner[keys["key_hash"].to_numpy() % len(slices)] == slice_no])
     rows = []
     t0 = time.perf_counter()
     for i, k in enumerate(sorted(mine), 1):

@@ -91,6 +91,7 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("curated/*/mined_counts.parquet", "free: interactions and bad ones per category"),
     ("curated/dt=*/slices.json", "free: how the day was cut into slices (hours, timestamps, row counts)"),
     ("curated/*/image_quality.parquet", "image rows: rows about images only erased users sent"),
+    ("curated/*image_keys.parquet", "image rows: a slice's image keys, those only erased users sent removed"),
     ("curated/*.parquet", "rows"),
     ("quarantine/*.parquet", "rows"),
     ("quarantine/*.json", "json: validation results, the shipper's quarantined records"),
