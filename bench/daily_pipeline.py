@@ -21,6 +21,7 @@ included: the baseline is printed too), and the total. Goals (issue #15): 1,000,
     python bench/daily_pipeline.py --quick         # 100,000 interactions, 10,000 photos
     python bench/daily_pipeline.py --scheduler     # also the DAG itself under Airflow's scheduler
     python bench/daily_pipeline.py --compare-rows 4000000   # also a 4M day: peak_task_mb_4m_ratio
+    python bench/daily_pipeline.py --lake /tmp/bench-lakes   # keep the simulated day for the next run
 
 ``--scheduler`` then runs the same day through ``feedback_daily`` in a real Airflow (``airflow
 standalone`` on a fresh SQLite DB, LocalExecutor with ``--workers`` parallel tasks) and prints its
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -237,7 +239,6 @@ def run_scheduled(root: str, workers: int, slice_rows: int, timeout: float = 360
     metadata DB, over the same lake. Returns the run's wall time (its start to its end, as the
     scheduler recorded them; Airflow's own start-up not counted), the task instances it ran and the
     slowest of them."""
-    import json
     import shutil
     import socket
     import sqlite3
@@ -347,13 +348,18 @@ def measure(rows: int, photos: int, args) -> dict:
 
     slice_rows = args.slice_rows or DEFAULT_SLICE_ROWS
     with tempfile.TemporaryDirectory() as tmp:
-        root = str(Path(tmp) / "lake")
-        t = time.perf_counter()
-        print(f"simulating {rows:,} interactions about {photos:,} distinct photos (not counted) ...", flush=True)
-        subprocess.run([sys.executable, "-c", GENERATE, root, str(rows), str(photos), str(args.workers),
-                        str(Path(__file__).parent)], check=True)
-        print(f"simulated in {time.perf_counter() - t:.0f}s; running feedback_daily's steps on "
-              f"{args.workers} workers", flush=True)
+        root = str(Path(args.lake or tmp) / f"lake-{rows}-{photos}")
+        made = Path(root) / "bench-day.json"  # a kept lake (--lake) that holds this day already
+        if not made.exists():
+            t = time.perf_counter()
+            print(f"simulating {rows:,} interactions about {photos:,} distinct photos (not counted) ...", flush=True)
+            subprocess.run([sys.executable, "-c", GENERATE, root, str(rows), str(photos), str(args.workers),
+                            str(Path(__file__).parent)], check=True)
+            made.write_text(json.dumps({"rows": rows, "photos": photos}))
+            print(f"simulated in {time.perf_counter() - t:.0f}s", flush=True)
+        else:
+            print(f"the simulated day of {rows:,} interactions in {root} (kept by --lake)", flush=True)
+        print(f"running feedback_daily's steps on {args.workers} workers", flush=True)
         r = run(root, args.workers, slice_rows)
         r["niqe_per_s"] = niqe_rate(root)
         if args.scheduler:
@@ -373,6 +379,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--slice-rows", type=int, default=None, help="interactions per slice (default: the DAG's)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lake", default=None, metavar="DIR",
+                    help="keep the simulated day under DIR and reuse it next time (default: a temporary lake)")
     ap.add_argument("--scheduler", action="store_true",
                     help="then run the same day through the DAG under Airflow's scheduler (LocalExecutor) too")
     ap.add_argument("--compare-rows", type=int, default=None, metavar="N",

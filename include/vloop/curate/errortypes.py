@@ -91,6 +91,10 @@ class ErrorTypeRules:
         self._patterns = {name: _vocab_pattern(vocab) for name, vocab in
                           (("colours", self.colours), ("categories", self.categories), ("numbers", self.numbers))}
         self._refusal = re.compile("|".join(f"(?:{p})" for p in self.refusals))
+        # Hedges: English ones as whole words, Chinese as substrings; each alone (which ones a text
+        # has) and all in one pattern (whether it has any, and cutting them out).
+        self._hedge_each = [(h, None if _CJK.search(h) else re.compile(rf"\b{re.escape(h)}\b")) for h in self.hedges]
+        self._hedge_any = "|".join(re.escape(h) if _CJK.search(h) else rf"\b{re.escape(h)}\b" for h in self.hedges)
 
 
 def _vocab_pattern(vocab: dict) -> tuple[re.Pattern, dict]:
@@ -146,17 +150,12 @@ def numbers(text, rules: ErrorTypeRules | None = None) -> set[int]:
     return found
 
 
-def _hedge_pattern(rules: ErrorTypeRules) -> str:
-    """One regular expression for all hedges: English ones as whole words, Chinese as substrings."""
-    return "|".join(re.escape(h) if _CJK.search(h) else rf"\b{re.escape(h)}\b" for h in rules.hedges)
-
-
 def _without_hedges(text: str, rules: ErrorTypeRules) -> str:
     """``text`` with its hedges cut out (firm words that contain one, like 不可能, kept whole)."""
     t = _lower(text)
     for i, firm in enumerate(rules.hedge_exceptions):  # set aside behind a placeholder ...
         t = t.replace(firm, f"\x00{i}\x01")
-    t = re.sub(_hedge_pattern(rules), "", t)
+    t = re.sub(rules._hedge_any, "", t)
     for i, firm in enumerate(rules.hedge_exceptions):  # ... and put back
         t = t.replace(f"\x00{i}\x01", firm)
     return re.sub(r"\s+", " ", t).strip(" ,，")
@@ -168,7 +167,7 @@ def hedged_mask(texts: pd.Series, rules: ErrorTypeRules | None = None) -> pd.Ser
     t = texts.fillna("").astype("str").str.lower()
     for firm in rules.hedge_exceptions:
         t = t.str.replace(firm, " ", regex=False)
-    return t.str.contains(_hedge_pattern(rules), regex=True)
+    return t.str.contains(rules._hedge_any, regex=True)
 
 
 def hedges(text, rules: ErrorTypeRules | None = None) -> list[str]:
@@ -177,7 +176,7 @@ def hedges(text, rules: ErrorTypeRules | None = None) -> list[str]:
     t = _lower(text)
     for firm in rules.hedge_exceptions:
         t = t.replace(firm, " ")
-    return [h for h in rules.hedges if (h in t if _CJK.search(h) else re.search(rf"\b{re.escape(h)}\b", t))]
+    return [h for h, word in rules._hedge_each if (h in t if word is None else word.search(t))]
 
 
 def is_hedged(text, rules: ErrorTypeRules | None = None) -> bool:

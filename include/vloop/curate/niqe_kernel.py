@@ -43,19 +43,27 @@ def _mirrored(n: int, r: int) -> np.ndarray:
     return idx
 
 
+@njit(cache=True, nogil=True)
+def work_size(h: int, w: int) -> int:
+    """The float64s :func:`mscn` needs for an h x w image."""
+    return 3 * h * w + (h + 1) * (w + 2)
+
+
 @njit(cache=True, nogil=True, fastmath=SUMS_IN_ANY_ORDER)
-def mscn(grey: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mscn(grey: np.ndarray, window: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MSCN coefficients of a grey image (float64, 0..255): the image minus its local mean, over
     its local deviation plus one (Gaussian ``window``, separable, borders mirrored); and the local
     deviation. The coefficients come with one mirrored column each side and one mirrored row
-    below (shape (h + 1, w + 2)), so every neighbour the products need is a plain index."""
+    below (shape (h + 1, w + 2)), so every neighbour the products need is a plain index. Every
+    array lives in ``work`` (:func:`work_size` float64s, reused from photo to photo: fresh
+    arrays this size cost page faults as much as the arithmetic)."""
     h, w = grey.shape
     r = len(window) // 2
     cols_at, rows_at = _mirrored(w, r), _mirrored(h, r)
     # The local mean and mean of squares along rows, each row read once into a padded line. Loops
     # are tap-major (each output an independent sum), so they vectorise without reordering sums.
-    row_mu = np.zeros((h, w))
-    row_sq = np.zeros((h, w))
+    row_mu = work[:h * w].reshape((h, w))
+    row_sq = work[h * w:2 * h * w].reshape((h, w))
     line = np.empty(w + 2 * r)
     line_sq = np.empty(w + 2 * r)
     for i in range(h):
@@ -65,14 +73,16 @@ def mscn(grey: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             line_sq[t] = v * v
         a = row_mu[i]
         b = row_sq[i]
+        a[:] = 0.0
+        b[:] = 0.0
         for k in range(2 * r + 1):
             wk = window[k]
             for j in range(w):
                 a[j] += wk * line[j + k]
                 b[j] += wk * line_sq[j + k]
     # Then along columns, a row of output at a time.
-    m = np.empty((h + 1, w + 2))
-    sigma = np.empty((h, w))
+    m = work[2 * h * w:2 * h * w + (h + 1) * (w + 2)].reshape((h + 1, w + 2))
+    sigma = work[2 * h * w + (h + 1) * (w + 2):work_size(h, w)].reshape((h, w))
     mu = np.empty(w)
     sq = np.empty(w)
     for i in range(h):
@@ -109,12 +119,13 @@ def _shape(rho: float, rho_table: np.ndarray, shape_table: np.ndarray) -> float:
 # its row is dropped), not Python's ZeroDivisionError.
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=SUMS_IN_ANY_ORDER)
 def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.ndarray,
-                   shape_table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   shape_table: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NIQE's 18 features of each non-overlapping ``p`` x ``p`` patch of the grey image ``grey``
     (float64, 0..255), patches in row-major order (the remainder at the edges left out), and each
     patch's sharpness (its mean local deviation). ``window``: the Gaussian weights;
-    ``rho_table``/``shape_table``: the generalized Gaussian's moment ratios (ascending) and shapes."""
-    m, sigma = mscn(grey, window)
+    ``rho_table``/``shape_table``: the generalized Gaussian's moment ratios (ascending) and shapes;
+    ``work``: at least :func:`work_size` float64s."""
+    m, sigma = mscn(grey, window, work)
     rows, cols = grey.shape[0] // p, grey.shape[1] // p
     size = p * p
     feats = np.empty((rows * cols, 18))

@@ -258,7 +258,7 @@ def user_edits(interactions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFra
     if not len(feedback) or not len(interactions):
         return pd.DataFrame(columns=cols)
     ed = feedback[feedback["type"] == "edit"].sort_values("ts", kind="stable").groupby("request_id")["edited_text"].last()
-    inter = interactions[interactions["request_id"].isin(ed.index)]
+    inter = interactions[member(interactions["request_id"], ed.index)]
     return pd.DataFrame({"request_id": inter["request_id"], "source": "edit",
                          "model_version": model_versions(_col(inter, "adapter")), "arm": inter["arm"],
                          "category": _col(inter, "category"), "question": inter["question"],

@@ -389,6 +389,7 @@ class LocalLake(Lake):
         super().__init__(**limits)
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self.root)
         self.public_url = public_url
         self.url = self.root.as_uri()
 
@@ -460,7 +461,9 @@ class LocalLake(Lake):
         return _read_table(source, key, columns)
 
     def exists(self, key):
-        return self._path(key).is_file()
+        # os.path on strings: half the cost of Path objects, and validation checks every distinct
+        # photo of a slice (tens of thousands) this way.
+        return os.path.isfile(os.path.join(self._root_text, check_key(key)))
 
     def modified(self, key):
         try:
