@@ -180,7 +180,10 @@ def uniform_sample(df: pd.DataFrame, n: int, *, salt: str) -> pd.DataFrame:
 
 
 def _dup_key(df: pd.DataFrame) -> pd.Series:
-    return df["image_sha256"].fillna("") + "|" + df["question"].map(normalise_question)
+    # Each distinct wording normalised once: a day asks the same questions a great many times.
+    codes, wordings = pd.factorize(df["question"], use_na_sentinel=False)
+    normalised = np.array([normalise_question(q if isinstance(q, str) else "") for q in wordings], dtype=object)[codes]
+    return df["image_sha256"].fillna("") + "|" + pd.Series(normalised, index=df.index, dtype="str")
 
 
 def _best(df: pd.DataFrame, budget: int) -> pd.DataFrame:
