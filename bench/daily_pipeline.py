@@ -203,14 +203,18 @@ def run(root: str, workers: int, slice_rows: int) -> dict:
         def stage(label: str, jobs: list) -> list:
             nonlocal total
             t = time.perf_counter()
-            results = []
+            results, busy = [], {}
             for name, part, secs, peak, out in pool.imap_unordered(_task, jobs):
                 peaks[name] = max(peaks.get(name, 0.0), peak)
+                busy[name] = busy.get(name, 0.0) + secs
                 results.append((name, part, out))
             wall = time.perf_counter() - t
             total += wall
             kinds = sorted({j[0] for j in jobs})
-            print(f"{label:44s} {wall:7.2f} s   " + "  ".join(f"{k} peak {peaks[k]:.0f} MB" for k in kinds), flush=True)
+            # Per kind: the tasks' own seconds added up (the step's work, without process start-up or
+            # waiting for a free worker), and the largest peak RSS.
+            print(f"{label:44s} {wall:7.2f} s   " + "  ".join(f"{k} {busy[k]:.1f} task-s, peak {peaks[k]:.0f} MB"
+                                                          for k in kinds), flush=True)
             return results
 
         [(_, _, slices)] = stage("slices (the plan: reads ts only)", [("slices", slice_rows, root)])

@@ -671,9 +671,10 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) 
             jpeg = img.format == "JPEG"  # decoded again at a reduced scale for NIQE, cheaply
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
-            q = assess(img, thresholds)
+            grey = img.convert("L")  # once, for both checks
+            q = assess(grey, thresholds)
             if with_niqe:
-                score = niqe_reduced(data if jpeg else img)
+                score = niqe_reduced(data if jpeg else grey)
     except (OSError, SyntaxError, ValueError) as e:
         log.warning("image %s cannot be decoded: %s", image_key, e)
         return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),

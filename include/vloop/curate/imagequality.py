@@ -70,13 +70,13 @@ def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[
     """The flags of ``img``; ``size`` is the picture's real size when ``img`` is a reduced decode
     of it (the resolution flag goes by the real size, the rest by the pixels at hand)."""
     t = t or QualityThresholds()
-    grey = img.convert("L")
-    grey_full = np.asarray(grey, dtype=np.float32)
+    grey = img if img.mode == "L" else img.convert("L")
+    pixels = np.asarray(grey)  # uint8: the mean is taken in float64 all the same
     small = np.asarray(grey.resize((128, 128)), dtype=np.float32)
     lap = (small[:-2, 1:-1] + small[2:, 1:-1] + small[1:-1, :-2] + small[1:-1, 2:] - 4 * small[1:-1, 1:-1])
     sharpness = float(lap.var())
-    brightness = float(grey_full.mean())
-    blown = float((grey_full >= 250).mean())
+    brightness = float(pixels.mean())
+    blown = np.count_nonzero(pixels >= 250) / max(pixels.size, 1)
     flags = []
     if sharpness < t.min_sharpness:
         flags.append("blurry")
@@ -138,7 +138,7 @@ def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
 def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
     if not isinstance(image, Image.Image):
         raise TypeError(f"niqe needs a PIL image, got {type(image).__name__}")
-    img = image.convert("L")
+    img = image if image.mode == "L" else image.convert("L")
     if max(img.size) > cfg.max_side:
         f = cfg.max_side / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BICUBIC)
@@ -255,7 +255,7 @@ def niqe_reduced(source: bytes | Image.Image, side: int = NIQE_SIDE, model: Pris
     cheaper decode), that image reduced. NaN when it has no score (smaller than two patches a
     side, or nothing but flat patches)."""
     if isinstance(source, Image.Image):
-        grey = source.convert("L")
+        grey = source if source.mode == "L" else source.convert("L")
     else:
         import io
 
