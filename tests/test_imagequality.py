@@ -131,6 +131,17 @@ def test_compiled_features_match_the_definitions():
             np.testing.assert_allclose(sharp, want_sharp, rtol=1e-6, atol=1e-5)
 
 
+def test_half_scale_is_pillows_bicubic_resize_to_the_bit():
+    from vloop.curate.niqe_kernel import half_scale
+
+    rng = np.random.default_rng(0)
+    for h, w in [(64, 64), (65, 97), (150, 150), (224, 161), (96, 301), (512, 383)]:
+        for grey in (rng.integers(0, 256, (h, w)).astype(np.float64), rng.random((h, w)) * 255):
+            want = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize((w // 2, h // 2), Image.BICUBIC),
+                              dtype=np.float64)
+            np.testing.assert_array_equal(half_scale(grey), want)
+
+
 def test_niqe_is_deterministic_and_size_robust():
     img = textured_scene(TEST_SEEDS[0], 256)
     assert niqe(img) == niqe(img.copy())

@@ -154,11 +154,11 @@ def niqe_features(image: Image.Image, cfg: NiqeConfig | None = None) -> tuple[np
     grey = _grey(image, cfg)
     p = cfg.patch_size
     f1, sharp = _scale_features(grey, p)
-    # Half resolution: bicubic with antialiasing, patches of P/2 cover the same regions.
-    h, w = grey.shape
-    half = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize((w // 2, h // 2), Image.BICUBIC),
-                      dtype=np.float64)
-    f2, _ = _scale_features(half, p // 2)
+    # Half resolution: bicubic with antialiasing (Pillow's resize of the float image, to the bit),
+    # patches of P/2 cover the same regions.
+    from vloop.curate.niqe_kernel import half_scale
+
+    f2, _ = _scale_features(half_scale(grey), p // 2)
     n = min(len(f1), len(f2))
     return np.hstack([f1[:n], f2[:n]]), sharp[:n]
 

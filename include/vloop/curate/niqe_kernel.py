@@ -179,3 +179,84 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
                 feats[q, c + 2] = left * left
                 feats[q, c + 3] = right * right
     return feats, sharp
+
+
+# -- the half-scale image -------------------------------------------------------------------------
+# NIQE's second scale is the image at half size, bicubic with antialiasing (MATLAB's imresize, which
+# the paper used; Pillow's resize). Done here as Pillow does it for a float image, the same
+# weights and the same order of sums, so the result is Pillow's to the bit
+# (tests/test_imagequality.py), at a fraction of the cost of a round trip through a PIL image.
+@njit(cache=True, nogil=True)
+def _bicubic(x: float) -> float:
+    """The cubic convolution kernel with a = -0.5 (Keys)."""
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+@njit(cache=True, nogil=True)
+def _resample_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output position: the first input it reads, how many, and their weights (normalised to
+    sum to one). Reducing, the kernel is widened by the scale (antialiasing)."""
+    scale = n_in / n_out
+    widen = max(scale, 1.0)
+    support = 2.0 * widen
+    weights = np.zeros((n_out, int(math.ceil(support)) * 2 + 1))
+    first = np.empty(n_out, dtype=np.int64)
+    count = np.empty(n_out, dtype=np.int64)
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)  # int(): toward zero, as C's cast
+        n = min(int(centre + support + 0.5), n_in) - lo
+        total = 0.0
+        for t in range(n):
+            weights[o, t] = _bicubic((t + lo - centre + 0.5) / widen)
+            total += weights[o, t]
+        if total != 0.0:
+            for t in range(n):
+                weights[o, t] /= total
+        first[o], count[o] = lo, n
+    return first, count, weights
+
+
+@njit(cache=True, nogil=True)
+def half_scale(grey: np.ndarray) -> np.ndarray:
+    """``grey`` at (h // 2, w // 2), as Pillow resizes a float32 ("F") image with BICUBIC: along
+    rows, then along columns, each sum in float64 in the order of its taps and each pass stored
+    as float32. Each pass runs over whole lines of independent sums (vectorised, the order of
+    every sum kept), on a transposed copy for the first."""
+    h, w = grey.shape
+    oh, ow = h // 2, w // 2
+    columns = np.empty((w, h), dtype=np.float32)  # grey transposed: a column is a line
+    for i in range(h):
+        for j in range(w):
+            columns[j, i] = grey[i, j]
+    first, count, weights = _resample_weights(w, ow)
+    acc = np.empty(max(h, ow))
+    half_rows = np.empty((ow, h), dtype=np.float32)  # along rows, transposed
+    for o in range(ow):
+        acc[:h] = 0.0
+        for t in range(count[o]):
+            wt = weights[o, t]
+            line = columns[first[o] + t]
+            for i in range(h):
+                acc[i] += np.float64(line[i]) * wt
+        for i in range(h):
+            half_rows[o, i] = acc[i]
+    rows = half_rows.T.copy()  # (h, ow)
+    first, count, weights = _resample_weights(h, oh)
+    out = np.empty((oh, ow))
+    for o in range(oh):
+        acc[:ow] = 0.0
+        for t in range(count[o]):
+            wt = weights[o, t]
+            line = rows[first[o] + t]
+            for j in range(ow):
+                acc[j] += np.float64(line[j]) * wt
+        for j in range(ow):
+            out[o, j] = np.float32(acc[j])
+    return out
