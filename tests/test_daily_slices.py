@@ -108,6 +108,15 @@ def test_slices_give_the_whole_day_figures(local_lake):
     iq = daily.read_table(lake, "curated", D, "image_quality.parquet")
     assert not iq["image_key"].duplicated().any() and set(iq["image_key"]) == set(inter["image_key"])
     assert images["images"] == inter["image_key"].nunique() == 60  # each photo once, however many slices
+    # Each slice's distinct image keys were listed once (validate_slice); a day curated before the
+    # lists gets the same check from its interactions.
+    listed = daily.read_table(lake, "curated", D, "image_keys.parquet")
+    assert set(listed["image_key"]) == set(inter["image_key"]) and listed["key_hash"].ge(0).all()
+    for k in lake.list(partition_prefix("curated", D)):
+        if k.endswith("/image_keys.parquet"):
+            lake.delete(k)
+    assert daily.check_images(lake, D)["images"] == images["images"]
+    assert daily.read_table(lake, "curated", D, "image_quality.parquet").equals(iq)
 
     # One budget over the day: the same rows, in the same order, as selecting from the whole day.
     conf = daily.read_table(lake, "curated", D, "confidence.parquet")
