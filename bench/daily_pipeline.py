@@ -366,7 +366,8 @@ def measure(rows: int, photos: int, args) -> dict:
             print(f"the simulated day of {rows:,} interactions in {root} (kept by --lake)", flush=True)
         print(f"running feedback_daily's steps on {args.workers} workers", flush=True)
         r = run(root, args.workers, slice_rows)
-        r["niqe_per_s"] = niqe_rate(root)
+        with mp.get_context("fork").Pool(1) as pool:  # numba stays out of this process (see run)
+            r["niqe_per_s"] = pool.apply(niqe_rate, (root,))
         if args.scheduler:
             r |= run_scheduled(root, args.workers, slice_rows)
     print(f"total {r['total']:.1f} s (goal <= 60 s at 1M rows) for {r['interactions']:,} interactions in "
