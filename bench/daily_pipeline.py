@@ -12,8 +12,9 @@ parallelism; default: one per core), each task a fresh process forked from a war
 libraries imported, no data), and the reduces (the quality gate, phrasings, select, report) one
 at a time. The Label Studio push/pull is left out (see bench/label_studio_push.py).
 
-It prints each stage's wall time, each task kind's largest peak RSS (the imported libraries
-included: the baseline is printed too), and the total. Goals (issue #15): 1,000,000 rows in
+It prints each stage's wall time, each task kind's summed task seconds (its work, without process
+start-up or waiting for a worker) and largest peak RSS (the imported libraries included: the
+baseline is printed too), and the total. Goals (issue #15): 1,000,000 rows in
 <= 60 s in total; the largest task's peak at 4,000,000 rows <= 1.15x its peak at 1,000,000 (issue #20).
 
     python bench/daily_pipeline.py                 # 1,000,000 interactions
