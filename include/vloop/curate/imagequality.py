@@ -114,7 +114,7 @@ _WINDOW = _gaussian_window()
 # Shape parameters searched when fitting a generalized Gaussian, and the moment ratio each gives:
 # rho(a) = G(1/a) G(3/a) / G(2/a)^2, which falls monotonically as a grows.
 _ALPHAS = np.arange(0.2, 10.0, 0.001)
-_LG = np.vectorize(math.lgamma, otypes=[float])  # once, for the table: scipy stays a lazy import
+_LG = np.vectorize(math.lgamma, otypes=[float])  # once, for the table
 _RHO = np.exp(_LG(1 / _ALPHAS) + _LG(3 / _ALPHAS) - 2 * _LG(2 / _ALPHAS))
 # The kernel looks a ratio up in ascending order: the shape of the nearest ratio (moment matching).
 _RHO_ASCENDING, _SHAPES_BY_RHO = _RHO[::-1].copy(), _ALPHAS[::-1].copy()
