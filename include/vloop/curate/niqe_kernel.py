@@ -224,39 +224,35 @@ def _resample_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 @njit(cache=True, nogil=True)
+def _resample_lines(lines: np.ndarray, n_out: int) -> np.ndarray:
+    """``lines`` (float32, one row per position along the axis resized) resampled to ``n_out``
+    rows: each output row the weighted sum of its input rows, in float64 in the order of the taps,
+    stored as float32. A whole line of independent sums at a time, so it vectorises without
+    reordering any sum."""
+    n_in, length = lines.shape
+    first, count, weights = _resample_weights(n_in, n_out)
+    out = np.empty((n_out, length), dtype=np.float32)
+    acc = np.empty(length)
+    for o in range(n_out):
+        acc[:] = 0.0
+        for t in range(count[o]):
+            wt = weights[o, t]
+            line = lines[first[o] + t]
+            for i in range(length):
+                acc[i] += np.float64(line[i]) * wt
+        for i in range(length):
+            out[o, i] = acc[i]
+    return out
+
+
+@njit(cache=True, nogil=True)
 def half_scale(grey: np.ndarray) -> np.ndarray:
     """``grey`` at (h // 2, w // 2), as Pillow resizes a float32 ("F") image with BICUBIC: along
-    rows, then along columns, each sum in float64 in the order of its taps and each pass stored
-    as float32. Each pass runs over whole lines of independent sums (vectorised, the order of
-    every sum kept), on a transposed copy for the first."""
+    rows first, then along columns, each pass stored as float32."""
     h, w = grey.shape
-    oh, ow = h // 2, w // 2
-    columns = np.empty((w, h), dtype=np.float32)  # grey transposed: a column is a line
+    columns = np.empty((w, h), dtype=np.float32)  # grey transposed: one row per column
     for i in range(h):
         for j in range(w):
             columns[j, i] = grey[i, j]
-    first, count, weights = _resample_weights(w, ow)
-    acc = np.empty(max(h, ow))
-    half_rows = np.empty((ow, h), dtype=np.float32)  # along rows, transposed
-    for o in range(ow):
-        acc[:h] = 0.0
-        for t in range(count[o]):
-            wt = weights[o, t]
-            line = columns[first[o] + t]
-            for i in range(h):
-                acc[i] += np.float64(line[i]) * wt
-        for i in range(h):
-            half_rows[o, i] = acc[i]
-    rows = half_rows.T.copy()  # (h, ow)
-    first, count, weights = _resample_weights(h, oh)
-    out = np.empty((oh, ow))
-    for o in range(oh):
-        acc[:ow] = 0.0
-        for t in range(count[o]):
-            wt = weights[o, t]
-            line = rows[first[o] + t]
-            for j in range(ow):
-                acc[j] += np.float64(line[j]) * wt
-        for j in range(ow):
-            out[o, j] = np.float32(acc[j])
-    return out
+    half_width = _resample_lines(columns, w // 2)  # (w // 2, h), still transposed
+    return _resample_lines(half_width.T.copy(), h // 2).astype(np.float64)
