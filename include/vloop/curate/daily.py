@@ -322,7 +322,8 @@ def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], name: st
 
 def _quarantine_more(lake: Lake, day: dt.date, slice_no: int, what: str, column: str, ids: set, reason: str) -> None:
     """Move the staged rows of slice ``slice_no`` whose ``column`` is in ``ids`` to its quarantine (and, for
-    interactions, their events out of the staged feedback)."""
+    interactions, their events out of the staged feedback, and the slice's image keys listed again
+    from the rows that stay)."""
     schema = INTERACTION.arrow if what == "interactions" else FEEDBACK.arrow
     staged = get_frame(lake, slice_key(CURATED, day, slice_no, f"validated_{what}.parquet"))
     bad = member(staged[column], ids)
@@ -334,6 +335,7 @@ def _quarantine_more(lake: Lake, day: dt.date, slice_no: int, what: str, column:
         fb = get_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"))
         put_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"),
                   fb[~member(fb["request_id"], ids)].reset_index(drop=True), FEEDBACK.arrow)
+        put_frame(lake, slice_key(CURATED, day, slice_no, "validated_image_keys.parquet"), image_keys(staged[~bad]))
 
 
 def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float = 0.05) -> dict:
@@ -343,7 +345,8 @@ def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float
     ``quarantine/dt=D/validation.json``. Over the threshold, raise
     :class:`~vloop.curate.quality.QualityGateError` before anything reaches the curated tables, so
     nothing downstream runs on the day (and an earlier run's curated tables stay as they were).
-    Passed: each slice's staged rows become ``curated/dt=D/slice=NNN/{interactions,feedback}.parquet``,
+    Passed: each slice's staged rows become ``curated/dt=D/slice=NNN/{interactions,feedback}.parquet``
+    (and its image keys ``image_keys.parquet``),
     and the outputs of slices the day no longer has (a re-run with fewer slices) are removed, as
     are those of a run from before slices (by the hour, or the whole day)."""
     from vloop.curate.quality import QualityGateError
@@ -384,6 +387,10 @@ def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float
             f"validation, over the threshold of {max_bad_fraction:.1%}; the rows and reasons are in "
             f"{partition_prefix(QUARANTINE, day)}slice=*/")
     for s in slices:
+        keys_list = slice_key(CURATED, day, s, "validated_image_keys.parquet")
+        if not lake.exists(keys_list):  # validated before the key lists (a run that spans an upgrade)
+            put_frame(lake, keys_list, image_keys(get_frame(
+                lake, slice_key(CURATED, day, s, "validated_interactions.parquet"), ["image_key"])))
         for staged, published in PUBLISHED.items():
             lake.put_bytes(slice_key(CURATED, day, s, published), lake.get_bytes(slice_key(CURATED, day, s, staged)),
                            "application/vnd.apache.parquet")

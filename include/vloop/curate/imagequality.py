@@ -128,6 +128,8 @@ def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     (vloop.curate.niqe_kernel)."""
     from vloop.curate.niqe_kernel import scale_features, work_size
 
+    if min(grey.shape) < max(p, 4):  # the kernel's mirrored borders need 4 pixels a side (it checks no bounds)
+        raise ValueError(f"a {grey.shape[1]}x{grey.shape[0]} image has no {p}-pixel patch")
     need = work_size(*grey.shape)
     if getattr(_WORK, "buf", None) is None or len(_WORK.buf) < need:
         _WORK.buf = np.empty(need)

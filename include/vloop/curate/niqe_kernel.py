@@ -3,8 +3,8 @@
 In numpy the same steps took ~80 array operations per scale, each a pass over a small photo plus
 its temporaries and call overhead: 3 ms a photo, which at 100,000 distinct photos a day was most
 of the daily job. Here the local mean and deviation, the MSCN coefficients, every patch's sums and
-the fits to them are a few loops over the pixels and patches, with no temporaries the size of the
-image beyond the coefficients themselves.
+the fits to them are a few loops over the pixels and patches, in image-sized arrays reused from
+photo to photo (a work space the caller keeps).
 
 The steps and fits are the paper's, as vloop.curate.imagequality's docstring gives them;
 tests/test_imagequality.py checks the features against a plain numpy computation of the same
@@ -214,7 +214,7 @@ def _resample_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np
         n = min(int(centre + support + 0.5), n_in) - lo
         total = 0.0
         for t in range(n):
-            weights[o, t] = _bicubic((t + lo - centre + 0.5) / widen)
+            weights[o, t] = _bicubic((t + lo - centre + 0.5) * (1.0 / widen))  # as Pillow: times the reciprocal
             total += weights[o, t]
         if total != 0.0:
             for t in range(n):
