@@ -60,8 +60,8 @@ def mscn(grey: np.ndarray, window: np.ndarray, work: np.ndarray) -> tuple[np.nda
     h, w = grey.shape
     r = len(window) // 2
     cols_at, rows_at = _mirrored(w, r), _mirrored(h, r)
-    # The local mean and mean of squares along rows, each row read once into a padded line. Loops
-    # are tap-major (each output an independent sum), so they vectorise without reordering sums.
+    # The local mean and mean of squares along rows, each row read once into a padded line (its
+    # mirrored borders looked up once a row, not once a tap).
     row_mu = work[:h * w].reshape((h, w))
     row_sq = work[h * w:2 * h * w].reshape((h, w))
     line = np.empty(w + 2 * r)
