@@ -195,7 +195,7 @@ def run(root: str, workers: int, slice_rows: int) -> dict:
     import vloop.curate.report  # noqa: F401
     from vloop.curate import daily  # noqa: F401
 
-    # Not numba (vloop.curate.niqe_kernel): only the image checks use it, and each imports it (~0.1 s, ~100 MB
+    # Not numba (vloop.curate.image_kernels): only the image checks use it, and each imports it (~0.1 s, ~100 MB
     # of LLVM) as an Airflow task would, in its own time and memory.
     print(f"warm worker: libraries imported in {time.perf_counter() - t0:.1f}s (not counted)", flush=True)
     ctx = mp.get_context("fork")

@@ -69,7 +69,7 @@ def test_niqe_rises_with_blur_noise_and_jpeg_on_textured_images(seed):
 # -- the compiled kernel against NIQE's definitions, in plain numpy ---------------------------------
 def _reference_scale_features(grey, p):
     """One scale's 18 features and sharpness per patch, straight from the definitions (the
-    imagequality module docstring) with numpy and scipy: what vloop.curate.niqe_kernel computes."""
+    imagequality module docstring) with numpy and scipy: what vloop.curate.image_kernels computes."""
     from scipy.ndimage import correlate1d
     from scipy.special import gammaln
 
@@ -132,7 +132,7 @@ def test_compiled_features_match_the_definitions():
 
 
 def test_half_scale_is_pillows_bicubic_resize_to_the_bit():
-    from vloop.curate.niqe_kernel import half_scale
+    from vloop.curate.image_kernels import half_scale
 
     rng = np.random.default_rng(0)
     for h, w in [(64, 64), (65, 97), (150, 150), (224, 161), (96, 301), (512, 383)]:
@@ -140,6 +140,69 @@ def test_half_scale_is_pillows_bicubic_resize_to_the_bit():
             want = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize((w // 2, h // 2), Image.BICUBIC),
                               dtype=np.float64)
             np.testing.assert_array_equal(half_scale(grey), want)
+
+
+def test_resize_8bit_is_pillows_resize_to_the_bit():
+    """The blur check's reduction is Pillow's bicubic "L" resize, rows then columns. (Pillow 13
+    resizes along columns first where the height shrinks much more than the width; the kernel keeps
+    one order, so photos that are no taller than wide are where the two must agree.)"""
+    from vloop.curate.image_kernels import resize_8bit
+
+    rng = np.random.default_rng(1)
+    for h, w in [(1, 1), (5, 9), (64, 64), (100, 300), (128, 200), (224, 224), (301, 517), (768, 1024)]:
+        for pixels in (rng.integers(0, 256, (h, w), dtype=np.uint8),
+                       (np.add.outer(np.arange(h), np.arange(w)) % 256).astype(np.uint8),
+                       (rng.random((h, w)) > 0.5).astype(np.uint8) * 255):  # overshoot: clipped
+            for size in [(128, 128), (w // 2 or 1, h // 2 or 1), (w + 7, h + 3)]:
+                want = np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC))
+                np.testing.assert_array_equal(resize_8bit(pixels, size[1], size[0]), want, err_msg=f"{(h, w)} -> {size}")
+
+
+def test_blur_and_exposure_figures_match_their_definition():
+    """grey_stats (assess's figures, compiled) against numpy on Pillow's 128-px image: the Laplacian's
+    variance (the kernel sums exactly in integers, numpy in float32), the mean grey level and the
+    share of blown-out pixels (exactly)."""
+    from vloop.curate.imagequality import BLOWN_LEVEL, SHARPNESS_SIDE
+
+    from vloop.curate.image_kernels import grey_stats
+
+    rng = np.random.default_rng(2)
+    photos = [s.image for s in World(3).samples(20, degraded=0.5)]
+    photos += [Image.fromarray(rng.integers(0, 256, (150, 210), dtype=np.uint8)), Image.new("L", (90, 90), 255),
+               textured_scene(TEST_SEEDS[0], 256)]
+    for img in photos:
+        grey = img.convert("L")
+        pixels = np.asarray(grey)
+        small = np.asarray(grey.resize((SHARPNESS_SIDE, SHARPNESS_SIDE), Image.BICUBIC), dtype=np.float64)
+        lap = small[:-2, 1:-1] + small[2:, 1:-1] + small[1:-1, :-2] + small[1:-1, 2:] - 4 * small[1:-1, 1:-1]
+        sharpness, brightness, blown = grey_stats(pixels, SHARPNESS_SIDE, BLOWN_LEVEL)
+        assert sharpness == pytest.approx(lap.var(), rel=1e-12, abs=1e-12)
+        assert brightness == pixels.mean()
+        assert blown == np.count_nonzero(pixels >= BLOWN_LEVEL) / pixels.size
+
+
+def test_compiled_score_matches_numpy_and_falls_back_to_a_pseudo_inverse():
+    """niqe (one compiled call: both scales, the patches kept, their Gaussian, a Cholesky solve)
+    against the same steps in numpy from niqe_features; and a model whose pooled covariance is not
+    positive definite still gets a score, through the pseudo-inverse."""
+    from vloop.curate.imagequality import FLAT, niqe_features
+
+    model = pristine_model()
+
+    def by_numpy(img, m):
+        feats, sharp = niqe_features(img, m.config)
+        feats = feats[np.isfinite(feats).all(axis=1) & (sharp > FLAT)]
+        d = m.mean - feats.mean(axis=0)
+        return float(np.sqrt(max(0.0, d @ np.linalg.pinv((m.cov + np.cov(feats, rowvar=False)) / 2) @ d)))
+
+    scene = textured_scene(TEST_SEEDS[2], 256)
+    for img in (scene, scene.filter(ImageFilter.GaussianBlur(2)), World(4).sample(0).image):
+        assert niqe(img) == pytest.approx(by_numpy(img, model), rel=1e-9)
+    # A "covariance" with a negative direction (its largest one, reversed): no Cholesky factor.
+    w, v = np.linalg.eigh(model.cov)
+    degenerate = PristineModel(model.mean, model.cov - 3 * w[-1] * np.outer(v[:, -1], v[:, -1]), model.config, 0, "")
+    assert 0 < niqe(scene, degenerate) != niqe(scene)
+    assert niqe(scene, degenerate) == pytest.approx(by_numpy(scene, degenerate), rel=1e-9)
 
 
 def test_niqe_is_deterministic_and_size_robust():

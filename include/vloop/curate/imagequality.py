@@ -66,17 +66,19 @@ class ImageQuality:
         return bool(self.flags)
 
 
+SHARPNESS_SIDE = 128  # the blur check's Laplacian is taken at this side, so its variance does not follow the size
+BLOWN_LEVEL = 250  # a grey level this high or higher is blown out
+
+
 def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[int, int] | None = None) -> ImageQuality:
     """The flags of ``img``; ``size`` is the picture's real size when ``img`` is a reduced decode
-    of it (the resolution flag goes by the real size, the rest by the pixels at hand)."""
+    of it (the resolution flag goes by the real size, the rest by the pixels at hand). The figures
+    come from one compiled call (vloop.curate.image_kernels.grey_stats)."""
+    from vloop.curate.image_kernels import grey_stats
+
     t = t or QualityThresholds()
     grey = img if img.mode == "L" else img.convert("L")
-    pixels = np.asarray(grey)  # uint8: the mean is taken in float64 all the same
-    small = np.asarray(grey.resize((128, 128)), dtype=np.float32)
-    lap = (small[:-2, 1:-1] + small[2:, 1:-1] + small[1:-1, :-2] + small[1:-1, 2:] - 4 * small[1:-1, 1:-1])
-    sharpness = float(lap.var())
-    brightness = float(pixels.mean())
-    blown = np.count_nonzero(pixels >= 250) / max(pixels.size, 1)
+    sharpness, brightness, blown = grey_stats(np.asarray(grey), SHARPNESS_SIDE, BLOWN_LEVEL)
     flags = []
     if sharpness < t.min_sharpness:
         flags.append("blurry")
@@ -123,18 +125,25 @@ _RHO_ASCENDING, _SHAPES_BY_RHO = _RHO[::-1].copy(), _ALPHAS[::-1].copy()
 _WORK = threading.local()  # each thread's work space for the kernel, grown to the largest photo yet
 
 
+def _work(h: int, w: int) -> np.ndarray:
+    """This thread's work space for the kernels, grown to the largest photo yet."""
+    from vloop.curate.image_kernels import work_size
+
+    need = work_size(h, w)
+    if getattr(_WORK, "buf", None) is None or len(_WORK.buf) < need:
+        _WORK.buf = np.empty(need)
+    return _WORK.buf
+
+
 def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     """Per patch: the 18 features at this scale, and its sharpness (mean local deviation); compiled
-    (vloop.curate.niqe_kernel)."""
-    from vloop.curate.niqe_kernel import scale_features, work_size
+    (vloop.curate.image_kernels)."""
+    from vloop.curate.image_kernels import scale_features
 
     if min(grey.shape) < max(p, 4):  # the kernel's mirrored borders need 4 pixels a side (it checks no bounds)
         raise ValueError(f"a {grey.shape[1]}x{grey.shape[0]} image has no {p}-pixel patch")
-    need = work_size(*grey.shape)
-    if getattr(_WORK, "buf", None) is None or len(_WORK.buf) < need:
-        _WORK.buf = np.empty(need)
     return scale_features(np.ascontiguousarray(grey, dtype=np.float64), p, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO,
-                          _WORK.buf)
+                          _work(*grey.shape))
 
 
 def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
@@ -158,7 +167,7 @@ def niqe_features(image: Image.Image, cfg: NiqeConfig | None = None) -> tuple[np
     f1, sharp = _scale_features(grey, p)
     # Half resolution: bicubic with antialiasing (Pillow's resize of the float image, to the bit),
     # patches of P/2 cover the same regions.
-    from vloop.curate.niqe_kernel import half_scale
+    from vloop.curate.image_kernels import half_scale
 
     f2, _ = _scale_features(half_scale(grey), p // 2)
     n = min(len(f1), len(f2))
@@ -218,21 +227,20 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     worse. Flat patches (no texture: a plain background) carry no statistics and are left out; an
     image with nothing but flat patches has no score (NaN). Raises ``ValueError`` for an image
     smaller than two patches a side and ``TypeError`` for anything but a PIL image."""
+    from vloop.curate.image_kernels import niqe_score
+
     model = model or pristine_model()
-    feats, sharp = niqe_features(image, model.config)
+    grey = _grey(image, model.config)
+    score, solved = niqe_score(grey, model.config.patch_size, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO,
+                               _work(*grey.shape), FLAT, model.mean, model.cov)
+    if solved:  # the pristine covariance is positive definite, so the pooled one is: a Cholesky solve
+        return float(score)
+    feats, sharp = niqe_features(image, model.config)  # a model fitted on too few patches: pinv
     feats = feats[np.isfinite(feats).all(axis=1) & (sharp > FLAT)]
-    if not len(feats):
-        return float("nan")
     mu = feats.mean(axis=0)
-    centred = feats - mu
-    cov = centred.T @ centred / (len(feats) - 1) if len(feats) > 1 else np.zeros_like(model.cov)  # np.cov's
     d = model.mean - mu
-    pooled = (model.cov + cov) / 2
-    try:  # the pristine covariance is positive definite, so the pooled one is: a solve, 6x a pinv's speed
-        x = np.linalg.solve(pooled, d)
-    except np.linalg.LinAlgError:  # a model fitted on too few patches
-        x = np.linalg.pinv(pooled) @ d
-    return float(math.sqrt(max(0.0, d @ x)))
+    pooled = (model.cov + (np.cov(feats, rowvar=False) if len(feats) > 1 else 0)) / 2
+    return float(math.sqrt(max(0.0, d @ np.linalg.pinv(pooled) @ d)))
 
 
 # The daily check's NIQE runs on the photo reduced to this longer side (a JPEG decoded at a reduced
