@@ -73,6 +73,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.on_event("startup")
     async def _startup():
+        # The image check (vloop.image_quality) is compiled code: loaded before the first photo.
+        from vloop.curate.imagequality import warm_up
+
+        await asyncio.to_thread(warm_up)
         if gw.local is None:
             try:  # learn the upstream's base model id now; requests ask again while it is down
                 await gw.models.base_id()

@@ -58,6 +58,19 @@ def test_bytes_roundtrip_list_and_delete(lake):
     assert lake.list() == ["z.bin"]
 
 
+def test_existing_tells_which_keys_are_objects(lake):
+    """In bulk, as validation checks a slice's photos: a folder with many of the keys (listed
+    once on a local lake), one with a few (a stat each), a folder that is not there, a top-level
+    key, and a folder named as if it were a key."""
+    many = [f"img/aa/{i:03d}.png" for i in range(20)]
+    for k in many[:15] + ["img/bb/one.png", "top.bin"]:
+        lake.put_bytes(k, b"x")
+    asked = many + ["img/bb/one.png", "img/bb/two.png", "img/cc/none.png", "top.bin", "nothing.bin", "img/aa"]
+    assert lake.existing(asked) == set(many[:15]) | {"img/bb/one.png", "top.bin"}
+    assert lake.existing([]) == set()
+    assert lake.existing(asked) == {k for k in asked if lake.exists(k)}
+
+
 def test_json_roundtrip(lake):
     lake.put_json("registry/versions.json", {"b": 1, "a": [1, 2]})
     assert lake.get_json("registry/versions.json") == {"a": [1, 2], "b": 1}

@@ -286,6 +286,13 @@ def niqe_reduced(source: bytes | Image.Image, side: int = NIQE_SIDE, model: Pris
         return float("nan")
 
 
+def warm_up() -> None:
+    """Load the compiled checks (vloop.curate.image_kernels) now, so the first photo does not wait
+    for them: ~0.3 s from numba's cache, ~5 s where there is none yet to compile."""
+    assess(Image.new("L", (8, 8)))
+    niqe(Image.new("L", (64, 64)))
+
+
 def quick_summary(data: bytes, t: QualityThresholds | None = None) -> dict:
     """:func:`summary` for the serving hot path, from an image file's bytes: the flags come from a
     reduced grey decode (a JPEG is decoded at a quarter of its size straight from its DCT

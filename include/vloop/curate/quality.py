@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from vloop.store.frames import member
 from vloop.store.schema import ARMS, FEEDBACK_TYPES, STATUSES
 
 SUITE_NAME = "vloop_interactions_v1"
@@ -98,9 +99,9 @@ def derived_columns(df: pd.DataFrame, lake=None) -> pd.DataFrame:
     for c in ("latency_ms", "confidence"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype("float64")
     if lake is not None:
-        keys = out["image_key"].dropna().unique().tolist()
-        present = {k: lake.exists(k) for k in keys}
-        out["image_present"] = out["image_key"].map(present).fillna(True).astype(bool)
+        keys = out["image_key"].dropna().unique()
+        there = lake.existing(keys)
+        out["image_present"] = out["image_key"].isna() | member(out["image_key"], there)
     else:
         out["image_present"] = True
     return out

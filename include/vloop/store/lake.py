@@ -55,6 +55,7 @@ MANIFEST = "_manifest.json"  # per day: the files of its last replacement and wh
 GENERATION_PREFIX = "gen-"  # files of a replacement: visible only once the day's manifest names them
 SNAPSHOT_ATTEMPTS = 5  # a reader re-reads a day this often while replacements keep landing on it
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
+EXISTS_THREADS = 8  # concurrent HEADs when checking many keys (under the client's pool of 16 connections)
 
 
 class LakeError(Exception):
@@ -171,6 +172,10 @@ class Lake(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    def existing(self, keys) -> set[str]:
+        """Which of ``keys`` are objects: :meth:`exists` of each (subclasses do it in bulk)."""
+        return {k for k in keys if self.exists(k)}
 
     @abstractmethod
     def modified(self, key: str) -> dt.datetime:
@@ -465,6 +470,27 @@ class LocalLake(Lake):
         # photo of a slice (tens of thousands) this way.
         return os.path.isfile(os.path.join(self._root_text, check_key(key)))
 
+    def existing(self, keys):
+        # One listing of each folder the keys are in, not a stat per key: a slice's photos are
+        # tens of thousands of keys in a few hundred folders (vloop.curate.quality).
+        by_folder: dict[str, list[str]] = {}
+        for k in keys:
+            folder, _, name = check_key(k).rpartition("/")
+            by_folder.setdefault(folder, []).append(name)
+        out = set()
+        for folder, names in by_folder.items():
+            if len(names) < 8:  # a stat each is cheaper than listing a big folder
+                out.update(f"{folder}/{n}" if folder else n for n in names
+                           if os.path.isfile(os.path.join(self._root_text, folder, n)))
+                continue
+            try:
+                with os.scandir(os.path.join(self._root_text, folder)) as it:
+                    files = {e.name for e in it if e.is_file()}
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            out.update(f"{folder}/{n}" if folder else n for n in names if n in files)
+        return out
+
     def modified(self, key):
         try:
             return dt.datetime.fromtimestamp(self._path(key).stat().st_mtime, dt.timezone.utc)
@@ -629,6 +655,14 @@ class S3Lake(Lake):
             return True
         except (LakeKeyNotFound, LakeBucketMissing):
             return False
+
+    def existing(self, keys):
+        # A HEAD per key, several at a time: each waits on the network, not the CPU.
+        keys = list(dict.fromkeys(keys))
+        if len(keys) < 2:
+            return {k for k in keys if self.exists(k)}
+        with ThreadPoolExecutor(EXISTS_THREADS) as pool:
+            return {k for k, there in zip(keys, pool.map(self.exists, keys)) if there}
 
     def modified(self, key):
         return self._call(key, self.client.stat_object, self.bucket, self._name(key)).last_modified
