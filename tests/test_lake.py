@@ -71,6 +71,17 @@ def test_existing_tells_which_keys_are_objects(lake):
     assert lake.existing(asked) == {k for k in asked if lake.exists(k)}
 
 
+def test_get_many_keeps_order_and_gives_none_for_a_missing_key(lake):
+    keys = [f"obj/{i:02d}.bin" for i in range(40)]
+    for k in keys:
+        lake.put_bytes(k, k.encode())
+    lake.delete(keys[7])
+    got = list(lake.get_many(keys))
+    assert [k for k, _ in got] == keys
+    assert all(data == k.encode() for k, data in got if k != keys[7]) and dict(got)[keys[7]] is None
+    assert list(lake.get_many([])) == []
+
+
 def test_json_roundtrip(lake):
     lake.put_json("registry/versions.json", {"b": 1, "a": [1, 2]})
     assert lake.get_json("registry/versions.json") == {"a": [1, 2], "b": 1}

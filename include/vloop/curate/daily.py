@@ -649,9 +649,11 @@ def check_images_slot(lake: Lake, day: dt.date, slice_no: int, thresholds=None) 
         mine.update(keys["image_key"][owner[keys["key_hash"].to_numpy() % len(slices)] == slice_no])
     rows = []
     t0 = time.perf_counter()
-    for i, k in enumerate(sorted(mine), 1):
+    for i, (k, data) in enumerate(lake.get_many(sorted(mine)), 1):  # on S3, fetched a few ahead
+        if data is None:  # erased since validation (vloop.privacy.erasure): nothing to check
+            continue
         # NIQE on every photo, from a reduced decode (vloop.curate.imagequality.niqe_reduced).
-        rows.append(image_check(lake, k, thresholds))
+        rows.append(image_check(lake, k, thresholds, data=data))
         if i % 2000 == 0:
             log.info("checked %d/%d images (%.0f/s)", i, len(mine), i / (time.perf_counter() - t0))
     out = pd.DataFrame(rows, columns=list(IMAGE_QUALITY_TYPES))
@@ -661,11 +663,11 @@ def check_images_slot(lake: Lake, day: dt.date, slice_no: int, thresholds=None) 
     return {"day": day.isoformat(), "slice": slice_no, "images": len(out), "poor": int(out["poor"].sum())}
 
 
-def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) -> dict:
-    """One image's row of ``image_quality.parquet``, measured as shown (a JPEG's orientation tag
-    applied). Intake checks a file's structure, not every byte of its compressed data: a photo no
-    decoder reads is flagged ``unreadable`` (poor: never sent to annotators or training), not the
-    day's failure."""
+def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True, data: bytes | None = None) -> dict:
+    """One image's row of ``image_quality.parquet`` (from ``data``, its bytes, when the caller has
+    them), measured as shown (a JPEG's orientation tag applied). Intake checks a file's structure,
+    not every byte of its compressed data: a photo no decoder reads is flagged ``unreadable``
+    (poor: never sent to annotators or training), not the day's failure."""
     from PIL import Image, ImageOps
 
     from vloop.curate.imagequality import DEFAULT_MAX_NIQE, assess, flags_with_niqe, is_poor, niqe_reduced
@@ -673,7 +675,7 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True) 
 
     score = float("nan")
     try:
-        data = lake.get_bytes(image_key)
+        data = lake.get_bytes(image_key) if data is None else data
         with Image.open(io.BytesIO(data)) as img:
             jpeg = img.format == "JPEG"  # decoded again at a reduced scale for NIQE, cheaply
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:

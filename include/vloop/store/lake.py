@@ -26,8 +26,10 @@ Open one with :func:`open_lake` (from ``VLOOP_*`` settings or explicit arguments
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import io
+import itertools
 import json
 import os
 import re
@@ -39,7 +41,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,7 +57,7 @@ MANIFEST = "_manifest.json"  # per day: the files of its last replacement and wh
 GENERATION_PREFIX = "gen-"  # files of a replacement: visible only once the day's manifest names them
 SNAPSHOT_ATTEMPTS = 5  # a reader re-reads a day this often while replacements keep landing on it
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
-EXISTS_THREADS = 8  # concurrent HEADs when checking many keys (under the client's pool of 16 connections)
+EXISTS_THREADS = 8  # concurrent HEADs or GETs over many keys (under the client's pool of 16 connections)
 
 
 class LakeError(Exception):
@@ -172,6 +174,15 @@ class Lake(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    def get_many(self, keys) -> Iterator[tuple[str, bytes | None]]:
+        """(key, bytes) of each key in order, None for a key with no object (deleted since it was
+        listed: an erasure); subclasses fetch ahead."""
+        for k in keys:
+            try:
+                yield k, self.get_bytes(k)
+            except LakeKeyNotFound:
+                yield k, None
 
     def existing(self, keys) -> set[str]:
         """Which of ``keys`` are objects: :meth:`exists` of each (subclasses do it in bulk)."""
@@ -655,6 +666,25 @@ class S3Lake(Lake):
             return True
         except (LakeKeyNotFound, LakeBucketMissing):
             return False
+
+    def get_many(self, keys):
+        # GETs a few ahead of the caller, on threads: each waits on the network, and the caller
+        # (the daily image check) works on one object while the next ones arrive. A window, not
+        # the whole list, so memory holds a few objects at a time.
+        def fetch(k):
+            try:
+                return self.get_bytes(k)
+            except LakeKeyNotFound:
+                return None
+
+        keys = iter(keys)
+        with ThreadPoolExecutor(EXISTS_THREADS) as pool:
+            window = collections.deque((k, pool.submit(fetch, k)) for k in itertools.islice(keys, 2 * EXISTS_THREADS))
+            while window:
+                k, pending = window.popleft()
+                for more in itertools.islice(keys, 1):
+                    window.append((more, pool.submit(fetch, more)))
+                yield k, pending.result()
 
     def existing(self, keys):
         # A HEAD per key, several at a time: each waits on the network, not the CPU.
