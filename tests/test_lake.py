@@ -60,12 +60,15 @@ def test_bytes_roundtrip_list_and_delete(lake):
 
 def test_existing_tells_which_keys_are_objects(lake):
     """In bulk, as validation checks a slice's photos: a folder with many of the keys (listed
-    once on a local lake), one with a few (a stat each), a folder that is not there, a top-level
-    key, and a folder named as if it were a key."""
-    many = [f"img/aa/{i:03d}.png" for i in range(20)]
-    for k in many[:15] + ["img/bb/one.png", "top.bin"]:
+    once), one with a few (asked one by one), a folder that is not there, a top-level key, and
+    folders named as if they were keys."""
+    from vloop.store.lake import LIST_FOLDER_MIN
+
+    many = [f"img/aa/{i:03d}.png" for i in range(LIST_FOLDER_MIN + 4)]
+    for k in many[:15] + ["img/bb/one.png", "top.bin", "img/aa/deeper/x.png"]:
         lake.put_bytes(k, b"x")
-    asked = many + ["img/bb/one.png", "img/bb/two.png", "img/cc/none.png", "top.bin", "nothing.bin", "img/aa"]
+    asked = many + ["img/bb/one.png", "img/bb/two.png", "img/cc/none.png", "top.bin", "nothing.bin", "img/aa",
+                    "img/aa/deeper"]  # a folder named as a key: no object
     assert lake.existing(asked) == set(many[:15]) | {"img/bb/one.png", "top.bin"}
     assert lake.existing([]) == set()
     assert lake.existing(asked) == {k for k in asked if lake.exists(k)}

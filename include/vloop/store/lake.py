@@ -58,6 +58,9 @@ GENERATION_PREFIX = "gen-"  # files of a replacement: visible only once the day'
 SNAPSHOT_ATTEMPTS = 5  # a reader re-reads a day this often while replacements keep landing on it
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
 EXISTS_THREADS = 8  # concurrent HEADs or GETs over many keys (under the client's pool of 16 connections)
+# Lake.existing lists a folder rather than ask for each key in it from this many keys on: one
+# listing (a directory read; on S3, a request per 1,000 objects) against a stat or HEAD per key.
+LIST_FOLDER_MIN = 16
 
 
 class LakeError(Exception):
@@ -185,7 +188,26 @@ class Lake(ABC):
                 yield k, None
 
     def existing(self, keys) -> set[str]:
-        """Which of ``keys`` are objects: :meth:`exists` of each (subclasses do it in bulk)."""
+        """Which of ``keys`` are objects, in bulk (validation asks it of every photo of a slice:
+        tens of thousands of keys in a few hundred folders): a folder with many of them is listed
+        once, the other keys are asked one by one."""
+        by_folder: dict[str, list[str]] = {}
+        for k in keys:
+            by_folder.setdefault(check_key(k).rpartition("/")[0], []).append(k)
+        out, one_by_one = set(), []
+        for folder, wanted in by_folder.items():
+            if len(wanted) >= LIST_FOLDER_MIN:
+                there = self._folder_keys(folder)
+                out.update(k for k in wanted if k in there)
+            else:
+                one_by_one.extend(wanted)
+        return out | self._each_exists(one_by_one)
+
+    def _folder_keys(self, folder: str) -> set[str]:
+        """The keys of the objects directly in ``folder``."""
+        return {k for k in self.list(f"{folder}/" if folder else "") if k.rpartition("/")[0] == folder}
+
+    def _each_exists(self, keys: list[str]) -> set[str]:
         return {k for k in keys if self.exists(k)}
 
     @abstractmethod
@@ -481,26 +503,12 @@ class LocalLake(Lake):
         # photo of a slice (tens of thousands) this way.
         return os.path.isfile(os.path.join(self._root_text, check_key(key)))
 
-    def existing(self, keys):
-        # One listing of each folder the keys are in, not a stat per key: a slice's photos are
-        # tens of thousands of keys in a few hundred folders (vloop.curate.quality).
-        by_folder: dict[str, list[str]] = {}
-        for k in keys:
-            folder, _, name = check_key(k).rpartition("/")
-            by_folder.setdefault(folder, []).append(name)
-        out = set()
-        for folder, names in by_folder.items():
-            if len(names) < 8:  # a stat each is cheaper than listing a big folder
-                out.update(f"{folder}/{n}" if folder else n for n in names
-                           if os.path.isfile(os.path.join(self._root_text, folder, n)))
-                continue
-            try:
-                with os.scandir(os.path.join(self._root_text, folder)) as it:
-                    files = {e.name for e in it if e.is_file()}
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            out.update(f"{folder}/{n}" if folder else n for n in names if n in files)
-        return out
+    def _folder_keys(self, folder):
+        try:
+            with os.scandir(os.path.join(self._root_text, folder)) as it:
+                return {f"{folder}/{e.name}" if folder else e.name for e in it if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
 
     def modified(self, key):
         try:
@@ -686,7 +694,7 @@ class S3Lake(Lake):
                     window.append((more, pool.submit(fetch, more)))
                 yield k, pending.result()
 
-    def existing(self, keys):
+    def _each_exists(self, keys):
         # A HEAD per key, several at a time: each waits on the network, not the CPU.
         keys = list(dict.fromkeys(keys))
         if len(keys) < 2:
