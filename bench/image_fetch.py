@@ -5,8 +5,8 @@ exist, and the image check reading each one.
 bench/daily_pipeline.py) are stored in a SeaweedFS S3 server (``weed mini``) on loopback. Then, in
 the same run and alternated (best of ``--repeat``), with the minio client as the lake uses it:
 
-* existence: a HEAD per photo one after another (``Lake.existing`` of the base class) against
-  ``S3Lake.existing`` (HEADs on threads);
+* existence: a HEAD per photo one after another against ``S3Lake.existing`` (a folder holding many
+  of the photos listed once, the others HEADs on threads);
 * the image check (vloop.curate.daily.image_check, NIQE on) over photos read one after another
   (``Lake.get_many`` of the base class) against ``S3Lake.get_many`` (a window of GETs ahead, on
   threads, while a photo is checked).
@@ -61,7 +61,7 @@ def main() -> None:
             return sum(1 for k, data in get_many(s3, keys) if image_check(s3, k, None, data=data)["niqe"] > 0)
 
         runs = {
-            "exists, one at a time": lambda: Lake.existing(s3, keys),
+            "exists, one at a time": lambda: {k for k in keys if s3.exists(k)},
             "exists, S3Lake.existing": lambda: s3.existing(keys),
             "check, one GET at a time": lambda: check(Lake.get_many),
             "check, S3Lake.get_many": lambda: check(S3Lake.get_many),
