@@ -5,8 +5,7 @@ exist, and the image check reading each one.
 bench/daily_pipeline.py) are stored in a SeaweedFS S3 server (``weed mini``) on loopback. Then, in
 the same run and alternated (best of ``--repeat``), with the minio client as the lake uses it:
 
-* existence: a HEAD per photo one after another against ``S3Lake.existing`` (a folder holding many
-  of the photos listed once, the others HEADs on threads);
+* existence: a HEAD per photo one after another against ``S3Lake.existing`` (HEADs on threads);
 * the image check (vloop.curate.daily.image_check, NIQE on) over photos read one after another
   (``Lake.get_many`` of the base class) against ``S3Lake.get_many`` (a window of GETs ahead, on
   threads, while a photo is checked).

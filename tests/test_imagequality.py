@@ -199,10 +199,37 @@ def test_compiled_score_matches_numpy_and_falls_back_to_a_pseudo_inverse():
     for img in (scene, scene.filter(ImageFilter.GaussianBlur(2)), World(4).sample(0).image):
         assert niqe(img) == pytest.approx(by_numpy(img, model), rel=1e-9)
     # A "covariance" with a negative direction (its largest one, reversed): no Cholesky factor.
+    from vloop.curate.image_kernels import niqe_score
+    from vloop.curate.imagequality import _RHO_ASCENDING, _SHAPES_BY_RHO, _WINDOW, _grey, _work
+
     w, v = np.linalg.eigh(model.cov)
     degenerate = PristineModel(model.mean, model.cov - 3 * w[-1] * np.outer(v[:, -1], v[:, -1]), model.config, 0, "")
+    grey = _grey(scene, model.config)
+    _, solved = niqe_score(grey, 32, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO, _work(*grey.shape), FLAT,
+                           degenerate.mean, degenerate.cov)
+    assert not solved  # so niqe took the pseudo-inverse
     assert 0 < niqe(scene, degenerate) != niqe(scene)
     assert niqe(scene, degenerate) == pytest.approx(by_numpy(scene, degenerate), rel=1e-9)
+
+
+def test_the_kernels_compile_without_scipy(tmp_path):
+    """The serving image has numba but no SciPy, and numba's linear algebra needs SciPy: the image
+    check compiles from scratch (an empty cache) in a process where SciPy cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['scipy'] = None\n"  # any import of scipy now fails
+            "from PIL import Image\n"
+            "from vloop.curate.imagequality import assess, niqe, warm_up\n"
+            "warm_up()\n"
+            "from vloop.sim.synth import textured_scene\n"
+            "img = textured_scene(5000, 128)\n"
+            "print(assess(img).sharpness > 0, niqe(img) > 0, 'scipy' in sys.modules and sys.modules['scipy'] is not None)\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}  # nothing cached: everything compiles
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "True", "False"]
 
 
 def test_niqe_is_deterministic_and_size_robust():

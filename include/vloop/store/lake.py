@@ -58,9 +58,6 @@ GENERATION_PREFIX = "gen-"  # files of a replacement: visible only once the day'
 SNAPSHOT_ATTEMPTS = 5  # a reader re-reads a day this often while replacements keep landing on it
 WRITE_THREADS = 4  # concurrent partition writes: Parquet encoding releases the GIL, S3 PUTs wait on I/O
 EXISTS_THREADS = 8  # concurrent HEADs or GETs over many keys (under the client's pool of 16 connections)
-# Lake.existing lists a folder rather than ask for each key in it from this many keys on: one
-# listing (a directory read; on S3, a request per 1,000 objects) against a stat or HEAD per key.
-LIST_FOLDER_MIN = 16
 
 
 class LakeError(Exception):
@@ -183,31 +180,17 @@ class Lake(ABC):
         listed: an erasure); subclasses fetch ahead."""
         for k in keys:
             try:
-                yield k, self.get_bytes(k)
+                data = self.get_bytes(k)
+            except LakeBucketMissing:  # the whole lake is missing, not one object
+                raise
             except LakeKeyNotFound:
-                yield k, None
+                data = None
+            yield k, data
 
     def existing(self, keys) -> set[str]:
-        """Which of ``keys`` are objects, in bulk (validation asks it of every photo of a slice:
-        tens of thousands of keys in a few hundred folders): a folder with many of them is listed
-        once, the other keys are asked one by one."""
-        by_folder: dict[str, list[str]] = {}
-        for k in keys:
-            by_folder.setdefault(check_key(k).rpartition("/")[0], []).append(k)
-        out, one_by_one = set(), []
-        for folder, wanted in by_folder.items():
-            if len(wanted) >= LIST_FOLDER_MIN:
-                there = self._folder_keys(folder)
-                out.update(k for k in wanted if k in there)
-            else:
-                one_by_one.extend(wanted)
-        return out | self._each_exists(one_by_one)
-
-    def _folder_keys(self, folder: str) -> set[str]:
-        """The keys of the objects directly in ``folder``."""
-        return {k for k in self.list(f"{folder}/" if folder else "") if k.rpartition("/")[0] == folder}
-
-    def _each_exists(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` are objects (validation asks it of every photo of a slice). A stat or
+        HEAD per key, not a listing: the photos' folders hold every photo the lake ever stored,
+        so a listing would grow with the lake, not with the keys asked."""
         return {k for k in keys if self.exists(k)}
 
     @abstractmethod
@@ -503,13 +486,6 @@ class LocalLake(Lake):
         # photo of a slice (tens of thousands) this way.
         return os.path.isfile(os.path.join(self._root_text, check_key(key)))
 
-    def _folder_keys(self, folder):
-        try:
-            with os.scandir(os.path.join(self._root_text, folder)) as it:
-                return {f"{folder}/{e.name}" if folder else e.name for e in it if e.is_file()}
-        except (FileNotFoundError, NotADirectoryError):
-            return set()
-
     def modified(self, key):
         try:
             return dt.datetime.fromtimestamp(self._path(key).stat().st_mtime, dt.timezone.utc)
@@ -682,19 +658,24 @@ class S3Lake(Lake):
         def fetch(k):
             try:
                 return self.get_bytes(k)
+            except LakeBucketMissing:
+                raise
             except LakeKeyNotFound:
                 return None
 
         keys = iter(keys)
-        with ThreadPoolExecutor(EXISTS_THREADS) as pool:
+        pool = ThreadPoolExecutor(EXISTS_THREADS)
+        try:
             window = collections.deque((k, pool.submit(fetch, k)) for k in itertools.islice(keys, 2 * EXISTS_THREADS))
             while window:
                 k, pending = window.popleft()
                 for more in itertools.islice(keys, 1):
                     window.append((more, pool.submit(fetch, more)))
                 yield k, pending.result()
+        finally:  # an error or a caller that stops early: the GETs not started are dropped
+            pool.shutdown(cancel_futures=True)
 
-    def _each_exists(self, keys):
+    def existing(self, keys):
         # A HEAD per key, several at a time: each waits on the network, not the CPU.
         keys = list(dict.fromkeys(keys))
         if len(keys) < 2:
