@@ -117,6 +117,16 @@ def _shape(rho: float, rho_table: np.ndarray, shape_table: np.ndarray) -> float:
     return shape_table[i - 1] if abs(rho_table[i - 1] - rho) <= abs(rho_table[i] - rho) else shape_table[i]
 
 
+@njit(cache=True, nogil=True, fastmath=SUMS_IN_ANY_ORDER, inline="always")
+def _add_product(y: float, total: float, left: float, n_left: float, n_nonzero: float,
+                 ab: float) -> tuple[float, float, float, float, float]:
+    """One neighbour product added to its sums: of squares, of the negative ones' squares, how many
+    are negative and nonzero, of absolute values (inlined: the sums stay in registers)."""
+    neg = min(y, 0.0)
+    return (total + y * y, left + neg * neg, n_left + (1.0 if y < 0.0 else 0.0),
+            n_nonzero + (1.0 if y != 0.0 else 0.0), ab + abs(y))
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _aggd(total: float, left_sum: float, n_left: float, n_nonzero: float, ab: float, size: int,
           rho_table: np.ndarray, shape_table: np.ndarray) -> tuple[float, float, float, float]:
@@ -170,34 +180,10 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
                     sq += x * x
                     ab += abs(x)
                     sg += dev[j - 1]
-                    y = x * row[j + 1]
-                    neg = min(y, 0.0)
-                    t0 += y * y
-                    l0 += neg * neg
-                    n0 += 1.0 if y < 0.0 else 0.0
-                    z0 += 1.0 if y != 0.0 else 0.0
-                    a0 += abs(y)
-                    y = x * below[j]
-                    neg = min(y, 0.0)
-                    t1 += y * y
-                    l1 += neg * neg
-                    n1 += 1.0 if y < 0.0 else 0.0
-                    z1 += 1.0 if y != 0.0 else 0.0
-                    a1 += abs(y)
-                    y = x * below[j + 1]
-                    neg = min(y, 0.0)
-                    t2 += y * y
-                    l2 += neg * neg
-                    n2 += 1.0 if y < 0.0 else 0.0
-                    z2 += 1.0 if y != 0.0 else 0.0
-                    a2 += abs(y)
-                    y = x * below[j - 1]
-                    neg = min(y, 0.0)
-                    t3 += y * y
-                    l3 += neg * neg
-                    n3 += 1.0 if y < 0.0 else 0.0
-                    z3 += 1.0 if y != 0.0 else 0.0
-                    a3 += abs(y)
+                    t0, l0, n0, z0, a0 = _add_product(x * row[j + 1], t0, l0, n0, z0, a0)
+                    t1, l1, n1, z1, a1 = _add_product(x * below[j], t1, l1, n1, z1, a1)
+                    t2, l2, n2, z2, a2 = _add_product(x * below[j + 1], t2, l2, n2, z2, a2)
+                    t3, l3, n3, z3, a3 = _add_product(x * below[j - 1], t3, l3, n3, z3, a3)
             # The coefficients: a zero-mean generalized Gaussian (shape, variance).
             var = sq / size
             feats[q, 0] = _shape(var / (ab / size) ** 2, rho_table, shape_table)
