@@ -179,13 +179,17 @@ class Lake(ABC):
         """(key, bytes) of each key in order, None for a key with no object (deleted since it was
         listed: an erasure); subclasses fetch ahead."""
         for k in keys:
-            try:
-                data = self.get_bytes(k)
-            except LakeBucketMissing:  # the whole lake is missing, not one object
-                raise
-            except LakeKeyNotFound:
-                data = None
-            yield k, data
+            yield k, self._bytes_or_none(k)
+
+    def _bytes_or_none(self, key: str) -> bytes | None:
+        """:meth:`get_bytes`, or None when the object is gone (a missing bucket still raises: the
+        whole lake is missing, not one object)."""
+        try:
+            return self.get_bytes(key)
+        except LakeBucketMissing:
+            raise
+        except LakeKeyNotFound:
+            return None
 
     def existing(self, keys) -> set[str]:
         """Which of ``keys`` are objects (validation asks it of every photo of a slice). A stat or
@@ -655,22 +659,15 @@ class S3Lake(Lake):
         # GETs a few ahead of the caller, on threads: each waits on the network, and the caller
         # (the daily image check) works on one object while the next ones arrive. A window, not
         # the whole list, so memory holds a few objects at a time.
-        def fetch(k):
-            try:
-                return self.get_bytes(k)
-            except LakeBucketMissing:
-                raise
-            except LakeKeyNotFound:
-                return None
-
         keys = iter(keys)
         pool = ThreadPoolExecutor(EXISTS_THREADS)
         try:
-            window = collections.deque((k, pool.submit(fetch, k)) for k in itertools.islice(keys, 2 * EXISTS_THREADS))
+            window = collections.deque((k, pool.submit(self._bytes_or_none, k))
+                                       for k in itertools.islice(keys, 2 * EXISTS_THREADS))
             while window:
                 k, pending = window.popleft()
                 for more in itertools.islice(keys, 1):
-                    window.append((more, pool.submit(fetch, more)))
+                    window.append((more, pool.submit(self._bytes_or_none, more)))
                 yield k, pending.result()
         finally:  # an error or a caller that stops early: the GETs not started are dropped
             pool.shutdown(cancel_futures=True)
@@ -678,9 +675,7 @@ class S3Lake(Lake):
     def existing(self, keys):
         # A HEAD per key, several at a time: each waits on the network, not the CPU.
         keys = list(dict.fromkeys(keys))
-        if len(keys) < 2:
-            return {k for k in keys if self.exists(k)}
-        with ThreadPoolExecutor(EXISTS_THREADS) as pool:
+        with ThreadPoolExecutor(EXISTS_THREADS) as pool:  # threads start only as keys are submitted
             return {k for k, there in zip(keys, pool.map(self.exists, keys)) if there}
 
     def modified(self, key):
