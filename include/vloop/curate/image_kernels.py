@@ -152,7 +152,10 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
     (float64, 0..255), patches in row-major order (the remainder at the edges left out), and each
     patch's sharpness (its mean local deviation). ``window``: the Gaussian weights;
     ``rho_table``/``shape_table``: the generalized Gaussian's moment ratios (ascending) and shapes;
-    ``work``: at least :func:`work_size` float64s."""
+    ``work``: at least :func:`work_size` float64s. An image smaller than a patch, or than the
+    mirrored borders' 4 pixels, a side is refused (the loops check no bounds)."""
+    if min(grey.shape) < max(p, 4):
+        raise ValueError("the image is smaller than one patch, or than 4 pixels, a side")
     m, sigma = mscn(grey, window, work)
     rows, cols = grey.shape[0] // p, grey.shape[1] // p
     size = p * p
@@ -388,8 +391,6 @@ def niqe_score(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.ndarr
     finite and sharper than ``flat`` kept, their Gaussian, and the distance between the two. NaN
     when no patch is kept; (NaN, False) when the pooled covariance is not positive definite (the
     caller falls back to a pseudo-inverse)."""
-    if p < 8 or min(grey.shape) < 2 * p:  # the half scale's patches need the kernel's 4 pixels a side
-        raise ValueError("NIQE needs patches of 8 pixels or more and two patches a side")
     f1, sharp = scale_features(grey, p, window, rho_table, shape_table, work)
     f2, _ = scale_features(half_scale(grey), p // 2, window, rho_table, shape_table, work)
     n_all = min(len(f1), len(f2))

@@ -140,8 +140,6 @@ def _scale_features(grey: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     (vloop.curate.image_kernels)."""
     from vloop.curate.image_kernels import scale_features
 
-    if min(grey.shape) < max(p, 4):  # the kernel's mirrored borders need 4 pixels a side (it checks no bounds)
-        raise ValueError(f"a {grey.shape[1]}x{grey.shape[0]} image has no {p}-pixel patch")
     return scale_features(np.ascontiguousarray(grey, dtype=np.float64), p, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO,
                           _work(*grey.shape))
 
