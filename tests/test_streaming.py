@@ -115,29 +115,38 @@ def test_stream_errors_are_plain_4xx_before_the_stream(server):
 
 def test_a_client_leaving_midway_is_logged_as_disconnected(server):
     """The client reads the first chunk and hangs up while its request waits behind others in
-    the engine: the interaction is logged once, as disconnected, and never generated."""
+    the engine: the interaction is logged once, as disconnected, and never generated.
+
+    Whether the engine is still busy when the client leaves is up to the machine (the busy
+    requests may end early at an end token, or their threads start late under load), so the
+    scene is played again, at most five times, until the client left first; each earlier
+    leaver's answer was complete, so it must be logged once as answered."""
     s = World(24).sample(0, intents=("colour",))
-    # Keep the engine's single worker busy: different max_tokens are generated one after another.
-    busy = [threading.Thread(target=server.post, args=("/v1/chat/completions",
-                                                         chat_body(s, user=f"b{i}", max_tokens=200 + i,
-                                                                   temperature=1.5)))
-            for i in range(4)]
-    for t in busy:
-        t.start()
-    # Their requests reach the engine before the leaver's: on a loaded machine (CI's two test
-    # workers) the threads may start late, and a leaver served at once is answered, not left.
-    time.sleep(1.0)
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions",
-                         json=chat_body(s, user="leaver", stream=True, max_tokens=64)) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            rid = r.headers["x-request-id"]
-            first = next(r.iter_lines())
-            assert first.startswith("data: ") and '"role":"assistant"' in first
-        # leaving the block closes the connection before the answer came
-    for t in busy:
-        t.join()
+    answered = []
+    for attempt in range(5):
+        # Keep the engine's single worker busy: different max_tokens are generated one after another.
+        busy = [threading.Thread(target=server.post, args=("/v1/chat/completions",
+                                                             chat_body(s, user=f"b{attempt}{i}", max_tokens=200 + i,
+                                                                       temperature=1.5)))
+                for i in range(6)]
+        for t in busy:
+            t.start()
+        time.sleep(0.5)  # their requests reach the engine before the leaver's
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", server.url + "/v1/chat/completions",
+                             json=chat_body(s, user="leaver", stream=True, max_tokens=64)) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                rid = r.headers["x-request-id"]
+                first = next(r.iter_lines())
+                assert first.startswith("data: ") and '"role":"assistant"' in first
+            # leaving the block closes the connection before the answer came
+        for t in busy:
+            t.join()
+        rec = logged(server, rid)[rid]
+        if rec["status"] == "disconnected":
+            break
+        assert rec["status"] == "ok" and rec["answer"] is not None, rec
+        answered.append(rid)
     metrics = requests.get(server.url + "/metrics", timeout=10).text
-    assert 'vloop_requests_disconnected_total{arm="champion"} 1' in metrics
-    rec = logged(server, rid)[rid]
+    assert 'vloop_requests_disconnected_total{arm="champion"} 1' in metrics, f"{len(answered)} leavers were answered"
     assert rec["status"] == "disconnected" and rec["answer"] is None and rec["token_logprobs"] is None
