@@ -4,7 +4,7 @@
 For the data interval's day **D** (UTC), on the lake of connection `vloop_lake`. The steps marked
 *(per slice)* are **mapped** over D's slices (dynamic task mapping, `.expand(slice_no=…)` over
 what **slices** lists). A slice is at most Variable `vloop_slice_rows` interactions (default
-50,000) cut from D's hour partitions: a quiet day is one slice, a busy hour is split, so each
+100,000) cut from D's hour partitions: a quiet day is one slice, a busy hour is split, so each
 mapped task holds a bounded amount of traffic whatever the day's size, and the slices run side by
 side on whatever workers the executor has (LocalExecutor here; Celery or Kubernetes workers in
 production, with the same code and a lake they all reach). The steps that need the whole day are

@@ -169,9 +169,11 @@ def run_time(day: dt.date) -> dt.datetime:
 
 # -- 0. the slices --------------------------------------------------------------------------------
 SLICE_PLAN = "slices.json"
-# Interactions per slice: on a 2-core worker a slice of 50,000 takes a few seconds per step and a
-# few hundred MB (bench/daily_pipeline.py); a quiet day is one slice, a million-row day twenty.
-DEFAULT_SLICE_ROWS = 50_000
+# Interactions per slice: on a 2-core worker a slice of 100,000 takes a few seconds per step and at
+# most ~600 MB (bench/daily_pipeline.py); a quiet day is one slice, a million-row day ten. Each task
+# also pays a fixed cost (process start, Great Expectations' set-up, numba's first call, ~0.5-1 s):
+# at 50,000 rows a slice, the million-row day took 82 s against 71 s at 100,000, peaks 498 MB against 582.
+DEFAULT_SLICE_ROWS = 100_000
 
 
 def plan(lake: Lake, day: dt.date, slice_rows: int = DEFAULT_SLICE_ROWS) -> list[int]:
