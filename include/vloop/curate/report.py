@@ -266,16 +266,16 @@ def user_edits(interactions: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFra
 
 
 def errors_of_the_day(interactions: pd.DataFrame, feedback: pd.DataFrame, labels: pd.DataFrame | None = None,
-                      rules=None) -> pd.DataFrame:
+                      rules=None, edits: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every answer a user edited today or an annotator judged wrong, with its error types
     (:func:`vloop.curate.errortypes.error_types`, joined by ``"; "``, or ``"other"``). An answer both
     edited and labelled counts once, with the annotator's correction (the stronger signal).
 
     ``labels`` (``labeled/`` rows pulled today, about any day's answers) carry their own question,
-    model answer, arm and adapter."""
+    model answer, arm and adapter. ``edits``: :func:`user_edits` of the two, when the caller has it."""
     from vloop.curate.errortypes import classify_frame
 
-    parts = [user_edits(interactions, feedback)]
+    parts = [user_edits(interactions, feedback) if edits is None else edits]
     if labels is not None and len(labels):
         wrong = labels[labels["verdict"] == "wrong"]
         parts.append(pd.DataFrame({"request_id": wrong["request_id"], "source": "label",
@@ -590,8 +590,8 @@ def answer_quality(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd
     and ROUGE-L against users' edits; ``grounding``: request_id -> score of the judged answers).
     Each has its columns even on a day without traffic."""
     cfg = cfg or AnswerQualityConfig()
-    errors = errors_of_the_day(interactions, feedback, labels)
     edits = user_edits(interactions, feedback)
+    errors = errors_of_the_day(interactions, feedback, labels, edits=edits)
     return {"errors": errors, "error_types": top_error_types(errors, cfg.top_types),
             "edit_length": edit_length_trend(edit_length_by_category(interactions, mined), edit_length_history, cfg),
             "deleted_phrases": deleted_phrases(edits, cfg), "signals": signal_quality(labels, grounding or {}, edits)}
@@ -680,7 +680,7 @@ class DayReport:
             self._answers.append(labelled_answers(interactions, mined, self.labels))
         if apps is not None:
             merge_sums(self._apps, app_part(apps, mined))
-        errors = errors_of_the_day(interactions, feedback)
+        errors = errors_of_the_day(interactions, feedback, edits=edits)
         errors = errors[~member(errors["request_id"], self._judged_wrong)]
         if first and len(self._label_errors):
             errors = pd.concat([self._label_errors, errors], ignore_index=True) if len(errors) else self._label_errors
