@@ -29,8 +29,9 @@ production, with the same code and a lake they all reach). The steps that need t
    share added up into `quarantine/dt=D/validation.json`, and the run **stops** when it is over
    the Variable `vloop_max_bad_fraction`; otherwise the staged rows become the curated slices;
 4. **mine** *(per slice)* implicit feedback into weak labels (`vloop.curate.mining`; a question asked again
-   just after the slice's end still counts), **phrasings** (reduce) clusters the slices' badly
-   handled questions;
+   just after the slice's end still counts), and the slice's share of the report (counts, user
+   edits with their error types); **phrasings** (reduce) clusters the slices' badly handled
+   questions;
 5. **confidence** *(per slice)* from the logged log-probs, re-scoring rows without them with
    `VLOOP_BASE_MODEL`; with that model, also each answer's image-text grounding (`vloop.curate.grounding`);
 6. **image_quality** *(per slice slot)* — blurry, dark, blown-out and tiny photos are flagged, and
@@ -43,8 +44,9 @@ production, with the same code and a lake they all reach). The steps that need t
    prediction; a re-run never creates a duplicate task;
 9. **pull** finished annotations into `labeled/dt=D/`; when any are new, it updates the asset
    `vloop_labels`, on which `retrain_biweekly` is scheduled;
-10. **report** (reduce) — `reports/dt=D/index.html` with the per-arm metrics and plots, error
-   types, edit length per category, phrases users delete, grounding AUROC.
+10. **report** (reduce, adding up the slices' shares) — `reports/dt=D/index.html` with the
+   per-arm metrics and plots, error types, edit length per category, phrases users delete,
+   grounding AUROC.
 
 A day without traffic (a deployment's first night) is a normal day: every step succeeds on empty
 tables and the report says "no traffic".

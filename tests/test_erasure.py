@@ -169,6 +169,13 @@ def test_erase_a_user_everywhere(lake, ls_client, tmp_path, monkeypatch):
                 mine = old["image_key"].isin(deleted)
             assert len(new) == len(old) - mine.sum() and len(new) < len(old), k
     assert res.rows_removed["raw/interactions"] == len(victim_requests)
+    # The slices' shares of the report were made again from what is left: they count no one erased.
+    parts = [k for k in changed if k.endswith("/" + daily.REPORT_PART)]
+    assert parts
+    for k in parts:
+        folder = k[:-len(daily.REPORT_PART)]
+        assert lake.get_json(k)["interactions"] == len(daily.get_frame(lake, folder + "interactions.parquet"))
+        assert json.loads(before[k])["interactions"] > lake.get_json(k)["interactions"]
     # Label Studio: their tasks (with annotations) are gone, everyone else's stay.
     left = ls.export(project, all_tasks=True)
     assert {t["id"] for t in left} == {t["id"] for t in others}

@@ -443,6 +443,7 @@ def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
     may fall in a later slice: those slices' first minutes are read too (three columns), so the
     slices of a day mine exactly what the whole day would."""
     from vloop.curate.mining import WEAK_LABELS, MiningRules, mine, phrasing_candidates
+    from vloop.curate.report import slice_part
 
     rules = rules or MiningRules()
     inter, fb = curated_slice(lake, day, slice_no, LIGHT_COLUMNS)
@@ -460,6 +461,10 @@ def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
     # What the day's reduces need of it, small: category error counts, badly handled phrasings.
     put_frame(lake, slice_key(CURATED, day, slice_no, "mined_counts.parquet"), mined_counts(mined))
     put_frame(lake, slice_key(CURATED, day, slice_no, "phrasing_candidates.parquet"), phrasing_candidates(inter, mined))
+    # The slice's share of the day's report, here where its rows are at hand (the report is a reduce).
+    folder = slice_key(CURATED, day, slice_no, "")
+    apps = _with_app(lake, folder + "interactions.parquet", ["request_id"])
+    write_report_part(lake, folder, *slice_part(inter, fb, mined, apps))
     return {"day": day.isoformat(), "slice": slice_no, "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
             **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
 
@@ -899,6 +904,25 @@ def image_summary(lake: Lake, day: dt.date) -> str | None:
             + (f", median NIQE {median:.1f}" if pd.notna(median) else ""))
 
 
+REPORT_PART = "report_part.json"  # a slice's counts for the report (vloop.curate.report.slice_part)
+EDIT_ERRORS = "edit_errors.parquet"  # a slice's user edits with their error types, before the verdicts
+
+
+def report_part_of(lake: Lake, folder: str) -> tuple[dict, pd.DataFrame]:
+    """:func:`vloop.curate.report.slice_part` of the curated slice in ``folder``, from its tables."""
+    from vloop.curate.report import slice_part
+
+    inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+    return slice_part(inter.drop(columns=["app"]), get_frame(lake, folder + "feedback.parquet"),
+                      get_frame(lake, folder + "mined.parquet"), inter[["request_id", "app"]])
+
+
+def write_report_part(lake: Lake, folder: str, part: dict, edit_errors: pd.DataFrame) -> None:
+    """A curated slice's share of the day's report, stored beside it (``folder``)."""
+    put_frame(lake, folder + EDIT_ERRORS, edit_errors)
+    lake.put_json(folder + REPORT_PART, part)
+
+
 def report(lake: Lake, day: dt.date) -> dict:
     """Metrics, top errors and the HTML page for ``day``: a reduce that reads the day a slice at a
     time and folds each into partial aggregates (:class:`vloop.curate.report.DayReport`), so its
@@ -914,12 +938,17 @@ def report(lake: Lake, day: dt.date) -> dict:
     day_report = DayReport(labels if len(labels) else None)
     written = set()
     for s, folder in _slice_folders(lake, day):
-        inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
-        apps = inter[["request_id", "app"]]
-        conf = get_frame(lake, folder + "confidence.parquet", ["request_id", "confidence"])
-        inter = inter.drop(columns=["confidence", "app"]).merge(conf, on="request_id")
-        errors = day_report.add(inter, get_frame(lake, folder + "feedback.parquet"),
-                                get_frame(lake, folder + "mined.parquet"), apps)
+        try:  # the slice's part, from its mine task
+            part = lake.get_json(folder + REPORT_PART)
+            edit_errors = get_frame(lake, folder + EDIT_ERRORS)
+        except LakeKeyNotFound:  # a slice mined before the parts: made here, and kept
+            part, edit_errors = report_part_of(lake, folder)
+            write_report_part(lake, folder, part, edit_errors)
+        conf = get_frame(lake, folder + "interactions.parquet", ["request_id", "adapter", "arm", "latency_ms"]).merge(
+            get_frame(lake, folder + "confidence.parquet", ["request_id", "confidence"]), on="request_id", how="left")
+        mined = get_frame(lake, folder + "mined.parquet", ["request_id", "weak_label"]) if day_report.needs_answers \
+            else None
+        errors = day_report.add_part(part, edit_errors, conf, mined)
         put_frame(lake, slice_key(REPORTS, day, s, "errors.parquet"), errors)
         written.add(slice_key(REPORTS, day, s, "errors.parquet"))
     for k in lake.list(partition_prefix(REPORTS, day)):  # a re-run with fewer slices, or from before slices

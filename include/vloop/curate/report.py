@@ -89,10 +89,8 @@ JUDGED_TYPES = {"model_version": "str", "arm": "str", "judged": "int64", "human_
                 "ece": "float64", "implicit_agreement": "float64"}
 
 
-def traffic_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> dict:
-    """What :func:`traffic_metrics` needs of some of a day's rows, additive over parts
-    (:func:`merge_traffic`): per (model_version, arm) the counts and sums, and the latencies
-    (float32, 4 bytes a request, for the exact percentiles)."""
+def traffic_counts(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> dict:
+    """:func:`traffic_part` without the latencies: per (model_version, arm) the counts and sums."""
     df = interactions.merge(mined[["request_id", "weak_label", "reason", "edit_ratio"]], on="request_id", how="left")
     df["model_version"] = model_versions(df["adapter"])
     flags = outcome_flags(df, feedback)
@@ -111,8 +109,28 @@ def traffic_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.D
             "requests": len(g), "accepted": int(g["accepted"].sum()), "edited": int(g["edited"].sum()),
             "edit_ratio_sum": float(ratio.sum()), "edit_ratio_n": int(ratio.count()),
             "repeated": int(g["repeated"].sum()), "hedged": int(g["hedged"].sum()),
-            "answer_chars": int(g["answer_chars"].sum()), "latency": [g["latency_ms"].dropna().to_numpy(np.float32)]}
+            "answer_chars": int(g["answer_chars"].sum())}
     return out
+
+
+def latency_part(interactions: pd.DataFrame) -> dict:
+    """Per (model_version, arm): the latencies (float32, 4 bytes a request, for exact percentiles)."""
+    df = pd.DataFrame({"model_version": model_versions(interactions["adapter"]).to_numpy(),
+                       "arm": interactions["arm"].to_numpy(), "latency_ms": interactions["latency_ms"].to_numpy()})
+    return {(version, None if pd.isna(arm) else arm): [g["latency_ms"].dropna().to_numpy(np.float32)]
+            for (version, arm), g in df.groupby(GROUP, dropna=False)}
+
+
+def with_latency(counts: dict, latency: dict) -> dict:
+    """:func:`traffic_counts` and :func:`latency_part` of the same rows, as :func:`traffic_part`."""
+    return {k: {**v, "latency": latency.get(k, [])} for k, v in counts.items()}
+
+
+def traffic_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame) -> dict:
+    """What :func:`traffic_metrics` needs of some of a day's rows, additive over parts
+    (:func:`merge_traffic`): per (model_version, arm) the counts and sums, and the latencies
+    (float32, 4 bytes a request, for the exact percentiles)."""
+    return with_latency(traffic_counts(interactions, feedback, mined), latency_part(interactions))
 
 
 def merge_traffic(total: dict, part: dict) -> dict:
@@ -629,6 +647,27 @@ def confidence_counts(confidence: pd.Series) -> np.ndarray:
     return np.histogram(values, bins=CONFIDENCE_BINS, range=(0, 1))[0]
 
 
+def slice_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+               apps: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
+    """What the day's report needs of one slice that depends neither on the labels pulled on the
+    report's day nor on each request's latency and confidence: counts and sums per (model_version,
+    arm), category and app, the edits' lengths and scores (a JSON-able dict, :meth:`DayReport.add_part`),
+    and the slice's user edits with their error types (the ``errors`` rows before annotators'
+    verdicts). The costly part of a slice's report (error types, BLEU/ROUGE, hedges), so it is
+    computed by the slice's own mapped task (vloop.curate.daily.mine_slice), not by the reduce.
+    ``apps``: request_id, app (None: no app names)."""
+    edits = user_edits(interactions, feedback)
+    part = {
+        "interactions": len(interactions), "feedback": len(feedback),
+        "traffic": [[v, a, c] for (v, a), c in traffic_counts(interactions, feedback, mined).items()],
+        "categories": {str(c): [int(r.requests), int(r.errors)] for c, r in category_part(interactions, mined).iterrows()},
+        "edit_length": edit_length_part(interactions, mined),
+        "edit_scores": edit_score_part(edits),
+        "apps": app_part(apps, mined) if apps is not None else None,
+    }
+    return part, errors_of_the_day(interactions, feedback, edits=edits)
+
+
 class DayReport:
     """The daily report's figures folded in a slice of the day at a time (:meth:`add`): what it
     keeps is partial aggregates (counts and sums per group, each request's latency as float32 for
@@ -645,7 +684,7 @@ class DayReport:
         self.cfg = cfg or AnswerQualityConfig()
         self.labels = labels if labels is not None and len(labels) else None
         # Labels pulled with their own confidence and arm need nothing of the day's rows.
-        self._needs_answers = self.labels is not None and "confidence" not in self.labels.columns
+        self.needs_answers = self.labels is not None and "confidence" not in self.labels.columns
         no_edits = pd.DataFrame(columns=["request_id", "type", "ts", "edited_text"])
         self._label_errors = errors_of_the_day(pd.DataFrame(columns=["request_id"]), no_edits, self.labels)
         self._judged_wrong = set(self._label_errors["request_id"])  # their error row is the annotator's
@@ -664,24 +703,32 @@ class DayReport:
             apps: pd.DataFrame | None = None) -> pd.DataFrame:
         """Fold in one slice (its interactions with their confidence, feedback, mined labels, and
         optionally its request_id/app pairs); return its rows of the ``errors`` table."""
+        return self.add_part(*slice_part(interactions, feedback, mined, apps), interactions, mined)
+
+    def add_part(self, part: dict, edit_errors: pd.DataFrame, interactions: pd.DataFrame,
+                 mined: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Fold in one slice from its :func:`slice_part` and, of its rows, what that leaves out:
+        ``interactions``' request_id, adapter, arm, latency_ms and confidence, and (only when the
+        labels lack their answers' confidence) ``mined``'s request_id and weak_label. Returns the
+        slice's rows of the ``errors`` table."""
         first = self.slices == 0
         self.slices += 1
-        self.interactions += len(interactions)
-        self.feedback += len(feedback)
-        merge_traffic(self._traffic, traffic_part(interactions, feedback, mined))
-        cats = category_part(interactions, mined)
+        self.interactions += part["interactions"]
+        self.feedback += part["feedback"]
+        counts = {(v, a): c for v, a, c in part["traffic"]}
+        merge_traffic(self._traffic, with_latency(counts, latency_part(interactions)))
+        cats = pd.DataFrame.from_dict(part["categories"], orient="index", columns=["requests", "errors"],
+                                      dtype="int64").rename_axis("category")
         self._categories = cats if self._categories is None else pd.concat([self._categories, cats]).groupby(level=0).sum()
-        merge_sums(self._edit_length, edit_length_part(interactions, mined))
-        edits = user_edits(interactions, feedback)
-        merge_sums(self._edit_scores, edit_score_part(edits))
-        self._pairs.update(edit_pairs(edits))
+        merge_sums(self._edit_length, part["edit_length"])
+        merge_sums(self._edit_scores, part["edit_scores"])
+        self._pairs.update(edit_pairs(edit_errors))  # the edits with a text are among the errors, as they were
         self.confidence += confidence_counts(interactions["confidence"])
-        if self._needs_answers:
+        if self.needs_answers:
             self._answers.append(labelled_answers(interactions, mined, self.labels))
-        if apps is not None:
-            merge_sums(self._apps, app_part(apps, mined))
-        errors = errors_of_the_day(interactions, feedback, edits=edits)
-        errors = errors[~member(errors["request_id"], self._judged_wrong)]
+        if part["apps"] is not None:
+            merge_sums(self._apps, part["apps"])
+        errors = edit_errors[~member(edit_errors["request_id"], self._judged_wrong)]
         if first and len(self._label_errors):
             errors = pd.concat([self._label_errors, errors], ignore_index=True) if len(errors) else self._label_errors
         merge_error_types(self._types, error_type_part(errors))
@@ -689,7 +736,7 @@ class DayReport:
 
     def judged(self) -> pd.DataFrame | None:
         """The labels with what the judged metrics need (from the day's rows when they lack it)."""
-        if not self._needs_answers:
+        if not self.needs_answers:
             return self.labels
         answers = pd.concat(self._answers, ignore_index=True) if self._answers else pd.DataFrame(
             columns=["request_id", "confidence", "adapter", "arm", "weak_label"])

@@ -90,6 +90,7 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("curated/dt=*/phrasings.parquet", "phrasings: rebuilt from the cleaned candidates (request_ids)"),
     ("curated/*/mined_counts.parquet", "free: interactions and bad ones per category"),
     ("curated/dt=*/slices.json", "free: how the day was cut into slices (hours, timestamps, row counts)"),
+    ("curated/*/report_part.json", "report part: a slice's counts for the report, made again from the cleaned slice"),
     ("curated/*/image_quality.parquet", "image rows: rows about images only erased users sent"),
     ("curated/*image_keys.parquet", "image rows: a slice's image keys, those only erased users sent removed"),
     ("curated/*.parquet", "rows"),
@@ -406,10 +407,12 @@ def erase_users(lake: Lake, user_keys: list[str], *, actor: str, label_studio=No
     # Days and datasets go into the erasure record too, so a retry still rebuilds those reports
     # and marks those adapters (their rows are already gone by then).
     all_days: set[str] = set()
+    user_days: dict[str, set[str]] = {}
     registered = None
     for u in user_keys:
         record = _update_record(lake, u, days=days[u], datasets=set(datasets[u]))
-        all_days |= set(record["days"])
+        user_days[u] = set(record["days"])
+        all_days |= user_days[u]
         if record["datasets"] and registered is None:
             from vloop.learn.registry import Registry
 
@@ -418,6 +421,10 @@ def erase_users(lake: Lake, user_keys: list[str], *, actor: str, label_studio=No
                                                        already=set(record.get("adapters", [])),
                                                        versions=registered or [])
         _update_record(lake, u, adapters=set(results[u].adapters_to_retrain))
+    for k in _refresh_report_parts(lake, sorted(all_days)):
+        for u in user_keys:
+            if _DAY.search(k).group(1) in user_days[u]:
+                results[u].objects_rewritten.append(k)
     reports = _rebuild_reports(lake, sorted(all_days)) if rebuild_reports else []
 
     for u in user_keys:
@@ -563,6 +570,30 @@ def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, 
         reg.record("needs_retraining", {"ref": ref, "user_key": user_key}, actor=actor,
                    reason="trained on data of a user since erased")
     return refs
+
+
+def _refresh_report_parts(lake: Lake, days: list[str]) -> list[str]:
+    """Make the report parts of ``days``' mined slices (their counts: vloop.curate.daily.REPORT_PART)
+    again from the cleaned tables, so no later report counts an erased user; the keys that
+    changed. Every slice of the days, not only those the erasure just rewrote: a retry finds the
+    rows already gone. (A slice's classified edits are rows by request, cleaned like any.)"""
+    from vloop.curate import daily
+
+    changed = []
+    for d in days:
+        try:
+            folders = [f for _, f in daily._slice_folders(lake, dt.date.fromisoformat(d))]
+        except LakeKeyNotFound:  # nothing curated that day
+            continue
+        for folder in folders:
+            if not lake.exists(folder + "mined.parquet"):
+                continue
+            k = folder + daily.REPORT_PART
+            part, _ = daily.report_part_of(lake, folder)
+            if not lake.exists(k) or json.dumps(lake.get_json(k), sort_keys=True) != json.dumps(part, sort_keys=True):
+                lake.put_json(k, part)
+                changed.append(k)
+    return changed
 
 
 def _rebuild_reports(lake: Lake, days: list[str]) -> list[str]:
