@@ -58,7 +58,7 @@ def main() -> None:
     build_ms = _ms(build)
     run_i = _ms(lambda: quality.validate_interactions(inter, start, end, lake=lake))
     run_f = _ms(lambda: quality.validate_feedback(fb))
-    slices = daily.plan(lake, day, 21)
+    slices = daily.plan(lake, day, 21, run_time)
     for s in slices:
         daily.ingest_slice(lake, day, s, run_time)
     quality._validations.cache_clear()

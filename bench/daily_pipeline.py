@@ -159,7 +159,7 @@ def _task(job):
     lake = _lake(root)
     t = time.perf_counter()
     if name == "slices":
-        out = daily.plan(lake, DAY, part)
+        out = daily.plan(lake, DAY, part, RUN_TIME)
     elif name == "ingest":
         out = daily.ingest_slice(lake, DAY, part, RUN_TIME)
     elif name == "validate_slice":
@@ -219,7 +219,7 @@ def run(root: str, workers: int, slice_rows: int) -> dict:
                                                           for k in kinds), flush=True)
             return results
 
-        [(_, _, slices)] = stage("slices (the plan: reads ts only)", [("slices", slice_rows, root)])
+        [(_, _, slices)] = stage("slices (the plan; feedback routed)", [("slices", slice_rows, root)])
         stage(f"ingest x{len(slices)}", [("ingest", s, root) for s in slices])
         stage(f"validate_slice x{len(slices)}", [("validate_slice", s, root) for s in slices])
         [(_, _, gate)] = stage("validate (the gate: reduce)", [("validate", slices, root)])

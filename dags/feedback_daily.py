@@ -18,9 +18,11 @@ production, with the same code and a lake they all reach). The steps that need t
    **remine_previous_day** — D-1 is ingested, validated and mined again (in one
    task, slice after slice), so feedback that arrived after D-1's run counts (its selection and
    Label Studio tasks stay as they were);
-1. **slices** — D's interactions cut into slices (only their timestamps are read), the plan
+1. **slices** — D's interactions cut into slices (their timestamps read to cut), the plan
    stored in `curated/dt=D/slices.json`; a day without any is one empty slice, so every step
-   below runs instead of being skipped;
+   below runs instead of being skipped. The feedback up to now is read once and each event sent
+   to its request's slice (`routed_feedback.parquet`; the day's request ids held as 12 bytes
+   each), so no slice reads the whole day's feedback;
 2. **ingest** *(per slice)* — the slice's interactions and every feedback event about them up to
    now (late ones count), exact duplicates dropped;
 3. **validate_slice** *(per slice)* — Great Expectations suites (`vloop.curate.quality`); bad rows go to
@@ -163,7 +165,7 @@ def feedback_daily():
     def slices(**context) -> list[int]:
         from vloop.curate import daily
 
-        return daily.plan(_lake(), _day(context), _slice_rows())
+        return daily.plan(_lake(), _day(context), _slice_rows(), daily.run_time(_day(context)))
 
     @task(map_index_template=SLICE_LABEL)
     def ingest(slice_no: int, **context):

@@ -220,6 +220,56 @@ def test_the_plan_loses_no_row_and_keeps_ties_together(local_lake):
         plan_slices(lake, D, 0)
 
 
+def test_the_plan_sends_each_slice_its_own_feedback(local_lake):
+    """The plan reads the day's feedback once and sends each event to the file of the slice its
+    request is in, so ingest reads that file rather than every feedback file of the day: an id
+    found in two slices gets its events in both (ingest keeps those about its own rows), and an
+    event in a later day's partition than the plan read is still found by ingest."""
+    from vloop.curate.ingest import Piece, slice_interactions
+    from vloop.store.lake import FEEDBACK_DATASET
+    from vloop.store.schema import FEEDBACK
+
+    lake = local_lake
+    simulated_day(lake, D, 300, seed=5, pool=20)
+    table = lake.read_partitions(INTERACTIONS_DATASET, D, D, schema=INTERACTION.arrow)
+    early, late = table.slice(0, 2).to_pylist()
+    early.update(request_id="twice", ts=dt.datetime(2026, 9, 14, 2, 0, 1, tzinfo=dt.timezone.utc))
+    late.update(request_id="twice", ts=dt.datetime(2026, 9, 14, 20, 0, 1, tzinfo=dt.timezone.utc))
+    _add_interactions(lake, [early, late], "twice.parquet")
+    events = lake.read_partitions(FEEDBACK_DATASET, D, D, schema=FEEDBACK.arrow)
+    extra = events.slice(0, 1).to_pylist()[0]
+    extra.update(event_id="about-twice", request_id="twice", ts=dt.datetime(2026, 9, 14, 21, tzinfo=dt.timezone.utc))
+    lake.write_parquet(partition_prefix(FEEDBACK_DATASET, D) + "extra.parquet",
+                       pa.Table.from_pylist([extra], schema=FEEDBACK.arrow))
+
+    slices = daily.plan(lake, D, 50, RUN_TIME)
+    assert lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["feedback_routed_through"] == "2026-09-15"
+    plan = lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["slices"]
+    ids = {s: set(slice_interactions(lake, D, [Piece.from_json(p) for p in plan[s]["pieces"]])
+                  .column("request_id").to_pylist()) for s in slices}
+    routed = {s: daily.get_frame(lake, daily.slice_key("curated", D, s, daily.ROUTED_FEEDBACK)) for s in slices}
+    every = lake.read_partitions(FEEDBACK_DATASET, D, D + dt.timedelta(days=1), schema=FEEDBACK.arrow).to_pandas()
+    assert len(slices) >= 6 and len(every) > 100
+    for s in slices:  # each slice's file: exactly the events about its requests
+        assert sorted(routed[s]["event_id"]) == sorted(every.loc[every["request_id"].isin(ids[s]), "event_id"])
+    assert sorted(s for s in slices if "about-twice" in set(routed[s]["event_id"])) == \
+        sorted(s for s in slices if "twice" in ids[s]) and len([s for s in slices if "twice" in ids[s]]) == 2
+
+    # Ingest reads the routed files: with the day's feedback files gone it finds the same events;
+    # an event stored after the plan in a later day's partition is read from there.
+    for k in lake.partition_keys(FEEDBACK_DATASET, D, D + dt.timedelta(days=1)):
+        lake.delete(k)
+    later = dict(extra, event_id="after-the-plan", request_id=sorted(ids[slices[-1]] - {"twice"})[0],
+                 ts=dt.datetime(2026, 9, 16, 8, tzinfo=dt.timezone.utc))
+    lake.write_parquet(partition_prefix(FEEDBACK_DATASET, D + dt.timedelta(days=2)) + "late.parquet",
+                       pa.Table.from_pylist([later], schema=FEEDBACK.arrow))
+    run_later = dt.datetime(2026, 9, 16, 12, tzinfo=dt.timezone.utc)
+    for s in slices:
+        daily.ingest_slice(lake, D, s, run_later)
+        got = set(daily.get_frame(lake, daily.slice_key("curated", D, s, "ingested_feedback.parquet"))["event_id"])
+        assert got == set(routed[s]["event_id"]) | ({"after-the-plan"} if s == slices[-1] else set())
+
+
 def test_mapped_dag_on_a_few_slices_and_on_an_empty_day(airflow_db, local_lake, monkeypatch):
     lake = local_lake
     monkeypatch.setenv("AIRFLOW_CONN_VLOOP_LAKE", json.dumps({"conn_type": "generic",

@@ -176,33 +176,40 @@ SLICE_PLAN = "slices.json"
 DEFAULT_SLICE_ROWS = 100_000
 
 
-def plan(lake: Lake, day: dt.date, slice_rows: int = DEFAULT_SLICE_ROWS) -> list[int]:
+ROUTED_FEEDBACK = "routed_feedback.parquet"  # a slice's feedback events, sent there by the plan
+
+
+def plan(lake: Lake, day: dt.date, slice_rows: int = DEFAULT_SLICE_ROWS, run_time: dt.datetime | None = None
+         ) -> list[int]:
     """Cut ``day`` into slices of at most ``slice_rows`` interactions
     (:func:`vloop.curate.ingest.plan_slices`), store the plan in ``curated/dt=D/slices.json`` and
-    return the slice numbers the slice steps are mapped over."""
-    from vloop.curate.ingest import plan_slices
+    return the slice numbers the slice steps are mapped over. With ``run_time`` (the ingest's),
+    the day's feedback up to then is also sent to the slices its interactions are in
+    (:func:`vloop.curate.ingest.route_feedback`), so each ingest reads only its own."""
+    from vloop.curate.ingest import plan_slices, route_feedback
 
     slices = plan_slices(lake, day, slice_rows)
+    routed = None
+    if run_time is not None:  # before the plan is stored: a stored plan's routed files are all there
+        routed = route_feedback(lake, day, slices, run_time,
+                                lambda s: slice_key(CURATED, day, s, ROUTED_FEEDBACK)).isoformat()
     lake.put_json(key(CURATED, day, SLICE_PLAN), {
-        "day": day.isoformat(), "slice_rows": slice_rows,
+        "day": day.isoformat(), "slice_rows": slice_rows, "feedback_routed_through": routed,
         "slices": [{"rows": rows, "pieces": [p.to_json() for p in pieces]} for pieces, rows in slices]})
     log.info("%s: %d interactions in %d slice(s) of at most %d", day, sum(r for _, r in slices), len(slices),
              slice_rows)
     return list(range(len(slices)))
 
 
-def _plan(lake: Lake, day: dt.date) -> list[dict]:
+def _stored_plan(lake: Lake, day: dt.date) -> dict:
     try:
-        return lake.get_json(key(CURATED, day, SLICE_PLAN))["slices"]
+        return lake.get_json(key(CURATED, day, SLICE_PLAN))
     except LakeKeyNotFound:
         raise LakeKeyNotFound(f"{key(CURATED, day, SLICE_PLAN)}: no slice plan for {day} (run plan first)") from None
 
 
-def slice_pieces(lake: Lake, day: dt.date, slice_no: int):
-    """The raw pieces (:class:`vloop.curate.ingest.Piece`) of slice ``slice_no`` of the stored plan."""
-    from vloop.curate.ingest import Piece
-
-    return [Piece.from_json(p) for p in _plan(lake, day)[slice_no]["pieces"]]
+def _plan(lake: Lake, day: dt.date) -> list[dict]:
+    return _stored_plan(lake, day)["slices"]
 
 
 def slice_spans(lake: Lake, day: dt.date) -> list[tuple[dt.datetime, dt.datetime]]:
@@ -243,9 +250,13 @@ def _summed(summaries: list[dict], day: dt.date) -> dict:
 
 # -- 1. ingest ------------------------------------------------------------------------------------
 def ingest_slice(lake: Lake, day: dt.date, slice_no: int, run_time: dt.datetime) -> dict:
+    from vloop.curate.ingest import Piece
     from vloop.curate.ingest import ingest_slice as read_slice
 
-    batch = read_slice(lake, day, slice_pieces(lake, day, slice_no), run_time)
+    stored = _stored_plan(lake, day)
+    through = stored.get("feedback_routed_through")
+    routed = (slice_key(CURATED, day, slice_no, ROUTED_FEEDBACK), dt.date.fromisoformat(through)) if through else None
+    batch = read_slice(lake, day, [Piece.from_json(p) for p in stored["slices"][slice_no]["pieces"]], run_time, routed)
     put_frame(lake, slice_key(CURATED, day, slice_no, "ingested_interactions.parquet"), batch.interactions,
               INTERACTION.arrow)
     put_frame(lake, slice_key(CURATED, day, slice_no, "ingested_feedback.parquet"), batch.feedback, FEEDBACK.arrow)
@@ -256,7 +267,7 @@ def ingest_slice(lake: Lake, day: dt.date, slice_no: int, run_time: dt.datetime)
 
 def ingest(lake: Lake, day: dt.date, run_time: dt.datetime, slice_rows: int = DEFAULT_SLICE_ROWS) -> dict:
     """:func:`plan` the day, then every slice through :func:`ingest_slice`."""
-    summary = _summed([ingest_slice(lake, day, s, run_time) for s in plan(lake, day, slice_rows)], day)
+    summary = _summed([ingest_slice(lake, day, s, run_time) for s in plan(lake, day, slice_rows, run_time)], day)
     return {**summary, "events_until": run_time.isoformat()}
 
 

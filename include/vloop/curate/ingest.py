@@ -204,33 +204,140 @@ def slice_interactions(lake: Lake, day: dt.date, pieces: list[Piece]) -> pa.Tabl
     return pa.concat_tables(tables) if tables else INTERACTION.arrow.empty_table()
 
 
-def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids: pa.Array) -> pa.Table:
-    """Feedback events from ``day`` up to ``run_time`` about ``request_ids``. Every feedback file
-    of those days is scanned (an event's file says when it happened, not which request's hour it
-    belongs to), one record batch at a time, so memory follows the matches, not the files."""
-    last = max(day, run_time.astimezone(dt.timezone.utc).date())
-    target = FEEDBACK.arrow
+def _last_feedback_day(day: dt.date, run_time: dt.datetime) -> dt.date:
+    """The last day whose feedback partition can hold events up to ``run_time`` about ``day``."""
+    return max(day, run_time.astimezone(dt.timezone.utc).date())
+
+
+def _feedback_batches(lake: Lake, keys: list[str]):
+    """The feedback files ``keys``, a record batch at a time, conformed to the feedback schema."""
+    for k in keys:
+        pf = pq.ParquetFile(pa.BufferReader(lake.get_bytes(k)))
+        for batch in pf.iter_batches(batch_size=FEEDBACK_BATCH_ROWS):
+            yield conform(pa.Table.from_batches([batch]), FEEDBACK.arrow)
+
+
+def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids: pa.Array,
+                    routed: tuple[str, dt.date] | None = None) -> pa.Table:
+    """Feedback events from ``day`` up to ``run_time`` about ``request_ids``, one record batch at a
+    time, so memory follows the matches, not the files. ``routed``: the file the plan sent this
+    slice's events to (:func:`route_feedback`) and the last day's partition it read, so only
+    later partitions are scanned whole; without it every feedback file of those days is (an
+    event's file says when it happened, not which request's hour it belongs to)."""
+    last = _last_feedback_day(day, run_time)
     until = pa.scalar(pd.Timestamp(run_time).as_unit("us"), pa.timestamp("us", tz="UTC"))
     found = []
     if len(request_ids):
-        for k in lake.partition_keys(FEEDBACK_DATASET, day, last):
-            pf = pq.ParquetFile(pa.BufferReader(lake.get_bytes(k)))
-            for batch in pf.iter_batches(batch_size=FEEDBACK_BATCH_ROWS):
-                batch = conform(pa.Table.from_batches([batch]), target)
-                keep = pc.and_(pc.is_in(batch.column("request_id"), value_set=request_ids),
-                               pc.less_equal(batch.column("ts"), until))
-                keep = pc.fill_null(keep, False)
-                if pc.any(keep).as_py():
-                    found.append(batch.filter(keep))
-    return pa.concat_tables(found) if found else target.empty_table()
+        keys, first = [], day
+        if routed is not None:
+            keys.append(routed[0])
+            first = routed[1] + dt.timedelta(days=1)
+        if first <= last:
+            keys += lake.partition_keys(FEEDBACK_DATASET, first, last)
+        for batch in _feedback_batches(lake, keys):
+            keep = pc.and_(pc.is_in(batch.column("request_id"), value_set=request_ids),
+                           pc.less_equal(batch.column("ts"), until))
+            keep = pc.fill_null(keep, False)
+            if pc.any(keep).as_py():
+                found.append(batch.filter(keep))
+    return pa.concat_tables(found) if found else FEEDBACK.arrow.empty_table()
 
 
-def ingest_slice(lake: Lake, day: dt.date, pieces: list[Piece], run_time: dt.datetime) -> DayBatch:
+def _id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 64-bit hash of each request id (a missing one hashes as None's)."""
+    # categorize=False: ids are mostly distinct, so finding the distinct ones first costs more than it saves
+    return pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object), categorize=False)
+
+
+def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int]], run_time: dt.datetime,
+                   key_of) -> dt.date:
+    """Send each feedback event from ``day`` to ``run_time``'s day about one of ``day``'s interactions
+    to the file of the slice that holds the interaction, ``key_of(slice_no)`` (every slice gets
+    one, maybe empty), in one pass over the feedback: each slice's ingest then reads its own
+    events instead of every feedback file of the days (which made ingest grow with the square of
+    a day's size). The day's request ids are held as 64-bit hashes with their slice (12 bytes an
+    interaction, read an hour at a time); an id found in several slices, or two ids with one hash,
+    send their events to each of those slices, and ingest keeps only events about its own
+    interactions (:func:`_feedback_about`), so nothing is lost or counted twice. Events go through
+    a file per slice on local disk, a few batches in memory. Returns the last day read."""
+    import tempfile
+
+    files = _raw_files(lake, day)
+    by_hour: dict[int, list[tuple[int | None, int]]] = {}
+    for s, (pieces, _) in enumerate(slices):
+        for p in pieces:
+            by_hour.setdefault(p.hour, []).append((p.lo, s))
+    hashes, owners = [], []
+    for hour, hour_pieces in by_hour.items():
+        cuts = np.array([lo for lo, _ in hour_pieces[1:]], dtype=np.int64)  # the first piece starts the hour
+        slice_nos = np.array([s for _, s in hour_pieces], dtype=np.int32)
+        for t in _hour_batches(lake, day, hour, files, columns=["request_id", "ts"]):
+            hashes.append(_id_hashes(t.column("request_id")))
+            owners.append(slice_nos[np.searchsorted(cuts, _ts_us(t.column("ts")), side="right")])
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    owners = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+    order = np.argsort(hashes, kind="stable")
+    hashes, owners = hashes[order], owners[order]
+    del order
+    repeats = np.r_[hashes[1:] == hashes[:-1], False]  # the next entry has the same hash
+
+    last = _last_feedback_day(day, run_time)
+    with tempfile.TemporaryDirectory(prefix="vloop-routed-") as tmp:
+        writers: dict[int, pq.ParquetWriter] = {}
+        pending: dict[int, list[pa.Table]] = {}
+        pending_rows: dict[int, int] = {}
+
+        def flush(s: int) -> None:
+            if s not in writers:
+                writers[s] = pq.ParquetWriter(f"{tmp}/{s}.parquet", FEEDBACK.arrow)
+            writers[s].write_table(pa.concat_tables(pending.pop(s)))
+            pending_rows[s] = 0
+
+        for batch in _feedback_batches(lake, lake.partition_keys(FEEDBACK_DATASET, day, last)):
+            h = _id_hashes(batch.column("request_id"))
+            lo = np.empty(len(h), np.int64)
+            by_hash = np.argsort(h)  # needles in order: the search walks the table forward (cache)
+            lo[by_hash] = np.minimum(np.searchsorted(hashes, h[by_hash]), max(len(hashes) - 1, 0))
+            found = (hashes[lo] == h) & batch.column("request_id").is_valid().to_numpy(zero_copy_only=False) \
+                if len(hashes) else np.zeros(len(h), bool)
+            several = found & repeats[lo] if len(hashes) else found
+            rows = np.nonzero(found & ~several)[0]
+            dest = owners[lo[rows]]
+            extra = [(r, s) for r in np.nonzero(several)[0]
+                     for s in set(owners[lo[r]:np.searchsorted(hashes, h[r], side="right")].tolist())]
+            if extra:
+                rows = np.concatenate([rows, np.array([r for r, _ in extra], dtype=rows.dtype)])
+                dest = np.concatenate([dest, np.array([s for _, s in extra], dtype=dest.dtype)])
+            by_dest = np.argsort(dest, kind="stable")
+            rows, dest = rows[by_dest], dest[by_dest]
+            starts = np.flatnonzero(np.r_[True, dest[1:] != dest[:-1]]) if len(dest) else []
+            for a, b in zip(starts, list(starts[1:]) + [len(dest)]):
+                s = int(dest[a])
+                pending.setdefault(s, []).append(batch.take(pa.array(np.sort(rows[a:b]))))
+                pending_rows[s] = pending_rows.get(s, 0) + (b - a)
+                if pending_rows[s] >= FEEDBACK_BATCH_ROWS:
+                    flush(s)
+        for s in list(pending):
+            flush(s)
+        for w in writers.values():
+            w.close()
+        for s in range(len(slices)):
+            if s in writers:
+                with open(f"{tmp}/{s}.parquet", "rb") as f:
+                    lake.put_bytes(key_of(s), f.read())
+            else:
+                lake.write_parquet(key_of(s), FEEDBACK.arrow.empty_table())
+    return last
+
+
+def ingest_slice(lake: Lake, day: dt.date, pieces: list[Piece], run_time: dt.datetime,
+                 routed: tuple[str, dt.date] | None = None) -> DayBatch:
     """:func:`ingest_day` for one slice of ``day`` (:func:`plan_slices`): its interactions and every
-    feedback event about them up to ``run_time``. Exact duplicates share their timestamp, so they
+    feedback event about them up to ``run_time`` (from the file the plan routed them to, when it
+    did: ``routed``, see :func:`_feedback_about`). Exact duplicates share their timestamp, so they
     share the slice: the slices of a day together drop exactly what the whole day would."""
     inter = slice_interactions(lake, day, pieces)
-    fb = _feedback_about(lake, day, run_time, pc.unique(inter.column("request_id").drop_null()))
+    fb = _feedback_about(lake, day, run_time, pc.unique(inter.column("request_id").drop_null()), routed)
     inter, d1 = _dedupe(inter.to_pandas(), "request_id")
     fb, d2 = _dedupe(fb.to_pandas().reset_index(drop=True), "event_id", ignore=RETRY_VARIES)
     return DayBatch(inter, fb, d1 + d2)
