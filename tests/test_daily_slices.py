@@ -243,7 +243,8 @@ def test_the_plan_sends_each_slice_its_own_feedback(local_lake):
                        pa.Table.from_pylist([extra], schema=FEEDBACK.arrow))
 
     slices = daily.plan(lake, D, 50, RUN_TIME)
-    assert lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["feedback_routed_through"] == "2026-09-15"
+    read = lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["feedback_routed_from"]
+    assert read == lake.partition_keys(FEEDBACK_DATASET, D, D + dt.timedelta(days=1)) and read
     plan = lake.get_json(daily.key("curated", D, daily.SLICE_PLAN))["slices"]
     ids = {s: set(slice_interactions(lake, D, [Piece.from_json(p) for p in plan[s]["pieces"]])
                   .column("request_id").to_pylist()) for s in slices}
@@ -255,19 +256,23 @@ def test_the_plan_sends_each_slice_its_own_feedback(local_lake):
     assert sorted(s for s in slices if "about-twice" in set(routed[s]["event_id"])) == \
         sorted(s for s in slices if "twice" in ids[s]) and len([s for s in slices if "twice" in ids[s]]) == 2
 
-    # Ingest reads the routed files: with the day's feedback files gone it finds the same events;
-    # an event stored after the plan in a later day's partition is read from there.
-    for k in lake.partition_keys(FEEDBACK_DATASET, D, D + dt.timedelta(days=1)):
+    # Ingest reads the routed files: with the feedback files the plan read gone it finds the same
+    # events; events stored since the plan (a late shipper: in a partition the plan read, or in a
+    # later day's) are read from their files.
+    for k in read:
         lake.delete(k)
-    later = dict(extra, event_id="after-the-plan", request_id=sorted(ids[slices[-1]] - {"twice"})[0],
-                 ts=dt.datetime(2026, 9, 16, 8, tzinfo=dt.timezone.utc))
-    lake.write_parquet(partition_prefix(FEEDBACK_DATASET, D + dt.timedelta(days=2)) + "late.parquet",
-                       pa.Table.from_pylist([later], schema=FEEDBACK.arrow))
+    later = [dict(extra, event_id="after-the-plan", request_id=sorted(ids[slices[-1]] - {"twice"})[0],
+                  ts=dt.datetime(2026, 9, 16, 8, tzinfo=dt.timezone.utc)),
+             dict(extra, event_id="shipped-late", request_id=sorted(ids[slices[0]] - {"twice"})[0],
+                  ts=dt.datetime(2026, 9, 14, 23, tzinfo=dt.timezone.utc))]
+    for row in later:
+        lake.write_parquet(partition_prefix(FEEDBACK_DATASET, row["ts"].date()) + f"{row['event_id']}.parquet",
+                           pa.Table.from_pylist([row], schema=FEEDBACK.arrow))
     run_later = dt.datetime(2026, 9, 16, 12, tzinfo=dt.timezone.utc)
     for s in slices:
         daily.ingest_slice(lake, D, s, run_later)
         got = set(daily.get_frame(lake, daily.slice_key("curated", D, s, "ingested_feedback.parquet"))["event_id"])
-        assert got == set(routed[s]["event_id"]) | ({"after-the-plan"} if s == slices[-1] else set())
+        assert got == set(routed[s]["event_id"]) | {r["event_id"] for r in later if r["request_id"] in ids[s]}
 
 
 def test_mapped_dag_on_a_few_slices_and_on_an_empty_day(airflow_db, local_lake, monkeypatch):

@@ -27,18 +27,18 @@ zeros; the report says "no traffic".
 
 | step | per | reads | writes |
 |---|---|---|---|
-| :func:`plan` | day | ``raw/interactions`` (``ts`` only) | ``curated/dt=D/slices.json`` (the slices the DAG maps over) |
-| :func:`ingest_slice` | slice | ``raw/interactions/…/hour=HH``, ``raw/feedback`` | ``curated/dt=D/slice=NNN/ingested_*.parquet`` |
+| :func:`plan` | day | ``raw/interactions`` (``ts``, ``request_id``), ``raw/feedback`` | ``curated/dt=D/slices.json`` (the slices the DAG maps over), ``curated/dt=D/slice=NNN/routed_feedback.parquet`` |
+| :func:`ingest_slice` | slice | ``raw/interactions/…/hour=HH``, routed feedback (+ ``raw/feedback`` stored since the plan) | ``curated/dt=D/slice=NNN/ingested_*.parquet`` |
 | :func:`validate_slice` | slice | ingested | ``quarantine/dt=D/slice=NNN/`` (rows + reasons, validation result), ``curated/dt=D/slice=NNN/validated_*.parquet`` |
 | :func:`gate` | day | validated slices | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback,image_keys}.parquet`` |
-| :func:`mine_slice` | slice | curated (+ the next slices' first minutes) | ``curated/dt=D/slice=NNN/{mined,mined_counts,phrasing_candidates}.parquet`` |
+| :func:`mine_slice` | slice | curated (+ the next slices' first minutes) | ``curated/dt=D/slice=NNN/{mined,mined_counts,phrasing_candidates,edit_errors}.parquet``, ``…/report_part.json`` |
 | :func:`mine_day_phrasings` | day | phrasing candidates | ``curated/dt=D/phrasings.parquet`` |
 | :func:`score_confidence_slice` | slice | curated (+ the model) | ``curated/dt=D/slice=NNN/confidence.parquet`` |
 | :func:`check_images_slot` | slice slot | the slices' ``image_keys.parquet``, ``raw/images`` | ``curated/dt=D/slice=NNN/image_quality.parquet`` (the images whose key hashes to the slot) |
 | :func:`select_for_labelling` | day | all of the above, ``labeled/``, ``privacy/`` | ``labeling/dt=D/selected.parquet`` |
 | :func:`push_to_label_studio` | day | selected | Label Studio tasks, ``labeling/dt=D/pushed.json`` |
 | :func:`pull_annotations` | day | Label Studio | ``labeled/dt=D/annotations.parquet`` |
-| :func:`report` | day (a slice at a time) | curated, labeled | ``reports/dt=D/{metrics,top_errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/slice=NNN/errors.parquet``, ``reports/dt=D/index.html`` |
+| :func:`report` | day (a slice at a time) | the slices' report parts, curated, labeled | ``reports/dt=D/{metrics,top_errors,error_types,edit_length,deleted_phrases,signals}.parquet``, ``reports/dt=D/slice=NNN/errors.parquet``, ``reports/dt=D/index.html`` |
 """
 
 from __future__ import annotations
@@ -190,11 +190,13 @@ def plan(lake: Lake, day: dt.date, slice_rows: int = DEFAULT_SLICE_ROWS, run_tim
 
     slices = plan_slices(lake, day, slice_rows)
     routed = None
-    if run_time is not None:  # before the plan is stored: a stored plan's routed files are all there
-        routed = route_feedback(lake, day, slices, run_time,
-                                lambda s: slice_key(CURATED, day, s, ROUTED_FEEDBACK)).isoformat()
+    if run_time is not None:
+        # The plan goes first and comes back last: a stored plan's routed files are all its own.
+        if lake.exists(key(CURATED, day, SLICE_PLAN)):
+            lake.delete(key(CURATED, day, SLICE_PLAN))
+        routed = route_feedback(lake, day, slices, run_time, lambda s: slice_key(CURATED, day, s, ROUTED_FEEDBACK))
     lake.put_json(key(CURATED, day, SLICE_PLAN), {
-        "day": day.isoformat(), "slice_rows": slice_rows, "feedback_routed_through": routed,
+        "day": day.isoformat(), "slice_rows": slice_rows, "feedback_routed_from": routed,
         "slices": [{"rows": rows, "pieces": [p.to_json() for p in pieces]} for pieces, rows in slices]})
     log.info("%s: %d interactions in %d slice(s) of at most %d", day, sum(r for _, r in slices), len(slices),
              slice_rows)
@@ -254,8 +256,8 @@ def ingest_slice(lake: Lake, day: dt.date, slice_no: int, run_time: dt.datetime)
     from vloop.curate.ingest import ingest_slice as read_slice
 
     stored = _stored_plan(lake, day)
-    through = stored.get("feedback_routed_through")
-    routed = (slice_key(CURATED, day, slice_no, ROUTED_FEEDBACK), dt.date.fromisoformat(through)) if through else None
+    read = stored.get("feedback_routed_from")  # None: a plan from before routing, or made without it
+    routed = (slice_key(CURATED, day, slice_no, ROUTED_FEEDBACK), set(read)) if read is not None else None
     batch = read_slice(lake, day, [Piece.from_json(p) for p in stored["slices"][slice_no]["pieces"]], run_time, routed)
     put_frame(lake, slice_key(CURATED, day, slice_no, "ingested_interactions.parquet"), batch.interactions,
               INTERACTION.arrow)
@@ -420,7 +422,8 @@ def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float
 
 # What a run from before the pipeline was mapped (by the hour, then by the slice) left at the day level of curated/.
 DAY_LEVEL_BEFORE_HOURS = {"ingested_interactions.parquet", "ingested_feedback.parquet", "interactions.parquet",
-                          "feedback.parquet", "mined.parquet", "confidence.parquet", "image_quality.parquet"}
+                          "feedback.parquet", "mined.parquet", "confidence.parquet", "image_quality.parquet",
+                          "report_part.json", "edit_errors.parquet"}  # the last two: a report of such a day
 
 
 def validate(lake: Lake, day: dt.date, *, max_bad_fraction: float = 0.05) -> dict:
@@ -919,13 +922,25 @@ REPORT_PART = "report_part.json"  # a slice's counts for the report (vloop.curat
 EDIT_ERRORS = "edit_errors.parquet"  # a slice's user edits with their error types, before the verdicts
 
 
+def _slice_tables(lake: Lake, folder: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A curated slice's interactions, feedback, mined labels and request_id/app pairs."""
+    inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+    return (inter.drop(columns=["app"]), get_frame(lake, folder + "feedback.parquet"),
+            get_frame(lake, folder + "mined.parquet"), inter[["request_id", "app"]])
+
+
 def report_part_of(lake: Lake, folder: str) -> tuple[dict, pd.DataFrame]:
     """:func:`vloop.curate.report.slice_part` of the curated slice in ``folder``, from its tables."""
     from vloop.curate.report import slice_part
 
-    inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
-    return slice_part(inter.drop(columns=["app"]), get_frame(lake, folder + "feedback.parquet"),
-                      get_frame(lake, folder + "mined.parquet"), inter[["request_id", "app"]])
+    return slice_part(*_slice_tables(lake, folder))
+
+
+def report_counts_of(lake: Lake, folder: str) -> dict:
+    """:func:`vloop.curate.report.slice_counts` of the curated slice in ``folder`` (no error types)."""
+    from vloop.curate.report import slice_counts
+
+    return slice_counts(*_slice_tables(lake, folder))
 
 
 def write_report_part(lake: Lake, folder: str, part: dict, edit_errors: pd.DataFrame) -> None:

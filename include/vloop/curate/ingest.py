@@ -218,22 +218,18 @@ def _feedback_batches(lake: Lake, keys: list[str]):
 
 
 def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids: pa.Array,
-                    routed: tuple[str, dt.date] | None = None) -> pa.Table:
+                    routed: tuple[str, set[str]] | None = None) -> pa.Table:
     """Feedback events from ``day`` up to ``run_time`` about ``request_ids``, one record batch at a
     time, so memory follows the matches, not the files. ``routed``: the file the plan sent this
-    slice's events to (:func:`route_feedback`) and the last day's partition it read, so only
-    later partitions are scanned whole; without it every feedback file of those days is (an
-    event's file says when it happened, not which request's hour it belongs to)."""
-    last = _last_feedback_day(day, run_time)
+    slice's events to (:func:`route_feedback`) and the feedback files it read, so only files
+    stored since are scanned whole; without it every feedback file of those days is (an event's
+    file says when it happened, not which request's hour it belongs to)."""
     until = pa.scalar(pd.Timestamp(run_time).as_unit("us"), pa.timestamp("us", tz="UTC"))
     found = []
     if len(request_ids):
-        keys, first = [], day
+        keys = lake.partition_keys(FEEDBACK_DATASET, day, _last_feedback_day(day, run_time))
         if routed is not None:
-            keys.append(routed[0])
-            first = routed[1] + dt.timedelta(days=1)
-        if first <= last:
-            keys += lake.partition_keys(FEEDBACK_DATASET, first, last)
+            keys = [routed[0]] + [k for k in keys if k not in routed[1]]
         for batch in _feedback_batches(lake, keys):
             keep = pc.and_(pc.is_in(batch.column("request_id"), value_set=request_ids),
                            pc.less_equal(batch.column("ts"), until))
@@ -250,7 +246,7 @@ def _id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int]], run_time: dt.datetime,
-                   key_of) -> dt.date:
+                   key_of) -> list[str]:
     """Send each feedback event from ``day`` to ``run_time``'s day about one of ``day``'s interactions
     to the file of the slice that holds the interaction, ``key_of(slice_no)`` (every slice gets
     one, maybe empty), in one pass over the feedback: each slice's ingest then reads its own
@@ -259,7 +255,8 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
     interaction, read an hour at a time); an id found in several slices, or two ids with one hash,
     send their events to each of those slices, and ingest keeps only events about its own
     interactions (:func:`_feedback_about`), so nothing is lost or counted twice. Events go through
-    a file per slice on local disk, a few batches in memory. Returns the last day read."""
+    a file per slice on local disk, at most two batches' worth in memory. Returns the feedback
+    files read: ingest scans those stored since (:func:`_feedback_about`)."""
     import tempfile
 
     files = _raw_files(lake, day)
@@ -281,7 +278,7 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
     del order
     repeats = np.r_[hashes[1:] == hashes[:-1], False]  # the next entry has the same hash
 
-    last = _last_feedback_day(day, run_time)
+    read = lake.partition_keys(FEEDBACK_DATASET, day, _last_feedback_day(day, run_time))
     with tempfile.TemporaryDirectory(prefix="vloop-routed-") as tmp:
         writers: dict[int, pq.ParquetWriter] = {}
         pending: dict[int, list[pa.Table]] = {}
@@ -289,11 +286,11 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
 
         def flush(s: int) -> None:
             if s not in writers:
-                writers[s] = pq.ParquetWriter(f"{tmp}/{s}.parquet", FEEDBACK.arrow)
+                writers[s] = pq.ParquetWriter(f"{tmp}/{s}.parquet", FEEDBACK.arrow, **FEEDBACK.parquet_options())
             writers[s].write_table(pa.concat_tables(pending.pop(s)))
-            pending_rows[s] = 0
+            del pending_rows[s]
 
-        for batch in _feedback_batches(lake, lake.partition_keys(FEEDBACK_DATASET, day, last)):
+        for batch in _feedback_batches(lake, read):
             h = _id_hashes(batch.column("request_id"))
             lo = np.empty(len(h), np.int64)
             by_hash = np.argsort(h)  # needles in order: the search walks the table forward (cache)
@@ -315,8 +312,9 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
                 s = int(dest[a])
                 pending.setdefault(s, []).append(batch.take(pa.array(np.sort(rows[a:b]))))
                 pending_rows[s] = pending_rows.get(s, 0) + (b - a)
-                if pending_rows[s] >= FEEDBACK_BATCH_ROWS:
-                    flush(s)
+            # Memory stays at two batches' rows, however many slices wait: the fullest go out first.
+            while sum(pending_rows.values()) > 2 * FEEDBACK_BATCH_ROWS:
+                flush(max(pending_rows, key=pending_rows.get))
         for s in list(pending):
             flush(s)
         for w in writers.values():
@@ -324,14 +322,14 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
         for s in range(len(slices)):
             if s in writers:
                 with open(f"{tmp}/{s}.parquet", "rb") as f:
-                    lake.put_bytes(key_of(s), f.read())
+                    lake.put_bytes(key_of(s), f.read(), "application/vnd.apache.parquet")
             else:
                 lake.write_parquet(key_of(s), FEEDBACK.arrow.empty_table())
-    return last
+    return read
 
 
 def ingest_slice(lake: Lake, day: dt.date, pieces: list[Piece], run_time: dt.datetime,
-                 routed: tuple[str, dt.date] | None = None) -> DayBatch:
+                 routed: tuple[str, set[str]] | None = None) -> DayBatch:
     """:func:`ingest_day` for one slice of ``day`` (:func:`plan_slices`): its interactions and every
     feedback event about them up to ``run_time`` (from the file the plan routed them to, when it
     did: ``routed``, see :func:`_feedback_about`). Exact duplicates share their timestamp, so they

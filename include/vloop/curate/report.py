@@ -647,17 +647,13 @@ def confidence_counts(confidence: pd.Series) -> np.ndarray:
     return np.histogram(values, bins=CONFIDENCE_BINS, range=(0, 1))[0]
 
 
-def slice_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
-               apps: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
-    """What the day's report needs of one slice that depends neither on the labels pulled on the
-    report's day nor on each request's latency and confidence: counts and sums per (model_version,
-    arm), category and app, the edits' lengths and scores (a JSON-able dict, :meth:`DayReport.add_part`),
-    and the slice's user edits with their error types (the ``errors`` rows before annotators'
-    verdicts). The costly part of a slice's report (error types, BLEU/ROUGE, hedges), so it is
-    computed by the slice's own mapped task (vloop.curate.daily.mine_slice), not by the reduce.
-    ``apps``: request_id, app (None: no app names)."""
-    edits = user_edits(interactions, feedback)
-    part = {
+def slice_counts(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+                 apps: pd.DataFrame | None = None, edits: pd.DataFrame | None = None) -> dict:
+    """The counts of :func:`slice_part` (JSON-able): rows, and per (model_version, arm), category
+    and app the counts and sums, the edits' lengths and scores. ``edits``: :func:`user_edits` of
+    the slice, when the caller has it."""
+    edits = user_edits(interactions, feedback) if edits is None else edits
+    return {
         "interactions": len(interactions), "feedback": len(feedback),
         "traffic": [[v, a, c] for (v, a), c in traffic_counts(interactions, feedback, mined).items()],
         "categories": {str(c): [int(r.requests), int(r.errors)] for c, r in category_part(interactions, mined).iterrows()},
@@ -665,18 +661,31 @@ def slice_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.Dat
         "edit_scores": edit_score_part(edits),
         "apps": app_part(apps, mined) if apps is not None else None,
     }
-    return part, errors_of_the_day(interactions, feedback, edits=edits)
+
+
+def slice_part(interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
+               apps: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
+    """What the day's report needs of one slice that depends neither on the labels pulled on the
+    report's day nor on each request's latency and confidence: its counts (:func:`slice_counts`)
+    and its user edits with their error types (the ``errors`` rows before annotators' verdicts).
+    The costly part of a slice's report (error types, BLEU/ROUGE, hedges), so the slice's own
+    mapped task computes it (vloop.curate.daily.mine_slice) and the report adds parts up
+    (:meth:`DayReport.add_part`). ``apps``: request_id, app (None: no app names)."""
+    edits = user_edits(interactions, feedback)
+    return (slice_counts(interactions, feedback, mined, apps, edits),
+            errors_of_the_day(interactions, feedback, edits=edits))
 
 
 class DayReport:
-    """The daily report's figures folded in a slice of the day at a time (:meth:`add`): what it
-    keeps is partial aggregates (counts and sums per group, each request's latency as float32 for
-    exact percentiles, the distinct edit pairs, the judged requests' answers), never the day's rows,
-    so the report's memory follows a slice. :meth:`tables` gives what :func:`daily_metrics`,
-    :func:`top_error_categories` and :func:`answer_quality` give on the whole day
-    (tests/test_daily_slices.py). :meth:`add` returns the slice's erroneous answers, the rows of
-    the day's ``errors`` table (the first slice's led by the annotators' wrong verdicts), for the
-    caller to store slice by slice."""
+    """The daily report's figures folded in a slice of the day at a time (:meth:`add_part`, from
+    each slice's :func:`slice_part`): what it keeps is partial aggregates (counts and sums per
+    group, each request's latency as float32 for exact percentiles, the distinct edit pairs, the
+    judged requests' answers), never the day's rows, so the report's memory follows a slice.
+    :meth:`metrics`, :meth:`top_error_categories` and :meth:`answer_quality` give what
+    :func:`daily_metrics`, :func:`top_error_categories` and :func:`answer_quality` give on the
+    whole day (tests/test_daily_slices.py). :meth:`add_part` returns the slice's erroneous
+    answers, the rows of the day's ``errors`` table (the first slice's led by the annotators'
+    wrong verdicts), for the caller to store slice by slice."""
 
     def __init__(self, labels: pd.DataFrame | None, cfg: AnswerQualityConfig | None = None):
         from collections import Counter
@@ -699,12 +708,6 @@ class DayReport:
         self._answers: list[pd.DataFrame] = []
         self.confidence = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
 
-    def add(self, interactions: pd.DataFrame, feedback: pd.DataFrame, mined: pd.DataFrame,
-            apps: pd.DataFrame | None = None) -> pd.DataFrame:
-        """Fold in one slice (its interactions with their confidence, feedback, mined labels, and
-        optionally its request_id/app pairs); return its rows of the ``errors`` table."""
-        return self.add_part(*slice_part(interactions, feedback, mined, apps), interactions, mined)
-
     def add_part(self, part: dict, edit_errors: pd.DataFrame, interactions: pd.DataFrame,
                  mined: pd.DataFrame | None = None) -> pd.DataFrame:
         """Fold in one slice from its :func:`slice_part` and, of its rows, what that leaves out:
@@ -717,8 +720,8 @@ class DayReport:
         self.feedback += part["feedback"]
         counts = {(v, a): c for v, a, c in part["traffic"]}
         merge_traffic(self._traffic, with_latency(counts, latency_part(interactions)))
-        cats = pd.DataFrame.from_dict(part["categories"], orient="index", columns=["requests", "errors"],
-                                      dtype="int64").rename_axis("category")
+        cats = pd.DataFrame([v for v in part["categories"].values()], columns=["requests", "errors"], dtype="int64",
+                            index=pd.Index(list(part["categories"]), dtype="str", name="category"))
         self._categories = cats if self._categories is None else pd.concat([self._categories, cats]).groupby(level=0).sum()
         merge_sums(self._edit_length, part["edit_length"])
         merge_sums(self._edit_scores, part["edit_scores"])

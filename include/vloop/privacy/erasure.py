@@ -421,7 +421,7 @@ def erase_users(lake: Lake, user_keys: list[str], *, actor: str, label_studio=No
                                                        already=set(record.get("adapters", [])),
                                                        versions=registered or [])
         _update_record(lake, u, adapters=set(results[u].adapters_to_retrain))
-    for k in _refresh_report_parts(lake, sorted(all_days)):
+    for k in _refresh_report_parts(lake, sorted(all_days), _folders_rewritten(results)):
         for u in user_keys:
             if _DAY.search(k).group(1) in user_days[u]:
                 results[u].objects_rewritten.append(k)
@@ -572,12 +572,24 @@ def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, 
     return refs
 
 
-def _refresh_report_parts(lake: Lake, days: list[str]) -> list[str]:
-    """Make the report parts of ``days``' mined slices (their counts: vloop.curate.daily.REPORT_PART)
-    again from the cleaned tables, so no later report counts an erased user; the keys that
-    changed. Every slice of the days, not only those the erasure just rewrote: a retry finds the
-    rows already gone. (A slice's classified edits are rows by request, cleaned like any.)"""
+_SLICE_TABLE = re.compile(r"^(curated/dt=[^/]+/(?:[^/]+/)?)(?:interactions|feedback|mined|edit_errors)\.parquet$")
+
+
+def _folders_rewritten(results: dict[str, ErasureResult]) -> set[str]:
+    """The curated folders (a slice, an hour, a day) whose tables this erasure rewrote."""
+    return {m.group(1) for res in results.values() for k in res.objects_rewritten if (m := _SLICE_TABLE.match(k))}
+
+
+def _refresh_report_parts(lake: Lake, days: list[str], rewritten: set[str]) -> list[str]:
+    """Make the report parts (their counts: vloop.curate.daily.REPORT_PART) of ``days``' slices
+    again from the cleaned tables, so no later report counts an erased user; the keys rewritten.
+    A part is made again where this erasure rewrote its slice's tables (``rewritten``), or where
+    its counts of rows no longer match the tables' (a retry, whose rows were already gone). A
+    slice without a part is left to the report, which makes it."""
     from vloop.curate import daily
+
+    def rows(k: str) -> int:
+        return pq.read_metadata(io.BytesIO(lake.get_bytes(k))).num_rows
 
     changed = []
     for d in days:
@@ -586,12 +598,13 @@ def _refresh_report_parts(lake: Lake, days: list[str]) -> list[str]:
         except LakeKeyNotFound:  # nothing curated that day
             continue
         for folder in folders:
-            if not lake.exists(folder + "mined.parquet"):
-                continue
             k = folder + daily.REPORT_PART
-            part, _ = daily.report_part_of(lake, folder)
-            if not lake.exists(k) or json.dumps(lake.get_json(k), sort_keys=True) != json.dumps(part, sort_keys=True):
-                lake.put_json(k, part)
+            if not lake.exists(k) or not lake.exists(folder + "mined.parquet"):
+                continue
+            part = lake.get_json(k)
+            if folder in rewritten or (part["interactions"], part["feedback"]) != (
+                    rows(folder + "interactions.parquet"), rows(folder + "feedback.parquet")):
+                lake.put_json(k, daily.report_counts_of(lake, folder))
                 changed.append(k)
     return changed
 
