@@ -264,18 +264,24 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
     for s, (pieces, _) in enumerate(slices):
         for p in pieces:
             by_hour.setdefault(p.hour, []).append((p.lo, s))
-    hashes, owners = [], []
+    # Filled in place (the plan counted the rows; a file shipped since grows them): no second copy.
+    hashes = np.empty(sum(n for _, n in slices), np.uint64)
+    owners = np.empty(len(hashes), np.int32)
+    n = 0
     for hour, hour_pieces in by_hour.items():
         cuts = np.array([lo for lo, _ in hour_pieces[1:]], dtype=np.int64)  # the first piece starts the hour
         slice_nos = np.array([s for _, s in hour_pieces], dtype=np.int32)
         for t in _hour_batches(lake, day, hour, files, columns=["request_id", "ts"]):
-            hashes.append(_id_hashes(t.column("request_id")))
-            owners.append(slice_nos[np.searchsorted(cuts, _ts_us(t.column("ts")), side="right")])
-    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    owners = np.concatenate(owners) if owners else np.zeros(0, np.int32)
-    order = np.argsort(hashes, kind="stable")
-    hashes, owners = hashes[order], owners[order]
+            if n + t.num_rows > len(hashes):
+                hashes, owners = np.resize(hashes, n + t.num_rows), np.resize(owners, n + t.num_rows)
+            hashes[n:n + t.num_rows] = _id_hashes(t.column("request_id"))
+            owners[n:n + t.num_rows] = slice_nos[np.searchsorted(cuts, _ts_us(t.column("ts")), side="right")]
+            n += t.num_rows
+    hashes, owners = hashes[:n], owners[:n]
+    order = np.argsort(hashes)
+    owners = owners[order]
     del order
+    hashes.sort()  # in place, the order argsort found (equal hashes: any order, their slices are a set)
     repeats = np.r_[hashes[1:] == hashes[:-1], False]  # the next entry has the same hash
 
     read = lake.partition_keys(FEEDBACK_DATASET, day, _last_feedback_day(day, run_time))
