@@ -460,7 +460,8 @@ def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
     from vloop.curate.report import slice_part
 
     rules = rules or MiningRules()
-    inter, fb = curated_slice(lake, day, slice_no, LIGHT_COLUMNS)
+    folder = slice_key(CURATED, day, slice_no, "")
+    inter, fb, apps = _slice_rows(lake, folder)
     later = []
     spans = slice_spans(lake, day)  # the plan read once, not once per later slice
     horizon = pd.Timestamp(spans[slice_no][1] + dt.timedelta(seconds=rules.repeat_window_s))
@@ -476,8 +477,6 @@ def mine_slice(lake: Lake, day: dt.date, slice_no: int, rules=None) -> dict:
     put_frame(lake, slice_key(CURATED, day, slice_no, "mined_counts.parquet"), mined_counts(mined))
     put_frame(lake, slice_key(CURATED, day, slice_no, "phrasing_candidates.parquet"), phrasing_candidates(inter, mined))
     # The slice's share of the day's report, here where its rows are at hand (the report is a reduce).
-    folder = slice_key(CURATED, day, slice_no, "")
-    apps = _with_app(lake, folder + "interactions.parquet", ["request_id"])
     write_report_part(lake, folder, *slice_part(inter, fb, mined, apps))
     return {"day": day.isoformat(), "slice": slice_no, "interactions": len(mined), **dict.fromkeys(WEAK_LABELS, 0),
             **{k: int(v) for k, v in mined["weak_label"].value_counts().items()}}
@@ -922,11 +921,17 @@ REPORT_PART = "report_part.json"  # a slice's counts for the report (vloop.curat
 EDIT_ERRORS = "edit_errors.parquet"  # a slice's user edits with their error types, before the verdicts
 
 
+def _slice_rows(lake: Lake, folder: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A curated slice's interactions (:data:`LIGHT_COLUMNS`), feedback and request_id/app pairs,
+    from one read of its interactions."""
+    inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
+    return inter.drop(columns=["app"]), get_frame(lake, folder + "feedback.parquet"), inter[["request_id", "app"]]
+
+
 def _slice_tables(lake: Lake, folder: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """A curated slice's interactions, feedback, mined labels and request_id/app pairs."""
-    inter = _with_app(lake, folder + "interactions.parquet", LIGHT_COLUMNS)
-    return (inter.drop(columns=["app"]), get_frame(lake, folder + "feedback.parquet"),
-            get_frame(lake, folder + "mined.parquet"), inter[["request_id", "app"]])
+    inter, fb, apps = _slice_rows(lake, folder)
+    return inter, fb, get_frame(lake, folder + "mined.parquet"), apps
 
 
 def report_part_of(lake: Lake, folder: str) -> tuple[dict, pd.DataFrame]:

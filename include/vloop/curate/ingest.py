@@ -296,14 +296,13 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
             writers[s].write_table(pa.concat_tables(pending.pop(s)))
             del pending_rows[s]
 
-        for batch in _feedback_batches(lake, read):
+        for batch in _feedback_batches(lake, read if n else []):  # a day without interactions: no events to send
             h = _id_hashes(batch.column("request_id"))
             lo = np.empty(len(h), np.int64)
             by_hash = np.argsort(h)  # needles in order: the search walks the table forward (cache)
-            lo[by_hash] = np.minimum(np.searchsorted(hashes, h[by_hash]), max(len(hashes) - 1, 0))
-            found = (hashes[lo] == h) & batch.column("request_id").is_valid().to_numpy(zero_copy_only=False) \
-                if len(hashes) else np.zeros(len(h), bool)
-            several = found & repeats[lo] if len(hashes) else found
+            lo[by_hash] = np.minimum(np.searchsorted(hashes, h[by_hash]), n - 1)
+            found = (hashes[lo] == h) & batch.column("request_id").is_valid().to_numpy(zero_copy_only=False)
+            several = found & repeats[lo]
             rows = np.nonzero(found & ~several)[0]
             dest = owners[lo[rows]]
             extra = [(r, s) for r in np.nonzero(several)[0]

@@ -720,7 +720,7 @@ class DayReport:
         self.feedback += part["feedback"]
         counts = {(v, a): c for v, a, c in part["traffic"]}
         merge_traffic(self._traffic, with_latency(counts, latency_part(interactions)))
-        cats = pd.DataFrame([v for v in part["categories"].values()], columns=["requests", "errors"], dtype="int64",
+        cats = pd.DataFrame(list(part["categories"].values()), columns=["requests", "errors"], dtype="int64",
                             index=pd.Index(list(part["categories"]), dtype="str", name="category"))
         self._categories = cats if self._categories is None else pd.concat([self._categories, cats]).groupby(level=0).sum()
         merge_sums(self._edit_length, part["edit_length"])

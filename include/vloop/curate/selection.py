@@ -192,10 +192,10 @@ def _best(df: pd.DataFrame, budget: int) -> pd.DataFrame:
     the best rows are sorted and compared, more until ``budget`` distinct ones are found: a row's
     fate depends only on the rows ranked above it, so this is the same as ranking them all."""
     df = df[df["priority"] > 0]
+    prio = df["priority"].to_numpy(dtype=float)
     take = max(4 * budget, 256)
     while True:
         if take < len(df):  # the rows at least as good as the take-th best (its ties too)
-            prio = df["priority"].to_numpy(dtype=float)
             head = df[prio >= np.partition(prio, len(prio) - take)[len(prio) - take]]
         else:
             head = df

@@ -398,7 +398,7 @@ def erase_users(lake: Lake, user_keys: list[str], *, actor: str, label_studio=No
             for split in m.get("examples", {}):
                 sk = f"datasets/{ds}/{split}.parquet"
                 if lake.exists(sk):
-                    m["examples"][split] = pq.read_metadata(io.BytesIO(lake.get_bytes(sk))).num_rows
+                    m["examples"][split] = _row_count(lake, sk)
             for u in user_keys:  # one entry per erasure, as one-by-one erasures write them
                 if ds in datasets[u]:
                     m.setdefault("erasures", []).append({"at": now.isoformat(), "examples_removed": datasets[u][ds]})
@@ -572,6 +572,11 @@ def _mark_lineage(lake: Lake, datasets: set[str], *, actor: str, user_key: str, 
     return refs
 
 
+def _row_count(lake: Lake, key: str) -> int:
+    """The rows of a Parquet object, from its footer."""
+    return pq.read_metadata(io.BytesIO(lake.get_bytes(key))).num_rows
+
+
 _SLICE_TABLE = re.compile(r"^(curated/dt=[^/]+/(?:[^/]+/)?)(?:interactions|feedback|mined|edit_errors)\.parquet$")
 
 
@@ -588,9 +593,6 @@ def _refresh_report_parts(lake: Lake, days: list[str], rewritten: set[str]) -> l
     slice without a part is left to the report, which makes it."""
     from vloop.curate import daily
 
-    def rows(k: str) -> int:
-        return pq.read_metadata(io.BytesIO(lake.get_bytes(k))).num_rows
-
     changed = []
     for d in days:
         try:
@@ -603,7 +605,7 @@ def _refresh_report_parts(lake: Lake, days: list[str], rewritten: set[str]) -> l
                 continue
             part = lake.get_json(k)
             if folder in rewritten or (part["interactions"], part["feedback"]) != (
-                    rows(folder + "interactions.parquet"), rows(folder + "feedback.parquet")):
+                    _row_count(lake, folder + "interactions.parquet"), _row_count(lake, folder + "feedback.parquet")):
                 lake.put_json(k, daily.report_counts_of(lake, folder))
                 changed.append(k)
     return changed
