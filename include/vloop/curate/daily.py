@@ -55,6 +55,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vloop.store.frames import member
 from vloop.store.lake import Lake, LakeKeyNotFound, partition_prefix
@@ -293,6 +294,13 @@ def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction:
     put_frame(lake, slice_key(CURATED, day, slice_no, "validated_interactions.parquet"), vi.good, INTERACTION.arrow)
     put_frame(lake, slice_key(CURATED, day, slice_no, "validated_feedback.parquet"), good_fb, FEEDBACK.arrow)
     put_frame(lake, slice_key(CURATED, day, slice_no, "validated_image_keys.parquet"), image_keys(vi.good))
+    # The ids' hashes for the gate's uniqueness check across slices, made here in parallel: the
+    # gate, which waits for every slice, then reads 8 bytes a row instead of hashing every id.
+    put_frame(lake, slice_key(CURATED, day, slice_no, ID_HASHES), pd.concat(
+        [pd.DataFrame({"table": pd.Series([what] * len(h), dtype="str"), "hash": h})
+         for what, h in (("interactions", np.unique(_id_hashes(vi.good["request_id"]))),
+                         ("feedback", np.unique(_id_hashes(good_fb["event_id"]))))],
+        ignore_index=True))
     summary = {"day": day.isoformat(), "slice": slice_no, "interactions": len(inter), "feedback": len(fb),
                "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
                "reasons": _reason_counts(vi.quarantined, vf.quarantined)}
@@ -306,33 +314,50 @@ def _reason_counts(*quarantined: pd.DataFrame) -> dict[str, int]:
     return {k: int(v) for k, v in reasons.str.split("; ").explode().value_counts().items()} if len(reasons) else {}
 
 
-def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], name: str, column: str) -> dict[int, set]:
-    """Per slice, the ``column`` values of its staged ``name`` that another slice has too. Each
-    slice checked its own ids; across slices only one sorted array of 64-bit hashes is held (each
-    slice's distinct ids, 8 bytes a row), then the slices are read again and the few values whose
-    hash repeats are compared as strings."""
+ID_HASHES = "validated_id_hashes.parquet"  # per slice: table ("interactions"/"feedback"), hash of each distinct id
+
+
+def _id_hashes(ids: pd.Series) -> np.ndarray:
+    return pd.util.hash_array(ids.astype(object).to_numpy())
+
+
+def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], what: str, column: str) -> dict[int, set]:
+    """Per slice, the ``column`` values of its staged ``validated_{what}`` that another slice has
+    too. Each slice checked its own ids; across slices only one sorted array of 64-bit hashes is
+    held (each slice's distinct ids, 8 bytes a row, as :func:`validate_slice` stored them), then
+    the slices whose hashes repeat are read and those values compared as strings. A slice's hashes
+    may name ids since moved to quarantine (a gate run again): those only cost a comparison."""
     if len(slices) < 2:
         return {}
+    name = f"validated_{what}.parquet"
 
-    def hashes(s: int) -> tuple[pd.Series, np.ndarray]:
-        col = get_frame(lake, slice_key(CURATED, day, s, name), [column])[column]
-        return col, pd.util.hash_array(col.astype(object).to_numpy())
+    def ids(s: int) -> pd.Series:
+        return get_frame(lake, slice_key(CURATED, day, s, name), [column])[column]
 
-    every = np.concatenate([np.unique(hashes(s)[1]) for s in slices])
+    def distinct_hashes(s: int) -> np.ndarray:
+        try:
+            stored = lake.read_parquet(slice_key(CURATED, day, s, ID_HASHES))
+        except LakeKeyNotFound:  # validated before the hashes were stored
+            return np.unique(_id_hashes(ids(s)))
+        return stored.filter(pc.equal(stored["table"], what))["hash"].to_numpy()
+
+    hashes = {s: distinct_hashes(s) for s in slices}
+    every = np.concatenate(list(hashes.values()))
     every.sort()  # in place: no second copy
     shared = np.unique(every[1:][every[1:] == every[:-1]])
     del every
     if not len(shared):
         return {}
-    ids: dict[int, set] = {}
+    found: dict[int, set] = {}
     for s in slices:
-        col, h = hashes(s)
-        ids[s] = set(col[np.isin(h, shared)].dropna())
+        if np.isin(hashes[s], shared).any():
+            col = ids(s)
+            found[s] = set(col[np.isin(_id_hashes(col), shared)].dropna())
     seen: dict = {}
-    for s, vals in ids.items():
+    for s, vals in found.items():
         for v in vals:
             seen.setdefault(v, set()).add(s)
-    return {s: {v for v in vals if len(seen[v]) > 1} for s, vals in ids.items() if any(len(seen[v]) > 1 for v in vals)}
+    return {s: {v for v in vals if len(seen[v]) > 1} for s, vals in found.items() if any(len(seen[v]) > 1 for v in vals)}
 
 
 def _quarantine_more(lake: Lake, day: dt.date, slice_no: int, what: str, column: str, ids: set, reason: str) -> None:
@@ -369,7 +394,7 @@ def gate(lake: Lake, day: dt.date, slices: list[int], *, max_bad_fraction: float
     shared = {}
     for what, column, reason in (("interactions", "request_id", "request_id not unique"),
                                  ("feedback", "event_id", "event_id not unique")):
-        shared[what] = _ids_in_several_slices(lake, day, slices, f"validated_{what}.parquet", column)
+        shared[what] = _ids_in_several_slices(lake, day, slices, what, column)
         for h, ids in shared[what].items():
             _quarantine_more(lake, day, h, what, column, ids, reason)
     per_slice = [lake.get_json(slice_key(QUARANTINE, day, s, "validation.json")) for s in slices]
@@ -662,11 +687,13 @@ def check_images_slot(lake: Lake, day: dt.date, slice_no: int, thresholds=None) 
     owner = np.asarray(slices)
     mine: set[str] = set()
     for s in slices:
-        try:
-            keys = get_frame(lake, slice_key(CURATED, day, s, "image_keys.parquet"))
+        try:  # Arrow, not pandas: only this slot's keys become Python strings
+            keys = lake.read_parquet(slice_key(CURATED, day, s, "image_keys.parquet"))
         except LakeKeyNotFound:  # a day curated before the key lists: from its interactions
-            keys = image_keys(get_frame(lake, slice_key(CURATED, day, s, "interactions.parquet"), ["image_key"]))
-        mine.update(keys["image_key"][owner[keys["key_hash"].to_numpy() % len(slices)] == slice_no])
+            keys = pa.Table.from_pandas(image_keys(get_frame(
+                lake, slice_key(CURATED, day, s, "interactions.parquet"), ["image_key"])), preserve_index=False)
+        ours = owner[keys["key_hash"].to_numpy() % len(slices)] == slice_no
+        mine.update(keys["image_key"].filter(pa.array(ours)).to_pylist())
     rows = []
     t0 = time.perf_counter()
     for i, (k, data) in enumerate(lake.get_many(sorted(mine)), 1):  # on S3, fetched a few ahead
@@ -690,7 +717,7 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True, 
     (poor: never sent to annotators or training), not the day's failure."""
     from PIL import Image, ImageOps
 
-    from vloop.curate.imagequality import DEFAULT_MAX_NIQE, assess, flags_with_niqe, is_poor, niqe_reduced
+    from vloop.curate.imagequality import DEFAULT_MAX_NIQE, assess_pixels, flags_with_niqe, is_poor, niqe_reduced
     from vloop.store.images import EXIF_ORIENTATION
 
     score = float("nan")
@@ -700,10 +727,10 @@ def image_check(lake: Lake, image_key: str, thresholds, with_niqe: bool = True, 
             jpeg = img.format == "JPEG"  # decoded again at a reduced scale for NIQE, cheaply
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
-            grey = img.convert("L")  # once, for both checks
-            q = assess(grey, thresholds)
+            pixels = np.asarray(img.convert("L"))  # once, for both checks
+            q = assess_pixels(pixels, thresholds, size=img.size)
             if with_niqe:
-                score = niqe_reduced(data if jpeg else grey)
+                score = niqe_reduced(data if jpeg else pixels)
     except (OSError, SyntaxError, ValueError) as e:
         log.warning("image %s cannot be decoded: %s", image_key, e)
         return {"image_key": image_key, "poor": True, "flags": "unreadable", "sharpness": float("nan"),

@@ -52,7 +52,7 @@ def work_size(h: int, w: int) -> int:
 
 @njit(cache=True, nogil=True, fastmath=SUMS_IN_ANY_ORDER)
 def mscn(grey: np.ndarray, window: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MSCN coefficients of a grey image (float64, 0..255): the image minus its local mean, over
+    """MSCN coefficients of a grey image (uint8 or float64, 0..255): the image minus its local mean, over
     its local deviation plus one (the 7-tap Gaussian ``window``, separable, borders mirrored); and
     the local deviation. The coefficients come with one mirrored column each side and one mirrored
     row below (shape (h + 1, w + 2)), so every neighbour the products need is a plain index. Every
@@ -73,7 +73,7 @@ def mscn(grey: np.ndarray, window: np.ndarray, work: np.ndarray) -> tuple[np.nda
     line_sq = np.empty(w + 6)
     for i in range(h):
         for t in range(w + 6):
-            v = grey[i, cols_at[t]]
+            v = np.float64(grey[i, cols_at[t]])  # an 8-bit photo's grey levels, or float ones
             line[t] = v
             line_sq[t] = v * v
         a = row_mu[i]
@@ -149,27 +149,59 @@ def _aggd(total: float, left_sum: float, n_left: float, n_nonzero: float, ab: fl
 def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.ndarray,
                    shape_table: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NIQE's 18 features of each non-overlapping ``p`` x ``p`` patch of the grey image ``grey``
-    (float64, 0..255), patches in row-major order (the remainder at the edges left out), and each
-    patch's sharpness (its mean local deviation). ``window``: the Gaussian weights;
+    (uint8 or float64, 0..255), patches in row-major order (the remainder at the edges left out),
+    and each patch's sharpness (its mean local deviation). ``window``: the Gaussian weights;
     ``rho_table``/``shape_table``: the generalized Gaussian's moment ratios (ascending) and shapes;
     ``work``: at least :func:`work_size` float64s. An image smaller than a patch, or than the
     mirrored borders' 4 pixels, a side is refused (the loops check no bounds)."""
+    _check_size(grey, p)
+    m, sigma = mscn(grey, window, work)
+    sharp = _patch_sharpness(sigma, p)
+    return _patch_features(m, sigma, p, rho_table, shape_table, sharp, -np.inf), sharp
+
+
+@njit(cache=True, nogil=True)
+def _check_size(grey: np.ndarray, p: int) -> None:
     if min(grey.shape) < max(p, 4):
         raise ValueError("the image is smaller than one patch, or than 4 pixels, a side")
-    m, sigma = mscn(grey, window, work)
-    rows, cols = grey.shape[0] // p, grey.shape[1] // p
-    size = p * p
-    feats = np.empty((rows * cols, 18))
+
+
+@njit(cache=True, nogil=True, fastmath=SUMS_IN_ANY_ORDER)
+def _patch_sharpness(sigma: np.ndarray, p: int) -> np.ndarray:
+    """Each ``p`` x ``p`` patch's mean local deviation, patches in row-major order."""
+    rows, cols = sigma.shape[0] // p, sigma.shape[1] // p
     sharp = np.empty(rows * cols)
     for pr in range(rows):
         for pc in range(cols):
+            sg = 0.0
+            for i in range(pr * p, pr * p + p):
+                dev = sigma[i]
+                for j in range(pc * p, pc * p + p):
+                    sg += dev[j]
+            sharp[pr * cols + pc] = sg / (p * p)
+    return sharp
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=SUMS_IN_ANY_ORDER)
+def _patch_features(m: np.ndarray, sigma: np.ndarray, p: int, rho_table: np.ndarray, shape_table: np.ndarray,
+                    skip_sharp: np.ndarray, flat: float) -> np.ndarray:
+    """The 18 features of each patch of the MSCN coefficients ``m`` (as :func:`mscn` returns them);
+    a patch ``q`` with ``skip_sharp[q] <= flat`` is left NaN, not computed (the score drops flat
+    patches: a plain background is most of many product photos)."""
+    rows, cols = sigma.shape[0] // p, sigma.shape[1] // p
+    size = p * p
+    feats = np.full((rows * cols, 18), np.nan)
+    for pr in range(rows):
+        for pc in range(cols):
             q = pr * cols + pc
+            if q < len(skip_sharp) and skip_sharp[q] <= flat:
+                continue
             top, first = pr * p, pc * p + 1  # m's columns are shifted by its border
             # Every sum the fits need, in one pass over the patch: of the coefficients (squares,
-            # absolute values, the local deviation), and per neighbour (right, lower, lower right,
+            # absolute values), and per neighbour (right, lower, lower right,
             # lower left) of their products: squares, negative ones' squares, absolute values, and
             # how many are negative and nonzero.
-            sq = ab = sg = 0.0
+            sq = ab = 0.0
             t0 = l0 = n0 = z0 = a0 = 0.0
             t1 = l1 = n1 = z1 = a1 = 0.0
             t2 = l2 = n2 = z2 = a2 = 0.0
@@ -177,12 +209,10 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
             for i in range(top, top + p):
                 row = m[i]
                 below = m[i + 1]
-                dev = sigma[i]
                 for j in range(first, first + p):
                     x = row[j]
                     sq += x * x
                     ab += abs(x)
-                    sg += dev[j - 1]
                     t0, l0, n0, z0, a0 = _add_product(x * row[j + 1], t0, l0, n0, z0, a0)
                     t1, l1, n1, z1, a1 = _add_product(x * below[j], t1, l1, n1, z1, a1)
                     t2, l2, n2, z2, a2 = _add_product(x * below[j + 1], t2, l2, n2, z2, a2)
@@ -191,7 +221,6 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
             var = sq / size
             feats[q, 0] = _shape(var / (ab / size) ** 2, rho_table, shape_table)
             feats[q, 1] = var
-            sharp[q] = sg / size
             # The products: an asymmetric generalized Gaussian per neighbour.
             feats[q, 2], feats[q, 3], feats[q, 4], feats[q, 5] = _aggd(t0, l0, n0, z0, a0, size, rho_table, shape_table)
             feats[q, 6], feats[q, 7], feats[q, 8], feats[q, 9] = _aggd(t1, l1, n1, z1, a1, size, rho_table, shape_table)
@@ -199,7 +228,7 @@ def scale_features(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.n
                                                                            shape_table)
             feats[q, 14], feats[q, 15], feats[q, 16], feats[q, 17] = _aggd(t3, l3, n3, z3, a3, size, rho_table,
                                                                            shape_table)
-    return feats, sharp
+    return feats
 
 
 # -- the half-scale image -------------------------------------------------------------------------
@@ -386,13 +415,21 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
 @njit(cache=True, nogil=True, error_model="numpy")
 def niqe_score(grey: np.ndarray, p: int, window: np.ndarray, rho_table: np.ndarray, shape_table: np.ndarray,
                work: np.ndarray, flat: float, mean: np.ndarray, cov: np.ndarray) -> tuple[float, bool]:
-    """NIQE of a grey image (float64, 0..255) against the pristine Gaussian (``mean``, ``cov``): the
+    """NIQE of a grey image (uint8 or float64, 0..255) against the pristine Gaussian (``mean``, ``cov``): the
     36 features of each patch (``p`` pixels, then ``p // 2`` at half scale), the patches that are
     finite and sharper than ``flat`` kept, their Gaussian, and the distance between the two. NaN
     when no patch is kept; (NaN, False) when the pooled covariance is not positive definite (the
     caller falls back to a pseudo-inverse)."""
-    f1, sharp = scale_features(grey, p, window, rho_table, shape_table, work)
-    f2, _ = scale_features(half_scale(grey), p // 2, window, rho_table, shape_table, work)
+    # Both scales' features, but not of the patches dropped below for being flat: the decision is
+    # the full-scale patch's sharpness, known before its products are summed.
+    _check_size(grey, p)
+    m, sigma = mscn(grey, window, work)
+    sharp = _patch_sharpness(sigma, p)
+    f1 = _patch_features(m, sigma, p, rho_table, shape_table, sharp, flat)
+    half = half_scale(grey)
+    _check_size(half, p // 2)
+    m, sigma = mscn(half, window, work)  # the same work space: the full scale's are done with
+    f2 = _patch_features(m, sigma, p // 2, rho_table, shape_table, sharp, flat)
     n_all = min(len(f1), len(f2))
     dims = f1.shape[1] + f2.shape[1]
     feats = np.empty((n_all, dims))

@@ -74,11 +74,16 @@ def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[
     """The flags of ``img``; ``size`` is the picture's real size when ``img`` is a reduced decode
     of it (the resolution flag goes by the real size, the rest by the pixels at hand). The figures
     come from one compiled call (vloop.curate.image_kernels.grey_stats)."""
+    grey = img if img.mode == "L" else img.convert("L")
+    return assess_pixels(np.asarray(grey), t, size=size or img.size)
+
+
+def assess_pixels(pixels: np.ndarray, t: QualityThresholds | None = None, *, size: tuple[int, int]) -> ImageQuality:
+    """:func:`assess` of a grey image's 8-bit pixels (rows), ``size`` the picture's real size."""
     from vloop.curate.image_kernels import grey_stats
 
     t = t or QualityThresholds()
-    grey = img if img.mode == "L" else img.convert("L")
-    sharpness, brightness, blown = grey_stats(np.asarray(grey), SHARPNESS_SIDE, BLOWN_LEVEL)
+    sharpness, brightness, blown = grey_stats(pixels, SHARPNESS_SIDE, BLOWN_LEVEL)
     flags = []
     if sharpness < t.min_sharpness:
         flags.append("blurry")
@@ -86,7 +91,7 @@ def assess(img: Image.Image, t: QualityThresholds | None = None, *, size: tuple[
         flags.append("dark")
     if blown > t.max_blown_out:
         flags.append("glare")
-    width, height = size or img.size
+    width, height = size
     if min(width, height) < t.min_side:
         flags.append("low_resolution")
     return ImageQuality(sharpness, brightness, blown, width, height, flags)
@@ -154,7 +159,7 @@ def _grey(image: Image.Image, cfg: NiqeConfig) -> np.ndarray:
     if min(img.size) < 2 * cfg.patch_size:
         raise ValueError(f"image is {img.width}x{img.height}: NIQE needs at least {2 * cfg.patch_size} pixels "
                          f"a side (two {cfg.patch_size}-pixel patches)")
-    return np.asarray(img, dtype=np.float64)
+    return np.asarray(img)  # 8-bit grey levels: the kernels read them as they are, no float copy
 
 
 def niqe_features(image: Image.Image, cfg: NiqeConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -225,14 +230,20 @@ def niqe(image: Image.Image, model: PristineModel | None = None) -> float:
     worse. Flat patches (no texture: a plain background) carry no statistics and are left out; an
     image with nothing but flat patches has no score (NaN). Raises ``ValueError`` for an image
     smaller than two patches a side and ``TypeError`` for anything but a PIL image."""
+    model = model or pristine_model()
+    return _niqe_of(_grey(image, model.config), model, image)
+
+
+def _niqe_of(grey: np.ndarray, model: PristineModel, image: Image.Image | None = None) -> float:
+    """:func:`niqe` of the 8-bit grey pixels ``grey``, already reduced to the model's size
+    (``image``: the picture they come from, when at hand)."""
     from vloop.curate.image_kernels import niqe_score
 
-    model = model or pristine_model()
-    grey = _grey(image, model.config)
     score, solved = niqe_score(grey, model.config.patch_size, _WINDOW, _RHO_ASCENDING, _SHAPES_BY_RHO,
                                _work(*grey.shape), FLAT, model.mean, model.cov)
     if solved:  # the pristine covariance is positive definite, so the pooled one is: a Cholesky solve
         return float(score)
+    image = image if image is not None else Image.fromarray(grey)
     feats, sharp = niqe_features(image, model.config)  # a model fitted on too few patches: pinv
     feats = feats[np.isfinite(feats).all(axis=1) & (sharp > FLAT)]
     mu = feats.mean(axis=0)
@@ -257,11 +268,18 @@ NIQE_SIDE = 256
 DEFAULT_MAX_NIQE = 1.9
 
 
-def niqe_reduced(source: bytes | Image.Image, side: int = NIQE_SIDE, model: PristineModel | None = None) -> float:
+def niqe_reduced(source: bytes | Image.Image | np.ndarray, side: int = NIQE_SIDE,
+                 model: PristineModel | None = None) -> float:
     """NIQE of an image at :data:`NIQE_SIDE`: from a file's bytes, a reduced decode turned as
     shown (its orientation tag applied); from a decoded image (one already open: a PNG has no
-    cheaper decode), that image reduced. NaN when it has no score (smaller than two patches a
-    side, or nothing but flat patches)."""
+    cheaper decode) or its 8-bit grey pixels (rows), that image reduced. NaN when it has no score
+    (smaller than two patches a side, or nothing but flat patches)."""
+    if isinstance(source, np.ndarray):
+        model = model or pristine_model()
+        cfg = model.config
+        if max(source.shape) <= min(side, cfg.max_side) and min(source.shape) >= 2 * cfg.patch_size:
+            return _niqe_of(source, model)  # small enough already: the pixels as they are
+        source = Image.fromarray(source)  # reduced (or too small: NaN) as an image is
     if isinstance(source, Image.Image):
         grey = source if source.mode == "L" else source.convert("L")
     else:

@@ -318,16 +318,24 @@ def error_type_part(errors: pd.DataFrame) -> dict:
     part: dict = {"n": {}, "count": {}, "example": {}}
     if not len(errors):
         return part
-    exploded = errors.assign(error_type=errors["error_types"].str.split("; ")).explode("error_type")
-    scopes = [("all", exploded, len(errors))] + [
-        (str(arm), g, int((errors["arm"] == arm).sum())) for arm, g in exploded.groupby("arm", dropna=True)]
-    for scope, g, n in scopes:
-        part["n"][scope] = n
-        for etype, c in g.groupby("error_type").size().items():
-            part["count"][(scope, etype)] = int(c)
-        for ex in g.drop_duplicates("error_type").itertuples():
-            fix = ex.correction if isinstance(ex.correction, str) and ex.correction else "(no text)"
-            part["example"][(scope, ex.error_type)] = f"{ex.question} → {ex.answer!s:.80} → {fix:.80}"
+    arms = errors["arm"]
+    scopes = [("all", errors)] + [(str(arm), errors[(arms == arm).to_numpy()]) for arm in sorted(arms.dropna().unique())]
+    for scope, g in scopes:
+        part["n"][scope] = len(g)
+        # Per distinct combination of types (a day has a handful), its rows and its first row;
+        # then per type, added over the combinations that name it.
+        codes, combos = pd.factorize(g["error_types"])
+        rows, first = np.bincount(codes[codes >= 0], minlength=len(combos)), np.full(len(combos), len(g))
+        np.minimum.at(first, codes[codes >= 0], np.flatnonzero(codes >= 0))
+        seen: dict[str, int] = {}
+        for combo, n, at in zip(combos, rows, first):
+            for etype in str(combo).split("; "):
+                part["count"][(scope, etype)] = part["count"].get((scope, etype), 0) + int(n)
+                seen[etype] = min(seen.get(etype, at), at)
+        for etype, at in sorted(seen.items(), key=lambda kv: kv[1]):  # the day's order, as the rows came
+            ex = g.iloc[at]
+            fix = ex["correction"] if isinstance(ex["correction"], str) and ex["correction"] else "(no text)"
+            part["example"][(scope, etype)] = f"{ex['question']} → {ex['answer']!s:.80} → {fix:.80}"
     return part
 
 

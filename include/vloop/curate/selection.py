@@ -170,9 +170,10 @@ def audit_keys(request_ids: pd.Series, salt: str) -> np.ndarray:
     """A uniform pseudo-random number per request id, fixed by ``salt``: the rows with the k
     smallest keys are a uniform random sample of k, and samples of parts merge into the sample
     of the whole."""
-    digests = b"".join(hashlib.blake2b(f"{salt}|{r}".encode(), digest_size=8).digest()
-                       for r in request_ids.astype(str).tolist())
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)  # each digest a big-endian integer
+    # SipHash (keyed by the salt, through pandas' vectorised hash): a blake2b digest per id in
+    # Python was ~0.6 s a million rows, in the select reduce that waits for nothing else.
+    key = hashlib.blake2b(salt.encode(), digest_size=8).hexdigest()  # the 16 bytes SipHash takes
+    return pd.util.hash_array(request_ids.astype(str).to_numpy(dtype=object), hash_key=key, categorize=False)
 
 
 def uniform_sample(df: pd.DataFrame, n: int, *, salt: str) -> pd.DataFrame:

@@ -90,6 +90,8 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("curated/dt=*/phrasings.parquet", "phrasings: rebuilt from the cleaned candidates (request_ids)"),
     ("curated/*/mined_counts.parquet", "free: interactions and bad ones per category"),
     ("curated/dt=*/slices.json", "free: how the day was cut into slices (hours, timestamps, row counts)"),
+    ("curated/*/validated_id_hashes.parquet", "free: 64-bit hashes of a slice's request and event ids (the gate's "
+     "uniqueness check), no row content"),
     ("curated/*/report_part.json", "report part: a slice's counts for the report, made again from the cleaned slice"),
     ("curated/*/image_quality.parquet", "image rows: rows about images only erased users sent"),
     ("curated/*image_keys.parquet", "image rows: a slice's image keys, those only erased users sent removed"),
