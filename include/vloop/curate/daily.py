@@ -938,7 +938,7 @@ def image_summary(lake: Lake, day: dt.date) -> str | None:
         return None
     if not len(iq):
         return None
-    distorted = int(iq["flags"].fillna("").str.split(",").map(lambda f: "distorted" in f).sum())
+    distorted = int(iq["flags"].fillna("").astype("str").str.contains(r"(?:^|,)distorted(?:,|$)").sum())
     median = iq["niqe"].median()
     return (f"{len(iq)} checked, {int(iq['poor'].sum())} poor, {distorted} distorted (NIQE)"
             + (f", median NIQE {median:.1f}" if pd.notna(median) else ""))

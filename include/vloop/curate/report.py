@@ -514,9 +514,12 @@ def edit_pairs(edits: pd.DataFrame):
     day, in the order first seen)."""
     from collections import Counter
 
-    if len(edits):
-        edits = edits[_col(edits, "correction").fillna("").astype("str").str.strip().ne("")]
-    return Counter(zip(_col(edits, "answer").fillna("").astype("str"), _col(edits, "correction").fillna("").astype("str")))
+    if not len(edits):
+        return Counter()
+    pairs = pd.DataFrame({"answer": _col(edits, "answer").fillna("").astype("str"),
+                          "correction": _col(edits, "correction").fillna("").astype("str")})
+    pairs = pairs[pairs["correction"].str.strip().ne("")]
+    return Counter(pairs.groupby(["answer", "correction"], sort=False).size().to_dict())
 
 
 def deleted_phrases_from(distinct, cfg: AnswerQualityConfig | None = None) -> pd.DataFrame:
