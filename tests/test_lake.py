@@ -295,6 +295,12 @@ def test_browser_url_fetches_the_object(lake):
 
 def test_check_key_and_partition_prefix():
     assert check_key("raw/images/ab/ab12.png") == "raw/images/ab/ab12.png"
+    assert check_key("curated/dt=2026-11-03/slice=001/a-b_c@d+e.parquet").endswith("e.parquet")
+    assert check_key("curated/", prefix=True) == "curated/" and check_key("", prefix=True) == ""
+    # A final newline slipped through a per-segment "^...$" match before; the one-match path must refuse it too.
+    for bad in ("", "/abs", "a/../b", "a/.hidden", "a//b", "..", "a/b/", ".x", "a/b..c", "a/b\n", "a\nb", "ü"):
+        with pytest.raises(ValueError, match="lake key"):
+            check_key(bad)
     assert partition_prefix("raw/interactions", "2026-11-03", 7) == "raw/interactions/dt=2026-11-03/hour=07/"
     with pytest.raises(ValueError, match="hour"):
         partition_prefix("raw/interactions", DAY, 24)
