@@ -285,6 +285,9 @@ def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction:
     start = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
     inter = get_frame(lake, slice_key(CURATED, day, slice_no, "ingested_interactions.parquet"))
     fb = get_frame(lake, slice_key(CURATED, day, slice_no, "ingested_feedback.parquet"))
+    # The staged rows and their id hashes must match: a run that stops between the two leaves no
+    # hashes, and the gate hashes that slice's ids itself.
+    lake.delete(slice_key(CURATED, day, slice_no, ID_HASHES))
     vi = validate_interactions(inter, start, start + dt.timedelta(days=1), lake=lake, cfg=cfg)
     vf = validate_feedback(fb, cfg=cfg)
     put_frame(lake, slice_key(QUARANTINE, day, slice_no, "interactions.parquet"), vi.quarantined, INTERACTION.arrow)

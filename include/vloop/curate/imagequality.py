@@ -275,10 +275,15 @@ def niqe_reduced(source: bytes | Image.Image | np.ndarray, side: int = NIQE_SIDE
     cheaper decode) or its 8-bit grey pixels (rows), that image reduced. NaN when it has no score
     (smaller than two patches a side, or nothing but flat patches)."""
     if isinstance(source, np.ndarray):
+        if source.ndim != 2 or source.dtype != np.uint8:
+            raise TypeError(f"niqe_reduced takes 8-bit grey pixels (2-D uint8), got {source.dtype} {source.shape}")
         model = model or pristine_model()
         cfg = model.config
         if max(source.shape) <= min(side, cfg.max_side) and min(source.shape) >= 2 * cfg.patch_size:
-            return _niqe_of(source, model)  # small enough already: the pixels as they are
+            try:  # small enough already: the pixels as they are
+                return _niqe_of(source, model)
+            except ValueError:  # as below: no score (e.g. the pseudo-inverse's fallback failing)
+                return float("nan")
         source = Image.fromarray(source)  # reduced (or too small: NaN) as an image is
     if isinstance(source, Image.Image):
         grey = source if source.mode == "L" else source.convert("L")
