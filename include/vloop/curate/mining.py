@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from vloop.store.frames import member
+
 
 @dataclass
 class MiningRules:
@@ -197,15 +199,18 @@ def phrasing_candidates(interactions: pd.DataFrame, mined: pd.DataFrame, rules: 
     if not len(interactions) or not len(mined):
         return empty
     bad = mined.loc[mined["reason"].isin(rules.reasons), "request_id"]
-    df = interactions.loc[interactions["request_id"].isin(set(bad)), ["question", "user_key", "request_id"]] \
+    df = interactions.loc[member(interactions["request_id"], bad), ["question", "user_key", "request_id"]] \
         .dropna(subset=["question"])
     q = df["question"].astype("str").str.strip()
     df = df[(q.str.len() <= rules.max_chars) & ~q.str.contains(r"[\d\[\]]", regex=True)].assign(question=q)
     if not len(df):
         return empty
-    df["intent"] = df["question"].map(intent_of)
+    # Each distinct wording classified and normalised once: a day asks the same questions a great many times.
+    wordings = df["question"].unique()
+    df["intent"] = df["question"].map(dict(zip(wordings, map(intent_of, wordings))))
     df = df[df["intent"].isin(rules.intents)]
-    df["key"] = df["question"].map(normalise_question)
+    wordings = df["question"].unique()
+    df["key"] = df["question"].map(dict(zip(wordings, map(normalise_question, wordings))))
     df["user_key"] = df["user_key"].fillna("")
     out = df.groupby(["intent", "key", "question", "user_key", "request_id"]).size().rename("asked").reset_index()
     return out[list(PHRASING_CANDIDATE_COLUMNS)].astype(PHRASING_CANDIDATE_COLUMNS)

@@ -88,13 +88,17 @@ def select_part(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: Selection
                 poor_images: set[str] = frozenset(), opted_out_users: set[str] = frozenset(),
                 already_labelled: set[str] = frozenset(), category_error_rate: dict[str, float] | None = None,
                 salt: str = "") -> SelectionPart:
-    df = candidates.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
+    # Ranked on the few columns the ranking reads; the candidates' other columns (answers, model,
+    # timings...) are taken only for the rows a part keeps, a few budgets' worth: copying every
+    # column through the filters cost most of the select reduce on a big day.
+    narrow = candidates[[c for c in RANKING_COLUMNS if c in candidates.columns]].assign(_row=np.arange(len(candidates)))
+    df = narrow.merge(mined[["request_id", "weak_label", "weight"]], on="request_id", how="left")
     # Opted-out and erased users never reach a person; nor does a row without a user key, which
     # cannot be checked against them (fail closed).
     # (astype: on a day without traffic the map of an empty string column is not boolean)
     known = df["user_key"].notna() & df["user_key"].fillna("").astype("str").str.len().gt(0)
     df = df[known & ~member(df["user_key"], opted_out_users) & ~member(df["request_id"], already_labelled)]
-    df = df[~df["image_key"].isin(poor_images) | df["image_key"].isna()]
+    df = df[~member(df["image_key"], poor_images) | df["image_key"].isna().to_numpy()]
     if category_error_rate is None:  # from today's labels when no history is given
         neg = df.assign(bad=df["weak_label"].isin(["negative", "weak_negative"]))
         category_error_rate = neg.groupby("category")["bad"].mean().to_dict() if len(neg) else {}
@@ -116,7 +120,19 @@ def select_part(candidates: pd.DataFrame, mined: pd.DataFrame, *, cfg: Selection
     pool = df.nsmallest(cfg.budget if cfg.audit_budget else 0, "_audit_key")
     # Priority keeps up to the whole budget: slots the audit does not use (a draw that is a
     # priority pick is labelled once) go to the next priority rows.
-    return SelectionPart(_best(df, cfg.budget), pool, category_error_rate)
+    return SelectionPart(_widened(candidates, _best(df, cfg.budget)), _widened(candidates, pool), category_error_rate)
+
+
+# What the ranking reads of a candidate (the user and photo checks, priority, near-duplicates).
+RANKING_COLUMNS = ["request_id", "user_key", "image_key", "image_sha256", "question", "category", "confidence",
+                   "grounding"]
+
+
+def _widened(candidates: pd.DataFrame, ranked: pd.DataFrame) -> pd.DataFrame:
+    """The ``candidates`` rows ``ranked`` kept (by its ``_row``), every column, with what ranking
+    them added (as one wide merge would give them, in the same order and index)."""
+    wide = candidates.iloc[ranked["_row"].to_numpy()].set_axis(ranked.index)
+    return wide.assign(**{c: ranked[c] for c in ("weak_label", "weight", "priority", "_audit_key")})
 
 
 def merge_parts(parts: list[SelectionPart], cfg: SelectionConfig) -> SelectionPart:
