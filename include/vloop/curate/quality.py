@@ -76,14 +76,16 @@ def expectations(cfg: QualityConfig):
 
 
 def max_per_list(lists: pd.Series) -> np.ndarray:
-    """The largest element of each list (NaN for an empty or missing one), vectorised: the
-    elements are flattened once and reduced by their row number."""
-    lengths = lists.map(len, na_action="ignore").fillna(0).to_numpy(dtype=np.int64)
-    out = np.full(len(lists), np.nan)
-    if lengths.sum():
-        flat = np.concatenate([np.asarray(v, dtype=float) for v in lists if v is not None and len(v)])
-        rows = np.repeat(np.arange(len(lists)), lengths)
-        out[:] = pd.Series(flat).groupby(rows).max().reindex(range(len(lists))).to_numpy()
+    """The largest element of each list (NaN for an empty or missing one; NaN elements skipped),
+    vectorised: the elements are flattened once and reduced row by row (``fmax.reduceat``)."""
+    values = lists.to_numpy(dtype=object)
+    lengths = np.fromiter((len(v) if isinstance(v, (list, tuple, np.ndarray)) else 0 for v in values),
+                          np.int64, len(values))
+    out = np.full(len(values), np.nan)
+    rows = np.flatnonzero(lengths)
+    if len(rows):
+        flat = np.concatenate([values[i] for i in rows]).astype(float)
+        out[rows] = np.fmax.reduceat(flat, np.concatenate([[0], np.cumsum(lengths[rows])[:-1]]))
     return out
 
 
