@@ -29,8 +29,8 @@ zeros; the report says "no traffic".
 |---|---|---|---|
 | :func:`plan` | day | ``raw/interactions`` (``ts``, ``request_id``), ``raw/feedback`` | ``curated/dt=D/slices.json`` (the slices the DAG maps over), ``curated/dt=D/slice=NNN/routed_feedback.parquet`` |
 | :func:`ingest_slice` | slice | ``raw/interactions/…/hour=HH``, routed feedback (+ ``raw/feedback`` stored since the plan) | ``curated/dt=D/slice=NNN/ingested_*.parquet`` |
-| :func:`validate_slice` | slice | ingested | ``quarantine/dt=D/slice=NNN/`` (rows + reasons, validation result), ``curated/dt=D/slice=NNN/validated_*.parquet`` |
-| :func:`gate` | day | validated slices | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback,image_keys}.parquet`` |
+| :func:`validate_slice` | slice | ingested | ``quarantine/dt=D/slice=NNN/`` (rows + reasons, validation result), ``curated/dt=D/slice=NNN/validated_*.parquet`` (rows, image keys, id hashes) |
+| :func:`gate` | day | validated slices (their id hashes; the ids of slices whose hashes repeat) | ``quarantine/dt=D/validation.json``; passed: ``curated/dt=D/slice=NNN/{interactions,feedback,image_keys}.parquet`` |
 | :func:`mine_slice` | slice | curated (+ the next slices' first minutes) | ``curated/dt=D/slice=NNN/{mined,mined_counts,phrasing_candidates,edit_errors}.parquet``, ``…/report_part.json`` |
 | :func:`mine_day_phrasings` | day | phrasing candidates | ``curated/dt=D/phrasings.parquet`` |
 | :func:`score_confidence_slice` | slice | curated (+ the model) | ``curated/dt=D/slice=NNN/confidence.parquet`` |

@@ -72,10 +72,16 @@ def mscn(grey: np.ndarray, window: np.ndarray, work: np.ndarray) -> tuple[np.nda
     line = np.empty(w + 6)
     line_sq = np.empty(w + 6)
     for i in range(h):
-        for t in range(w + 6):
-            v = np.float64(grey[i, cols_at[t]])  # an 8-bit photo's grey levels, or float ones
-            line[t] = v
-            line_sq[t] = v * v
+        g = grey[i]
+        for t in range(w):  # the row itself: a plain copy, which vectorises (an indexed one did not)
+            v = np.float64(g[t])  # an 8-bit photo's grey levels, or float ones
+            line[t + 3] = v
+            line_sq[t + 3] = v * v
+        for t in range(3):  # and its mirrored borders
+            for at in (t, w + 3 + t):
+                v = np.float64(g[cols_at[at]])
+                line[at] = v
+                line_sq[at] = v * v
         a = row_mu[i]
         b = row_sq[i]
         for j in range(w):
