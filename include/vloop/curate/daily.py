@@ -279,6 +279,7 @@ def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction:
     """Run both suites on one slice; bad rows (with reasons) and the validation result go to
     ``quarantine/dt=D/slice=NNN/``, the good ones are staged as ``validated_*`` for :func:`gate`.
     A slice never stops the run: the gate judges the day."""
+    from vloop.curate.ingest import id_hashes
     from vloop.curate.quality import QualityConfig, validate_feedback, validate_interactions
 
     cfg = QualityConfig(max_bad_fraction=max_bad_fraction)
@@ -301,8 +302,8 @@ def validate_slice(lake: Lake, day: dt.date, slice_no: int, *, max_bad_fraction:
     # gate, which waits for every slice, then reads 8 bytes a row instead of hashing every id.
     put_frame(lake, slice_key(CURATED, day, slice_no, ID_HASHES), pd.concat(
         [pd.DataFrame({"table": pd.Series([what] * len(h), dtype="str"), "hash": h})
-         for what, h in (("interactions", np.unique(_id_hashes(vi.good["request_id"]))),
-                         ("feedback", np.unique(_id_hashes(good_fb["event_id"]))))],
+         for what, h in (("interactions", np.unique(id_hashes(vi.good["request_id"]))),
+                         ("feedback", np.unique(id_hashes(good_fb["event_id"]))))],
         ignore_index=True))
     summary = {"day": day.isoformat(), "slice": slice_no, "interactions": len(inter), "feedback": len(fb),
                "quarantined_interactions": len(vi.quarantined), "quarantined_feedback": len(vf.quarantined),
@@ -320,16 +321,14 @@ def _reason_counts(*quarantined: pd.DataFrame) -> dict[str, int]:
 ID_HASHES = "validated_id_hashes.parquet"  # per slice: table ("interactions"/"feedback"), hash of each distinct id
 
 
-def _id_hashes(ids: pd.Series) -> np.ndarray:
-    return pd.util.hash_array(ids.astype(object).to_numpy())
-
-
 def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], what: str, column: str) -> dict[int, set]:
     """Per slice, the ``column`` values of its staged ``validated_{what}`` that another slice has
     too. Each slice checked its own ids; across slices only one sorted array of 64-bit hashes is
     held (each slice's distinct ids, 8 bytes a row, as :func:`validate_slice` stored them), then
     the slices whose hashes repeat are read and those values compared as strings. A slice's hashes
     may name ids since moved to quarantine (a gate run again): those only cost a comparison."""
+    from vloop.curate.ingest import id_hashes
+
     if len(slices) < 2:
         return {}
     name = f"validated_{what}.parquet"
@@ -341,7 +340,7 @@ def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], what: st
         try:
             stored = lake.read_parquet(slice_key(CURATED, day, s, ID_HASHES))
         except LakeKeyNotFound:  # validated before the hashes were stored
-            return np.unique(_id_hashes(ids(s)))
+            return np.unique(id_hashes(ids(s)))
         return stored.filter(pc.equal(stored["table"], what))["hash"].to_numpy()
 
     hashes = {s: distinct_hashes(s) for s in slices}
@@ -355,7 +354,7 @@ def _ids_in_several_slices(lake: Lake, day: dt.date, slices: list[int], what: st
     for s in slices:
         if np.isin(hashes[s], shared).any():
             col = ids(s)
-            found[s] = set(col[np.isin(_id_hashes(col), shared)].dropna())
+            found[s] = set(col[np.isin(id_hashes(col), shared)].dropna())
     seen: dict = {}
     for s, vals in found.items():
         for v in vals:

@@ -239,10 +239,14 @@ def _feedback_about(lake: Lake, day: dt.date, run_time: dt.datetime, request_ids
     return pa.concat_tables(found) if found else FEEDBACK.arrow.empty_table()
 
 
-def _id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A 64-bit hash of each request id (a missing one hashes as None's)."""
+def id_hashes(ids: pa.ChunkedArray | pa.Array | pd.Series) -> np.ndarray:
+    """A 64-bit hash of each id, from an Arrow column or a pandas one (a missing one to a fixed
+    value): the plan routes feedback by the request ids' (:func:`route_feedback`), the daily gate
+    compares slices by the request and event ids' (vloop.curate.daily.gate)."""
+    arrow = isinstance(ids, (pa.Array, pa.ChunkedArray))
+    values = ids.to_numpy(zero_copy_only=False) if arrow else ids.to_numpy(dtype=object)
     # categorize=False: ids are mostly distinct, so finding the distinct ones first costs more than it saves
-    return pd.util.hash_array(np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object), categorize=False)
+    return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
 
 
 def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int]], run_time: dt.datetime,
@@ -274,7 +278,7 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
         for t in _hour_batches(lake, day, hour, files, columns=["request_id", "ts"]):
             if n + t.num_rows > len(hashes):
                 hashes, owners = np.resize(hashes, n + t.num_rows), np.resize(owners, n + t.num_rows)
-            hashes[n:n + t.num_rows] = _id_hashes(t.column("request_id"))
+            hashes[n:n + t.num_rows] = id_hashes(t.column("request_id"))
             owners[n:n + t.num_rows] = slice_nos[np.searchsorted(cuts, _ts_us(t.column("ts")), side="right")]
             n += t.num_rows
     hashes, owners = hashes[:n], owners[:n]
@@ -297,7 +301,7 @@ def route_feedback(lake: Lake, day: dt.date, slices: list[tuple[list[Piece], int
             del pending_rows[s]
 
         for batch in _feedback_batches(lake, read if n else []):  # a day without interactions: no events to send
-            h = _id_hashes(batch.column("request_id"))
+            h = id_hashes(batch.column("request_id"))
             lo = np.empty(len(h), np.int64)
             by_hash = np.argsort(h)  # needles in order: the search walks the table forward (cache)
             lo[by_hash] = np.minimum(np.searchsorted(hashes, h[by_hash]), n - 1)
