@@ -207,19 +207,28 @@ def test_streaming_through_vllm(gateway):
 
 
 def test_a_client_leaving_a_vllm_stream_is_logged_as_disconnected(gateway):
+    """The client reads four tokens of a long stream and hangs up: logged as disconnected, with
+    what had been sent. vLLM makes the ~400 tokens in under 2 s here, so on a loaded machine the
+    gateway may have relayed them all before the client left (CI saw it once): the scene is
+    played again, at most five times, and each earlier client, answered in full, must be logged
+    as answered with all 400 tokens."""
     s = World(34).sample(0, intents=("colour",))
-    body = chat_body(s, user="dee", stream=True, max_tokens=400, ignore_eos=True)  # ~seconds of tokens
-    got = []
-    with httpx.Client(timeout=120) as http:
-        with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            rid = r.headers["x-request-id"]
-            for line in r.iter_lines():
-                if line.startswith("data: ") and '"content"' in line:
-                    got.append(line)
-                if len(got) >= 4:
-                    break
-    rec = records(gateway, rid)[rid]
+    for attempt in range(5):
+        body = chat_body(s, user=f"dee{attempt}", stream=True, max_tokens=400, ignore_eos=True)  # ~seconds of tokens
+        got = []
+        with httpx.Client(timeout=120) as http:
+            with http.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                rid = r.headers["x-request-id"]
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"content"' in line:
+                        got.append(line)
+                    if len(got) >= 4:
+                        break
+        rec = records(gateway, rid)[rid]
+        if rec["status"] == "disconnected":
+            break
+        assert rec["status"] == "ok" and len(rec["token_logprobs"]) == 400, rec["status"]
     assert rec["status"] == "disconnected"
     # What had been sent when the client left (vLLM makes ~400 tokens in under 2 s here).
     assert rec["answer"] and 0 < len(rec["token_logprobs"]) < 400
